@@ -1,0 +1,32 @@
+"""Loading the tokenizer and chat template of a model directory (never running remote code)."""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"could not load a tokenizer from {path!r}: {exc}") from None
+
+
+def eos_token_ids(tokenizer, arch_eos: tuple[int, ...], model_dir: str) -> frozenset[int]:
+    """EOS ids from the tokenizer, config.json and generation_config.json together."""
+    ids = set(arch_eos)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(model_dir)
+        eos = gen.eos_token_id
+        ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    except (OSError, ValueError):
+        pass  # no generation_config.json: nothing to add
+    return frozenset(int(i) for i in ids)

@@ -1,0 +1,94 @@
+"""The ``molink`` command line.
+
+    molink generate MODEL --prompt "Hello"      one prompt, streamed to the terminal
+    molink demo                                  the bundled model, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from molink.sampling_params import SamplingParams
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+DEMO_PROMPT = "In Python, a list is"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except ValueError as exc:  # bad user input: one clear line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="molink", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(required=True, dest="command")
+    gen = sub.add_parser("generate", help="generate text for one prompt")
+    gen.add_argument("model", help="Hugging Face-format model directory")
+    gen.add_argument("--prompt", required=True)
+    _add_generation_options(gen)
+    gen.set_defaults(handler=_generate)
+    demo = sub.add_parser("demo", help="generate with the bundled default model")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    _add_generation_options(demo)
+    demo.set_defaults(handler=_demo, temperature=0.8)
+    return parser
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--repetition-penalty", type=float, default=1.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+
+
+def _generate(args) -> int:
+    return _stream(args.model, args)
+
+
+def _demo(args) -> int:
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise ValueError(f"the bundled model is missing from {DEFAULT_MODEL_DIR}")
+    return _stream(str(DEFAULT_MODEL_DIR), args)
+
+
+def _stream(model: str, args) -> int:
+    from molink.entrypoints.llm import LLM
+
+    llm = LLM(model=model, dtype=args.dtype, device=args.device, seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed)
+    engine = llm.llm_engine
+    request_id = engine.add_request(None, args.prompt, params)
+    print(args.prompt, end="", flush=True)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.request_id == request_id:
+                text = output.outputs[0].text
+                print(text[printed:], end="", flush=True)
+                printed = len(text)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

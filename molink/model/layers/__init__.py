@@ -1,0 +1,1 @@
+"""Building blocks shared by the architectures: norms, rotary embedding, MLPs, attention."""

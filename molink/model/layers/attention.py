@@ -1,0 +1,122 @@
+"""Paged attention: KV written into fixed-size blocks, read back through block tables.
+
+KV cache of one layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (k, v).
+A token at absolute position ``p`` of a request lives in slot
+``block_table[p // block_size] * block_size + p % block_size``::
+
+    block_table = [7, 2]   block_size = 4
+    positions     0 1 2 3 | 4 5 6 7
+    slots        28 ... 31| 8 ... 11
+
+The reference path below is plain PyTorch and runs anywhere. It groups the step's requests
+so padding stays small: all single-token (decode) queries share one batched call; each
+multi-token (prefill chunk) query gets its own call. Faster device paths plug in behind the
+same ``AttentionMetadata``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionGroup:
+    """Requests attended in one batched call, padded to a common length."""
+
+    token_index: torch.Tensor  # [B, max_q] long: row of each query in the flat step tensor
+    valid_queries: torch.Tensor  # [B, max_q] bool: False on padding
+    query_positions: torch.Tensor  # [B, max_q] long: absolute position of each query
+    block_tables: torch.Tensor  # [B, max_blocks] long (padded with block 0)
+    num_keys: int  # max_blocks * block_size
+    # window (None: full causal) -> [B, 1, max_q, num_keys] bool, True = may attend
+    masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        cached = self.masks.get(window)
+        if cached is None:
+            cached = self.masks[window] = _build_mask(self, window)
+        return cached
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step; built once per step, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot each new token's k/v is written to
+    groups: list[AttentionGroup]
+
+
+def _build_mask(group: AttentionGroup, window: int | None) -> torch.Tensor:
+    keys = torch.arange(group.num_keys, device=group.query_positions.device)  # [K]
+    q = group.query_positions[:, :, None]  # [B, Q, 1]
+    allowed = keys[None, None, :] <= q  # causal: [B, Q, K]
+    if window is not None:
+        allowed &= keys[None, None, :] > q - window
+    # Padded query rows attend to key 0 only, so softmax never sees an all-masked row.
+    allowed[:, :, 0] |= ~group.valid_queries
+    return allowed[:, None]  # [B, 1, Q, K]
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's k/v into the layer's cache, then attends over the cached context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 window: int | None = None, softcap: float | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.window = window
+        self.softcap = softcap
+        self.kv_cache: torch.Tensor | None = None  # bound by the runtime
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
+        assert self.kv_cache is not None, "KV cache not bound"
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [N, bs, Hkv, D]
+        block_size = k_cache.shape[1]
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k.to(flat_k.dtype))
+        flat_v.index_copy_(0, meta.slot_mapping, v.to(flat_v.dtype))
+        out = q.new_empty(q.shape[0] + 1, self.num_heads, self.head_dim)  # last row: padding sink
+        for group in meta.groups:
+            rows = self._attend_group(q, k_cache, v_cache, group, block_size)  # [B, Q, H, D]
+            out[group.token_index.flatten()] = rows.flatten(0, 1)
+        return out[:-1].flatten(1)
+
+    def _attend_group(self, q, k_cache, v_cache, group: AttentionGroup, block_size: int):
+        num_seqs = group.block_tables.shape[0]
+        # [B, max_blocks, bs, Hkv, D] -> [B, Hkv, K, D]
+        keys = k_cache[group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)
+        values = v_cache[group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)
+        keys, values = keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype)
+        padded_q = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
+        queries = padded_q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
+        mask = group.mask(self.window)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
+        else:
+            out = _softcapped_attention(queries, keys, values, mask, self.scale, self.softcap)
+        return out.transpose(1, 2)  # [B, Q, H, D]
+
+
+def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """Eager attention with tanh soft-capping of the scores (Gemma 2)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)

@@ -1,0 +1,166 @@
+"""Stage-aware loading of Hugging Face-format model directories.
+
+A stage builds its model for ``[start_layer, end_layer)`` on the meta device (no memory,
+no random init), materialises it empty on the target device, then reads from the
+safetensors files exactly the tensors its parameters name, and nothing else. Sharded
+checkpoints (``model.safetensors.index.json``) are read shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from molink.model.arch_config import ArchConfig
+from molink.model.registry import get_model_class, resolve_architecture
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    hf_config: object  # the transformers config object
+    arch: ArchConfig
+    model_class: type
+
+
+def check_model_dir(path: str) -> Path:
+    """The model directory, or a ValueError saying what is wrong with it."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ValueError(
+            f"model {path!r} is not a directory; give a local Hugging Face-format model "
+            "directory (config.json, *.safetensors, tokenizer files)"
+        )
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"model directory {path!r} has no config.json")
+    return directory
+
+
+def load_config(path: str) -> LoadedConfig:
+    """Read ``config.json`` (never running remote code) and pick our model class."""
+    directory = check_model_dir(path)
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config.json in {path!r} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config.json in {path!r} must hold a JSON object")
+    architecture = resolve_architecture(raw.get("architectures"))
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ValueError(f"config.json in {path!r} could not be read: {exc}") from None
+    model_class = get_model_class(architecture)
+    arch = model_class.arch_config(hf_config)
+    return LoadedConfig(hf_config=hf_config, arch=arch, model_class=model_class)
+
+
+def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
+    """``auto`` means the checkpoint's dtype; fp16 on CPU becomes bf16 (same size, no overflow)."""
+    if dtype != "auto":
+        return TORCH_DTYPES[dtype]
+    chosen = TORCH_DTYPES.get(arch.dtype or "float32", torch.float32)
+    if chosen == torch.float16 and device.type == "cpu":
+        return torch.bfloat16
+    return chosen
+
+
+class CheckpointFiles:
+    """Which safetensors file holds which tensor."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        index = directory / _INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            self.file_of = {name: directory / file for name, file in weight_map.items()}
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+            if not files:
+                raise ValueError(f"model directory {str(directory)!r} holds no *.safetensors files")
+            self.file_of = {}
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    for name in handle.keys():
+                        self.file_of[name] = file
+
+    def read(self, names: list[str], device: torch.device, on_tensor=None) -> dict[str, torch.Tensor]:
+        """Read exactly ``names``; ``on_tensor(name, numel)`` is called after each one."""
+        missing = [name for name in names if name not in self.file_of]
+        if missing:
+            raise ValueError(
+                f"checkpoint in {str(self.directory)!r} lacks tensors {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}"
+            )
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.file_of[name]].append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt", device=str(device)) as handle:
+                for name in file_names:
+                    tensors[name] = handle.get_tensor(name)
+                    if on_tensor is not None:
+                        on_tensor(name, tensors[name].numel())
+        return tensors
+
+
+def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
+               device: torch.device) -> tuple[nn.Module, LoadedConfig]:
+    """Build the model for ``[start_layer, end_layer)`` and fill it from the checkpoint."""
+    loaded = load_config(path)
+    arch = loaded.arch
+    end_layer = arch.num_layers if end_layer is None else end_layer
+    if not 0 <= start_layer < end_layer <= arch.num_layers:
+        raise ValueError(
+            f"layers {start_layer}:{end_layer} are outside the model's 0:{arch.num_layers}"
+        )
+    torch_dtype = resolve_dtype(dtype, arch, device)
+    with torch.device("meta"):
+        model = loaded.model_class(arch, start_layer, end_layer)
+    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    _fill_parameters(model, CheckpointFiles(check_model_dir(path)), device)
+    model.eval().requires_grad_(False)
+    logger.info("loaded %s layers %d:%d (%s) on %s", arch.architecture, start_layer, end_layer,
+                str(torch_dtype).removeprefix("torch."), device)
+    return model, loaded
+
+
+def _fill_parameters(model: nn.Module, files: CheckpointFiles, device: torch.device) -> None:
+    params = dict(model.named_parameters())
+    sources = {name: model.checkpoint_names(name) for name in params}
+    needed = sorted({source for names in sources.values() for source in names})
+    with _progress(len(needed)) as bar:
+        tensors = files.read(needed, device, on_tensor=lambda name, numel: bar.update(1))
+    for name, param in params.items():
+        parts = [tensors[source] for source in sources[name]]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"tensor(s) {sources[name]} have shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(param.shape)} for {name}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
+
+
+def _progress(total: int):
+    """A progress bar on an interactive terminal; silent otherwise (tests, logs)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Loading weights", unit="tensor",
+                disable=not sys.stderr.isatty(), leave=False)

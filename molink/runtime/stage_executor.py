@@ -1,0 +1,128 @@
+"""StageExecutor: runs the head's plans on one stage's layer range.
+
+It keeps, per request, the token ids and block table it was told about (full data once,
+then deltas), turns each ``StepPlan`` into tensors, runs its model, and returns either the
+hidden states for the next stage or, on the last stage, the sampled tokens. It never
+decides anything: batching, block ids and preemption all come from the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from molink.config import CacheConfig, ModelConfig
+from molink.messages import StepOutput, StepPlan
+from molink.model.loader import LoadedConfig, load_model
+from molink.runtime.kv_cache import allocate_kv_cache, default_kv_budget_bytes, num_blocks_for_budget
+from molink.runtime.sampler import Sampler, SamplingRequestState
+from molink.runtime.step_inputs import StepInputs, build_step_inputs
+from molink.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _RequestState:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"device {name!r} is not a valid device name") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class StageExecutor:
+    """One stage: a model for ``[start_layer, end_layer)``, its KV cache, and (last stage) a sampler."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+        self.device = resolve_device(model_config.device)
+        torch.manual_seed(model_config.seed)
+        self.model, self.loaded = load_model(model_config.model, model_config.start_layer,
+                                             model_config.end_layer, model_config.dtype,
+                                             self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.block_size = cache_config.block_size
+        layers = self.model.attention_layers()
+        self.num_blocks = cache_config.num_blocks or num_blocks_for_budget(
+            layers, self.block_size, self.dtype,
+            cache_config.kv_cache_memory_bytes or default_kv_budget_bytes(self.device))
+        self.kv_caches = allocate_kv_cache(layers, self.num_blocks, self.block_size, self.dtype,
+                                           self.device)
+        self.is_first, self.is_last = self.model.is_first, self.model.is_last
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.sampler = Sampler(seed=model_config.seed) if self.is_last else None
+        self.requests: dict[str, _RequestState] = {}
+
+    @property
+    def arch(self):
+        return self.loaded.arch
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor | StepOutput:
+        """Run one step. Non-last stages return ``[T, hidden]``; the last returns a StepOutput."""
+        self._apply_plan_deltas(plan)
+        if not plan.batch:
+            return StepOutput(step_id=plan.step_id) if self.is_last else hidden_states
+        inputs = self._prepare(plan)
+        hidden = self.model(inputs.positions, inputs.meta, input_ids=inputs.input_ids,
+                            hidden_states=hidden_states)  # [T, hidden]
+        if not self.is_last:
+            return hidden
+        return self._sample(plan, inputs, hidden)
+
+    def _apply_plan_deltas(self, plan: StepPlan) -> None:
+        for request_id in plan.freed_request_ids:
+            self.requests.pop(request_id, None)
+        for new in plan.new_requests:
+            self.requests[new.request_id] = _RequestState(
+                token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
+                sampling_params=new.sampling_params, block_ids=list(new.block_ids))
+        for cached in plan.cached_requests:
+            state = self.requests[cached.request_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+
+    def _prepare(self, plan: StepPlan) -> StepInputs:
+        token_ids = {e.request_id: self.requests[e.request_id].token_ids for e in plan.batch}
+        block_ids = {e.request_id: self.requests[e.request_id].block_ids for e in plan.batch}
+        return build_step_inputs(plan.batch, token_ids, block_ids, self.block_size, self.device,
+                                 with_input_ids=self.is_first)
+
+    def _sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor) -> StepOutput:
+        output = StepOutput(step_id=plan.step_id, microbatch_id=plan.microbatch_id)
+        if not inputs.sample_request_ids:
+            return output
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, vocab]
+        states = [self._sampling_state(rid) for rid in inputs.sample_request_ids]
+        result = self.sampler(logits, states)
+        for rid, token, logprobs in zip(inputs.sample_request_ids, result.token_ids,
+                                        result.logprobs):
+            output.sampled_token_ids[rid] = token
+            if logprobs is not None:
+                output.logprobs[rid] = logprobs
+        return output
+
+    def _sampling_state(self, request_id: str) -> SamplingRequestState:
+        state = self.requests[request_id]
+        return SamplingRequestState(
+            params=state.sampling_params,
+            prompt_token_ids=state.token_ids[:state.num_prompt_tokens],
+            output_token_ids=state.token_ids[state.num_prompt_tokens:],
+            eos_token_ids=self.eos_token_ids,
+        )

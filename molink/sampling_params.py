@@ -1,0 +1,135 @@
+"""SamplingParams: how one request's tokens are chosen and when it stops.
+
+Mirrors vLLM's ``SamplingParams`` (same field names, same meaning) so code written for
+vLLM runs unchanged. Torch-free: the scheduler reads the stop conditions, the sampler on
+the last stage reads the rest. Every field is validated once, here, with a ``ValueError``
+naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+# Values beyond these are certainly user error and would only waste memory or time.
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1024
+MAX_N = 128
+_SEED_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    max_tokens: int | None = 16  # None: until the model length
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per generated token
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    # Normalised views, filled in __post_init__.
+    stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False)
+    stop_token_id_set: frozenset[int] = field(default=frozenset(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, low=1, high=MAX_N)
+        _check_float("temperature", self.temperature, low=0.0, high=1e4)
+        _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
+        _check_int("top_k", self.top_k, low=-1, high=2**31 - 1)
+        _check_float("min_p", self.min_p, low=0.0, high=1.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=-_SEED_MAX, high=_SEED_MAX)
+        _check_float("presence_penalty", self.presence_penalty, low=-2.0, high=2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, low=-2.0, high=2.0)
+        _check_float("repetition_penalty", self.repetition_penalty, low=0.0, high=1e4, low_open=True)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, low=1, high=2**31 - 1)
+        _check_int("min_tokens", self.min_tokens, low=0, high=2**31 - 1)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens} "
+                f"and max_tokens={self.max_tokens}"
+            )
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        object.__setattr__(self, "stop_strings", _normalise_stop(self.stop))
+        object.__setattr__(self, "stop_token_id_set", _normalise_stop_ids(self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy decoding: temperature 0 (or top_k 1) makes sampling deterministic."""
+        return self.temperature < _GREEDY_EPS or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def replace(self, **changes) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+
+_GREEDY_EPS = 1e-5
+
+
+def _check_int(name: str, value, *, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _check_float(name: str, value, *, low: float, high: float, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value}")
+
+
+def _normalise_stop(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    if len(items) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(items)}")
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"stop must contain only strings, got {item!r}")
+        if not item:
+            raise ValueError("stop must not contain empty strings")
+        if len(item) > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"each stop string may be at most {MAX_STOP_STRING_CHARS} characters")
+    return tuple(items)
+
+
+def _normalise_stop_ids(ids) -> frozenset[int]:
+    if ids is None:
+        return frozenset()
+    if not isinstance(ids, (list, tuple, set, frozenset)):
+        raise ValueError(f"stop_token_ids must be a list of integers, got {type(ids).__name__}")
+    for item in ids:
+        _check_int("stop_token_ids", item, low=0, high=2**31 - 1)
+    return frozenset(ids)

@@ -1,0 +1,100 @@
+"""Request: one prompt's state as the head's scheduler sees it.
+
+A request's tokens are its prompt followed by the tokens sampled so far::
+
+    all_token_ids:  p0 p1 p2 p3 | o0 o1
+    computed KV:    [=========)              num_computed_tokens = 4
+    next step:                  [====)       positions 4, 5 (sample: 4 + 2 == num_tokens)
+
+Only the scheduler changes a request's fields; everyone else reads them.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from molink.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                       RequestStatus.FINISHED_ABORTED})
+
+# finish_reason (OpenAI wording) <-> final status.
+FINISH_REASON_TO_STATUS = {
+    "stop": RequestStatus.FINISHED_STOPPED,
+    "length": RequestStatus.FINISHED_LENGTH,
+    "abort": RequestStatus.FINISHED_ABORTED,
+}
+
+
+class Request:
+    """A prompt, its sampled tokens, its KV blocks and where it stands in the scheduler."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: frozenset[int] = frozenset(),
+        arrival_time: float | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is cached (or being computed in flight)
+        self.status = RequestStatus.WAITING
+        self.block_ids: list[int] = []
+        self.in_flight = False  # scheduled in a plan whose output has not returned yet
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.stop_reason: int | str | None = None  # stop token id or stop string
+        self.num_preemptions = 0
+
+        # Scheduler bookkeeping: FCFS order and what the executors already hold.
+        self.arrival_index = -1  # set by Scheduler.add_request
+        self.known_to_executors = False  # sent since the last reset (start, preemption)
+        self.num_tokens_sent = 0  # all_token_ids[:num_tokens_sent] are held by executors
+        self.num_blocks_sent = 0  # block_ids[:num_blocks_sent] are held by executors
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def __repr__(self) -> str:
+        # Never the prompt itself: reprs end up in logs.
+        return (f"Request(id={self.request_id!r}, status={self.status.name}, "
+                f"num_tokens={self.num_tokens}, num_computed={self.num_computed_tokens}, "
+                f"in_flight={self.in_flight})")

@@ -1,0 +1,126 @@
+"""Stage-aware loading: a layer range reads its own tensors and nothing else."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import molink.model.loader as loader
+from tests.model_factory import build_model
+
+CPU = torch.device("cpu")
+
+
+class _RecordingSafeOpen:
+    """Wraps ``safetensors.safe_open`` to record every file opened and tensor read."""
+
+    def __init__(self, real):
+        self.real = real
+        self.files: list[str] = []
+        self.tensors: list[str] = []
+
+    def __call__(self, filename, *args, **kwargs):
+        self.files.append(str(filename))
+        handle = self.real(filename, *args, **kwargs)
+        recorder = self
+
+        class Handle:
+            def __enter__(self):
+                self.inner = handle.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return handle.__exit__(*exc)
+
+            def keys(self):
+                return self.inner.keys()
+
+            def get_tensor(self, name):
+                recorder.tensors.append(name)
+                return self.inner.get_tensor(name)
+
+        return Handle()
+
+
+def _expected_names(num_layers: int, start: int, end: int, tied: bool) -> set[str]:
+    per_layer = ["input_layernorm.weight", "post_attention_layernorm.weight",
+                 "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                 "mlp.down_proj.weight"]
+    names = {f"model.layers.{i}.{suffix}" for i in range(start, end) for suffix in per_layer}
+    if start == 0:
+        names.add("model.embed_tokens.weight")
+    if end == num_layers:
+        names.add("model.norm.weight")
+        names.add("model.embed_tokens.weight" if tied else "lm_head.weight")
+    return names
+
+
+@pytest.mark.parametrize("start,end", [(0, 1), (1, 3), (3, 4), (0, 4)])
+def test_layer_range_reads_only_its_own_tensors(tiny_model_dir, monkeypatch, start, end):
+    directory = tiny_model_dir("llama")
+    recorder = _RecordingSafeOpen(loader.safe_open)
+    monkeypatch.setattr(loader, "safe_open", recorder)
+    model, _ = loader.load_model(str(directory), start, end, "float32", CPU)
+    assert set(recorder.tensors) == _expected_names(4, start, end, tied=False)
+    assert len(recorder.tensors) == len(set(recorder.tensors))  # each read once
+    assert sorted(model.model.layers.keys()) == [str(i) for i in range(start, end)]
+
+
+def test_sharded_checkpoint_opens_only_needed_shards(tmp_path, monkeypatch):
+    directory = tmp_path / "sharded"
+    build_model("llama", directory)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(directory)
+    for file in directory.glob("*.safetensors"):
+        file.unlink()
+    hf.save_pretrained(directory, max_shard_size="40KB")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3  # really sharded
+    recorder = _RecordingSafeOpen(loader.safe_open)
+    monkeypatch.setattr(loader, "safe_open", recorder)
+    loader.load_model(str(directory), 1, 2, "float32", CPU)
+    expected = _expected_names(4, 1, 2, tied=False)
+    assert set(recorder.tensors) == expected
+    needed_shards = {str(directory / index["weight_map"][name]) for name in expected}
+    assert set(recorder.files) == needed_shards
+
+
+def test_tied_embeddings_last_stage_reads_the_embedding(tiny_model_dir, monkeypatch):
+    directory = tiny_model_dir("qwen2")  # tie_word_embeddings=True
+    recorder = _RecordingSafeOpen(loader.safe_open)
+    monkeypatch.setattr(loader, "safe_open", recorder)
+    model, _ = loader.load_model(str(directory), 2, 4, "float32", CPU)
+    assert "model.embed_tokens.weight" in recorder.tensors
+    assert "lm_head.weight" not in recorder.tensors
+    assert not hasattr(model.model, "embed_tokens")  # only the LM head holds it here
+
+
+@pytest.mark.parametrize("dtype,expected", [("float32", torch.float32),
+                                            ("bfloat16", torch.bfloat16),
+                                            ("float16", torch.float16),
+                                            ("auto", torch.float32)])
+def test_dtype_option(tiny_model_dir, dtype, expected):
+    model, _ = loader.load_model(str(tiny_model_dir("llama")), 0, 2, dtype, CPU)
+    assert {p.dtype for p in model.parameters()} == {expected}
+
+
+def test_missing_directory_and_config_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        loader.load_config(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        loader.load_config(str(tmp_path))
+
+
+def test_unknown_architecture_lists_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ValueError, match="not supported; supported: .*LlamaForCausalLM"):
+        loader.load_config(str(tmp_path))
+
+
+def test_layer_range_outside_model_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="outside the model's 0:4"):
+        loader.load_model(str(tiny_model_dir("llama")), 2, 9, "float32", CPU)
