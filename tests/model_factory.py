@@ -72,11 +72,19 @@ CONFIGS = {
 
 def build_model(name: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """Save a tiny random model named in CONFIGS (and a tokenizer) into ``directory``."""
+    return build_model_from_config(CONFIGS[name](**overrides), directory, seed)
+
+
+def build_model_from_config(config, directory: Path, seed: int = 0,
+                            model_class=None) -> Path:
+    """Save a random-weight model for a ``transformers`` config (and a tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    config = CONFIGS[name](**overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model_class is None:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = model_class(config).to(torch.float32)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     build_tokenizer(directory, vocab_size=min(VOCAB_SIZE, config.vocab_size))

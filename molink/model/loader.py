@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
-from molink.model.registry import get_model_class, resolve_architecture
+from molink.model.registry import get_model_class, registered_models, resolve_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,26 @@ def load_config(path: str) -> LoadedConfig:
     if not isinstance(raw, dict):
         raise ValueError(f"config.json in {path!r} must hold a JSON object")
     architecture = resolve_architecture(raw.get("architectures"))
-    from transformers import AutoConfig
-
-    try:
-        hf_config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ValueError(f"config.json in {path!r} could not be read: {exc}") from None
+    hf_config = _hf_config(directory, raw, registered_models()[architecture].family)
     model_class = get_model_class(architecture)
     arch = model_class.arch_config(hf_config)
     return LoadedConfig(hf_config=hf_config, arch=arch, model_class=model_class)
+
+
+def _hf_config(directory: Path, raw: dict, family: str):
+    """The ``transformers`` config object; remote-code families get a generic one.
+
+    Checkpoints whose config class lives in remote code (Baichuan, ChatGLM, Qwen 1) are read
+    as a plain ``PretrainedConfig`` holding the JSON's keys: no remote code ever runs.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        if family == "remote-code":
+            return PretrainedConfig(**raw)
+        return AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError) as exc:
+        raise ValueError(f"config.json in {str(directory)!r} could not be read: {exc}") from None
 
 
 def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
