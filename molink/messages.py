@@ -86,3 +86,12 @@ class StepOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     microbatch_id: int = 0
+
+
+@dataclass
+class RawTensor:
+    """A tensor as it crosses the wire: raw C-order bytes, a dtype name and a shape."""
+
+    data: bytes
+    dtype: str  # "float32" | "bfloat16" | "float16" | "int8" | ...
+    shape: tuple[int, ...]

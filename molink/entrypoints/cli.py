@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from molink import envs
+from molink.entrypoints import join as join_cli
 from molink.sampling_params import SamplingParams
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
@@ -46,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     _add_generation_options(demo)
     demo.set_defaults(handler=_demo, temperature=0.8)
+    join = sub.add_parser("join", help="serve a layer range as a stage of a head's pipeline")
+    join_cli.add_arguments(join)
+    join.set_defaults(handler=_join)
     return parser
 
 
@@ -57,6 +62,18 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
+
+
+def _cluster_token(args) -> str:
+    token = args.cluster_token or envs.cluster_token()
+    if not token:
+        raise ValueError(f"a cluster token is required: pass --cluster-token or set "
+                         f"{envs.CLUSTER_TOKEN_VAR} (the head prints the one it uses)")
+    return token
+
+
+def _join(args) -> int:
+    return join_cli.run(args, _cluster_token(args))
 
 
 def _generate(args) -> int:

@@ -153,6 +153,9 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
 
 def _fill_parameters(model: nn.Module, files: CheckpointFiles, device: torch.device) -> None:
     params = dict(model.named_parameters())
+    select_layout = getattr(model, "select_checkpoint_layout", None)
+    if select_layout is not None:  # models whose tensors come in several layouts (MoE experts)
+        select_layout(frozenset(files.file_of))
     sources = {name: model.checkpoint_names(name) for name in params}
     needed = sorted({source for names in sources.values() for source in names})
     with _progress(len(needed)) as bar:
@@ -160,6 +163,8 @@ def _fill_parameters(model: nn.Module, files: CheckpointFiles, device: torch.dev
     for name, param in params.items():
         parts = [tensors[source] for source in sources[name]]
         tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if param.dim() > 2 and tensor.shape == (param.shape[0] * param.shape[1], *param.shape[2:]):
+            tensor = tensor.view(param.shape)  # per-expert matrices stacked: [E, rows, cols]
         if tuple(tensor.shape) != tuple(param.shape):
             raise ValueError(
                 f"tensor(s) {sources[name]} have shape {tuple(tensor.shape)}, "
@@ -175,3 +180,19 @@ def _progress(total: int):
 
     return tqdm(total=total, desc="Loading weights", unit="tensor",
                 disable=not sys.stderr.isatty(), leave=False)
+
+
+_VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype",
+                         "use_cache", "_attn_implementation_autoset", "output_attentions"}
+
+
+def config_fingerprint(path: str) -> str:
+    """sha256 of config.json without keys that do not change the model's math.
+
+    Two nodes agree on the model iff their fingerprints match (dtype is compared apart).
+    """
+    import hashlib
+
+    raw = json.loads((check_model_dir(path) / "config.json").read_text())
+    kept = {k: v for k, v in raw.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()

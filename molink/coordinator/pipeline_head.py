@@ -1,0 +1,421 @@
+"""PipelineHead: the head of a multi-node pipeline (``molink serve``).
+
+It owns the tokenizer, the scheduler and (optionally) the first layer range; joined stages
+serve the rest. The loop keeps up to ``num_microbatches`` plans in flight::
+
+    schedule() ──> [head layers] ──> stage 1 ──> ... ──> last stage ──> Results stream
+        ^                                                                   │
+        └──────────── update_from_output, detokenize, deliver <─────────────┘
+
+A request is never in two in-flight plans (the scheduler guarantees it; ``_dispatch``
+checks it). A stage that stops answering health checks, or whose stream breaks, fails the
+requests in the pipeline with ``StageUnavailable`` naming it; the head stays up, reports
+the missing range, and a replacement that joins for that range restores service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.membership import Membership, ModelIdentity, StageMember
+from molink.coordinator.output_processor import OutputProcessor
+from molink.coordinator.prompts import make_request
+from molink.coordinator.tokenizer import eos_token_ids, load_tokenizer
+from molink.messages import StepOutput, StepPlan
+from molink.model.loader import config_fingerprint, load_config, resolve_dtype
+from molink.outputs import RequestOutput
+from molink.runtime.stage_executor import StageExecutor, resolve_device
+from molink.runtime.wire_tensor import to_raw
+from molink.sampling_params import SamplingParams
+from molink.scheduler import Scheduler
+from molink.transport import molink_pb2 as pb
+from molink.transport import molink_pb2_grpc as pb_grpc
+from molink.transport.codec import WireFormatError, decode_result, encode_step
+from molink.transport.peers import Peer, bind, make_server
+
+logger = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 1.0
+HEALTH_DEADLINE_S = 2.0
+HEALTH_FAILURES_BEFORE_DOWN = 2
+CONFIGURE_DEADLINE_S = 5.0
+
+
+class PipelineNotReady(Exception):
+    """Some layers are not served; the message names them."""
+
+
+class StageUnavailable(Exception):
+    """A stage died or became unreachable while a request was in the pipeline."""
+
+
+@dataclasses.dataclass
+class HeadStats:
+    num_steps_dispatched: int = 0
+    num_steps_completed: int = 0
+    max_microbatches_in_flight: int = 0
+    num_requests_in_two_microbatches: int = 0  # must stay 0
+    num_stage_failures: int = 0
+
+
+class PipelineHead(pb_grpc.HeadServicer):
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
+                 scheduler_config: SchedulerConfig, *, token: str,
+                 head_layers: tuple[int, int] | None, num_microbatches: int | None = None) -> None:
+        loaded = load_config(model_config.model)
+        self.arch = loaded.arch
+        self.model_config = model_config
+        self.cache_config = cache_config
+        self.scheduler_config = scheduler_config
+        self.token = token
+        self.executor = None
+        if head_layers is not None:
+            self.executor = StageExecutor(
+                model_config.replace(start_layer=head_layers[0], end_layer=head_layers[1]),
+                cache_config, max_num_seqs=scheduler_config.max_num_seqs)
+        dtype = resolve_dtype(model_config.dtype, self.arch, resolve_device(model_config.device))
+        self.membership = Membership(
+            ModelIdentity(config_fingerprint(model_config.model), str(dtype).removeprefix("torch."),
+                          cache_config.block_size, self.arch.num_layers), head_layers)
+        self.tokenizer = load_tokenizer(model_config.tokenizer or model_config.model)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.arch.eos_token_ids,
+                                           model_config.model)
+        if self.executor is not None:
+            self.executor.eos_token_ids = self.eos_token_ids
+        self.num_microbatches_option = num_microbatches
+        self.stats = HeadStats()
+        self.scheduler: Scheduler | None = None
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._in_flight: collections.deque[StepPlan] = collections.deque()
+        self._in_flight_requests: set[str] = set()
+        self._ready = False
+        self._ready_event: asyncio.Event | None = None
+        self._epoch = 0
+        self._reset_pending = False
+        self._first_hop: tuple[Peer, asyncio.Queue, asyncio.Task] | None = None
+        self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
+        self._ids = itertools.count()
+        self._server: grpc.aio.Server | None = None
+        self._health_task: asyncio.Task | None = None
+        self.address = ""
+        self.max_model_len = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, host: str, peer_port: int, advertise_host: str | None = None) -> int:
+        self._ready_event = asyncio.Event()
+        self._server = make_server(self.token)
+        pb_grpc.add_HeadServicer_to_server(self, self._server)
+        port = bind(self._server, host, peer_port)
+        await self._server.start()
+        self.address = f"{advertise_host or host}:{port}"
+        self._health_task = asyncio.create_task(self._health_loop())
+        if self.membership.complete:  # the head serves every layer itself
+            await self._on_complete()
+        return port
+
+    async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        await self._close_first_hop()
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+        self._compute_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Until every layer is served (TimeoutError naming the missing ones otherwise)."""
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"pipeline not ready after {timeout_s} s: {self.health()[1]}") from None
+
+    def health(self) -> tuple[bool, str]:
+        if self._ready:
+            return True, "serving all layers"
+        return False, f"layers {self.membership.describe_missing()} are not served"
+
+    @property
+    def num_microbatches(self) -> int:
+        """How many plans may be in flight: ``auto`` = number of pipeline stages + 1."""
+        if self.num_microbatches_option:
+            return self.num_microbatches_option
+        num_stages = len(self.membership.stages) + (self.executor is not None)
+        return num_stages + 1
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    async def generate(self, prompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; raises PipelineNotReady / StageUnavailable / ValueError."""
+        if not self._ready:
+            raise PipelineNotReady(f"pipeline not ready: {self.health()[1]}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        text, request = make_request(request_id, prompt, params, tokenizer=self.tokenizer,
+                                     vocab_size=self.arch.vocab_size,
+                                     max_model_len=self.max_model_len,
+                                     eos_token_ids=self.eos_token_ids)
+        stream: asyncio.Queue = asyncio.Queue()
+        self.scheduler.add_request(request)
+        self.output_processor.add(request, text)
+        self._streams[request_id] = stream
+        self._pump()
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._streams.pop(request_id, None) is not None:  # consumer left early
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        if self.scheduler is not None:
+            for request in self.scheduler.abort_requests([request_id]):
+                self.output_processor.discard(request.request_id)
+        self._streams.pop(request_id, None)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Fill the pipeline up to ``num_microbatches`` plans."""
+        while self._ready and len(self._in_flight) < self.num_microbatches:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                return
+            self._dispatch(plan)
+
+    def _dispatch(self, plan: StepPlan) -> None:
+        plan.microbatch_id = self.stats.num_steps_dispatched % self.num_microbatches
+        ids = set(plan.request_ids)
+        if ids & self._in_flight_requests:
+            self.stats.num_requests_in_two_microbatches += len(ids & self._in_flight_requests)
+        self._in_flight_requests |= ids
+        self._in_flight.append(plan)
+        self.stats.num_steps_dispatched += 1
+        self.stats.max_microbatches_in_flight = max(self.stats.max_microbatches_in_flight,
+                                                    len(self._in_flight))
+        reset, self._reset_pending = self._reset_pending, False
+        asyncio.get_running_loop().create_task(self._run_first_hop(plan, reset))
+
+    async def _run_first_hop(self, plan: StepPlan, reset: bool) -> None:
+        hidden = None
+        if self.executor is not None:
+            loop = asyncio.get_running_loop()
+            try:
+                out = await loop.run_in_executor(self._compute_pool, self.executor.execute, plan)
+            except Exception as exc:  # the head's own layers failed this step
+                logger.exception("head layers failed step %d", plan.step_id)
+                self._on_result(StepOutput(plan.step_id), f"head failed step {plan.step_id}: {exc}")
+                return
+            if isinstance(out, StepOutput):  # the head serves every layer
+                self._on_result(out, "")
+                return
+            hidden = await loop.run_in_executor(self._compute_pool, to_raw, out)
+        if self._first_hop is None:
+            self._on_result(StepOutput(plan.step_id), "no route to the first stage")
+            return
+        self._first_hop[1].put_nowait(encode_step(plan, hidden, reset=reset))
+
+    def _on_result(self, output: StepOutput, error: str) -> None:
+        if not self._in_flight or self._in_flight[0].step_id != output.step_id:
+            logger.warning("ignoring result of step %d (not the oldest in flight)", output.step_id)
+            return
+        plan = self._in_flight.popleft()
+        self._in_flight_requests -= set(plan.request_ids)
+        self.stats.num_steps_completed += 1
+        if error:
+            self._fail_requests(plan.request_ids, StageUnavailable(error))
+            output = StepOutput(plan.step_id, microbatch_id=plan.microbatch_id)
+            output.sampled_token_ids = {e.request_id: 0 for e in plan.batch if e.sample}
+        changed = self.scheduler.update_from_output(plan, output)
+        for result in self.output_processor.process(changed, output, self.scheduler):
+            stream = self._streams.get(result.request_id)
+            if stream is not None:
+                stream.put_nowait(result)
+        self._pump()
+
+    def _fail_requests(self, request_ids, exc: Exception) -> None:
+        for request_id in list(request_ids):
+            stream = self._streams.pop(request_id, None)
+            if self.scheduler is not None:
+                self.scheduler.abort_requests([request_id])
+            self.output_processor.discard(request_id)
+            if stream is not None:
+                stream.put_nowait(exc)
+
+    # ---- RPCs from stages ----------------------------------------------------------------------------
+
+    async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        info = request.stage
+        min_blocks = self.scheduler.block_pool.num_blocks if self.scheduler else 1
+        reason = self.membership.check_join(info.start_layer, info.end_layer, info.address,
+                                            info.model_fingerprint, info.dtype, info.block_size,
+                                            info.num_layers)
+        if reason is None and info.num_blocks < min_blocks:
+            reason = (f"the stage holds {info.num_blocks} KV blocks; the running pipeline "
+                      f"uses {min_blocks}")
+        if reason is not None:
+            logger.warning("refused stage %s (layers %d:%d): %s", info.address, info.start_layer,
+                           info.end_layer, reason)
+            return pb.JoinReply(accepted=False, reason=reason)
+        member = self.membership.add(info.start_layer, info.end_layer, info.address,
+                                     info.num_blocks)
+        missing = self.membership.describe_missing()
+        logger.warning("stage joined: %s, %s KV blocks%s", member.label, f"{info.num_blocks:,}",
+                       f" (still missing layers {missing})" if missing else "")
+        if self.membership.complete:
+            asyncio.get_running_loop().create_task(self._on_complete())
+        return pb.JoinReply(accepted=True, stage_id=member.stage_id)
+
+    async def Results(self, request_iterator, context):
+        try:
+            async for message in request_iterator:
+                try:
+                    output, error = decode_result(message)
+                except WireFormatError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed result: {exc}")
+                self._on_result(output, error)
+        except asyncio.CancelledError:
+            raise
+        if False:  # pragma: no cover - keeps this an async generator
+            yield pb.Ack()
+
+    async def Health(self, request, context) -> pb.HealthReply:
+        ready, detail = self.health()
+        return pb.HealthReply(ready=ready, detail=detail)
+
+    # ---- membership changes ------------------------------------------------------------------------------
+
+    async def _on_complete(self) -> None:
+        """Every layer is served: wire the route, size the scheduler, start serving."""
+        self._epoch += 1
+        stages = self.membership.ordered()
+        try:
+            for i, member in enumerate(stages):
+                next_address = stages[i + 1].address if i + 1 < len(stages) else ""
+                await self._configure(member, next_address)
+        except grpc.aio.AioRpcError as exc:
+            logger.error("could not configure the pipeline: %s", exc.details())
+            return
+        await self._open_first_hop(stages[0] if stages else None)
+        if self.scheduler is None:
+            self._make_scheduler(stages)
+        self._ready = True
+        self._ready_event.set()
+        logger.warning("pipeline ready: %s", self.describe())
+        self._pump()
+
+    async def _configure(self, member: StageMember, next_address: str) -> None:
+        peer = Peer(member.address, self.token)
+        try:
+            await pb_grpc.StageStub(peer.channel).Configure(
+                pb.Route(next_address=next_address, head_address=self.address, epoch=self._epoch),
+                metadata=peer.metadata, timeout=CONFIGURE_DEADLINE_S)
+        finally:
+            await peer.close()
+
+    def _make_scheduler(self, stages: list[StageMember]) -> None:
+        counts = [m.num_blocks for m in stages]
+        if self.executor is not None:
+            counts.append(self.executor.num_blocks)
+        num_blocks = min(counts)
+        capacity = num_blocks * self.cache_config.block_size
+        limit = self.model_config.max_model_len or self.arch.max_position_embeddings
+        self.max_model_len = max(2, min(limit, capacity))
+        config = dataclasses.replace(self.scheduler_config, max_model_len=self.max_model_len)
+        self.scheduler = Scheduler(config, num_blocks, self.cache_config.block_size)
+
+    def describe(self) -> str:
+        parts = []
+        if self.membership.head_range is not None:
+            a, b = self.membership.head_range
+            parts.append(f"head layers {a}:{b}")
+        parts += [m.label for m in self.membership.ordered()]
+        return " -> ".join(parts) + f"; {self.num_microbatches} micro-batches in flight"
+
+    async def _open_first_hop(self, first: StageMember | None) -> None:
+        await self._close_first_hop()
+        if first is None:
+            return
+        peer = Peer(first.address, self.token)
+        outbox: asyncio.Queue = asyncio.Queue()
+        task = asyncio.create_task(self._send_loop(peer, outbox, first))
+        self._first_hop = (peer, outbox, task)
+
+    async def _close_first_hop(self) -> None:
+        if self._first_hop is not None:
+            peer, _, task = self._first_hop
+            self._first_hop = None
+            task.cancel()
+            await peer.close()
+
+    async def _send_loop(self, peer: Peer, outbox: asyncio.Queue, member: StageMember) -> None:
+        async def messages():
+            while True:
+                yield await outbox.get()
+
+        try:
+            call = pb_grpc.StageStub(peer.channel).Forward(messages(), metadata=peer.metadata)
+            async for _ack in call:
+                pass
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            self._on_stage_failure(member, f"stream broke: {exc.details() or exc.code().name}")
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            for member in list(self.membership.stages.values()):
+                await self._check_health(member)
+
+    async def _check_health(self, member: StageMember) -> None:
+        peer = Peer(member.address, self.token)
+        try:
+            await pb_grpc.StageStub(peer.channel).Health(pb.HealthRequest(), metadata=peer.metadata,
+                                                         timeout=HEALTH_DEADLINE_S)
+            member.consecutive_health_failures = 0
+        except grpc.aio.AioRpcError as exc:
+            member.consecutive_health_failures += 1
+            if member.consecutive_health_failures >= HEALTH_FAILURES_BEFORE_DOWN:
+                self._on_stage_failure(member, f"no answer to health checks ({exc.code().name})")
+        finally:
+            await peer.close()
+
+    def _on_stage_failure(self, member: StageMember, why: str) -> None:
+        if self.membership.remove(member.stage_id) is None:
+            return  # already handled
+        self.stats.num_stage_failures += 1
+        self._ready = False
+        self._ready_event.clear()
+        message = f"stage {member.label} became unavailable: {why}"
+        logger.error("%s; layers %s are no longer served", message, self.membership.describe_missing())
+        # Every request in the pipeline lost KV on that stage: fail them all, clearly.
+        doomed = [r for r in list(self._streams)]
+        self._fail_requests(doomed, StageUnavailable(message))
+        self._in_flight.clear()
+        self._in_flight_requests.clear()
+        self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
+                                   self.scheduler.block_size) if self.scheduler else None
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._reset_pending = True  # surviving stages drop their request state
+        if self.executor is not None:
+            self._compute_pool.submit(self.executor.reset)
+        asyncio.get_running_loop().create_task(self._close_first_hop())

@@ -1,0 +1,183 @@
+"""StageWorker: one stage server (``molink join``): receive steps, compute, pass them on.
+
+Three activities overlap so the compute loop never waits on the network::
+
+    Forward stream (asyncio) --> inbox --> compute thread --> outbox --> sender (asyncio)
+      parse + validate           queue     executor.execute    queue     next hop / head
+
+Steps arrive in order on one stream per hop and are computed in that order, so results
+leave in the order the head sent them. A step that fails here is passed on with an error
+(never silently dropped), so the head can end the affected requests with a clear message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+
+import grpc
+
+from molink.messages import StepOutput
+from molink.runtime.stage_executor import StageExecutor
+from molink.runtime.wire_tensor import from_raw, to_raw
+from molink.transport import molink_pb2 as pb
+from molink.transport import molink_pb2_grpc as pb_grpc
+from molink.transport.auth import REFUSAL
+from molink.transport.codec import WireFormatError, decode_step, encode_result, encode_step
+from molink.transport.peers import Peer, bind, make_server
+
+logger = logging.getLogger(__name__)
+
+JOIN_DEADLINE_S = 10.0
+_STOP = object()
+
+
+class StageRefused(Exception):
+    """The head refused this stage; the message says why."""
+
+
+class StageWorker(pb_grpc.StageServicer):
+    def __init__(self, executor: StageExecutor, info: pb.StageInfo, token: str,
+                 head_address: str) -> None:
+        self.executor = executor
+        self.info = info
+        self.token = token
+        self.head_address = head_address
+        self.label = f"layers {info.start_layer}:{info.end_layer}"
+        self._inbox: queue.Queue = queue.Queue()
+        self._outbox: asyncio.Queue | None = None
+        self._sender: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._compute_thread: threading.Thread | None = None
+        self.epoch = 0
+        self.num_steps_computed = 0
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._server = make_server(self.token)
+        pb_grpc.add_StageServicer_to_server(self, self._server)
+        bound = bind(self._server, host, port)
+        await self._server.start()
+        self._compute_thread = threading.Thread(target=self._compute_loop, daemon=True,
+                                                name="molink-compute")
+        self._compute_thread.start()
+        return bound
+
+    async def join(self) -> str:
+        """Ask the head to admit this stage; returns the stage id or raises StageRefused."""
+        peer = Peer(self.head_address, self.token)
+        try:
+            reply = await pb_grpc.HeadStub(peer.channel).Join(
+                pb.JoinRequest(stage=self.info), metadata=peer.metadata, timeout=JOIN_DEADLINE_S)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise StageRefused(REFUSAL) from None
+            raise StageRefused(f"cannot reach the head at {self.head_address}: "
+                               f"{exc.details() or exc.code().name}") from None
+        finally:
+            await peer.close()
+        if not reply.accepted:
+            raise StageRefused(reply.reason)
+        return reply.stage_id
+
+    async def stop(self) -> None:
+        self._inbox.put(_STOP)
+        if self._sender is not None:
+            self._sender.cancel()
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    # ---- RPCs -----------------------------------------------------------------------------
+
+    async def Configure(self, request: pb.Route, context) -> pb.Ack:
+        """The head tells this stage where its output goes (a new route after failures)."""
+        if request.epoch < self.epoch:
+            return pb.Ack()
+        self.epoch = request.epoch
+        if self._sender is not None:
+            self._sender.cancel()
+        self._outbox = asyncio.Queue()
+        target = request.next_address or request.head_address or self.head_address
+        self._sender = asyncio.create_task(self._send_loop(target, last=not request.next_address))
+        logger.info("%s: output goes to %s (%s)", self.label, target,
+                    "head" if not request.next_address else "next stage")
+        return pb.Ack()
+
+    async def Forward(self, request_iterator, context):
+        """Steps from the previous hop; each is validated, then queued for compute."""
+        async for message in request_iterator:
+            try:
+                step = decode_step(message)
+            except WireFormatError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed step: {exc}")
+            self._inbox.put(step)
+        if False:  # pragma: no cover - keeps this an async generator (no acks are sent)
+            yield pb.Ack()
+
+    async def Health(self, request, context) -> pb.HealthReply:
+        return pb.HealthReply(ready=self._outbox is not None, detail=self.label)
+
+    # ---- compute thread ---------------------------------------------------------------------
+
+    def _compute_loop(self) -> None:
+        while (step := self._inbox.get()) is not _STOP:
+            message = self._compute(step)
+            if self._outbox is None:
+                logger.error("%s: step %d computed before a route was configured; dropped",
+                             self.label, step.plan.step_id)
+                continue
+            self._loop.call_soon_threadsafe(self._outbox.put_nowait, message)
+
+    def _compute(self, step):
+        """-> the message to send on: the next step message, or the result for the head."""
+        plan = step.plan
+        if step.reset:
+            self.executor.reset()
+        error = step.error
+        output = None
+        if not error:
+            try:
+                hidden = None if step.hidden is None else from_raw(step.hidden, self.executor.device)
+                output = self.executor.execute(plan, hidden)
+                self.num_steps_computed += 1
+            except Exception as exc:  # one bad step must not kill the stage: report it
+                logger.exception("%s failed step %d", self.label, plan.step_id)
+                error = f"stage {self.label} failed step {plan.step_id}: {type(exc).__name__}: {exc}"
+        if self.executor.is_last:
+            result = output if output is not None else StepOutput(plan.step_id,
+                                                                  microbatch_id=plan.microbatch_id)
+            return encode_result(result, error=error)
+        return encode_step(plan, None if error else to_raw(output), reset=step.reset, error=error)
+
+    # ---- sender -------------------------------------------------------------------------------
+
+    async def _send_loop(self, address: str, last: bool) -> None:
+        peer = Peer(address, self.token)
+        outbox = self._outbox
+
+        async def messages():
+            while True:
+                yield await outbox.get()
+
+        try:
+            if last:
+                call = pb_grpc.HeadStub(peer.channel).Results(messages(), metadata=peer.metadata)
+            else:
+                call = pb_grpc.StageStub(peer.channel).Forward(messages(), metadata=peer.metadata)
+            async for _ack in call:
+                pass
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AioRpcError as exc:
+            logger.error("%s: stream to %s ended: %s", self.label, address,
+                         exc.details() or exc.code().name)
+        finally:
+            await peer.close()

@@ -1,0 +1,1 @@
+"""gRPC transport between MoLink nodes: wire protocol, codec, authentication, channels."""

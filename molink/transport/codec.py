@@ -1,0 +1,188 @@
+"""Codec: plain messages <-> protobuf, validating everything that arrives.
+
+Only protobuf parsing touches network bytes; tensors stay raw bytes with a dtype and a
+shape whose sizes must agree. Anything malformed or out of bounds raises
+``WireFormatError`` naming what is wrong; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from molink.messages import (BatchEntry, CachedRequest, NewRequest, RawTensor, StepOutput,
+                             StepPlan, TokenLogprobs)
+from molink.sampling_params import SamplingParams
+from molink.transport import molink_pb2 as pb
+
+# Bytes per element of every dtype allowed on the wire.
+DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int32": 4,
+               "int64": 8}
+MAX_MESSAGE_BYTES = 1 << 30  # gRPC limit on one message; prefill chunks stay far below
+MAX_REQUEST_ID_CHARS = 256
+MAX_TENSOR_DIMS = 4
+
+
+class WireFormatError(ValueError):
+    """A message from the network is malformed or out of bounds."""
+
+
+# ---- steps --------------------------------------------------------------------------------
+
+@dataclass
+class WireStep:
+    """A decoded StepMessage."""
+
+    plan: StepPlan
+    hidden: RawTensor | None  # activations entering the receiving stage
+    reset: bool = False  # drop all request state first
+    error: str = ""  # an earlier stage failed this step
+
+
+def encode_step(plan: StepPlan, hidden: RawTensor | None = None, reset: bool = False,
+                error: str = "") -> pb.StepMessage:
+    msg = pb.StepMessage(step_id=plan.step_id, microbatch_id=plan.microbatch_id,
+                         freed_request_ids=plan.freed_request_ids, reset=reset, error=error)
+    msg.batch.extend(pb.BatchEntry(request_id=e.request_id, start=e.start,
+                                   num_tokens=e.num_tokens, sample=e.sample) for e in plan.batch)
+    msg.new_requests.extend(_encode_new(r) for r in plan.new_requests)
+    msg.cached_requests.extend(
+        pb.CachedRequest(request_id=c.request_id, new_token_ids=c.new_token_ids,
+                         new_block_ids=c.new_block_ids) for c in plan.cached_requests)
+    if hidden is not None:
+        msg.hidden_states.CopyFrom(encode_tensor(hidden))
+    return msg
+
+
+def decode_step(msg: pb.StepMessage) -> WireStep:
+    batch = [BatchEntry(_request_id(e.request_id), _non_negative("start", e.start),
+                        _positive("num_tokens", e.num_tokens), bool(e.sample)) for e in msg.batch]
+    if len({e.request_id for e in batch}) != len(batch):
+        raise WireFormatError("a request appears twice in one step")
+    plan = StepPlan(
+        step_id=msg.step_id, microbatch_id=msg.microbatch_id, batch=batch,
+        new_requests=[_decode_new(r) for r in msg.new_requests],
+        cached_requests=[CachedRequest(_request_id(c.request_id),
+                                       _ids("new_token_ids", c.new_token_ids),
+                                       _ids("new_block_ids", c.new_block_ids))
+                         for c in msg.cached_requests],
+        freed_request_ids=[_request_id(r) for r in msg.freed_request_ids],
+    )
+    hidden = decode_tensor(msg.hidden_states) if msg.HasField("hidden_states") else None
+    return WireStep(plan, hidden, bool(msg.reset), msg.error[:4096])
+
+
+def _encode_new(request: NewRequest) -> pb.NewRequest:
+    return pb.NewRequest(request_id=request.request_id, token_ids=request.token_ids,
+                         num_prompt_tokens=request.num_prompt_tokens,
+                         sampling=encode_sampling(request.sampling_params),
+                         block_ids=request.block_ids)
+
+
+def _decode_new(msg: pb.NewRequest) -> NewRequest:
+    token_ids = _ids("token_ids", msg.token_ids)
+    if not 0 < msg.num_prompt_tokens <= len(token_ids):
+        raise WireFormatError(f"num_prompt_tokens {msg.num_prompt_tokens} does not fit "
+                              f"{len(token_ids)} tokens")
+    return NewRequest(_request_id(msg.request_id), token_ids, msg.num_prompt_tokens,
+                      decode_sampling(msg.sampling), _ids("block_ids", msg.block_ids))
+
+
+# ---- sampling parameters (what the last stage needs; stop strings stay on the head) -------
+
+def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
+    return pb.SamplingParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        min_p=params.min_p, has_seed=params.seed is not None, seed=params.seed or 0,
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty, min_tokens=params.min_tokens,
+        stop_token_ids=sorted(params.stop_token_id_set),
+        has_logprobs=params.logprobs is not None, logprobs=params.logprobs or 0,
+        ignore_eos=params.ignore_eos)
+
+
+def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
+            seed=msg.seed if msg.has_seed else None, presence_penalty=msg.presence_penalty,
+            frequency_penalty=msg.frequency_penalty, repetition_penalty=msg.repetition_penalty,
+            min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids),
+            logprobs=msg.logprobs if msg.has_logprobs else None, ignore_eos=msg.ignore_eos,
+            max_tokens=None)
+    except ValueError as exc:
+        raise WireFormatError(f"invalid sampling parameters: {exc}") from None
+
+
+# ---- results --------------------------------------------------------------------------------
+
+def encode_result(output: StepOutput, error: str = "") -> pb.StepResult:
+    msg = pb.StepResult(step_id=output.step_id, microbatch_id=output.microbatch_id, error=error)
+    for request_id, token in output.sampled_token_ids.items():
+        msg.sampled_token_ids[request_id] = token
+    for request_id, lp in output.logprobs.items():
+        entry = msg.logprobs[request_id]
+        entry.token_id, entry.logprob, entry.rank = lp.token_id, lp.logprob, lp.rank
+        entry.top_token_ids.extend(t for t, _ in lp.top)
+        entry.top_logprobs.extend(v for _, v in lp.top)
+    return msg
+
+
+def decode_result(msg: pb.StepResult) -> tuple[StepOutput, str]:
+    """-> (output, error text; empty when the step succeeded)."""
+    output = StepOutput(step_id=msg.step_id, microbatch_id=msg.microbatch_id)
+    for request_id, token in msg.sampled_token_ids.items():
+        output.sampled_token_ids[_request_id(request_id)] = _non_negative("token id", token)
+    for request_id, lp in msg.logprobs.items():
+        if len(lp.top_token_ids) != len(lp.top_logprobs):
+            raise WireFormatError("logprobs: token ids and values differ in length")
+        output.logprobs[_request_id(request_id)] = TokenLogprobs(
+            lp.token_id, lp.logprob, lp.rank, list(zip(lp.top_token_ids, lp.top_logprobs)))
+    return output, msg.error
+
+
+# ---- tensors ----------------------------------------------------------------------------------
+
+def encode_tensor(tensor: RawTensor) -> pb.Tensor:
+    return pb.Tensor(data=tensor.data, dtype=tensor.dtype, shape=list(tensor.shape))
+
+
+def decode_tensor(msg: pb.Tensor) -> RawTensor:
+    if msg.dtype not in DTYPE_SIZES:
+        raise WireFormatError(f"tensor dtype {msg.dtype!r} is not allowed "
+                              f"(allowed: {', '.join(DTYPE_SIZES)})")
+    shape = tuple(msg.shape)
+    if len(shape) > MAX_TENSOR_DIMS or any(d < 0 for d in shape):
+        raise WireFormatError(f"tensor shape {shape} is invalid")
+    expected = math.prod(shape) * DTYPE_SIZES[msg.dtype]
+    if expected != len(msg.data):
+        raise WireFormatError(f"tensor of shape {shape} and dtype {msg.dtype} needs "
+                              f"{expected} bytes, got {len(msg.data)}")
+    return RawTensor(data=msg.data, dtype=msg.dtype, shape=shape)
+
+
+# ---- field checks ---------------------------------------------------------------------------
+
+def _request_id(value: str) -> str:
+    if not value or len(value) > MAX_REQUEST_ID_CHARS:
+        raise WireFormatError("request id must be 1 to 256 characters")
+    return value
+
+
+def _ids(name: str, values) -> list[int]:
+    result = list(values)
+    if any(v < 0 for v in result):
+        raise WireFormatError(f"{name} must not be negative")
+    return result
+
+
+def _non_negative(name: str, value: int) -> int:
+    if value < 0:
+        raise WireFormatError(f"{name} must not be negative, got {value}")
+    return value
+
+
+def _positive(name: str, value: int) -> int:
+    if value <= 0:
+        raise WireFormatError(f"{name} must be positive, got {value}")
+    return value

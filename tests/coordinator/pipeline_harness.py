@@ -1,0 +1,72 @@
+"""Multi-process pipelines on 127.0.0.1 for tests: a head in this process, stages as
+``molink join`` subprocesses on OS-chosen ports. Readiness comes from the head (every layer
+joined), never from sleeping; every process started here is stopped here, by pid."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+
+from molink import SamplingParams
+from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.pipeline_head import PipelineHead
+
+TOKEN = "test-cluster-token"
+READY_TIMEOUT_S = 120.0
+
+
+def stage_command(model_dir, layers: str, head_address: str, token: str = TOKEN,
+                  extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "molink.entrypoints.cli", "join", str(model_dir),
+            "--head", head_address, "--layers", layers, "--host", "127.0.0.1",
+            "--cluster-token", token, "--dtype", "float32", "--device", "cpu",
+            "--block-size", "8", *extra]
+
+
+async def start_stage(model_dir, layers: str, head_address: str, **kwargs):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return await asyncio.create_subprocess_exec(
+        *stage_command(model_dir, layers, head_address, **kwargs), env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def stop_process(proc) -> None:
+    if proc.returncode is None:
+        proc.kill()  # by pid
+    await proc.wait()
+
+
+def make_head(model_dir, head_layers, num_microbatches=None, **scheduler) -> PipelineHead:
+    return PipelineHead(
+        ModelConfig(model=str(model_dir), dtype="float32", device="cpu"),
+        CacheConfig(block_size=8, num_blocks=256), SchedulerConfig(**scheduler),
+        token=TOKEN, head_layers=head_layers, num_microbatches=num_microbatches)
+
+
+@contextlib.asynccontextmanager
+async def pipeline(model_dir, head_layers, stage_layers: list[str], **head_options):
+    """A ready pipeline: yields (head, stage processes)."""
+    head = make_head(model_dir, head_layers, **head_options)
+    await head.start("127.0.0.1", 0)
+    procs = []
+    try:
+        for layers in stage_layers:
+            procs.append(await start_stage(model_dir, layers, head.address))
+        await head.wait_ready(READY_TIMEOUT_S)
+        yield head, procs
+    finally:
+        for proc in procs:
+            await stop_process(proc)
+        await head.stop()
+
+
+async def generate_all(head: PipelineHead, prompts, params: SamplingParams):
+    async def one(prompt):
+        final = None
+        async for output in head.generate(prompt, params):
+            final = output
+        return final
+
+    return await asyncio.gather(*(one(p) for p in prompts))

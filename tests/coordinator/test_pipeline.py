@@ -1,0 +1,57 @@
+"""Pipelines of separate processes produce exactly the single-process engine's tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from molink import LLM, SamplingParams
+from tests.coordinator.pipeline_harness import generate_all, pipeline
+from tests.model.arch_checks import make_prompts
+
+NUM_REQUESTS = 16
+LENGTHS = tuple(3 + (i * 7) % 37 for i in range(NUM_REQUESTS))  # mixed prompt lengths
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            directory = tiny_model_dir(arch)
+            prompts = make_prompts(512, LENGTHS, seed=99)
+            llm = LLM(model=str(directory), dtype="float32", device="cpu", block_size=8)
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS)
+            cache[arch] = (directory, prompts, [o.outputs[0].token_ids for o in outs])
+        return cache[arch]
+
+    return get
+
+
+TOPOLOGIES = {
+    "1-stage": ((0, 4), []),
+    "2-stage": ((0, 2), ["2:4"]),
+    "3-stage": ((0, 1), ["1:3", "3:"]),
+    "headless-2": (None, ["0:2", "2:4"]),
+}
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_pipeline_tokens_equal_single_process(arch, topology, reference):
+    directory, prompts, expected = reference(arch)
+    head_layers, stages = TOPOLOGIES[topology]
+
+    async def scenario():
+        async with pipeline(directory, head_layers, stages) as (head, _):
+            outputs = await generate_all(head, [p for p in prompts], PARAMS)
+            return [o.outputs[0].token_ids for o in outputs], head.stats
+
+    tokens, stats = asyncio.run(scenario())
+    assert tokens == expected
+    assert stats.num_requests_in_two_microbatches == 0
+    if stages:
+        assert stats.max_microbatches_in_flight > 1
