@@ -1,7 +1,8 @@
 """The ``molink`` command line.
 
     molink generate MODEL --prompt "Hello"      one prompt, streamed to the terminal
-    molink demo                                  the bundled model, end to end
+    molink demo                                  the bundled model on a local 3-stage pipeline
+    molink join MODEL --head H:P --layers A:B    serve layers A:B as a stage of H's pipeline
 """
 
 from __future__ import annotations
@@ -81,18 +82,27 @@ def _generate(args) -> int:
 
 
 def _demo(args) -> int:
-    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+    import asyncio
+
+    from molink.entrypoints import demo
+
+    if not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
         raise ValueError(f"the bundled model is missing from {DEFAULT_MODEL_DIR}")
-    return _stream(str(DEFAULT_MODEL_DIR), args)
+    return asyncio.run(demo.run(str(DEFAULT_MODEL_DIR), args.prompt, _sampling(args),
+                                args.dtype, args.device))
+
+
+def _sampling(args) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed)
 
 
 def _stream(model: str, args) -> int:
     from molink.entrypoints.llm import LLM
 
     llm = LLM(model=model, dtype=args.dtype, device=args.device, seed=args.seed)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed)
+    params = _sampling(args)
     engine = llm.llm_engine
     request_id = engine.add_request(None, args.prompt, params)
     print(args.prompt, end="", flush=True)

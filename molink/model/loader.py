@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INDEX_FILE = "model.safetensors.index.json"
+_BASE_MODEL_PREFIXES = ("transformer.", "model.")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ class CheckpointFiles:
 
     def read(self, names: list[str], device: torch.device, on_tensor=None) -> dict[str, torch.Tensor]:
         """Read exactly ``names``; ``on_tensor(name, numel)`` is called after each one."""
-        missing = [name for name in names if name not in self.file_of]
+        stored = {name: self._stored_name(name) for name in names}
+        missing = [name for name, key in stored.items() if key is None]
         if missing:
             raise ValueError(
                 f"checkpoint in {str(self.directory)!r} lacks tensors {missing[:5]}"
@@ -119,15 +121,25 @@ class CheckpointFiles:
             )
         by_file: dict[Path, list[str]] = defaultdict(list)
         for name in names:
-            by_file[self.file_of[name]].append(name)
+            by_file[self.file_of[stored[name]]].append(name)
         tensors = {}
         for file, file_names in by_file.items():
             with safe_open(str(file), framework="pt", device=str(device)) as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name)
+                    tensors[name] = handle.get_tensor(stored[name])
                     if on_tensor is not None:
                         on_tensor(name, tensors[name].numel())
         return tensors
+
+    def _stored_name(self, name: str) -> str | None:
+        """The key holding ``name``: checkpoints saved from a bare base model (the original
+        GPT-2 and BLOOM) store ``h.0...`` where the model names ``transformer.h.0...``."""
+        if name in self.file_of:
+            return name
+        for prefix in _BASE_MODEL_PREFIXES:
+            if name.startswith(prefix) and name[len(prefix):] in self.file_of:
+                return name[len(prefix):]
+        return None
 
 
 def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,

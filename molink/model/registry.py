@@ -58,7 +58,9 @@ _MODELS: dict[str, ModelEntry] = {
                                    "per-request state instead of KV"),
     # checkpoints that need trust_remote_code in transformers (read natively here)
     "BaichuanForCausalLM": ModelEntry("baichuan", "BaichuanForCausalLM", "remote-code",
-                                      "Baichuan/Baichuan2; W_pack, NormHead"),
+                                      "Baichuan/Baichuan2; W_pack, NormHead, ALiBi (13B)"),
+    "BaiChuanForCausalLM": ModelEntry("baichuan", "BaichuanForCausalLM", "remote-code",
+                                      "Baichuan-7B (v1 spelling)"),
     "ChatGLMModel": ModelEntry("chatglm", "ChatGLMForConditionalGeneration", "remote-code",
                                "ChatGLM2/3"),
     "ChatGLMForConditionalGeneration": ModelEntry("chatglm", "ChatGLMForConditionalGeneration",

@@ -18,6 +18,7 @@ from molink.messages import StepOutput, StepPlan
 from molink.model.loader import LoadedConfig, load_model
 from molink.runtime.kv_cache import allocate_kv_cache, default_kv_budget_bytes, num_blocks_for_budget
 from molink.runtime.sampler import Sampler, SamplingRequestState
+from molink.runtime.state_cache import StateCache, state_layers_of
 from molink.runtime.step_inputs import StepInputs, build_step_inputs
 from molink.sampling_params import SamplingParams
 
@@ -49,7 +50,8 @@ class StageExecutor:
     """One stage: a model for ``[start_layer, end_layer)``, its KV cache, and (last stage) a sampler."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(), max_num_seqs: int = 256) -> None:
+        """``max_num_seqs``: most requests the head runs at once (one state slot each)."""
         self.device = resolve_device(model_config.device)
         torch.manual_seed(model_config.seed)
         self.model, self.loaded = load_model(model_config.model, model_config.start_layer,
@@ -58,15 +60,31 @@ class StageExecutor:
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = cache_config.block_size
         layers = self.model.attention_layers()
-        self.num_blocks = cache_config.num_blocks or num_blocks_for_budget(
-            layers, self.block_size, self.dtype,
-            cache_config.kv_cache_memory_bytes or default_kv_budget_bytes(self.device))
+        self.num_blocks = self._choose_num_blocks(layers, model_config, cache_config, max_num_seqs)
         self.kv_caches = allocate_kv_cache(layers, self.num_blocks, self.block_size, self.dtype,
                                            self.device)
+        state_layers = state_layers_of(self.model)  # recurrent state replaces KV (Mamba)
+        self.state_cache = (StateCache(state_layers, max_num_seqs, self.dtype, self.device)
+                            if state_layers else None)
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(seed=model_config.seed) if self.is_last else None
         self.requests: dict[str, _RequestState] = {}
+
+    def _choose_num_blocks(self, layers, model_config: ModelConfig, cache_config: CacheConfig,
+                           max_num_seqs: int) -> int:
+        """KV blocks this stage holds: as asked, else what the memory budget allows, but
+        never more than ``max_num_seqs`` requests of the full model length can use."""
+        if cache_config.num_blocks:
+            return cache_config.num_blocks
+        max_len = model_config.max_model_len or self.arch.max_position_embeddings
+        useful = max_num_seqs * -(-max_len // self.block_size)
+        if not layers:
+            # No attention layers (e.g. Mamba): a block costs no memory here and is only the
+            # head scheduler's bookkeeping, so report enough for max_num_seqs requests.
+            return useful
+        budget = cache_config.kv_cache_memory_bytes or default_kv_budget_bytes(self.device)
+        return min(useful, num_blocks_for_budget(layers, self.block_size, self.dtype, budget))
 
     @property
     def arch(self):
@@ -86,10 +104,22 @@ class StageExecutor:
             return hidden
         return self._sample(plan, inputs, hidden)
 
+    def reset(self) -> None:
+        """Forget every request (the head restarted them after a failure elsewhere)."""
+        for request_id in list(self.requests):
+            self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        self.requests.pop(request_id, None)
+        if self.state_cache is not None:
+            self.state_cache.free(request_id)
+
     def _apply_plan_deltas(self, plan: StepPlan) -> None:
         for request_id in plan.freed_request_ids:
-            self.requests.pop(request_id, None)
+            self._drop(request_id)
         for new in plan.new_requests:
+            if self.state_cache is not None:
+                self.state_cache.assign(new.request_id)
             self.requests[new.request_id] = _RequestState(
                 token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
                 sampling_params=new.sampling_params, block_ids=list(new.block_ids))
@@ -101,8 +131,10 @@ class StageExecutor:
     def _prepare(self, plan: StepPlan) -> StepInputs:
         token_ids = {e.request_id: self.requests[e.request_id].token_ids for e in plan.batch}
         block_ids = {e.request_id: self.requests[e.request_id].block_ids for e in plan.batch}
+        state_slots = None if self.state_cache is None else {
+            e.request_id: self.state_cache.slot_of(e.request_id) for e in plan.batch}
         return build_step_inputs(plan.batch, token_ids, block_ids, self.block_size, self.device,
-                                 with_input_ids=self.is_first)
+                                 with_input_ids=self.is_first, state_slots=state_slots)
 
     def _sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor) -> StepOutput:
         output = StepOutput(step_id=plan.step_id, microbatch_id=plan.microbatch_id)

@@ -17,6 +17,7 @@ import torch
 
 from molink.messages import BatchEntry
 from molink.model.layers.attention import AttentionGroup, AttentionMetadata
+from molink.model.layers.state import StateMetadata
 
 
 @dataclass
@@ -30,7 +31,9 @@ class StepInputs:
 
 def build_step_inputs(batch: list[BatchEntry], token_ids: dict[str, list[int]],
                       block_ids: dict[str, list[int]], block_size: int, device: torch.device,
-                      with_input_ids: bool) -> StepInputs:
+                      with_input_ids: bool,
+                      state_slots: dict[str, int] | None = None) -> StepInputs:
+    """``state_slots``: request id -> state slot on this stage, for models with state layers."""
     positions: list[int] = []
     slots: list[int] = []
     ids: list[int] = []
@@ -54,10 +57,18 @@ def build_step_inputs(batch: list[BatchEntry], token_ids: dict[str, list[int]],
         positions=torch.tensor(positions, **as_long).to(device),
         input_ids=torch.tensor(ids, **as_long).to(device) if with_input_ids else None,
         meta=AttentionMetadata(slot_mapping=torch.tensor(slots, **as_long).to(device),
-                               groups=[_to_device(g, device) for g in groups]),
+                               groups=[_to_device(g, device) for g in groups],
+                               state=_state_metadata(batch, row_ranges, state_slots)),
         sample_rows=torch.tensor(sample_rows, **as_long).to(device),
         sample_request_ids=[e.request_id for e in batch if e.sample],
     )
+
+
+def _state_metadata(batch, row_ranges, state_slots) -> StateMetadata | None:
+    if state_slots is None:
+        return None
+    return StateMetadata(slots=[state_slots[e.request_id] for e in batch],
+                         row_ranges=list(row_ranges), resets=[e.start == 0 for e in batch])
 
 
 def _attention_groups(batch, row_ranges, block_ids, block_size, num_rows) -> list[AttentionGroup]:

@@ -7,6 +7,7 @@ import torch
 from molink.messages import BatchEntry
 from molink.model.loader import load_model
 from molink.runtime.kv_cache import allocate_kv_cache
+from molink.runtime.state_cache import StateCache, state_layers_of
 from molink.runtime.step_inputs import build_step_inputs
 
 CPU = torch.device("cpu")
@@ -18,6 +19,8 @@ def load_stages(directory, ranges: list[tuple[int, int | None]], block_size: int
     for start, end in ranges:
         model, _ = load_model(str(directory), start, end, "float32", CPU)
         allocate_kv_cache(model.attention_layers(), num_blocks, block_size, torch.float32, CPU)
+        if state_layers_of(model):  # state-space layers: one slot, for request "r"
+            StateCache(state_layers_of(model), 1, torch.float32, CPU)
         stages.append(model)
     return stages
 
@@ -35,7 +38,7 @@ def prompt_logits(stages, token_ids: list[int], chunks: list[int] | None = None,
         hidden = None
         for stage in stages:
             inputs = build_step_inputs([entry], {"r": token_ids}, {"r": blocks}, block_size, CPU,
-                                       with_input_ids=stage.is_first)
+                                       with_input_ids=stage.is_first, state_slots={"r": 0})
             hidden = stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids,
                            hidden_states=hidden)
         logits.append(stages[-1].compute_logits(hidden))

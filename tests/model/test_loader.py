@@ -124,3 +124,22 @@ def test_unknown_architecture_lists_supported_ones(tmp_path):
 def test_layer_range_outside_model_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match="outside the model's 0:4"):
         loader.load_model(str(tiny_model_dir("llama")), 2, 9, "float32", CPU)
+
+
+def test_checkpoint_saved_from_a_bare_base_model_loads(tiny_model_dir, tmp_path):
+    """Original GPT-2 / BLOOM files name ``h.0...`` instead of ``transformer.h.0...``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_model_dir("llama")
+    bare = tmp_path / "bare"
+    shutil.copytree(source, bare)
+    (bare / "model.safetensors").unlink()
+    tensors = load_file(str(source / "model.safetensors"))
+    save_file({k.removeprefix("model."): v for k, v in tensors.items()},
+              str(bare / "model.safetensors"))
+    original, _ = loader.load_model(str(source), 0, 4, "float32", CPU)
+    renamed, _ = loader.load_model(str(bare), 0, 4, "float32", CPU)
+    for (name, a), (_, b) in zip(original.named_parameters(), renamed.named_parameters()):
+        assert torch.equal(a, b), name

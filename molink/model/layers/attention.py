@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molink.model.layers.state import StateMetadata
+
 
 @dataclass
 class AttentionGroup:
@@ -48,6 +50,8 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] long: cache slot each new token's k/v is written to
     groups: list[AttentionGroup]
+    # Per-request recurrent state (state-space layers); None for models without such layers.
+    state: StateMetadata | None = None
 
 
 def _build_mask(group: AttentionGroup, window: int | None) -> torch.Tensor:
@@ -65,7 +69,8 @@ class PagedAttention(nn.Module):
     """Writes this step's k/v into the layer's cache, then attends over the cached context."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 window: int | None = None, softcap: float | None = None) -> None:
+                 window: int | None = None, softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -73,11 +78,20 @@ class PagedAttention(nn.Module):
         self.scale = scale
         self.window = window
         self.softcap = softcap
+        # ALiBi: [num_heads] fp32 CPU slopes; score += slope * (key_pos - query_pos). A plain
+        # attribute (not a buffer) so it survives meta-device construction.
+        assert alibi_slopes is None or softcap is None, "ALiBi with soft-capping is not supported"
+        self.alibi_slopes = alibi_slopes
+        self._alibi_slopes_by_device: dict[torch.device, torch.Tensor] = {}
         self.kv_cache: torch.Tensor | None = None  # bound by the runtime
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim]."""
+                meta: AttentionMetadata, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [T, num_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] -> [T, num_heads * head_dim].
+
+        ``sinks``: optional [num_heads] learned logits, one per head, that join every softmax
+        denominator without a value (gpt-oss attention sinks).
+        """
         assert self.kv_cache is not None, "KV cache not bound"
         k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]  # [N, bs, Hkv, D]
         block_size = k_cache.shape[1]
@@ -87,11 +101,13 @@ class PagedAttention(nn.Module):
         flat_v.index_copy_(0, meta.slot_mapping, v.to(flat_v.dtype))
         out = q.new_empty(q.shape[0] + 1, self.num_heads, self.head_dim)  # last row: padding sink
         for group in meta.groups:
-            rows = self._attend_group(q, k_cache, v_cache, group, block_size)  # [B, Q, H, D]
+            # [B, Q, H, D]
+            rows = self._attend_group(q, k_cache, v_cache, group, block_size, sinks)
             out[group.token_index.flatten()] = rows.flatten(0, 1)
         return out[:-1].flatten(1)
 
-    def _attend_group(self, q, k_cache, v_cache, group: AttentionGroup, block_size: int):
+    def _attend_group(self, q, k_cache, v_cache, group: AttentionGroup, block_size: int,
+                      sinks: torch.Tensor | None = None):
         num_seqs = group.block_tables.shape[0]
         # [B, max_blocks, bs, Hkv, D] -> [B, Hkv, K, D]
         keys = k_cache[group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)
@@ -100,7 +116,12 @@ class PagedAttention(nn.Module):
         padded_q = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
         queries = padded_q[group.token_index].transpose(1, 2)  # [B, H, Q, D]
         mask = group.mask(self.window)
-        if self.softcap is None:
+        if self.alibi_slopes is not None:
+            mask = self._alibi_bias(group, mask, q.dtype)  # float: bias, -inf where masked
+        if sinks is not None:
+            assert self.softcap is None and self.alibi_slopes is None, "sinks: plain scores only"
+            out = _sink_attention(queries, keys, values, mask, self.scale, sinks)
+        elif self.softcap is None:
             out = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, scale=self.scale,
                 enable_gqa=self.num_heads != self.num_kv_heads,
@@ -108,6 +129,18 @@ class PagedAttention(nn.Module):
         else:
             out = _softcapped_attention(queries, keys, values, mask, self.scale, self.softcap)
         return out.transpose(1, 2)  # [B, Q, H, D]
+
+    def _alibi_bias(self, group: AttentionGroup, mask: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """[B, H, Q, K]: slope * (key_pos - query_pos) where allowed, -inf elsewhere."""
+        device = mask.device
+        slopes = self._alibi_slopes_by_device.get(device)
+        if slopes is None:
+            slopes = self._alibi_slopes_by_device[device] = self.alibi_slopes.to(device)
+        keys = torch.arange(group.num_keys, device=device)  # [K]
+        distance = keys[None, None, :] - group.query_positions[:, :, None]  # [B, Q, K]
+        bias = slopes[None, :, None, None] * distance[:, None].float()  # [B, H, Q, K]
+        return bias.masked_fill(~mask, float("-inf")).to(dtype)
 
 
 def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
@@ -119,4 +152,21 @@ def _softcapped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.
     scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _sink_attention(q, k, v, mask, scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """Eager attention whose softmax also holds one learned logit per head (gpt-oss sinks).
+
+    probs = exp(s_j) / (sum_k exp(s_k) + exp(sink_h)): the sink takes probability mass but
+    adds no value, so a head may attend to nothing.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Q, K]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)
+    logits = torch.cat([scores, sink], dim=-1).float()  # [B, H, Q, K + 1]
+    probs = torch.softmax(logits, dim=-1)[..., :-1].to(q.dtype)
     return torch.matmul(probs, v)

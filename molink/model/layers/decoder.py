@@ -61,7 +61,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = RotaryAttention(cfg, layer, rotary)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        self.mlp = self.build_mlp(cfg, layer)
+
+    def build_mlp(self, cfg: ArchConfig, layer: int) -> nn.Module:
+        """The feed-forward block of ``layer``; MoE models return a sparse block here."""
+        return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)

@@ -1,0 +1,186 @@
+"""Falcon (``FalconForCausalLM``) in its three block layouts.
+
+* Falcon-7B: ``parallel_attn``, multi-query (one kv head), one ``input_layernorm`` feeding
+  both attention and MLP: ``h + attn(ln(h)) + mlp(ln(h))``.
+* Falcon-40B/180B (``new_decoder_architecture``): grouped kv heads, ``ln_attn`` and
+  ``ln_mlp`` (or a single ``input_layernorm`` when ``num_ln_in_parallel_attn == 1``),
+  parallel: ``h + attn(ln_attn(h)) + mlp(ln_mlp(h))``.
+* Falcon-RW (``parallel_attn=False``): sequential pre-norm block, usually with ALiBi.
+
+Rotary position embedding unless ``alibi``. ``query_key_value`` stays in checkpoint layout
+and is split by views, one per layout (H query heads, G kv heads, D head_dim)::
+
+    new decoder:  [G, H/G + 2, D]  each kv group: its H/G query heads, then k, then v
+    multi-query:  [H + 2, D]       all query heads, then the single k, then v
+    otherwise:    [H, 3, D]        per head: q, k, v
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from molink.model.arch_config import ArchConfig
+from molink.model.config_view import ConfigView
+from molink.model.layers.alibi import alibi_slopes
+from molink.model.layers.attention import AttentionMetadata, PagedAttention
+from molink.model.layers.mlp import get_activation
+from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
+
+GROUPED, MULTI_QUERY, PER_HEAD = "grouped", "multi_query", "per_head"
+
+
+class FalconAttention(nn.Module):
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding | None,
+                 slopes: torch.Tensor | None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.qkv_layout = cfg.extra["qkv_layout"]
+        qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, qkv_size, bias=cfg.attention_bias)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                   scale=self.head_dim**-0.5, alibi_slopes=slopes)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self._split(self.query_key_value(x))
+        if self.rotary is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.dense(self.attn(q, k, v, meta))
+
+    def _split(self, qkv: torch.Tensor):
+        """[T, (H + 2G) * D] -> q [T, H, D], k and v [T, G, D]."""
+        num_tokens, dim = qkv.shape[0], self.head_dim
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        if self.qkv_layout == GROUPED:
+            grouped = qkv.view(num_tokens, kv_heads, heads // kv_heads + 2, dim)
+            q = grouped[:, :, :-2].reshape(num_tokens, heads, dim)
+            return q, grouped[:, :, -2], grouped[:, :, -1]
+        if self.qkv_layout == MULTI_QUERY:
+            q, k, v = qkv.view(num_tokens, heads + 2, dim).split([heads, 1, 1], dim=1)
+            return q, k, v
+        return qkv.view(num_tokens, heads, 3, dim).unbind(2)
+
+
+class FalconMLP(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = get_activation(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class FalconDecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding | None,
+                 slopes: torch.Tensor | None) -> None:
+        super().__init__()
+        eps = cfg.extra["layer_norm_eps"]
+        self.parallel = cfg.extra["parallel_attn"]
+        self.two_norms = cfg.extra["num_ln_in_parallel_attn"] == 2
+        if self.two_norms:
+            self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=eps)
+            self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        else:
+            self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        if not self.parallel:
+            self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
+        self.self_attention = FalconAttention(cfg, rotary, slopes)
+        self.mlp = FalconMLP(cfg)
+
+    def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
+        if self.two_norms:
+            attn_in, mlp_in = self.ln_attn(h), self.ln_mlp(h)
+        else:
+            attn_in = mlp_in = self.input_layernorm(h)
+        attn_out = self.self_attention(attn_in, cos, sin, meta)
+        if self.parallel:
+            return h + (self.mlp(mlp_in) + attn_out)
+        h = h + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class FalconBody(nn.Module):
+    """``transformer.*`` of the checkpoint: word embeddings, a range of layers, ``ln_f``."""
+
+    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
+        super().__init__()
+        self.is_first = start_layer == 0
+        self.is_last = end_layer == cfg.num_layers
+        if self.is_first:
+            self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary, slopes = None, None
+        if cfg.extra["alibi"]:
+            slopes = _falcon_alibi_slopes(cfg.num_heads, cfg.head_dim)
+        else:
+            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.h = nn.ModuleDict({str(i): FalconDecoderLayer(cfg, self.rotary, slopes)
+                                for i in range(start_layer, end_layer)})
+        if self.is_last:
+            self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.extra["layer_norm_eps"])
+
+    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
+                input_ids: torch.Tensor | None, hidden_states: torch.Tensor | None) -> torch.Tensor:
+        h = self.word_embeddings(input_ids) if self.is_first else hidden_states  # [T, hidden]
+        cos, sin = self.rotary.cos_sin(positions) if self.rotary is not None else (None, None)
+        for layer in self.h.values():
+            h = layer(h, cos, sin, meta)
+        return self.ln_f(h) if self.is_last else h
+
+
+def _falcon_alibi_slopes(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Falcon rounds its slopes to bfloat16 and scales the bias with the scores (1/sqrt(D))."""
+    return alibi_slopes(num_heads).bfloat16().float() * head_dim**-0.5
+
+
+class FalconForCausalLM(nn.Module):
+    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.start_layer, self.end_layer = start_layer, end_layer
+        self.transformer = FalconBody(cfg, start_layer, end_layer)
+        self.is_first, self.is_last = self.transformer.is_first, self.transformer.is_last
+        if self.is_last:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @staticmethod
+    def arch_config(hf) -> ArchConfig:
+        num_heads = hf.num_attention_heads
+        if hf.new_decoder_architecture:
+            # Always parallel in practice: transformers has no sequential form of this layout.
+            layout, num_kv_heads, parallel = GROUPED, hf.num_kv_heads, True
+            num_norms = hf.num_ln_in_parallel_attn or 2
+        else:
+            layout, num_kv_heads = (MULTI_QUERY, 1) if hf.multi_query else (PER_HEAD, num_heads)
+            parallel, num_norms = bool(hf.parallel_attn), 1
+        view = ConfigView(hf, intermediate_size=hf.ffn_hidden_size or 4 * hf.hidden_size,
+                          num_key_value_heads=num_kv_heads)
+        return ArchConfig.from_hf(
+            view, hidden_act=hf.activation, attention_bias=bool(hf.bias), mlp_bias=bool(hf.bias),
+            extra=dict(layer_norm_eps=hf.layer_norm_epsilon, alibi=bool(hf.alibi),
+                       qkv_layout=layout, parallel_attn=parallel,
+                       num_ln_in_parallel_attn=num_norms),
+        )
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [m for m in self.modules() if isinstance(m, PagedAttention)]
+
+    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
+                input_ids: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """-> [T, hidden]: ln_f output on the last stage, else the residual stream."""
+        return self.transformer(positions, meta, input_ids, hidden_states)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] in float32."""
+        return self.lm_head(hidden_states).float()
+
+    def checkpoint_names(self, param_name: str) -> list[str]:
+        if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return ["transformer.word_embeddings.weight"]
+        return [param_name]

@@ -1,0 +1,34 @@
+"""GLM-4 (``GlmForCausalLM``): Llama with partial, interleaved RoPE and a fused gate_up_proj.
+
+Only the first ``partial_rotary_factor * head_dim`` dims of each head rotate (half, by
+default), as interleaved pairs; q/k/v carry a bias, the output projection does not. The
+checkpoint already stores the MLP's gate and up projections as one ``gate_up_proj``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from molink.model.arch_config import ArchConfig
+from molink.model.layers.norm import RMSNorm
+from molink.model.layers.variant_decoder import DecoderParts, VariantDecoderLM
+
+
+def rotary_dim_of(hf, head_dim: int, default_factor: float = 1.0) -> int:
+    """Rotated dims per head: ``partial_rotary_factor`` (v5 keeps it in ``rope_parameters``)."""
+    params = getattr(hf, "rope_parameters", None) or {}
+    factor = params.get("partial_rotary_factor", getattr(hf, "partial_rotary_factor", None))
+    return int(head_dim * (default_factor if factor is None else factor))
+
+
+class GlmForCausalLM(VariantDecoderLM):
+    @staticmethod
+    def arch_config(hf) -> ArchConfig:
+        arch = ArchConfig.from_hf(hf)
+        arch.extra["rotary_dim"] = rotary_dim_of(hf, arch.head_dim, default_factor=0.5)
+        return arch
+
+    @staticmethod
+    def decoder_parts(cfg: ArchConfig) -> DecoderParts:
+        return DecoderParts(norm=functools.partial(RMSNorm, eps=cfg.rms_norm_eps),
+                            rope_interleaved=True, fused_in_checkpoint=frozenset({"gate_up_proj"}))
