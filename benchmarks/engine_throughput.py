@@ -15,6 +15,7 @@ reported for it: *useful* tokens (what the requests asked for — the comparable
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import shlex
 import sys
@@ -47,12 +48,25 @@ def build_model(directory: Path, hidden: int, layers: int, vocab: int) -> Path:
     return directory
 
 
-def make_workload(num_requests: int, vocab: int, seed: int = 0):
+WORKLOADS = {
+    # prompts and outputs uniform in a range: the kindest case for a static batch
+    "uniform": "prompts uniform 8-160 tokens, outputs uniform 16-128 tokens",
+    # chat-like: log-normal lengths with a long tail, as in ShareGPT traces
+    "sharegpt-like": "prompts log-normal (median 64, 8-384), outputs log-normal (median 40, 8-256)",
+}
+
+
+def make_workload(kind: str, num_requests: int, vocab: int, seed: int = 0):
     rng = random.Random(seed)
     prompts, output_lens = [], []
     for _ in range(num_requests):
-        prompts.append([rng.randrange(6, vocab) for _ in range(rng.randint(8, 160))])
-        output_lens.append(rng.randint(16, 128))
+        if kind == "uniform":
+            prompt_len, output_len = rng.randint(8, 160), rng.randint(16, 128)
+        else:
+            prompt_len = min(384, max(8, round(rng.lognormvariate(math.log(64), 0.8))))
+            output_len = min(256, max(8, round(rng.lognormvariate(math.log(40), 0.9))))
+        prompts.append([rng.randrange(6, vocab) for _ in range(prompt_len)])
+        output_lens.append(output_len)
     return prompts, output_lens
 
 
@@ -94,47 +108,57 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="16 requests, print only")
     args = parser.parse_args()
     num_requests = 16 if args.quick else args.requests
-    torch.set_num_threads(torch.get_num_threads())
+    print(f"model: random Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
+          f"{num_requests} requests per workload; {torch.get_num_threads()} threads", flush=True)
+    sections = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = build_model(Path(tmp), args.hidden, args.layers, args.vocab)
-        prompts, output_lens = make_workload(num_requests, args.vocab)
-        print(f"model: Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}, "
-              f"{num_requests} requests, prompts {min(map(len, prompts))}-"
-              f"{max(map(len, prompts))} tokens, outputs {min(output_lens)}-{max(output_lens)}",
-              flush=True)
-        hf_s, hf_tokens = run_transformers(directory, prompts, output_lens)
-        ml_s, ml_tokens = run_molink(directory, prompts, output_lens)
+        for kind, description in WORKLOADS.items():
+            prompts, output_lens = make_workload(kind, num_requests, args.vocab)
+            print(f"\n## {kind}: {description}", flush=True)
+            hf_s, hf_tokens = run_transformers(directory, prompts, output_lens)
+            ml_s, ml_tokens = run_molink(directory, prompts, output_lens)
+            table = _table(prompts, output_lens, hf_s, hf_tokens, ml_s, ml_tokens)
+            print(table, flush=True)
+            sections.append(f"## Workload `{kind}`: {description}\n\n{table}\n")
+    if not args.quick:
+        _write(args, num_requests, sections)
+
+
+def _write(args, num_requests: int, sections: list[str]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/engine_throughput.py",
+                                                            *sys.argv[1:]])
+    header = (f"# Engine throughput: molink vs transformers\n\nCommand: `{command}`\n\n"
+              f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}. "
+              f"Model: random Llama hidden={args.hidden} layers={args.layers} "
+              f"vocab={args.vocab}, fp32. {num_requests} requests per workload, all submitted "
+              "at once, greedy, EOS ignored. Both systems run side by side in one process, one "
+              "after the other, on the same model files.\n\n"
+              "The bound: with every request present from the start, neither system can do "
+              "fewer forward steps than the longest output; a static batch also computes every "
+              "request until the longest is done and pads every prompt to the longest.\n\n")
+    (RESULTS / "engine_throughput.md").write_text(header + "\n".join(sections))
+    print(f"wrote {RESULTS / 'engine_throughput.md'}")
+
+
+def _table(prompts, output_lens, hf_s, hf_tokens, ml_s, ml_tokens) -> str:
     useful = sum(output_lens)
     computed_hf = len(prompts) * max(output_lens)
     agree = sum(a == b for a, b in zip(ml_tokens, hf_tokens))
-    rows = [
-        ("transformers generate (static batch)", hf_s, useful / hf_s, computed_hf / hf_s),
-        ("molink LLM (continuous batching)", ml_s, useful / ml_s, useful / ml_s),
-    ]
-    table = _table(rows, ml_s, hf_s, agree, len(prompts))
-    print(table)
-    if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/engine_throughput.py",
-                                                                *sys.argv[1:]])
-        header = (f"# Engine throughput: molink vs transformers\n\nCommand: `{command}`\n\n"
-                  f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}\n\n"
-                  f"Model: random Llama hidden={args.hidden} layers={args.layers} "
-                  f"vocab={args.vocab}; {num_requests} requests, prompt lengths 8-160, "
-                  f"output lengths 16-128, greedy, EOS ignored.\n\n")
-        (RESULTS / "engine_throughput.md").write_text(header + table + "\n")
-        print(f"wrote {RESULTS / 'engine_throughput.md'}")
-
-
-def _table(rows, ml_s, hf_s, agree, total) -> str:
     lines = ["| system | wall s | useful tokens/s | computed tokens/s |",
-             "|---|---:|---:|---:|"]
-    lines += [f"| {name} | {s:.2f} | {u:.1f} | {c:.1f} |" for name, s, u, c in rows]
-    lines.append("")
-    lines.append(f"**Speed-up (useful tokens/s, same run): {hf_s / ml_s:.2f}x**")
-    lines.append("")
-    lines.append(f"Greedy outputs identical to transformers for {agree}/{total} requests "
-                 "(left padding in the static batch can flip near-ties).")
+             "|---|---:|---:|---:|",
+             f"| transformers generate (static batch) | {hf_s:.2f} | {useful / hf_s:.1f} | "
+             f"{computed_hf / hf_s:.1f} |",
+             f"| molink LLM (continuous batching) | {ml_s:.2f} | {useful / ml_s:.1f} | "
+             f"{useful / ml_s:.1f} |",
+             "",
+             f"**Speed-up (useful tokens/s, same run): {hf_s / ml_s:.2f}x**; useful tokens "
+             f"{useful}, tokens a static batch computes {computed_hf} "
+             f"({computed_hf / useful:.2f}x).",
+             "",
+             f"Greedy outputs identical to transformers for {agree}/{len(prompts)} requests "
+             "(left padding in the static batch can flip near-ties)."]
     return "\n".join(lines)
 
 

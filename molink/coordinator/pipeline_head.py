@@ -65,6 +65,8 @@ class HeadStats:
     max_microbatches_in_flight: int = 0
     num_requests_in_two_microbatches: int = 0  # must stay 0
     num_stage_failures: int = 0
+    activation_bytes_sent: int = 0  # on the head's outgoing hop
+    activation_tokens_sent: int = 0
 
 
 class PipelineHead(pb_grpc.HeadServicer):
@@ -228,6 +230,8 @@ class PipelineHead(pb_grpc.HeadServicer):
                 self._on_result(out, "")
                 return
             hidden = await loop.run_in_executor(self._compute_pool, to_raw, out)
+            self.stats.activation_bytes_sent += len(hidden.data)
+            self.stats.activation_tokens_sent += plan.num_tokens
         if self._first_hop is None:
             self._on_result(StepOutput(plan.step_id), "no route to the first stage")
             return

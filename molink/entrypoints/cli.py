@@ -2,6 +2,7 @@
 
     molink generate MODEL --prompt "Hello"      one prompt, streamed to the terminal
     molink demo                                  the bundled model on a local 3-stage pipeline
+    molink serve MODEL [--layers 0:K]            the head: HTTP API + the first layers
     molink join MODEL --head H:P --layers A:B    serve layers A:B as a stage of H's pipeline
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from molink import envs
 from molink.entrypoints import join as join_cli
+from molink.entrypoints import serve as serve_cli
 from molink.sampling_params import SamplingParams
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
@@ -49,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     _add_generation_options(demo)
     demo.set_defaults(handler=_demo, temperature=0.8)
+    serve = sub.add_parser("serve", help="run the head of a pipeline with its HTTP API")
+    serve_cli.add_arguments(serve)
+    serve.set_defaults(handler=_serve)
     join = sub.add_parser("join", help="serve a layer range as a stage of a head's pipeline")
     join_cli.add_arguments(join)
     join.set_defaults(handler=_join)
@@ -71,6 +76,10 @@ def _cluster_token(args) -> str:
         raise ValueError(f"a cluster token is required: pass --cluster-token or set "
                          f"{envs.CLUSTER_TOKEN_VAR} (the head prints the one it uses)")
     return token
+
+
+def _serve(args) -> int:
+    return serve_cli.run(args, args.cluster_token or envs.cluster_token())
 
 
 def _join(args) -> int:

@@ -55,3 +55,7 @@ def test_pipeline_tokens_equal_single_process(arch, topology, reference):
     assert stats.num_requests_in_two_microbatches == 0
     if stages:
         assert stats.max_microbatches_in_flight > 1
+    if head_layers is not None and stages:
+        # One tensor per token crosses a hop: the hidden state (residual folded in), fp32.
+        hidden_size = 64
+        assert stats.activation_bytes_sent == stats.activation_tokens_sent * hidden_size * 4

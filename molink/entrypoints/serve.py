@@ -1,0 +1,103 @@
+"""``molink serve``: the head of a pipeline, with its HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from pathlib import Path
+
+from molink.config import CacheConfig, ModelConfig, SchedulerConfig, parse_layer_range
+from molink.coordinator.pipeline_head import PipelineHead
+from molink.model.loader import load_config
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="Hugging Face-format model directory")
+    parser.add_argument("--layers", default=None,
+                        help="layers the head computes itself, START:END (default: all of them; "
+                             "'none': the head computes no layers)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface for HTTP and peers")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP API port")
+    parser.add_argument("--peer-port", type=int, default=50051, help="port stages join on")
+    parser.add_argument("--advertise-host", default=None,
+                        help="host name or IP that stages use to reach this head")
+    parser.add_argument("--cluster-token", default=None,
+                        help="shared cluster secret (or set MOLINK_CLUSTER_TOKEN; "
+                             "a random one is generated and printed when absent)")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--num-microbatches", default="auto", help="auto or a number")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+
+
+def head_layers(text: str | None, num_layers: int) -> tuple[int, int] | None:
+    if text is None:
+        return 0, num_layers
+    if text.lower() == "none":
+        return None
+    start, end = parse_layer_range(text)
+    end = num_layers if end is None else end
+    if start != 0 or end > num_layers:
+        raise ValueError(f"--layers for the head must start at 0 and end by {num_layers}, got {text}")
+    return start, end
+
+
+def num_microbatches(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"--num-microbatches must be 'auto' or a positive integer, got {text!r}")
+    return int(text)
+
+
+def run(args, token: str | None) -> int:
+    import uvicorn
+
+    from molink.entrypoints.http_server import create_app
+
+    generated = token is None
+    token = token or secrets.token_hex(16)
+    arch = load_config(args.model).arch
+    head = PipelineHead(
+        ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                    max_model_len=args.max_model_len),
+        CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks),
+        SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                        max_num_batched_tokens=args.max_num_batched_tokens),
+        token=token, head_layers=head_layers(args.layers, arch.num_layers),
+        num_microbatches=num_microbatches(args.num_microbatches))
+    name = args.served_model_name or Path(args.model).name
+    app = create_app(head, name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        port = await head.start(args.host, args.peer_port, args.advertise_host)
+        _print_banner(args, head, port, token if generated else None)
+        yield
+        await head.stop()
+
+    app.router.lifespan_context = lifespan
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _print_banner(args, head: PipelineHead, peer_port: int, generated_token: str | None) -> None:
+    host = args.advertise_host or ("<this-host-ip>" if args.host == "0.0.0.0" else args.host)
+    print(f"MoLink head: HTTP API on http://{args.host}:{args.port}, stages join {host}:{peer_port}",
+          flush=True)
+    if generated_token:
+        print(f"cluster token (pass it to every stage): {generated_token}", flush=True)
+    ready, detail = head.health()
+    if not ready:
+        print(f"waiting for stages: {detail}; on each stage machine run", flush=True)
+        print(f"  molink join {args.model} --head {host}:{peer_port} --layers START:END "
+              "--cluster-token <token>", flush=True)

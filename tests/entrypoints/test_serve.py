@@ -1,0 +1,103 @@
+"""``molink serve`` + ``molink join`` as separate processes, reached over HTTP.
+
+Readiness comes from ``/health`` (503 naming the missing layers until every layer is
+served), never from sleeping. Every process started here is stopped here, by pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from molink import LLM, SamplingParams
+
+TOKEN = "serve-test-token"
+DEADLINE_S = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MOLINK_CLUSTER_TOKEN=TOKEN)
+    return subprocess.Popen([sys.executable, "-m", "molink.entrypoints.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_line(proc: subprocess.Popen, pattern: str) -> re.Match:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        if match := re.search(pattern, line):
+            return match
+    raise AssertionError(f"process never printed {pattern!r}")
+
+
+def _health(url: str) -> httpx.Response:
+    return httpx.get(f"{url}/health", timeout=10)
+
+
+@pytest.fixture
+def processes():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        proc.kill()  # by pid
+        proc.wait()
+
+
+def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
+    directory = str(tiny_model_dir("llama"))
+    http_port = _free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    head = _spawn("serve", directory, "--layers", "0:2", "--host", "127.0.0.1",
+                  "--port", str(http_port), "--peer-port", "0", "--dtype", "float32",
+                  "--device", "cpu", "--block-size", "8")
+    processes.append(head)
+    peer = _wait_for_line(head, r"stages join 127\.0\.0\.1:(\d+)").group(1)
+    response = _health(url)
+    assert response.status_code == 503
+    assert "layers 2:4 are not served" in response.json()["error"]["message"]
+    refused = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2},
+                         timeout=10)
+    assert refused.status_code == 503 and "layers 2:4" in refused.json()["error"]["message"]
+
+    processes.append(_spawn("join", directory, "--head", f"127.0.0.1:{peer}", "--layers", "2:",
+                            "--host", "127.0.0.1", "--dtype", "float32", "--device", "cpu",
+                            "--block-size", "8"))
+    deadline = time.monotonic() + DEADLINE_S
+    while _health(url).status_code != 200:
+        assert time.monotonic() < deadline, "pipeline never became healthy"
+        time.sleep(0.2)  # polling the health check, not waiting blindly
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    completion = client.completions.create(model=model, prompt="Hello there", max_tokens=8,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    llm = LLM(model=directory, dtype="float32", device="cpu", block_size=8)
+    expected = llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=8,
+                                                          ignore_eos=True))[0].outputs[0]
+    assert completion.choices[0].text == expected.text
+    assert completion.usage.completion_tokens == 8
+    streamed = "".join(chunk.choices[0].text for chunk in client.completions.create(
+        model=model, prompt="Hello there", max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}))
+    assert streamed == expected.text
+    bad = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "top_p": 7}, timeout=10)
+    assert bad.status_code == 400 and "top_p" in bad.json()["error"]["message"]
+    unknown = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=10)
+    assert unknown.status_code == 404
