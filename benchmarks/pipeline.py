@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -37,8 +39,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = "benchmark-token"
 
 
-async def start_pipeline(directory: Path, layers: int):
+async def start_pipeline(directory: Path, layers: int, threads: int):
     third = layers // 3
+    torch.set_num_threads(threads)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     head = PipelineHead(ModelConfig(model=str(directory), dtype="float32", device="cpu"),
                         CacheConfig(block_size=16), SchedulerConfig(max_num_seqs=256),
                         token=TOKEN, head_layers=(0, third))
@@ -48,7 +52,7 @@ async def start_pipeline(directory: Path, layers: int):
         procs.append(await asyncio.create_subprocess_exec(
             sys.executable, "-m", "molink.entrypoints.cli", "join", str(directory),
             "--head", head.address, "--layers", f"{start}:{end}", "--host", "127.0.0.1",
-            "--cluster-token", TOKEN, "--dtype", "float32", "--device", "cpu",
+            "--cluster-token", TOKEN, "--dtype", "float32", "--device", "cpu", env=env,
             stdout=asyncio.subprocess.DEVNULL))
     await head.wait_ready(300)
     return head, procs
@@ -74,11 +78,13 @@ async def main_async(args) -> list[tuple[str, int, float, float, int]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = build_model(Path(tmp), args.hidden, args.layers, args.vocab)
-        head, procs = await start_pipeline(directory, args.layers)
+        head, procs = await start_pipeline(directory, args.layers, args.threads)
         try:
             print(f"pipeline: {head.describe()}", flush=True)
             await run_workload(head, 4, 8, 4)  # warm-up
-            for label, option in (("1 micro-batch", 1), ("auto", None), ("1 micro-batch", 1)):
+            settings = [("1 micro-batch", 1), ("auto", None)]
+            settings += [(f"{n} micro-batches", n) for n in args.also] + [("1 micro-batch", 1)]
+            for label, option in settings:
                 head.num_microbatches_option = option
                 seconds, tokens = await run_workload(head, args.requests, args.prompt_len,
                                                      args.output_len)
@@ -87,6 +93,7 @@ async def main_async(args) -> list[tuple[str, int, float, float, int]]:
                 print(f"{label:>14}: {head.num_microbatches} in flight, {seconds:.2f} s, "
                       f"{tokens / seconds:.1f} tokens/s", flush=True)
         finally:
+            head.begin_stop()
             for proc in procs:
                 proc.terminate()
                 await proc.wait()
@@ -102,12 +109,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 3),
+                        help="torch threads per process (default: cores // 3, so the three "
+                             "stages do not oversubscribe the cores when they overlap)")
+    parser.add_argument("--also", type=int, nargs="*", default=[],
+                        help="further fixed micro-batch counts to measure in the same run")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.output_len = 16, 16
     rows = asyncio.run(main_async(args))
-    sequential = (rows[0][3] + rows[2][3]) / 2
+    sequential = (rows[0][3] + rows[-1][3]) / 2
     cores = os.cpu_count() or 1
     bound = min(3, cores)
     table = ["| setting | micro-batches in flight | wall s | tokens/s |", "|---|---:|---:|---:|"]
@@ -124,7 +136,8 @@ def main() -> None:
         (RESULTS / "pipeline.md").write_text(
             f"# 3-stage local pipeline: 1 micro-batch vs auto\n\nCommand: `{command}`\n\n"
             f"Model: random Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}, "
-            f"fp32, CPU. Head serves layers 0:{args.layers // 3}; two `molink join` processes "
+            f"fp32, CPU, {args.threads} torch thread(s) per process. Head serves layers "
+            f"0:{args.layers // 3}; two `molink join` processes "
             f"serve the rest on 127.0.0.1. Workload: {args.requests} requests, prompt "
             f"{args.prompt_len} tokens, {args.output_len} output tokens each, greedy.\n\n"
             + text + "\n")

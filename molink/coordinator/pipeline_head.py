@@ -101,6 +101,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._in_flight: collections.deque[StepPlan] = collections.deque()
         self._in_flight_requests: set[str] = set()
         self._ready = False
+        self._stopping = False
         self._ready_event: asyncio.Event | None = None
         self._epoch = 0
         self._reset_pending = False
@@ -126,7 +127,12 @@ class PipelineHead(pb_grpc.HeadServicer):
             await self._on_complete()
         return port
 
+    def begin_stop(self) -> None:
+        """From now on, stages going away is expected: no failure handling, no alarms."""
+        self._stopping = True
+
     async def stop(self) -> None:
+        self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
         await self._close_first_hop()
@@ -198,7 +204,10 @@ class PipelineHead(pb_grpc.HeadServicer):
     def _pump(self) -> None:
         """Fill the pipeline up to ``num_microbatches`` plans."""
         while self._ready and len(self._in_flight) < self.num_microbatches:
-            plan = self.scheduler.schedule()
+            # Spread the requests evenly over the micro-batches, so every stage gets an
+            # equal share of work in each round instead of one big and several tiny batches.
+            share = -(-self.scheduler.num_unfinished // self.num_microbatches)
+            plan = self.scheduler.schedule(max_num_requests=max(1, share))
             if plan is None:
                 return
             self._dispatch(plan)
@@ -282,7 +291,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         member = self.membership.add(info.start_layer, info.end_layer, info.address,
                                      info.num_blocks)
         missing = self.membership.describe_missing()
-        logger.warning("stage joined: %s, %s KV blocks%s", member.label, f"{info.num_blocks:,}",
+        logger.info("stage joined: %s, %s KV blocks%s", member.label, f"{info.num_blocks:,}",
                        f" (still missing layers {missing})" if missing else "")
         if self.membership.complete:
             asyncio.get_running_loop().create_task(self._on_complete())
@@ -296,8 +305,8 @@ class PipelineHead(pb_grpc.HeadServicer):
                 except WireFormatError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed result: {exc}")
                 self._on_result(output, error)
-        except asyncio.CancelledError:
-            raise
+        except asyncio.CancelledError:  # the server is stopping: end the stream quietly
+            return
         if False:  # pragma: no cover - keeps this an async generator
             yield pb.Ack()
 
@@ -323,7 +332,7 @@ class PipelineHead(pb_grpc.HeadServicer):
             self._make_scheduler(stages)
         self._ready = True
         self._ready_event.set()
-        logger.warning("pipeline ready: %s", self.describe())
+        logger.info("pipeline ready: %s", self.describe())
         self._pump()
 
     async def _configure(self, member: StageMember, next_address: str) -> None:
@@ -404,7 +413,7 @@ class PipelineHead(pb_grpc.HeadServicer):
             await peer.close()
 
     def _on_stage_failure(self, member: StageMember, why: str) -> None:
-        if self.membership.remove(member.stage_id) is None:
+        if self._stopping or self.membership.remove(member.stage_id) is None:
             return  # already handled
         self.stats.num_stage_failures += 1
         self._ready = False

@@ -113,12 +113,15 @@ class StageWorker(pb_grpc.StageServicer):
 
     async def Forward(self, request_iterator, context):
         """Steps from the previous hop; each is validated, then queued for compute."""
-        async for message in request_iterator:
-            try:
-                step = decode_step(message)
-            except WireFormatError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed step: {exc}")
-            self._inbox.put(step)
+        try:
+            async for message in request_iterator:
+                try:
+                    step = decode_step(message)
+                except WireFormatError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed step: {exc}")
+                self._inbox.put(step)
+        except asyncio.CancelledError:  # the server is stopping: end the stream quietly
+            return
         if False:  # pragma: no cover - keeps this an async generator (no acks are sent)
             yield pb.Ack()
 

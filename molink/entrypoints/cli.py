@@ -25,7 +25,8 @@ DEMO_PROMPT = "In Python, a list is"
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+    level = args.log_level or ("info" if args.command in ("serve", "join") else "warning")
+    logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="molink", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                        help="default: info for serve and join, warning otherwise")
     sub = parser.add_subparsers(required=True, dest="command")
     gen = sub.add_parser("generate", help="generate text for one prompt")
     gen.add_argument("model", help="Hugging Face-format model directory")

@@ -39,7 +39,7 @@ async def run(model: str, prompt: str, params: SamplingParams, dtype: str, devic
     try:
         for start, end in ranges[1:]:
             procs.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "molink.entrypoints.cli", "join", model,
+                sys.executable, "-m", "molink.entrypoints.cli", "--log-level", "warning", "join", model,
                 "--head", head.address, "--layers", f"{start}:{end}", "--host", "127.0.0.1",
                 "--dtype", dtype, "--device", device, env=env,
                 stdout=asyncio.subprocess.DEVNULL))
@@ -50,6 +50,7 @@ async def run(model: str, prompt: str, params: SamplingParams, dtype: str, devic
         _print_how_to_run_it_yourself(model, ranges)
         return 0
     finally:
+        head.begin_stop()
         for proc in procs:
             if proc.returncode is None:
                 proc.terminate()  # by pid

@@ -59,6 +59,7 @@ class Scheduler:
         self._next_step_id = 0
         self._next_arrival_index = 0
 
+        self._request_cap = config.max_num_seqs  # per plan; set by schedule()
         self.num_preemptions = 0  # total over the scheduler's life
         self.num_steps_scheduled = 0
         self.max_in_flight_plans = 0  # most plans ever in flight at once
@@ -106,13 +107,16 @@ class Scheduler:
         if request is not None and not request.is_finished:
             self._finish(request, finish_reason, stop_reason)
 
-    def schedule(self) -> StepPlan | None:
+    def schedule(self, max_num_requests: int | None = None) -> StepPlan | None:
         """Plan the next step from requests not in flight; None if nothing can run now.
 
-        Allocates blocks (preempting if needed), advances ``num_computed_tokens`` of every
-        planned request and marks it ``in_flight`` until ``update_from_output``.
+        ``max_num_requests`` caps the requests in this plan, so a pipeline can spread its
+        requests evenly over several micro-batches. Allocates blocks (preempting if
+        needed), advances ``num_computed_tokens`` of every planned request and marks it
+        ``in_flight`` until ``update_from_output``.
         """
         budget = self.config.max_num_batched_tokens
+        self._request_cap = max_num_requests or self.config.max_num_seqs
         scheduled: list[Request] = []
         batch: list[BatchEntry] = []
         budget = self._schedule_running(scheduled, batch, budget)
@@ -150,6 +154,10 @@ class Scheduler:
         return self._requests.get(request_id)
 
     @property
+    def num_unfinished(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+    @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
@@ -175,7 +183,7 @@ class Scheduler:
                           budget: int) -> int:
         """Continue running requests in arrival order; returns the budget left."""
         for request in list(self._running):  # copy: preemption removes from _running
-            if budget == 0:
+            if budget == 0 or len(batch) >= self._request_cap:
                 break
             if request.in_flight or request.status is not RequestStatus.RUNNING:
                 continue
@@ -194,7 +202,8 @@ class Scheduler:
     def _schedule_waiting(self, scheduled: list[Request], batch: list[BatchEntry],
                           budget: int) -> None:
         """Admit waiting requests FCFS until one does not fit (no skipping ahead)."""
-        while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
+        while (self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs
+               and len(batch) < self._request_cap):
             request = self._waiting[0]
             assert request.num_computed_tokens == 0 and not request.block_ids, request
             num_tokens = request.num_tokens  # a resumed request recomputes its outputs too

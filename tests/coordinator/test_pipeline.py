@@ -1,14 +1,17 @@
-"""Pipelines of separate processes produce exactly the single-process engine's tokens."""
+"""Pipelines of separate processes produce exactly the tokens of the single-process engine,
+which in turn equal ``transformers`` greedy generation."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+import torch
 
 from molink import LLM, SamplingParams
 from tests.coordinator.pipeline_harness import generate_all, pipeline
 from tests.model.arch_checks import make_prompts
+from tests.model_factory import load_hf
 
 NUM_REQUESTS = 16
 LENGTHS = tuple(3 + (i * 7) % 37 for i in range(NUM_REQUESTS))  # mixed prompt lengths
@@ -25,10 +28,21 @@ def reference(tiny_model_dir):
             prompts = make_prompts(512, LENGTHS, seed=99)
             llm = LLM(model=str(directory), dtype="float32", device="cpu", block_size=8)
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS)
-            cache[arch] = (directory, prompts, [o.outputs[0].token_ids for o in outs])
+            tokens = [o.outputs[0].token_ids for o in outs]
+            assert tokens == _transformers_greedy(directory, prompts)
+            cache[arch] = (directory, prompts, tokens)
         return cache[arch]
 
     return get
+
+
+def _transformers_greedy(directory, prompts) -> list[list[int]]:
+    model = load_hf(directory)
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), max_new_tokens=PARAMS.max_tokens,
+                               do_sample=False, pad_token_id=3)[0, len(p):].tolist()
+                for p in prompts]
 
 
 TOPOLOGIES = {

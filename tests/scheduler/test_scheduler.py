@@ -761,3 +761,21 @@ def test_random_interleavings_keep_invariants(setup, data):
         world.check_invariants()
     world.drain()
     world.check_outputs()
+
+
+def test_schedule_caps_requests_per_plan_for_balanced_microbatches():
+    from molink.config import SchedulerConfig
+    from molink.messages import StepOutput
+    from molink.sampling_params import SamplingParams
+    from molink.scheduler import Request, Scheduler
+
+    scheduler = Scheduler(SchedulerConfig(max_model_len=128), num_blocks=64, block_size=4)
+    for i in range(10):
+        scheduler.add_request(Request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=3)))
+    plans = [scheduler.schedule(max_num_requests=4) for _ in range(3)]
+    assert [len(p.batch) for p in plans] == [4, 4, 2]
+    assert scheduler.schedule(max_num_requests=4) is None  # everything is in flight
+    for plan in plans:
+        scheduler.update_from_output(plan, StepOutput(plan.step_id, sampled_token_ids={
+            e.request_id: 9 for e in plan.batch}))
+    assert len(scheduler.schedule().batch) == 10  # no cap: everyone in one plan

@@ -1,0 +1,87 @@
+"""The wire codec round-trips every message and refuses malformed input (no torch here)."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from molink.messages import (BatchEntry, CachedRequest, NewRequest, RawTensor, StepOutput,
+                             StepPlan, TokenLogprobs)
+from molink.sampling_params import SamplingParams
+from molink.transport import molink_pb2 as pb
+from molink.transport.codec import (WireFormatError, decode_result, decode_step, decode_tensor,
+                                    encode_result, encode_step)
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def _plan() -> StepPlan:
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=42, logprobs=3,
+                            repetition_penalty=1.1, stop_token_ids=[7, 9], min_tokens=2,
+                            max_tokens=None)  # stop conditions stay on the head: not sent
+    return StepPlan(
+        step_id=12, microbatch_id=2,
+        batch=[BatchEntry("a", 0, 5, True), BatchEntry("b", 9, 1, True)],
+        new_requests=[NewRequest("a", [1, 2, 3, 4, 5], 5, params, [3, 4])],
+        cached_requests=[CachedRequest("b", [17], [8])],
+        freed_request_ids=["old"])
+
+
+def test_step_round_trip():
+    plan = _plan()
+    hidden = RawTensor(data=bytes(range(48)), dtype="float32", shape=(6, 2))
+    wire = pb.StepMessage.FromString(encode_step(plan, hidden, reset=True).SerializeToString())
+    step = decode_step(wire)
+    assert step.plan == plan
+    assert step.hidden == hidden and step.reset and step.error == ""
+    sent = step.plan.new_requests[0].sampling_params
+    assert sent.temperature == 0.7 and sent.seed == 42 and sent.stop_token_id_set == {7, 9}
+
+
+def test_result_round_trip():
+    output = StepOutput(step_id=3, microbatch_id=1, sampled_token_ids={"a": 5, "b": 0},
+                        logprobs={"a": TokenLogprobs(5, -0.25, 1, [(5, -0.25), (8, -2.5)])})
+    decoded, error = decode_result(pb.StepResult.FromString(
+        encode_result(output, error="").SerializeToString()))
+    assert decoded == output and error == ""
+
+
+@pytest.mark.parametrize("tensor,message", [
+    (pb.Tensor(data=b"\0" * 7, dtype="float32", shape=[2]), "needs 8 bytes"),
+    (pb.Tensor(data=b"", dtype="object", shape=[0]), "not allowed"),
+    (pb.Tensor(data=b"", dtype="float32", shape=[-1]), "invalid"),
+    (pb.Tensor(data=b"", dtype="float32", shape=[1, 1, 1, 1, 0]), "invalid"),
+])
+def test_malformed_tensors_are_refused(tensor, message):
+    with pytest.raises(WireFormatError, match=message):
+        decode_tensor(tensor)
+
+
+def test_malformed_steps_are_refused():
+    bad_ids = encode_step(_plan())
+    bad_ids.batch[1].request_id = "a"
+    with pytest.raises(WireFormatError, match="twice"):
+        decode_step(bad_ids)
+    bad_params = encode_step(_plan())
+    bad_params.new_requests[0].sampling.top_p = 5.0
+    with pytest.raises(WireFormatError, match="top_p"):
+        decode_step(bad_params)
+    negative = encode_step(_plan())
+    negative.batch[0].num_tokens = 0
+    with pytest.raises(WireFormatError, match="num_tokens"):
+        decode_step(negative)
+
+
+def test_generated_protobuf_modules_are_current(tmp_path):
+    (tmp_path / "molink" / "transport").mkdir(parents=True)
+    proto = "molink/transport/molink.proto"
+    (tmp_path / proto).write_text((ROOT / proto).read_text())
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.",
+                    "--grpc_python_out=.", proto], cwd=tmp_path, check=True)
+    for name in ("molink_pb2.py", "molink_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / "molink" / "transport" / name,
+                           ROOT / "molink" / "transport" / name, shallow=False), name
