@@ -49,6 +49,13 @@ def mistral_config(**overrides):
     return MistralConfig(**_common(sliding_window=4096, head_dim=32, **overrides))
 
 
+def mistral_window_config(**overrides):
+    """Mistral with a sliding window shorter than the longer test prompts (40, 64 tokens)."""
+    from transformers import MistralConfig
+
+    return MistralConfig(**_common(sliding_window=16, head_dim=32, **overrides))
+
+
 def qwen2_config(**overrides):
     from transformers import Qwen2Config
 
@@ -65,6 +72,7 @@ CONFIGS = {
     "llama": llama_config,
     "llama3": llama3_config,
     "mistral": mistral_config,
+    "mistral-window": mistral_window_config,
     "qwen2": qwen2_config,
     "qwen3": qwen3_config,
 }

@@ -40,7 +40,7 @@ from molink.scheduler import Scheduler
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import WireFormatError, decode_result, encode_step
-from molink.transport.peers import Peer, bind, make_server
+from molink.transport.peers import Peer, bind, make_server, queued_messages
 
 logger = logging.getLogger(__name__)
 
@@ -380,12 +380,9 @@ class PipelineHead(pb_grpc.HeadServicer):
             await peer.close()
 
     async def _send_loop(self, peer: Peer, outbox: asyncio.Queue, member: StageMember) -> None:
-        async def messages():
-            while True:
-                yield await outbox.get()
-
         try:
-            call = pb_grpc.StageStub(peer.channel).Forward(messages(), metadata=peer.metadata)
+            call = pb_grpc.StageStub(peer.channel).Forward(queued_messages(outbox),
+                                                           metadata=peer.metadata)
             async for _ack in call:
                 pass
         except asyncio.CancelledError:

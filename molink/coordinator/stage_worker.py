@@ -26,7 +26,7 @@ from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.auth import REFUSAL
 from molink.transport.codec import WireFormatError, decode_step, encode_result, encode_step
-from molink.transport.peers import Peer, bind, make_server
+from molink.transport.peers import Peer, bind, make_server, queued_messages
 
 logger = logging.getLogger(__name__)
 
@@ -164,17 +164,12 @@ class StageWorker(pb_grpc.StageServicer):
 
     async def _send_loop(self, address: str, last: bool) -> None:
         peer = Peer(address, self.token)
-        outbox = self._outbox
-
-        async def messages():
-            while True:
-                yield await outbox.get()
-
+        messages = queued_messages(self._outbox)
         try:
             if last:
-                call = pb_grpc.HeadStub(peer.channel).Results(messages(), metadata=peer.metadata)
+                call = pb_grpc.HeadStub(peer.channel).Results(messages, metadata=peer.metadata)
             else:
-                call = pb_grpc.StageStub(peer.channel).Forward(messages(), metadata=peer.metadata)
+                call = pb_grpc.StageStub(peer.channel).Forward(messages, metadata=peer.metadata)
             async for _ack in call:
                 pass
         except asyncio.CancelledError:

@@ -18,6 +18,7 @@ from molink.model.config_view import ConfigView
 from molink.model.layers.alibi import alibi_slopes
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.mlp import get_activation
+from molink.model.layers.stage_model import StageModel
 
 
 class BloomAttention(nn.Module):
@@ -93,7 +94,7 @@ class BloomBody(nn.Module):
         return self.ln_f(h) if self.is_last else h
 
 
-class BloomForCausalLM(nn.Module):
+class BloomForCausalLM(StageModel):
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -113,9 +114,6 @@ class BloomForCausalLM(nn.Module):
                            hf.apply_residual_connection_post_layernorm)),
         )
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,10 +122,6 @@ class BloomForCausalLM(nn.Module):
         Positions enter only through ALiBi, which reads them from ``meta``.
         """
         return self.transformer(meta, input_ids, hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states).float()
 
     def checkpoint_names(self, param_name: str) -> list[str]:
         if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:

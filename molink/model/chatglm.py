@@ -38,6 +38,7 @@ from molink.model.config_view import ConfigView
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.norm import RMSNorm
 from molink.model.layers.rotary import RotaryEmbedding
+from molink.model.layers.stage_model import StageModel
 
 
 def apply_interleaved_half_rotary(x: torch.Tensor, cos: torch.Tensor,
@@ -174,7 +175,7 @@ class ChatGLMModel(nn.Module):
         return self.encoder(h, cos[..., :num_pairs], sin[..., :num_pairs], meta)  # [T, hidden]
 
 
-class ChatGLMForConditionalGeneration(nn.Module):
+class ChatGLMForConditionalGeneration(StageModel):
     """Serves both ``ChatGLMModel`` and ``ChatGLMForConditionalGeneration`` checkpoints."""
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
@@ -216,9 +217,6 @@ class ChatGLMForConditionalGeneration(nn.Module):
                     getattr(hf, "apply_residual_connection_post_layernorm", False)),
             ),
         )
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
 
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,

@@ -12,13 +12,14 @@ import torch
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
-from molink.model.layers.attention import AttentionMetadata, PagedAttention
+from molink.model.layers.attention import AttentionMetadata
 from molink.model.layers.decoder import FUSED_PROJECTIONS
 from molink.model.layers.deepseek_moe import TOPK_METHODS, DeepseekMoE, DeepseekRouter
 from molink.model.layers.mla import MultiHeadLatentAttention
 from molink.model.layers.mlp import GatedMLP
 from molink.model.layers.norm import RMSNorm
 from molink.model.layers.rotary import RotaryEmbedding
+from molink.model.layers.stage_model import StageModel
 
 # Stacked expert parameter -> the per-expert matrices it is made of (in row order).
 _PER_EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -79,7 +80,7 @@ class DeepseekBody(nn.Module):
         return self.norm(h) if self.is_last else h
 
 
-class DeepseekV2ForCausalLM(nn.Module):
+class DeepseekV2ForCausalLM(StageModel):
     """A DeepSeek-V2 causal LM restricted to ``[start_layer, end_layer)``."""
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
@@ -99,19 +100,11 @@ class DeepseekV2ForCausalLM(nn.Module):
         return deepseek_arch_config(hf, topk_method=topk_method, norm_topk_prob=False,
                                     rope_interleave=True)
 
-    def attention_layers(self) -> list[PagedAttention]:
-        """This stage's attention modules in layer order (one KV cache each)."""
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """-> [T, hidden]: normed final hidden states on the last stage, else the residual."""
         return self.model(positions, meta, input_ids=input_ids, hidden_states=hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states).float()
 
     def select_checkpoint_layout(self, names: frozenset[str]) -> None:
         """Called by the loader, before ``checkpoint_names``, with every tensor name it holds."""

@@ -26,6 +26,7 @@ from molink.model.layers.alibi import alibi_slopes
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.mlp import get_activation
 from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
+from molink.model.layers.stage_model import StageModel
 
 GROUPED, MULTI_QUERY, PER_HEAD = "grouped", "multi_query", "per_head"
 
@@ -138,7 +139,7 @@ def _falcon_alibi_slopes(num_heads: int, head_dim: int) -> torch.Tensor:
     return alibi_slopes(num_heads).bfloat16().float() * head_dim**-0.5
 
 
-class FalconForCausalLM(nn.Module):
+class FalconForCausalLM(StageModel):
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -167,18 +168,11 @@ class FalconForCausalLM(nn.Module):
                        num_ln_in_parallel_attn=num_norms),
         )
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """-> [T, hidden]: ln_f output on the last stage, else the residual stream."""
         return self.transformer(positions, meta, input_ids, hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states).float()
 
     def checkpoint_names(self, param_name: str) -> list[str]:
         if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:

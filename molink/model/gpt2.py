@@ -17,6 +17,7 @@ from molink.model.arch_config import ArchConfig
 from molink.model.config_view import ConfigView
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.mlp import get_activation
+from molink.model.layers.stage_model import StageModel
 
 
 class Conv1D(nn.Module):
@@ -100,7 +101,7 @@ class GPT2Body(nn.Module):
         return self.ln_f(h) if self.is_last else h
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(StageModel):
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -121,18 +122,11 @@ class GPT2LMHeadModel(nn.Module):
                        scale_attn_by_inverse_layer_idx=bool(hf.scale_attn_by_inverse_layer_idx)),
         )
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """-> [T, hidden]: ln_f output on the last stage, else the residual stream."""
         return self.transformer(positions, meta, input_ids, hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states).float()
 
     def checkpoint_names(self, param_name: str) -> list[str]:
         if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:

@@ -22,7 +22,12 @@ from torch import nn
 from molink.model.arch_config import ArchConfig
 from molink.model.layers.attention import AttentionMetadata
 from molink.model.layers.decoder import DecoderLM, RotaryAttention
-from molink.model.layers.moe import TOPK_THEN_SOFTMAX, FusedExperts, TopKRouter, clamped_swiglu
+from molink.model.layers.moe import (
+    TOPK_THEN_SOFTMAX,
+    FusedExperts,
+    TopKRouter,
+    clamped_swiglu,
+)
 from molink.model.layers.norm import RMSNorm
 from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
 

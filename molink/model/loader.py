@@ -20,7 +20,11 @@ from safetensors import safe_open
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
-from molink.model.registry import get_model_class, registered_models, resolve_architecture
+from molink.model.registry import (
+    get_model_class,
+    registered_models,
+    resolve_architecture,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,13 @@ from torch import nn
 
 from molink.model.arch_config import ArchConfig
 from molink.model.layers.decoder import DecoderLayer, DecoderLM
-from molink.model.layers.moe import (ExpertCheckpointMixin, FusedExperts, SparseMoeBlock,
-                                     TopKRouter, chunked_glu)
+from molink.model.layers.moe import (
+    ExpertCheckpointMixin,
+    FusedExperts,
+    SparseMoeBlock,
+    TopKRouter,
+    chunked_glu,
+)
 
 
 class MixtralDecoderLayer(DecoderLayer):

@@ -15,6 +15,7 @@ from molink.model.arch_config import ArchConfig
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.mlp import get_activation
 from molink.model.layers.rotary import RotaryEmbedding, apply_partial_rotary
+from molink.model.layers.stage_model import StageModel
 
 
 class PhiAttention(nn.Module):
@@ -97,7 +98,7 @@ class PhiBody(nn.Module):
         return self.final_layernorm(h) if self.is_last else h
 
 
-class PhiForCausalLM(nn.Module):
+class PhiForCausalLM(StageModel):
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -115,18 +116,11 @@ class PhiForCausalLM(nn.Module):
                        partial_rotary_factor=_partial_rotary_factor(hf)),
         )
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """-> [T, hidden]: final_layernorm output on the last stage, else the residual stream."""
         return self.model(positions, meta, input_ids, hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states).float()
 
     def checkpoint_names(self, param_name: str) -> list[str]:
         """``qkv_proj`` reads q/k/v_proj; a tied LM head reads the embedding (its bias stays)."""

@@ -24,7 +24,11 @@ from molink.model.arch_config import ArchConfig
 from molink.model.glm import rotary_dim_of
 from molink.model.layers.norm import RMSNorm
 from molink.model.layers.rotary import RotaryEmbedding
-from molink.model.layers.variant_decoder import DEFAULT_ROPE, DecoderParts, VariantDecoderLM
+from molink.model.layers.variant_decoder import (
+    DEFAULT_ROPE,
+    DecoderParts,
+    VariantDecoderLM,
+)
 
 logger = logging.getLogger(__name__)
 

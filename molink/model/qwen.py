@@ -27,6 +27,7 @@ from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.mlp import GatedMLP
 from molink.model.layers.norm import RMSNorm
 from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
+from molink.model.layers.stage_model import StageModel
 
 
 class QWenAttention(nn.Module):
@@ -91,7 +92,7 @@ class QWenModel(nn.Module):
         return self.ln_f(h) if self.is_last else h
 
 
-class QWenLMHeadModel(nn.Module):
+class QWenLMHeadModel(StageModel):
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -127,18 +128,11 @@ class QWenLMHeadModel(nn.Module):
             extra=dict(rotary_dim=rotary_dim, o_proj_bias=has_bias),
         )
 
-    def attention_layers(self) -> list[PagedAttention]:
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """-> [T, hidden]: final normed hidden states on the last stage, else the residual."""
         return self.transformer(positions, meta, input_ids=input_ids, hidden_states=hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states).float()
 
     def checkpoint_names(self, param_name: str) -> list[str]:
         if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:

@@ -15,7 +15,7 @@ import torch
 
 from molink.config import CacheConfig, ModelConfig
 from molink.messages import StepOutput, StepPlan
-from molink.model.loader import LoadedConfig, load_model
+from molink.model.loader import load_model
 from molink.runtime.kv_cache import allocate_kv_cache, default_kv_budget_bytes, num_blocks_for_budget
 from molink.runtime.sampler import Sampler, SamplingRequestState
 from molink.runtime.state_cache import StateCache, state_layers_of

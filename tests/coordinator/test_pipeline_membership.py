@@ -14,8 +14,7 @@ import pytest
 from molink import SamplingParams
 from molink.coordinator.pipeline_head import PipelineNotReady, StageUnavailable
 from molink.transport.auth import token_metadata
-from tests.coordinator.pipeline_harness import (TOKEN, make_head, pipeline, start_stage,
-                                                stop_process)
+from tests.coordinator.pipeline_harness import (TOKEN, make_head, pipeline, start_stage)
 from tests.model_factory import build_model
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

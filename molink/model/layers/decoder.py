@@ -19,6 +19,7 @@ from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.mlp import GatedMLP
 from molink.model.layers.norm import RMSNorm
 from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
+from molink.model.layers.stage_model import StageModel
 
 
 class RotaryAttention(nn.Module):
@@ -100,7 +101,7 @@ class DecoderBody(nn.Module):
         return self.norm(h) if self.is_last else h
 
 
-class DecoderLM(nn.Module):
+class DecoderLM(StageModel):
     """A causal LM restricted to ``[start_layer, end_layer)``; the base of every Llama-like model."""
 
     layer_cls: type[nn.Module] = DecoderLayer
@@ -114,19 +115,11 @@ class DecoderLM(nn.Module):
         if self.is_last:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def attention_layers(self) -> list[PagedAttention]:
-        """This stage's attention modules in layer order (one KV cache each)."""
-        return [m for m in self.modules() if isinstance(m, PagedAttention)]
-
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """-> [T, hidden]: normed final hidden states on the last stage, else the residual stream."""
         return self.model(positions, meta, input_ids=input_ids, hidden_states=hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states).float()
 
     def checkpoint_names(self, param_name: str) -> list[str]:
         """Checkpoint tensors that fill a parameter, concatenated along dim 0.

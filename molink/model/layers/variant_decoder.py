@@ -26,8 +26,12 @@ from molink.model.arch_config import ArchConfig
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.decoder import FUSED_PROJECTIONS
 from molink.model.layers.mlp import GatedMLP
-from molink.model.layers.rotary import (RotaryEmbedding, apply_interleaved_rotary,
-                                        apply_partial_rotary, interleave_rotary_tables)
+from molink.model.layers.rotary import (
+    RotaryEmbedding,
+    apply_interleaved_rotary,
+    apply_partial_rotary,
+    interleave_rotary_tables,
+)
 
 SEQUENTIAL, SANDWICH, PARALLEL = "sequential", "sandwich", "parallel"
 DEFAULT_ROPE = "rope"
