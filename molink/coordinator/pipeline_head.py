@@ -98,6 +98,9 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.scheduler: Scheduler | None = None
         self.output_processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, asyncio.Queue] = {}
+        # Observers (metrics): on_request_added(request_id), on_output(RequestOutput),
+        # on_request_failed(request_id). Called on the event loop; must be cheap.
+        self.listeners: list = []
         self._in_flight: collections.deque[StepPlan] = collections.deque()
         self._in_flight_requests: set[str] = set()
         self._ready = False
@@ -180,6 +183,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.scheduler.add_request(request)
         self.output_processor.add(request, text)
         self._streams[request_id] = stream
+        for listener in self.listeners:
+            listener.on_request_added(request_id)
         self._pump()
         try:
             while True:
@@ -262,6 +267,8 @@ class PipelineHead(pb_grpc.HeadServicer):
             stream = self._streams.get(result.request_id)
             if stream is not None:
                 stream.put_nowait(result)
+            for listener in self.listeners:
+                listener.on_output(result)
         self._pump()
 
     def _fail_requests(self, request_ids, exc: Exception) -> None:
@@ -272,6 +279,8 @@ class PipelineHead(pb_grpc.HeadServicer):
             self.output_processor.discard(request_id)
             if stream is not None:
                 stream.put_nowait(exc)
+            for listener in self.listeners:
+                listener.on_request_failed(request_id)
 
     # ---- RPCs from stages ----------------------------------------------------------------------------
 

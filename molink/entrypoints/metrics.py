@@ -1,0 +1,99 @@
+"""Prometheus metrics of a head (``GET /metrics``), names prefixed ``molink_``.
+
+Counters and histograms are fed by a listener on the head's request events; gauges
+(queue length, KV blocks, micro-batches in flight, pipeline readiness) are read from the
+head when Prometheus scrapes, so the serving path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from molink.coordinator.pipeline_head import PipelineHead
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class HeadMetrics:
+    """Owns a registry for one head; ``render()`` gives the Prometheus text format."""
+
+    def __init__(self, head: PipelineHead) -> None:
+        self.head = head
+        self.registry = CollectorRegistry()
+        self.requests = Counter("molink_requests", "Requests by outcome", ["outcome"],
+                                registry=self.registry)
+        self.generated_tokens = Counter("molink_generated_tokens", "Tokens generated",
+                                        registry=self.registry)
+        self.ttft = Histogram("molink_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("molink_time_per_output_token_seconds",
+                              "Time between output tokens", buckets=_LATENCY_BUCKETS,
+                              registry=self.registry)
+        self.registry.register(_HeadCollector(head))
+        self._started: dict[str, float] = {}
+        self._last: dict[str, tuple[float, int]] = {}  # request -> (time, tokens so far)
+        head.listeners.append(self)
+
+    # ---- listener ------------------------------------------------------------------------
+
+    def on_request_added(self, request_id: str) -> None:
+        self._started[request_id] = time.monotonic()
+
+    def on_output(self, output) -> None:
+        now = time.monotonic()
+        rid = output.request_id
+        tokens = len(output.outputs[0].token_ids)
+        previous = self._last.get(rid)
+        if previous is None and rid in self._started:
+            self.ttft.observe(now - self._started[rid])
+        elif previous is not None and tokens > previous[1]:
+            self.tpot.observe((now - previous[0]) / (tokens - previous[1]))
+        self.generated_tokens.inc(max(0, tokens - (previous[1] if previous else 0)))
+        self._last[rid] = (now, tokens)
+        if output.finished:
+            self.requests.labels(outcome=output.outputs[0].finish_reason or "stop").inc()
+            self._forget(rid)
+
+    def on_request_failed(self, request_id: str) -> None:
+        self.requests.labels(outcome="failed").inc()
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._started.pop(request_id, None)
+        self._last.pop(request_id, None)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _HeadCollector:
+    """Gauges read from the head at scrape time."""
+
+    def __init__(self, head: PipelineHead) -> None:
+        self.head = head
+
+    def collect(self):
+        head, scheduler = self.head, self.head.scheduler
+        yield _gauge("molink_ready", "1 when every layer is served", float(head.ready))
+        yield _gauge("molink_microbatches_in_flight", "Plans in the pipeline now",
+                     len(head._in_flight))
+        yield _gauge("molink_steps_dispatched", "Steps sent into the pipeline",
+                     head.stats.num_steps_dispatched)
+        yield _gauge("molink_stage_failures", "Stages lost since start", head.stats.num_stage_failures)
+        hop = GaugeMetricFamily("molink_hop_activation_bytes_sent",
+                                "Activation bytes the head sent on its outgoing hop", labels=["hop"])
+        hop.add_metric(["head"], head.stats.activation_bytes_sent)
+        yield hop
+        if scheduler is not None:
+            yield _gauge("molink_queue_length", "Requests waiting", scheduler.num_waiting)
+            yield _gauge("molink_running_requests", "Requests holding KV", scheduler.num_running)
+            yield _gauge("molink_kv_blocks_used", "KV blocks in use", scheduler.num_used_blocks)
+            yield _gauge("molink_kv_blocks_free", "KV blocks free", scheduler.num_free_blocks)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
