@@ -111,6 +111,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._first_hop: tuple[Peer, asyncio.Queue, asyncio.Task] | None = None
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
         self._ids = itertools.count()
+        self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task | None = None
         self.address = ""
@@ -206,6 +207,12 @@ class PipelineHead(pb_grpc.HeadServicer):
 
     # ---- the loop ----------------------------------------------------------------------------------
 
+    def _spawn(self, coroutine) -> None:
+        """Run a background task, holding a reference so it is not collected mid-flight."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _pump(self) -> None:
         """Fill the pipeline up to ``num_microbatches`` plans."""
         while self._ready and len(self._in_flight) < self.num_microbatches:
@@ -228,7 +235,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.stats.max_microbatches_in_flight = max(self.stats.max_microbatches_in_flight,
                                                     len(self._in_flight))
         reset, self._reset_pending = self._reset_pending, False
-        asyncio.get_running_loop().create_task(self._run_first_hop(plan, reset))
+        self._spawn(self._run_first_hop(plan, reset))
 
     async def _run_first_hop(self, plan: StepPlan, reset: bool) -> None:
         hidden = None
@@ -303,7 +310,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         logger.info("stage joined: %s, %s KV blocks%s", member.label, f"{info.num_blocks:,}",
                        f" (still missing layers {missing})" if missing else "")
         if self.membership.complete:
-            asyncio.get_running_loop().create_task(self._on_complete())
+            self._spawn(self._on_complete())
         return pb.JoinReply(accepted=True, stage_id=member.stage_id)
 
     async def Results(self, request_iterator, context):
@@ -437,4 +444,4 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._reset_pending = True  # surviving stages drop their request state
         if self.executor is not None:
             self._compute_pool.submit(self.executor.reset)
-        asyncio.get_running_loop().create_task(self._close_first_hop())
+        self._spawn(self._close_first_hop())
