@@ -110,6 +110,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._reset_pending = False
         self._first_hop: tuple[Peer, asyncio.Queue, asyncio.Task] | None = None
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
+        # Serialization on its own thread, so the next step's compute need not wait for it.
+        self._serialize_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-serialize")
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
         self._server: grpc.aio.Server | None = None
@@ -143,6 +145,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         if self._server is not None:
             await self._server.stop(grace=0.5)
         self._compute_pool.shutdown(wait=False, cancel_futures=True)
+        self._serialize_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def ready(self) -> bool:
@@ -250,7 +253,7 @@ class PipelineHead(pb_grpc.HeadServicer):
             if isinstance(out, StepOutput):  # the head serves every layer
                 self._on_result(out, "")
                 return
-            hidden = await loop.run_in_executor(self._compute_pool, to_raw, out)
+            hidden = await loop.run_in_executor(self._serialize_pool, to_raw, out)
             self.stats.activation_bytes_sent += len(hidden.data)
             self.stats.activation_tokens_sent += plan.num_tokens
         if self._first_hop is None:

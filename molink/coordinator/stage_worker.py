@@ -1,9 +1,11 @@
 """StageWorker: one stage server (``molink join``): receive steps, compute, pass them on.
 
-Three activities overlap so the compute loop never waits on the network::
+Four activities overlap so the compute loop never waits on the network or on
+serialization::
 
-    Forward stream (asyncio) --> inbox --> compute thread --> outbox --> sender (asyncio)
-      parse + validate           queue     executor.execute    queue     next hop / head
+    Forward stream (asyncio) -> inbox -> compute thread -> wire -> serializer -> outbox -> sender
+      parse, validate,          queue    executor.execute  queue   thread: bytes  queue   (asyncio)
+      bytes -> tensor                                              + protobuf              next hop
 
 Steps arrive in order on one stream per hop and are computed in that order, so results
 leave in the order the head sent them. A step that fails here is passed on with an error
@@ -51,7 +53,7 @@ class StageWorker(pb_grpc.StageServicer):
         self._sender: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: grpc.aio.Server | None = None
-        self._compute_thread: threading.Thread | None = None
+        self._wire: queue.Queue = queue.Queue()  # computed steps waiting to be serialized
         self.epoch = 0
         self.num_steps_computed = 0
 
@@ -63,9 +65,9 @@ class StageWorker(pb_grpc.StageServicer):
         pb_grpc.add_StageServicer_to_server(self, self._server)
         bound = bind(self._server, host, port)
         await self._server.start()
-        self._compute_thread = threading.Thread(target=self._compute_loop, daemon=True,
-                                                name="molink-compute")
-        self._compute_thread.start()
+        for target, name in ((self._compute_loop, "molink-compute"),
+                             (self._serialize_loop, "molink-serialize")):
+            threading.Thread(target=target, daemon=True, name=name).start()
         return bound
 
     async def join(self) -> str:
@@ -119,7 +121,10 @@ class StageWorker(pb_grpc.StageServicer):
                     step = decode_step(message)
                 except WireFormatError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed step: {exc}")
-                self._inbox.put(step)
+                hidden = None
+                if step.hidden is not None and not step.error:
+                    hidden = from_raw(step.hidden, self.executor.device)
+                self._inbox.put((step, hidden))
         except asyncio.CancelledError:  # the server is stopping: end the stream quietly
             return
         if False:  # pragma: no cover - keeps this an async generator (no acks are sent)
@@ -131,29 +136,41 @@ class StageWorker(pb_grpc.StageServicer):
     # ---- compute thread ---------------------------------------------------------------------
 
     def _compute_loop(self) -> None:
-        while (step := self._inbox.get()) is not _STOP:
-            message = self._compute(step)
+        while (item := self._inbox.get()) is not _STOP:
+            step, hidden = item
+            self._wire.put((step, *self._compute(step, hidden)))
+        self._wire.put(_STOP)
+
+    def _compute(self, step, hidden):
+        """-> (output or None, error text): hidden states / sampled tokens of this step."""
+        if step.reset:
+            self.executor.reset()
+        if step.error:
+            return None, step.error
+        try:
+            output = self.executor.execute(step.plan, hidden)
+            self.num_steps_computed += 1
+            return output, ""
+        except Exception as exc:  # one bad step must not kill the stage: report it
+            logger.exception("%s failed step %d", self.label, step.plan.step_id)
+            return None, (f"stage {self.label} failed step {step.plan.step_id}: "
+                          f"{type(exc).__name__}: {exc}")
+
+    # ---- serializer thread --------------------------------------------------------------------
+
+    def _serialize_loop(self) -> None:
+        while (item := self._wire.get()) is not _STOP:
+            step, output, error = item
+            message = self._message(step, output, error)
             if self._outbox is None:
                 logger.error("%s: step %d computed before a route was configured; dropped",
                              self.label, step.plan.step_id)
                 continue
             self._loop.call_soon_threadsafe(self._outbox.put_nowait, message)
 
-    def _compute(self, step):
-        """-> the message to send on: the next step message, or the result for the head."""
+    def _message(self, step, output, error: str):
+        """The message to send on: the next step message, or the result for the head."""
         plan = step.plan
-        if step.reset:
-            self.executor.reset()
-        error = step.error
-        output = None
-        if not error:
-            try:
-                hidden = None if step.hidden is None else from_raw(step.hidden, self.executor.device)
-                output = self.executor.execute(plan, hidden)
-                self.num_steps_computed += 1
-            except Exception as exc:  # one bad step must not kill the stage: report it
-                logger.exception("%s failed step %d", self.label, plan.step_id)
-                error = f"stage {self.label} failed step {plan.step_id}: {type(exc).__name__}: {exc}"
         if self.executor.is_last:
             result = output if output is not None else StepOutput(plan.step_id,
                                                                   microbatch_id=plan.microbatch_id)
