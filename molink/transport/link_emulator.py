@@ -1,0 +1,146 @@
+"""LinkEmulator: a TCP relay that behaves like a slow link (bandwidth, latency, jitter).
+
+Put it between two stages (the previous hop connects to the relay, the relay connects to
+the real stage) to reproduce a home uplink or the public internet on one machine::
+
+    sender --TCP--> [ relay: serialise at `bandwidth`, then delay by `latency` ] --TCP--> receiver
+
+Every connection through one relay shares its capacity, per direction, like one physical
+link. Bytes are read only as fast as the link serialises them, so a fast sender is
+back-pressured as TCP would be by a real link.
+Used by tests and benchmarks; torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 16 * 1024
+_READ_AHEAD_S = 0.005
+_RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    bandwidth_bps: float  # bits per second
+    latency_s: float  # one way
+    jitter_s: float = 0.0  # uniform in [0, jitter_s), never reorders bytes
+
+    @classmethod
+    def parse(cls, text: str) -> LinkSpec:
+        """``100mbit:20ms`` or ``20mbit:50ms:5ms`` (bandwidth:latency[:jitter])."""
+        parts = text.strip().lower().split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"link spec must look like 100mbit:20ms[:5ms], got {text!r}")
+        rate = _quantity(parts[0], _RATE_UNITS, "bandwidth", text)
+        if rate <= 0:
+            raise ValueError(f"link bandwidth must be positive, got {text!r}")
+        times = [_quantity(p, _TIME_UNITS, "latency", text) for p in parts[1:]]
+        return cls(rate, times[0], times[1] if len(times) > 1 else 0.0)
+
+
+def _quantity(text: str, units: dict[str, float], what: str, spec: str) -> float:
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]+)", text)
+    if not match or match.group(2) not in units:
+        raise ValueError(f"{what} in link spec {spec!r} must be a number with a unit "
+                         f"({', '.join(units)})")
+    return float(match.group(1)) * units[match.group(2)]
+
+
+class _Direction:
+    """One direction of the shared link: when its wire is next free."""
+
+    def __init__(self, spec: LinkSpec) -> None:
+        self.spec = spec
+        self.wire_free_at = 0.0
+
+    def schedule(self, num_bytes: int, now: float) -> float:
+        """Serialise ``num_bytes`` after what is already on the wire; -> delivery time."""
+        start = max(now, self.wire_free_at)
+        self.wire_free_at = start + num_bytes * 8 / self.spec.bandwidth_bps
+        jitter = random.uniform(0.0, self.spec.jitter_s) if self.spec.jitter_s else 0.0
+        return self.wire_free_at + self.spec.latency_s + jitter
+
+
+class LinkEmulator:
+    def __init__(self, spec: LinkSpec, target_host: str, target_port: int,
+                 listen_host: str = "127.0.0.1", listen_port: int = 0) -> None:
+        self.spec = spec
+        self.target = (target_host, target_port)
+        self.listen = (listen_host, listen_port)
+        self._up, self._down = _Direction(spec), _Direction(spec)
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen[0]}:{self.port}"
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._on_connection, *self.listen)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _on_connection(self, client_reader, client_writer) -> None:
+        try:
+            target_reader, target_writer = await asyncio.open_connection(*self.target)
+        except OSError as exc:
+            logger.warning("link emulator: cannot reach %s:%d: %s", *self.target, exc)
+            client_writer.close()
+            return
+        for reader, writer, direction in ((client_reader, target_writer, self._up),
+                                          (target_reader, client_writer, self._down)):
+            task = asyncio.create_task(self._pump(reader, writer, direction))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, reader, writer, direction: _Direction) -> None:
+        # The delay line holds what is "on the wire" (at most a bandwidth-delay product);
+        # reading waits while the wire is busy, which back-pressures the sender.
+        queue: asyncio.Queue = asyncio.Queue()
+        deliver = asyncio.create_task(self._deliver(queue, writer))
+        try:
+            while chunk := await reader.read(_CHUNK_BYTES):
+                queue.put_nowait((direction.schedule(len(chunk), time.monotonic()), chunk))
+                # Read the next chunk a little before the wire frees up, so timer and read
+                # delays never leave the wire idle; the lead is what the link buffers.
+                busy_for = direction.wire_free_at - time.monotonic() - _READ_AHEAD_S
+                if busy_for > 0:
+                    await asyncio.sleep(busy_for)
+            queue.put_nowait((0.0, b""))  # end of stream
+            await deliver
+        finally:
+            deliver.cancel()
+
+    @staticmethod
+    async def _deliver(queue: asyncio.Queue, writer) -> None:
+        try:
+            while True:
+                deliver_at, chunk = await queue.get()
+                if not chunk:
+                    break
+                delay = deliver_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
