@@ -9,7 +9,9 @@ import sys
 
 from molink.config import CacheConfig, ModelConfig, parse_layer_range
 from molink.coordinator.stage_worker import StageRefused, StageWorker
-from molink.model.loader import config_fingerprint
+from molink.model.loader import config_fingerprint, load_config
+from molink.runtime.device_profile import DeviceProfile
+from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.stage_executor import StageExecutor
 from molink.transport import molink_pb2 as pb
 
@@ -31,20 +33,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--emulate-device", default=None, metavar="PROFILE",
+                        help="run an emulated stage: wait what PROFILE predicts instead of "
+                             "computing (published | rtx3090 | rtx4090 | a100-80gb | file.json); "
+                             "only config.json is needed")
 
 
 def run(args, token: str) -> int:
     start, end = parse_layer_range(args.layers)
-    model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                               start_layer=start, end_layer=end)
-    executor = StageExecutor(model_config, CacheConfig(block_size=args.block_size,
-                                                       num_blocks=args.num_kv_blocks),
-                             max_num_seqs=args.max_num_seqs)
+    if args.emulate_device:
+        arch = load_config(args.model).arch
+        executor = EmulatedExecutor(args.model, start, end,
+                                    DeviceProfile.load(args.emulate_device, arch),
+                                    dtype=args.dtype, block_size=args.block_size,
+                                    num_blocks=args.num_kv_blocks or 65536,
+                                    eos_token_ids=frozenset(arch.eos_token_ids))
+    else:
+        model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                   start_layer=start, end_layer=end)
+        executor = StageExecutor(model_config, CacheConfig(block_size=args.block_size,
+                                                           num_blocks=args.num_kv_blocks),
+                                 max_num_seqs=args.max_num_seqs)
     return asyncio.run(_serve(args, token, executor))
 
 
-async def _serve(args, token: str, executor: StageExecutor) -> int:
-    info = pb.StageInfo(start_layer=executor.model.start_layer, end_layer=executor.model.end_layer,
+async def _serve(args, token: str, executor) -> int:
+    info = pb.StageInfo(start_layer=executor.start_layer, end_layer=executor.end_layer,
                         model_fingerprint=config_fingerprint(args.model),
                         dtype=str(executor.dtype).removeprefix("torch."),
                         block_size=executor.block_size, num_blocks=executor.num_blocks,

@@ -87,6 +87,14 @@ class StageExecutor:
         return min(useful, num_blocks_for_budget(layers, self.block_size, self.dtype, budget))
 
     @property
+    def start_layer(self) -> int:
+        return self.model.start_layer
+
+    @property
+    def end_layer(self) -> int:
+        return self.model.end_layer
+
+    @property
     def arch(self):
         return self.loaded.arch
 
