@@ -1,0 +1,76 @@
+"""How many micro-batches to keep in flight, from measured stage and hop timings.
+
+Pure arithmetic on measurements (no torch, no I/O). ``R`` requests decode in ``m``
+micro-batches of ``b = R / m``; each round every request gets one token::
+
+    cycle(b)  = sum_i t_i(b) + sum_j (latency_j + b * bytes_per_token_j / bandwidth_j)
+    busy(b)   = max( max_i t_i(b), max_j b * bytes_per_token_j / bandwidth_j )
+    round(m)  = max( cycle(b), m * busy(b) )
+
+``cycle`` is one micro-batch's trip round the pipeline; ``m * busy`` is the busiest
+resource's work per round. With fewer micro-batches than ``cycle / busy`` every resource
+idles while activations travel (round = cycle); with more, each micro-batch is smaller
+and fixed per-step costs (``t_i(b) = fixed_i + per_token_i * b``, e.g. reading the
+weights) are paid more often for nothing. The chooser returns the smallest m that keeps
+the busiest resource busy: ``m * busy(R / m) >= cycle(R / m)``. When stages share one
+machine's cores (CPU-only runs), the machine is a resource too: sum of stage times / cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageTiming:
+    """Measured step time of one stage: ``fixed_s + per_token_s * tokens``."""
+
+    fixed_s: float
+    per_token_s: float
+
+    def step_s(self, tokens: float) -> float:
+        return self.fixed_s + self.per_token_s * tokens
+
+
+@dataclass(frozen=True)
+class HopTiming:
+    """Measured link of one hop."""
+
+    latency_s: float
+    bandwidth_bytes_per_s: float
+    bytes_per_token: int
+
+    def transfer_s(self, tokens: float) -> float:
+        return tokens * self.bytes_per_token / self.bandwidth_bytes_per_s
+
+
+def round_time_s(stages: list[StageTiming], hops: list[HopTiming], num_requests: int,
+                 num_microbatches: int, shared_cores: int | None = None) -> float:
+    """Seconds for every request to get one token with ``num_microbatches`` in flight."""
+    cycle, busy = _cycle_and_busy(stages, hops, num_requests / num_microbatches, shared_cores)
+    return max(cycle, num_microbatches * busy)
+
+
+def choose_num_microbatches(stages: list[StageTiming], hops: list[HopTiming],
+                            num_requests: int, max_microbatches: int = 16,
+                            shared_cores: int | None = None, slack: float = 0.02) -> int:
+    """The smallest count that keeps the busiest resource busy (capped at the limit);
+    ``slack``: busy within this fraction of the cycle counts as busy (no knife edges)."""
+    if not stages or num_requests < 1:
+        return 1
+    limit = max(1, min(max_microbatches, num_requests))
+    for m in range(1, limit + 1):
+        cycle, busy = _cycle_and_busy(stages, hops, num_requests / m, shared_cores)
+        if m * busy >= cycle * (1 - slack):
+            return m
+    return limit
+
+
+def _cycle_and_busy(stages, hops, tokens: float, shared_cores: int | None):
+    steps = [s.step_s(tokens) for s in stages]
+    transfers = [h.transfer_s(tokens) for h in hops]
+    cycle = sum(steps) + sum(h.latency_s for h in hops) + sum(transfers)
+    busy = max(steps + transfers)
+    if shared_cores:
+        busy = max(busy, sum(steps) / shared_cores)
+    return cycle, busy
