@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -48,6 +49,7 @@ HEALTH_INTERVAL_S = 1.0
 HEALTH_DEADLINE_S = 2.0
 HEALTH_FAILURES_BEFORE_DOWN = 2
 CONFIGURE_DEADLINE_S = 5.0
+_EWMA_WEIGHT = 0.2
 
 
 class PipelineNotReady(Exception):
@@ -95,6 +97,7 @@ class PipelineHead(pb_grpc.HeadServicer):
             self.executor.eos_token_ids = self.eos_token_ids
         self.num_microbatches_option = num_microbatches
         self.stats = HeadStats()
+        self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
         self.scheduler: Scheduler | None = None
         self.output_processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, asyncio.Queue] = {}
@@ -241,17 +244,19 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._spawn(self._run_first_hop(plan, reset))
 
     async def _run_first_hop(self, plan: StepPlan, reset: bool) -> None:
-        hidden = None
+        hidden, timings = None, ()
         if self.executor is not None:
             loop = asyncio.get_running_loop()
             try:
+                start = time.perf_counter()
                 out = await loop.run_in_executor(self._compute_pool, self.executor.execute, plan)
+                timings = (time.perf_counter() - start,)
             except Exception as exc:  # the head's own layers failed this step
                 logger.exception("head layers failed step %d", plan.step_id)
                 self._on_result(StepOutput(plan.step_id), f"head failed step {plan.step_id}: {exc}")
                 return
             if isinstance(out, StepOutput):  # the head serves every layer
-                self._on_result(out, "")
+                self._on_result(out, "", timings)
                 return
             hidden = await loop.run_in_executor(self._serialize_pool, to_raw, out)
             self.stats.activation_bytes_sent += len(hidden.data)
@@ -259,13 +264,15 @@ class PipelineHead(pb_grpc.HeadServicer):
         if self._first_hop is None:
             self._on_result(StepOutput(plan.step_id), "no route to the first stage")
             return
-        self._first_hop[1].put_nowait(encode_step(plan, hidden, reset=reset))
+        self._first_hop[1].put_nowait(encode_step(plan, hidden, reset=reset,
+                                                  stage_compute_s=timings))
 
-    def _on_result(self, output: StepOutput, error: str) -> None:
+    def _on_result(self, output: StepOutput, error: str, timings: tuple[float, ...] = ()) -> None:
         if not self._in_flight or self._in_flight[0].step_id != output.step_id:
             logger.warning("ignoring result of step %d (not the oldest in flight)", output.step_id)
             return
         plan = self._in_flight.popleft()
+        self._record_timings(plan, timings)
         self._in_flight_requests -= set(plan.request_ids)
         self.stats.num_steps_completed += 1
         if error:
@@ -280,6 +287,14 @@ class PipelineHead(pb_grpc.HeadServicer):
             for listener in self.listeners:
                 listener.on_output(result)
         self._pump()
+
+    def _record_timings(self, plan: StepPlan, timings: tuple[float, ...]) -> None:
+        """Per-stage compute seconds per step, smoothed (EWMA), in pipeline order."""
+        if len(timings) != len(self.stage_compute_s):
+            self.stage_compute_s = list(timings)
+            return
+        for i, seconds in enumerate(timings):
+            self.stage_compute_s[i] += _EWMA_WEIGHT * (seconds - self.stage_compute_s[i])
 
     def _fail_requests(self, request_ids, exc: Exception) -> None:
         for request_id in list(request_ids):
@@ -320,10 +335,10 @@ class PipelineHead(pb_grpc.HeadServicer):
         try:
             async for message in request_iterator:
                 try:
-                    output, error = decode_result(message)
+                    output, error, timings = decode_result(message)
                 except WireFormatError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed result: {exc}")
-                self._on_result(output, error)
+                self._on_result(output, error, timings)
         except asyncio.CancelledError:  # the server is stopping: end the stream quietly
             return
         if False:  # pragma: no cover - keeps this an async generator
@@ -374,13 +389,17 @@ class PipelineHead(pb_grpc.HeadServicer):
         config = dataclasses.replace(self.scheduler_config, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(config, num_blocks, self.cache_config.block_size)
 
-    def describe(self) -> str:
-        parts = []
+    def stage_labels(self) -> list[str]:
+        """Every stage in pipeline order, the head's own layers first when it has some."""
+        labels = []
         if self.membership.head_range is not None:
             a, b = self.membership.head_range
-            parts.append(f"head layers {a}:{b}")
-        parts += [m.label for m in self.membership.ordered()]
-        return " -> ".join(parts) + f"; {self.num_microbatches} micro-batches in flight"
+            labels.append(f"head layers {a}:{b}")
+        return labels + [m.label for m in self.membership.ordered()]
+
+    def describe(self) -> str:
+        return (" -> ".join(self.stage_labels())
+                + f"; {self.num_microbatches} micro-batches in flight")
 
     async def _open_first_hop(self, first: StageMember | None) -> None:
         await self._close_first_hop()
@@ -445,6 +464,7 @@ class PipelineHead(pb_grpc.HeadServicer):
                                    self.scheduler.block_size) if self.scheduler else None
         self.output_processor = OutputProcessor(self.tokenizer)
         self._reset_pending = True  # surviving stages drop their request state
+        self.stage_compute_s = []
         if self.executor is not None:
             self._compute_pool.submit(self.executor.reset)
         self._spawn(self._close_first_hop())

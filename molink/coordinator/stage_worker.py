@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 
 import grpc
 
@@ -138,7 +139,10 @@ class StageWorker(pb_grpc.StageServicer):
     def _compute_loop(self) -> None:
         while (item := self._inbox.get()) is not _STOP:
             step, hidden = item
-            self._wire.put((step, *self._compute(step, hidden)))
+            start = time.perf_counter()
+            output, error = self._compute(step, hidden)
+            timings = (*step.stage_compute_s, time.perf_counter() - start)
+            self._wire.put((step, output, error, timings))
         self._wire.put(_STOP)
 
     def _compute(self, step, hidden):
@@ -160,22 +164,23 @@ class StageWorker(pb_grpc.StageServicer):
 
     def _serialize_loop(self) -> None:
         while (item := self._wire.get()) is not _STOP:
-            step, output, error = item
-            message = self._message(step, output, error)
+            step, output, error, timings = item
+            message = self._message(step, output, error, timings)
             if self._outbox is None:
                 logger.error("%s: step %d computed before a route was configured; dropped",
                              self.label, step.plan.step_id)
                 continue
             self._loop.call_soon_threadsafe(self._outbox.put_nowait, message)
 
-    def _message(self, step, output, error: str):
+    def _message(self, step, output, error: str, timings: tuple[float, ...]):
         """The message to send on: the next step message, or the result for the head."""
         plan = step.plan
         if self.executor.is_last:
             result = output if output is not None else StepOutput(plan.step_id,
                                                                   microbatch_id=plan.microbatch_id)
-            return encode_result(result, error=error)
-        return encode_step(plan, None if error else to_raw(output), reset=step.reset, error=error)
+            return encode_result(result, error=error, stage_compute_s=timings)
+        return encode_step(plan, None if error else to_raw(output), reset=step.reset, error=error,
+                           stage_compute_s=timings)
 
     # ---- sender -------------------------------------------------------------------------------
 

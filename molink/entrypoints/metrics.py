@@ -84,6 +84,11 @@ class _HeadCollector:
         yield _gauge("molink_steps_dispatched", "Steps sent into the pipeline",
                      head.stats.num_steps_dispatched)
         yield _gauge("molink_stage_failures", "Stages lost since start", head.stats.num_stage_failures)
+        compute = GaugeMetricFamily("molink_stage_compute_seconds",
+                                    "Compute time per step of each stage (EWMA)", labels=["stage"])
+        for label, seconds in zip(head.stage_labels(), head.stage_compute_s):
+            compute.add_metric([label], seconds)
+        yield compute
         hop = GaugeMetricFamily("molink_hop_activation_bytes_sent",
                                 "Activation bytes the head sent on its outgoing hop", labels=["hop"])
         hop.add_metric(["head"], head.stats.activation_bytes_sent)

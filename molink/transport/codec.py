@@ -37,12 +37,14 @@ class WireStep:
     hidden: RawTensor | None  # activations entering the receiving stage
     reset: bool = False  # drop all request state first
     error: str = ""  # an earlier stage failed this step
+    stage_compute_s: tuple[float, ...] = ()  # compute time of each earlier stage
 
 
 def encode_step(plan: StepPlan, hidden: RawTensor | None = None, reset: bool = False,
-                error: str = "") -> pb.StepMessage:
+                error: str = "", stage_compute_s: tuple[float, ...] = ()) -> pb.StepMessage:
     msg = pb.StepMessage(step_id=plan.step_id, microbatch_id=plan.microbatch_id,
-                         freed_request_ids=plan.freed_request_ids, reset=reset, error=error)
+                         freed_request_ids=plan.freed_request_ids, reset=reset, error=error,
+                         stage_compute_s=stage_compute_s)
     msg.batch.extend(pb.BatchEntry(request_id=e.request_id, start=e.start,
                                    num_tokens=e.num_tokens, sample=e.sample) for e in plan.batch)
     msg.new_requests.extend(_encode_new(r) for r in plan.new_requests)
@@ -69,7 +71,8 @@ def decode_step(msg: pb.StepMessage) -> WireStep:
         freed_request_ids=[_request_id(r) for r in msg.freed_request_ids],
     )
     hidden = decode_tensor(msg.hidden_states) if msg.HasField("hidden_states") else None
-    return WireStep(plan, hidden, bool(msg.reset), msg.error[:4096])
+    return WireStep(plan, hidden, bool(msg.reset), msg.error[:4096],
+                    _timings(msg.stage_compute_s))
 
 
 def _encode_new(request: NewRequest) -> pb.NewRequest:
@@ -116,8 +119,10 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
 
 # ---- results --------------------------------------------------------------------------------
 
-def encode_result(output: StepOutput, error: str = "") -> pb.StepResult:
-    msg = pb.StepResult(step_id=output.step_id, microbatch_id=output.microbatch_id, error=error)
+def encode_result(output: StepOutput, error: str = "",
+                  stage_compute_s: tuple[float, ...] = ()) -> pb.StepResult:
+    msg = pb.StepResult(step_id=output.step_id, microbatch_id=output.microbatch_id, error=error,
+                        stage_compute_s=stage_compute_s)
     for request_id, token in output.sampled_token_ids.items():
         msg.sampled_token_ids[request_id] = token
     for request_id, lp in output.logprobs.items():
@@ -128,8 +133,8 @@ def encode_result(output: StepOutput, error: str = "") -> pb.StepResult:
     return msg
 
 
-def decode_result(msg: pb.StepResult) -> tuple[StepOutput, str]:
-    """-> (output, error text; empty when the step succeeded)."""
+def decode_result(msg: pb.StepResult) -> tuple[StepOutput, str, tuple[float, ...]]:
+    """-> (output, error text (empty when the step succeeded), compute time per stage)."""
     output = StepOutput(step_id=msg.step_id, microbatch_id=msg.microbatch_id)
     for request_id, token in msg.sampled_token_ids.items():
         output.sampled_token_ids[_request_id(request_id)] = _non_negative("token id", token)
@@ -138,7 +143,7 @@ def decode_result(msg: pb.StepResult) -> tuple[StepOutput, str]:
             raise WireFormatError("logprobs: token ids and values differ in length")
         output.logprobs[_request_id(request_id)] = TokenLogprobs(
             lp.token_id, lp.logprob, lp.rank, list(zip(lp.top_token_ids, lp.top_logprobs)))
-    return output, msg.error
+    return output, msg.error, _timings(msg.stage_compute_s)
 
 
 # ---- tensors ----------------------------------------------------------------------------------
@@ -162,6 +167,16 @@ def decode_tensor(msg: pb.Tensor) -> RawTensor:
 
 
 # ---- field checks ---------------------------------------------------------------------------
+
+MAX_STAGES = 256
+
+
+def _timings(values) -> tuple[float, ...]:
+    timings = tuple(values)
+    if len(timings) > MAX_STAGES or any(not 0.0 <= t < 3600.0 for t in timings):
+        raise WireFormatError("stage compute times are out of range")
+    return timings
+
 
 def _request_id(value: str) -> str:
     if not value or len(value) > MAX_REQUEST_ID_CHARS:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmolink/transport/molink.proto\x12\x06molink\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xab\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x01\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x14\n\x0chas_logprobs\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\"\x8b\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.molink.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\"Q\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x05\"S\n\nBatchEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\"\x92\x02\n\x0bStepMessage\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x15\n\rmicrobatch_id\x18\x02 \x01(\r\x12!\n\x05\x62\x61tch\x18\x03 \x03(\x0b\x32\x12.molink.BatchEntry\x12(\n\x0cnew_requests\x18\x04 \x03(\x0b\x32\x12.molink.NewRequest\x12.\n\x0f\x63\x61\x63hed_requests\x18\x05 \x03(\x0b\x32\x15.molink.CachedRequest\x12\x19\n\x11\x66reed_request_ids\x18\x06 \x03(\t\x12%\n\rhidden_states\x18\x07 \x01(\x0b\x32\x0e.molink.Tensor\x12\r\n\x05reset\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x01\"\xbb\x02\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x15\n\rmicrobatch_id\x18\x02 \x01(\r\x12\x42\n\x11sampled_token_ids\x18\x03 \x03(\x0b\x32\'.molink.StepResult.SampledTokenIdsEntry\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .molink.StepResult.LogprobsEntry\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x1a\x36\n\x14SampledTokenIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a\x46\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.molink.TokenLogprobs:\x02\x38\x01\"\x05\n\x03\x41\x63k\"\xaa\x01\n\tStageInfo\x12\x13\n\x0bstart_layer\x18\x01 \x01(\x05\x12\x11\n\tend_layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x12\n\nnum_layers\x18\x08 \x01(\x05\"/\n\x0bJoinRequest\x12 \n\x05stage\x18\x01 \x01(\x0b\x32\x11.molink.StageInfo\"?\n\tJoinReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08stage_id\x18\x03 \x01(\t\"B\n\x05Route\x12\x14\n\x0cnext_address\x18\x01 \x01(\t\x12\x14\n\x0chead_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x0f\n\rHealthRequest\",\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\x9c\x01\n\x04Head\x12.\n\x04Join\x12\x13.molink.JoinRequest\x1a\x11.molink.JoinReply\x12.\n\x07Results\x12\x12.molink.StepResult\x1a\x0b.molink.Ack(\x01\x30\x01\x12\x34\n\x06Health\x12\x15.molink.HealthRequest\x1a\x13.molink.HealthReply2\x97\x01\n\x05Stage\x12\'\n\tConfigure\x12\r.molink.Route\x1a\x0b.molink.Ack\x12/\n\x07\x46orward\x12\x13.molink.StepMessage\x1a\x0b.molink.Ack(\x01\x30\x01\x12\x34\n\x06Health\x12\x15.molink.HealthRequest\x1a\x13.molink.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmolink/transport/molink.proto\x12\x06molink\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xab\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x10\n\x08has_seed\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x03\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x01\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x14\n\x0chas_logprobs\x18\x0c \x01(\x08\x12\x10\n\x08logprobs\x18\r \x01(\x05\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\"\x8b\x01\n\nNewRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12(\n\x08sampling\x18\x04 \x01(\x0b\x32\x16.molink.SamplingParams\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\"Q\n\rCachedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x05\x12\x15\n\rnew_block_ids\x18\x03 \x03(\x05\"S\n\nBatchEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x0e\n\x06sample\x18\x04 \x01(\x08\"\xab\x02\n\x0bStepMessage\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x15\n\rmicrobatch_id\x18\x02 \x01(\r\x12!\n\x05\x62\x61tch\x18\x03 \x03(\x0b\x32\x12.molink.BatchEntry\x12(\n\x0cnew_requests\x18\x04 \x03(\x0b\x32\x12.molink.NewRequest\x12.\n\x0f\x63\x61\x63hed_requests\x18\x05 \x03(\x0b\x32\x15.molink.CachedRequest\x12\x19\n\x11\x66reed_request_ids\x18\x06 \x03(\t\x12%\n\rhidden_states\x18\x07 \x01(\x0b\x32\x0e.molink.Tensor\x12\r\n\x05reset\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x17\n\x0fstage_compute_s\x18\n \x03(\x01\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x01\"\xd4\x02\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\x15\n\rmicrobatch_id\x18\x02 \x01(\r\x12\x42\n\x11sampled_token_ids\x18\x03 \x03(\x0b\x32\'.molink.StepResult.SampledTokenIdsEntry\x12\x32\n\x08logprobs\x18\x04 \x03(\x0b\x32 .molink.StepResult.LogprobsEntry\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x17\n\x0fstage_compute_s\x18\x06 \x03(\x01\x1a\x36\n\x14SampledTokenIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x1a\x46\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.molink.TokenLogprobs:\x02\x38\x01\"\x05\n\x03\x41\x63k\"\xaa\x01\n\tStageInfo\x12\x13\n\x0bstart_layer\x18\x01 \x01(\x05\x12\x11\n\tend_layer\x18\x02 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x12\n\nnum_blocks\x18\x07 \x01(\x05\x12\x12\n\nnum_layers\x18\x08 \x01(\x05\"/\n\x0bJoinRequest\x12 \n\x05stage\x18\x01 \x01(\x0b\x32\x11.molink.StageInfo\"?\n\tJoinReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08stage_id\x18\x03 \x01(\t\"B\n\x05Route\x12\x14\n\x0cnext_address\x18\x01 \x01(\t\x12\x14\n\x0chead_address\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"\x0f\n\rHealthRequest\",\n\x0bHealthReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t2\x9c\x01\n\x04Head\x12.\n\x04Join\x12\x13.molink.JoinRequest\x1a\x11.molink.JoinReply\x12.\n\x07Results\x12\x12.molink.StepResult\x1a\x0b.molink.Ack(\x01\x30\x01\x12\x34\n\x06Health\x12\x15.molink.HealthRequest\x1a\x13.molink.HealthReply2\x97\x01\n\x05Stage\x12\'\n\tConfigure\x12\r.molink.Route\x1a\x0b.molink.Ack\x12/\n\x07\x46orward\x12\x13.molink.StepMessage\x1a\x0b.molink.Ack(\x01\x30\x01\x12\x34\n\x06Health\x12\x15.molink.HealthRequest\x1a\x13.molink.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHENTRY']._serialized_start=622
   _globals['_BATCHENTRY']._serialized_end=705
   _globals['_STEPMESSAGE']._serialized_start=708
-  _globals['_STEPMESSAGE']._serialized_end=982
-  _globals['_TOKENLOGPROBS']._serialized_start=984
-  _globals['_TOKENLOGPROBS']._serialized_end=1093
-  _globals['_STEPRESULT']._serialized_start=1096
-  _globals['_STEPRESULT']._serialized_end=1411
-  _globals['_STEPRESULT_SAMPLEDTOKENIDSENTRY']._serialized_start=1285
-  _globals['_STEPRESULT_SAMPLEDTOKENIDSENTRY']._serialized_end=1339
-  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_start=1341
-  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_end=1411
-  _globals['_ACK']._serialized_start=1413
-  _globals['_ACK']._serialized_end=1418
-  _globals['_STAGEINFO']._serialized_start=1421
-  _globals['_STAGEINFO']._serialized_end=1591
-  _globals['_JOINREQUEST']._serialized_start=1593
-  _globals['_JOINREQUEST']._serialized_end=1640
-  _globals['_JOINREPLY']._serialized_start=1642
-  _globals['_JOINREPLY']._serialized_end=1705
-  _globals['_ROUTE']._serialized_start=1707
-  _globals['_ROUTE']._serialized_end=1773
-  _globals['_HEALTHREQUEST']._serialized_start=1775
-  _globals['_HEALTHREQUEST']._serialized_end=1790
-  _globals['_HEALTHREPLY']._serialized_start=1792
-  _globals['_HEALTHREPLY']._serialized_end=1836
-  _globals['_HEAD']._serialized_start=1839
-  _globals['_HEAD']._serialized_end=1995
-  _globals['_STAGE']._serialized_start=1998
-  _globals['_STAGE']._serialized_end=2149
+  _globals['_STEPMESSAGE']._serialized_end=1007
+  _globals['_TOKENLOGPROBS']._serialized_start=1009
+  _globals['_TOKENLOGPROBS']._serialized_end=1118
+  _globals['_STEPRESULT']._serialized_start=1121
+  _globals['_STEPRESULT']._serialized_end=1461
+  _globals['_STEPRESULT_SAMPLEDTOKENIDSENTRY']._serialized_start=1335
+  _globals['_STEPRESULT_SAMPLEDTOKENIDSENTRY']._serialized_end=1389
+  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_start=1391
+  _globals['_STEPRESULT_LOGPROBSENTRY']._serialized_end=1461
+  _globals['_ACK']._serialized_start=1463
+  _globals['_ACK']._serialized_end=1468
+  _globals['_STAGEINFO']._serialized_start=1471
+  _globals['_STAGEINFO']._serialized_end=1641
+  _globals['_JOINREQUEST']._serialized_start=1643
+  _globals['_JOINREQUEST']._serialized_end=1690
+  _globals['_JOINREPLY']._serialized_start=1692
+  _globals['_JOINREPLY']._serialized_end=1755
+  _globals['_ROUTE']._serialized_start=1757
+  _globals['_ROUTE']._serialized_end=1823
+  _globals['_HEALTHREQUEST']._serialized_start=1825
+  _globals['_HEALTHREQUEST']._serialized_end=1840
+  _globals['_HEALTHREPLY']._serialized_start=1842
+  _globals['_HEALTHREPLY']._serialized_end=1886
+  _globals['_HEAD']._serialized_start=1889
+  _globals['_HEAD']._serialized_end=2045
+  _globals['_STAGE']._serialized_start=2048
+  _globals['_STAGE']._serialized_end=2199
 # @@protoc_insertion_point(module_scope)

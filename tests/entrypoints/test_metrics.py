@@ -48,6 +48,9 @@ def test_metrics_move_and_abandoned_streams_free_kv(tiny_model_dir):
     assert served["molink_time_to_first_token_seconds_count"] == 1.0
     assert served["molink_time_per_output_token_seconds_count"] >= 1.0
     assert served["molink_hop_activation_bytes_sent{hop=head}"] > 0
+    stage_times = {k: v for k, v in served.items() if k.startswith("molink_stage_compute_seconds")}
+    assert len(stage_times) == 2 and all(v > 0 for v in stage_times.values())
+    assert any("stage=head layers 0:2" in k for k in stage_times)
     assert holding["molink_kv_blocks_used"] > 0
     assert released["molink_kv_blocks_used"] == 0.0
     assert released["molink_kv_blocks_free"] == before["molink_kv_blocks_free"]

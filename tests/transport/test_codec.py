@@ -45,9 +45,9 @@ def test_step_round_trip():
 def test_result_round_trip():
     output = StepOutput(step_id=3, microbatch_id=1, sampled_token_ids={"a": 5, "b": 0},
                         logprobs={"a": TokenLogprobs(5, -0.25, 1, [(5, -0.25), (8, -2.5)])})
-    decoded, error = decode_result(pb.StepResult.FromString(
-        encode_result(output, error="").SerializeToString()))
-    assert decoded == output and error == ""
+    decoded, error, timings = decode_result(pb.StepResult.FromString(
+        encode_result(output, error="", stage_compute_s=(0.5, 0.25)).SerializeToString()))
+    assert decoded == output and error == "" and timings == (0.5, 0.25)
 
 
 @pytest.mark.parametrize("tensor,message", [
