@@ -4,6 +4,7 @@
     molink demo                                  the bundled model on a local 3-stage pipeline
     molink serve MODEL [--layers 0:K]            the head: HTTP API + the first layers
     molink join MODEL --head H:P --layers A:B    serve layers A:B as a stage of H's pipeline
+    molink status --head HOST:HTTP_PORT          the live pipeline and its figures
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the head of a pipeline with its HTTP API")
     serve_cli.add_arguments(serve)
     serve.set_defaults(handler=_serve)
+    status = sub.add_parser("status", help="show a running pipeline and its figures")
+    status.add_argument("--head", required=True, help="the head's HTTP address HOST:PORT")
+    status.set_defaults(handler=_status)
     join = sub.add_parser("join", help="serve a layer range as a stage of a head's pipeline")
     join_cli.add_arguments(join)
     join.set_defaults(handler=_join)
@@ -81,6 +85,13 @@ def _cluster_token(args) -> str:
 
 def _serve(args) -> int:
     return serve_cli.run(args, args.cluster_token or envs.cluster_token())
+
+
+def _status(args) -> int:
+    from molink.entrypoints import status
+
+    print(status.render(args.head))
+    return 0
 
 
 def _join(args) -> int:

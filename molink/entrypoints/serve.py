@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import secrets
 from pathlib import Path
 
+from molink import envs
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig, parse_layer_range
 from molink.coordinator.pipeline_head import PipelineHead
 from molink.model.loader import load_config
@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cluster-token", default=None,
                         help="shared cluster secret (or set MOLINK_CLUSTER_TOKEN; "
                              "a random one is generated and printed when absent)")
+    parser.add_argument("--api-key", default=None,
+                        help="HTTP clients must send 'Authorization: Bearer <key>' to /v1/* and "
+                             "/generate (or set MOLINK_API_KEY; default: no key needed)")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
@@ -76,7 +79,7 @@ def run(args, token: str | None) -> int:
         token=token, head_layers=head_layers(args.layers, arch.num_layers),
         num_microbatches=num_microbatches(args.num_microbatches))
     name = args.served_model_name or Path(args.model).name
-    app = create_app(head, name)
+    app = create_app(head, name, api_key=args.api_key or envs.api_key())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -184,3 +184,8 @@ def test_low_precision_runs(tiny_model_dir):
     (out,) = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert len(out.outputs[0].token_ids) == 5
     assert llm.llm_engine.executors[0].dtype == torch.bfloat16
+
+
+def test_huge_integers_in_float_fields_are_value_errors():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=10**400)

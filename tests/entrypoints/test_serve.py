@@ -101,3 +101,15 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     assert bad.status_code == 400 and "top_p" in bad.json()["error"]["message"]
     unknown = httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=10)
     assert unknown.status_code == 404
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    metrics = {s.name: s.value for f in text_string_to_metric_families(
+        httpx.get(f"{url}/metrics", timeout=10).text) for s in f.samples}
+    assert metrics["molink_generated_tokens_total"] >= 16
+    assert metrics["molink_ready"] == 1.0
+    status = subprocess.run([sys.executable, "-m", "molink.entrypoints.cli", "status", "--head",
+                             f"127.0.0.1:{http_port}"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("ready: head layers 0:2 -> layers 2:4 at 127.0.0.1:")
+    assert "ms/step" in status.stdout and "KV blocks free" in status.stdout
