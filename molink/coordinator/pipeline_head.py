@@ -104,6 +104,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         # Observers (metrics): on_request_added(request_id), on_output(RequestOutput),
         # on_request_failed(request_id). Called on the event loop; must be cheap.
         self.listeners: list = []
+        self.ready_callbacks: list = []  # called each time the pipeline becomes ready
         self._in_flight: collections.deque[StepPlan] = collections.deque()
         self._in_flight_requests: set[str] = set()
         self._ready = False
@@ -366,6 +367,8 @@ class PipelineHead(pb_grpc.HeadServicer):
             self._make_scheduler(stages)
         self._ready = True
         self._ready_event.set()
+        for callback in self.ready_callbacks:
+            callback()
         logger.info("pipeline ready: %s", self.describe())
         self._pump()
 

@@ -83,6 +83,7 @@ def run(args, token: str | None) -> int:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        head.ready_callbacks.append(lambda: _print_ready_block(args, head, name))
         port = await head.start(args.host, args.peer_port, args.advertise_host)
         _print_banner(args, head, port, token if generated else None)
         yield
@@ -104,3 +105,23 @@ def _print_banner(args, head: PipelineHead, peer_port: int, generated_token: str
         print(f"waiting for stages: {detail}; on each stage machine run", flush=True)
         print(f"  molink join {args.model} --head {host}:{peer_port} --layers START:END "
               "--cluster-token <token>", flush=True)
+
+
+def _print_ready_block(args, head: PipelineHead, name: str) -> None:
+    """Once every layer is served: where to send requests, and how."""
+    host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.port}"
+    key = "$MOLINK_API_KEY" if (args.api_key or envs.api_key()) else "unused"
+    print(f"""
+================ MoLink is ready ================
+URL:      {url}/v1   (OpenAI-compatible; /health, /metrics)
+Model:    {name}
+Pipeline: {head.describe()}
+
+curl {url}/v1/completions -H 'Content-Type: application/json' \\
+     -H "Authorization: Bearer {key}" \\
+     -d '{{"model": "{name}", "prompt": "Hello", "max_tokens": 32}}'
+
+python -c "from openai import OpenAI; c = OpenAI(base_url='{url}/v1', api_key='{key}'); \\
+print(c.completions.create(model='{name}', prompt='Hello', max_tokens=32).choices[0].text)"
+=================================================""", flush=True)

@@ -81,6 +81,9 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     while _health(url).status_code != 200:
         assert time.monotonic() < deadline, "pipeline never became healthy"
         time.sleep(0.2)  # polling the health check, not waiting blindly
+    _wait_for_line(head, r"MoLink is ready")
+    assert "Pipeline: head layers 0:2 -> layers 2:4" in _wait_for_line(head, r"Pipeline: .*").group(0)
+    assert _wait_for_line(head, r"^curl http://127\.0\.0\.1:\d+/v1/completions")
 
     from openai import OpenAI
 
@@ -113,3 +116,4 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("ready: head layers 0:2 -> layers 2:4 at 127.0.0.1:")
     assert "ms/step" in status.stdout and "KV blocks free" in status.stdout
+
