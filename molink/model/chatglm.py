@@ -180,10 +180,8 @@ class ChatGLMForConditionalGeneration(StageModel):
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.transformer = ChatGLMModel(cfg, start_layer, end_layer)
-        self.is_first, self.is_last = self.transformer.is_first, self.transformer.is_last
+        self.attach_body(cfg, start_layer, end_layer, "transformer",
+                         ChatGLMModel(cfg, start_layer, end_layer), lm_head_bias=None)
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:

@@ -85,12 +85,8 @@ class DeepseekV2ForCausalLM(StageModel):
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.model = DeepseekBody(cfg, start_layer, end_layer)
-        self.is_first, self.is_last = self.model.is_first, self.model.is_last
-        if self.is_last:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.attach_body(cfg, start_layer, end_layer, "model",
+                         DeepseekBody(cfg, start_layer, end_layer), lm_head_bias=False)
         self._checkpoint_tensor_names: frozenset[str] = frozenset()
 
     @staticmethod

@@ -101,12 +101,8 @@ class PhiBody(nn.Module):
 class PhiForCausalLM(StageModel):
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.model = PhiBody(cfg, start_layer, end_layer)
-        self.is_first, self.is_last = self.model.is_first, self.model.is_last
-        if self.is_last:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=True)
+        self.attach_body(cfg, start_layer, end_layer, "model",
+                         PhiBody(cfg, start_layer, end_layer), lm_head_bias=True)
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:

@@ -95,12 +95,8 @@ class QWenModel(nn.Module):
 class QWenLMHeadModel(StageModel):
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.transformer = QWenModel(cfg, start_layer, end_layer)
-        self.is_first, self.is_last = self.transformer.is_first, self.transformer.is_last
-        if self.is_last:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.attach_body(cfg, start_layer, end_layer, "transformer",
+                         QWenModel(cfg, start_layer, end_layer), lm_head_bias=False)
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:

@@ -108,12 +108,8 @@ class DecoderLM(StageModel):
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.model = DecoderBody(cfg, start_layer, end_layer, self.layer_cls)
-        self.is_first, self.is_last = self.model.is_first, self.model.is_last
-        if self.is_last:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        body = DecoderBody(cfg, start_layer, end_layer, self.layer_cls)
+        self.attach_body(cfg, start_layer, end_layer, "model", body, lm_head_bias=False)
 
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
