@@ -1,7 +1,7 @@
 """The head's OpenAI-compatible HTTP API: ``/health``, ``/v1/models``, ``/v1/completions``,
 ``/v1/chat/completions`` and ``/generate``.
 
-Every request body is parsed once, at the edge, into a ``_Job`` (token ids per prompt, one
+Every request body is parsed once, at the edge, into a ``Job`` (token ids per prompt, one
 SamplingParams per choice, what to report); a wrong type or an out-of-range value is a 400
 naming the field, never a 500. Unknown fields are ignored; OpenAI fields this server cannot
 honour (``echo``, ``suffix``, ``logit_bias``, tools, ...) are a 400 when set.
@@ -24,8 +24,6 @@ import dataclasses
 import json
 import logging
 import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import jinja2
@@ -40,7 +38,8 @@ from molink.coordinator.pipeline_head import (
 )
 from molink.entrypoints.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from molink.entrypoints.metrics import HeadMetrics
-from molink.outputs import CompletionOutput, Logprob, RequestOutput
+from molink.entrypoints.openai_format import ChatFormat, CompletionFormat, Job
+from molink.outputs import RequestOutput
 from molink.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -79,23 +78,6 @@ def error(status: int, message: str, kind: str = "invalid_request_error",
         "message": message, "type": kind, "param": param, "code": status}})
 
 
-@dataclasses.dataclass(frozen=True)
-class _Job:
-    """One parsed request: what to run and what to report."""
-    prompt_ids: list[list[int]]  # token ids of each prompt
-    choice_params: list[SamplingParams]  # n of them, n == 1 each; choice j of every prompt
-    stream: bool
-    include_usage: bool
-    num_top_logprobs: int | None  # None: no logprobs reported
-
-    @property
-    def n(self) -> int:
-        return len(self.choice_params)
-
-    def choices(self) -> list[tuple[list[int], SamplingParams]]:
-        return [(ids, params) for ids in self.prompt_ids for params in self.choice_params]
-
-
 def create_app(head: PipelineHead, served_model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="MoLink", docs_url=None, redoc_url=None, openapi_url=None)
     if api_key:
@@ -131,11 +113,11 @@ def create_app(head: PipelineHead, served_model_name: str, api_key: str | None =
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _serve(head, request, served_model_name, _parse_completion, _CompletionFormat)
+        return await _serve(head, request, served_model_name, _parse_completion, CompletionFormat)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _serve(head, request, served_model_name, _parse_chat, _ChatFormat)
+        return await _serve(head, request, served_model_name, _parse_chat, ChatFormat)
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -146,7 +128,7 @@ def create_app(head: PipelineHead, served_model_name: str, api_key: str | None =
             job = dataclasses.replace(_parse_completion(body, head), stream=False)
         except ValueError as exc:
             return _failure(exc)
-        fmt = _CompletionFormat(served_model_name, job)
+        fmt = CompletionFormat(served_model_name, job)
         answer = await _answer(head, job, fmt, request)
         if isinstance(answer, JSONResponse):
             return answer
@@ -156,7 +138,7 @@ def create_app(head: PipelineHead, served_model_name: str, api_key: str | None =
 
 
 async def _serve(head: PipelineHead, request: Request, model: str, parse, fmt_class):
-    """Body -> model check -> _Job -> an answer (JSON or an event stream)."""
+    """Body -> model check -> Job -> an answer (JSON or an event stream)."""
     body = await _json_body(request)
     if isinstance(body, JSONResponse):
         return body
@@ -201,7 +183,7 @@ def _guarded(path: str) -> bool:
     return path == "/generate" or path == "/v1" or path.startswith("/v1/")
 
 
-# ---- parsing: body -> _Job -------------------------------------------------------------------
+# ---- parsing: body -> Job -------------------------------------------------------------------
 
 
 async def _json_body(request: Request):
@@ -220,7 +202,7 @@ async def _json_body(request: Request):
     return body
 
 
-def _parse_completion(body: dict, head: PipelineHead) -> _Job:
+def _parse_completion(body: dict, head: PipelineHead) -> Job:
     _reject_unsupported(body, _UNSUPPORTED_COMPLETION)
     prompts = _prompts(body.get("prompt"), head)
     max_tokens = _optional_int(body, "max_tokens", low=1)
@@ -230,7 +212,7 @@ def _parse_completion(body: dict, head: PipelineHead) -> _Job:
     return _job(body, head, prompts, max_tokens, num_top)
 
 
-def _parse_chat(body: dict, head: PipelineHead) -> _Job:
+def _parse_chat(body: dict, head: PipelineHead) -> Job:
     _reject_unsupported(body, _UNSUPPORTED_CHAT)
     text = _chat_prompt(_messages(body.get("messages")), head)
     prompts = [head.tokenizer.encode(text, add_special_tokens=False)]
@@ -245,7 +227,7 @@ def _parse_chat(body: dict, head: PipelineHead) -> _Job:
 
 
 def _job(body: dict, head: PipelineHead, prompts: list[list[int]], max_tokens: int | None,
-         num_top: int | None) -> _Job:
+         num_top: int | None) -> Job:
     """The fields both endpoints share: n, stream, user and the sampling fields."""
     n = _optional_int(body, "n", low=1, high=MAX_N) or 1
     if n * len(prompts) > MAX_N:
@@ -266,7 +248,7 @@ def _job(body: dict, head: PipelineHead, prompts: list[list[int]], max_tokens: i
     params = SamplingParams(max_tokens=max_tokens, logprobs=num_top, **values)
     seed = params.seed
     choice_params = [params if seed is None else params.replace(seed=seed + j) for j in range(n)]
-    return _Job(prompts, choice_params, stream, include_usage, num_top)
+    return Job(prompts, choice_params, stream, include_usage, num_top)
 
 
 def _prompts(prompt, head: PipelineHead) -> list[list[int]]:
@@ -408,7 +390,7 @@ def _param_of(message: str) -> str | None:
 # ---- running ------------------------------------------------------------------------------
 
 
-async def _merged(head: PipelineHead, job: _Job,
+async def _merged(head: PipelineHead, job: Job,
                   request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Run every choice concurrently; yield (choice index, output) as they come.
 
@@ -449,7 +431,7 @@ def _failure(exc: Exception) -> JSONResponse:
     return error(400, str(exc), param=getattr(exc, "param", None) or _param_of(str(exc)))
 
 
-async def _answer(head: PipelineHead, job: _Job, fmt, request: Request):
+async def _answer(head: PipelineHead, job: Job, fmt, request: Request):
     """The whole answer as JSON; a client that hangs up first aborts its requests."""
     collect = asyncio.create_task(_collect(head, job, fmt.request_id))
     hang_up = asyncio.create_task(_wait_for_disconnect(request))
@@ -468,7 +450,7 @@ async def _answer(head: PipelineHead, job: _Job, fmt, request: Request):
     return fmt.answer([finals[i] for i in range(len(finals))])
 
 
-async def _collect(head: PipelineHead, job: _Job, request_id: str) -> dict[int, RequestOutput]:
+async def _collect(head: PipelineHead, job: Job, request_id: str) -> dict[int, RequestOutput]:
     finals: dict[int, RequestOutput] = {}
     async for index, output in _merged(head, job, request_id):
         finals[index] = output
@@ -481,7 +463,7 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def _start_stream(head: PipelineHead, job: _Job, fmt):
+async def _start_stream(head: PipelineHead, job: Job, fmt):
     """Wait for the first output before answering, so bad input is a 400, not an event."""
     merged = _merged(head, job, fmt.request_id)
     try:
@@ -492,7 +474,7 @@ async def _start_stream(head: PipelineHead, job: _Job, fmt):
     return StreamingResponse(_events(merged, first, job, fmt), media_type="text/event-stream")
 
 
-async def _events(merged, first: tuple[int, RequestOutput], job: _Job, fmt) -> AsyncIterator[str]:
+async def _events(merged, first: tuple[int, RequestOutput], job: Job, fmt) -> AsyncIterator[str]:
     finals: dict[int, RequestOutput] = {}
     try:
         for chunk in fmt.opening_chunks():
@@ -518,150 +500,3 @@ async def _events(merged, first: tuple[int, RequestOutput], job: _Job, fmt) -> A
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-# ---- formatting: outputs -> OpenAI JSON ----------------------------------------------------------
-
-
-def _finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else ("stop" if reason == "abort" else reason)
-
-
-def _usage(outputs: list[RequestOutput], n: int) -> dict:
-    # The prompt counts once per prompt, however many choices were drawn from it.
-    num_prompt = sum(len(o.prompt_token_ids) for o in outputs[::n])
-    num_completion = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
-            "total_tokens": num_prompt + num_completion}
-
-
-def _top(entry: dict[int, Logprob], count: int) -> list[tuple[int, Logprob]]:
-    ranked = sorted(entry.items(), key=lambda item: item[1].rank or 1 << 62)
-    return ranked[:count]
-
-
-class _Format:
-    """Shared state of one answer: its id, and how far each choice has been sent."""
-    object_name = ""
-    id_prefix = ""
-
-    def __init__(self, model: str, job: _Job) -> None:
-        self.model = model
-        self.job = job
-        self.request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.sent_chars: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-
-    def _envelope(self, object_name: str, choices: list, **extra) -> dict:
-        return {"id": self.request_id, "object": object_name, "created": self.created,
-                "model": self.model, "choices": choices, **extra}
-
-    def _new_part(self, index: int, out: CompletionOutput) -> tuple[str, int, int]:
-        """(new text, first new token, end token) since the last chunk of this choice."""
-        start_chars = self.sent_chars.get(index, 0)
-        start_tokens = self.sent_tokens.get(index, 0)
-        end_tokens = len(out.logprobs) if out.logprobs is not None else len(out.token_ids)
-        self.sent_chars[index] = len(out.text)
-        self.sent_tokens[index] = end_tokens
-        return out.text[start_chars:], start_tokens, end_tokens
-
-    def opening_chunks(self) -> list[dict]:
-        return []
-
-    def usage_chunk(self, outputs: list[RequestOutput]) -> dict:
-        return self._envelope(self.chunk_object, [], usage=_usage(outputs, self.job.n))
-
-
-class _CompletionFormat(_Format):
-    object_name = chunk_object = "text_completion"
-    id_prefix = "cmpl"
-
-    def answer(self, outputs: list[RequestOutput]) -> dict:
-        choices = []
-        for index, output in enumerate(outputs):
-            out = output.outputs[0]
-            choices.append({"index": index, "text": out.text,
-                            "logprobs": self._logprobs(out, 0, len(out.logprobs or ()), 0),
-                            "finish_reason": _finish_reason(out.finish_reason)})
-        return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
-
-    def chunk(self, index: int, output: RequestOutput) -> dict | None:
-        out = output.outputs[0]
-        offset = self.sent_chars.get(index, 0)
-        text, start, end = self._new_part(index, out)
-        if not text and start == end and out.finish_reason is None:
-            return None
-        choice = {"index": index, "text": text, "logprobs": self._logprobs(out, start, end, offset),
-                  "finish_reason": _finish_reason(out.finish_reason)}
-        extra = {"usage": None} if self.job.include_usage else {}
-        return self._envelope(self.object_name, [choice], **extra)
-
-    def _logprobs(self, out: CompletionOutput, start: int, end: int, offset: int) -> dict | None:
-        """OpenAI's completions shape for tokens [start, end); offsets start at ``offset``."""
-        if self.job.num_top_logprobs is None or out.logprobs is None:
-            return None
-        shape = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for position in range(start, end):
-            entry = out.logprobs[position]
-            chosen = entry[out.token_ids[position]]
-            shape["tokens"].append(chosen.decoded_token)
-            shape["token_logprobs"].append(chosen.logprob)
-            shape["top_logprobs"].append({lp.decoded_token: lp.logprob for _, lp in
-                                          _top(entry, self.job.num_top_logprobs)})
-            shape["text_offset"].append(offset)
-            offset += len(chosen.decoded_token or "")
-        return shape
-
-
-class _ChatFormat(_Format):
-    object_name = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    id_prefix = "chatcmpl"
-
-    def answer(self, outputs: list[RequestOutput]) -> dict:
-        choices = []
-        for index, output in enumerate(outputs):
-            out = output.outputs[0]
-            choices.append({"index": index,
-                            "message": {"role": "assistant", "content": out.text},
-                            "logprobs": self._logprobs(out, 0, len(out.logprobs or ())),
-                            "finish_reason": _finish_reason(out.finish_reason)})
-        return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
-
-    def opening_chunks(self) -> list[dict]:
-        extra = {"usage": None} if self.job.include_usage else {}
-        return [self._envelope(self.chunk_object, [{
-            "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-            "finish_reason": None}], **extra) for index in range(self.job.n * len(self.job.prompt_ids))]
-
-    def chunk(self, index: int, output: RequestOutput) -> dict | None:
-        out = output.outputs[0]
-        text, start, end = self._new_part(index, out)
-        if not text and start == end and out.finish_reason is None:
-            return None
-        choice = {"index": index, "delta": {"content": text} if text else {},
-                  "logprobs": self._logprobs(out, start, end),
-                  "finish_reason": _finish_reason(out.finish_reason)}
-        extra = {"usage": None} if self.job.include_usage else {}
-        return self._envelope(self.chunk_object, [choice], **extra)
-
-    def _logprobs(self, out: CompletionOutput, start: int, end: int) -> dict | None:
-        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
-        if self.job.num_top_logprobs is None or out.logprobs is None:
-            return None
-        content = []
-        for position in range(start, end):
-            entry = out.logprobs[position]
-            chosen = entry[out.token_ids[position]]
-            item = _chat_token(chosen)
-            item["top_logprobs"] = [_chat_token(lp) for _, lp in
-                                    _top(entry, self.job.num_top_logprobs)]
-            content.append(item)
-        return {"content": content}
-
-
-def _chat_token(lp: Logprob) -> dict:
-    token = lp.decoded_token or ""
-    return {"token": token, "logprob": lp.logprob,
-            "bytes": list(token.encode("utf-8", errors="replace"))}

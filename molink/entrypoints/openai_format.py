@@ -1,0 +1,175 @@
+"""OpenAI's JSON shapes: a parsed request (``Job``) and its answers, whole or as chunks."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+
+from molink.outputs import CompletionOutput, Logprob, RequestOutput
+from molink.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One parsed request: what to run and what to report."""
+    prompt_ids: list[list[int]]  # token ids of each prompt
+    choice_params: list[SamplingParams]  # n of them, n == 1 each; choice j of every prompt
+    stream: bool
+    include_usage: bool
+    num_top_logprobs: int | None  # None: no logprobs reported
+
+    @property
+    def n(self) -> int:
+        return len(self.choice_params)
+
+    def choices(self) -> list[tuple[list[int], SamplingParams]]:
+        return [(ids, params) for ids in self.prompt_ids for params in self.choice_params]
+
+
+
+# ---- formatting: outputs -> OpenAI JSON ----------------------------------------------------------
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else ("stop" if reason == "abort" else reason)
+
+
+def _usage(outputs: list[RequestOutput], n: int) -> dict:
+    # The prompt counts once per prompt, however many choices were drawn from it.
+    num_prompt = sum(len(o.prompt_token_ids) for o in outputs[::n])
+    num_completion = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"prompt_tokens": num_prompt, "completion_tokens": num_completion,
+            "total_tokens": num_prompt + num_completion}
+
+
+def _top(entry: dict[int, Logprob], count: int) -> list[tuple[int, Logprob]]:
+    ranked = sorted(entry.items(), key=lambda item: item[1].rank or 1 << 62)
+    return ranked[:count]
+
+
+class Format:
+    """Shared state of one answer: its id, and how far each choice has been sent."""
+    object_name = ""
+    id_prefix = ""
+
+    def __init__(self, model: str, job: Job) -> None:
+        self.model = model
+        self.job = job
+        self.request_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.sent_chars: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+
+    def _envelope(self, object_name: str, choices: list, **extra) -> dict:
+        return {"id": self.request_id, "object": object_name, "created": self.created,
+                "model": self.model, "choices": choices, **extra}
+
+    def _new_part(self, index: int, out: CompletionOutput) -> tuple[str, int, int]:
+        """(new text, first new token, end token) since the last chunk of this choice."""
+        start_chars = self.sent_chars.get(index, 0)
+        start_tokens = self.sent_tokens.get(index, 0)
+        end_tokens = len(out.logprobs) if out.logprobs is not None else len(out.token_ids)
+        self.sent_chars[index] = len(out.text)
+        self.sent_tokens[index] = end_tokens
+        return out.text[start_chars:], start_tokens, end_tokens
+
+    def opening_chunks(self) -> list[dict]:
+        return []
+
+    def usage_chunk(self, outputs: list[RequestOutput]) -> dict:
+        return self._envelope(self.chunk_object, [], usage=_usage(outputs, self.job.n))
+
+
+class CompletionFormat(Format):
+    object_name = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def answer(self, outputs: list[RequestOutput]) -> dict:
+        choices = []
+        for index, output in enumerate(outputs):
+            out = output.outputs[0]
+            choices.append({"index": index, "text": out.text,
+                            "logprobs": self._logprobs(out, 0, len(out.logprobs or ()), 0),
+                            "finish_reason": _finish_reason(out.finish_reason)})
+        return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
+
+    def chunk(self, index: int, output: RequestOutput) -> dict | None:
+        out = output.outputs[0]
+        offset = self.sent_chars.get(index, 0)
+        text, start, end = self._new_part(index, out)
+        if not text and start == end and out.finish_reason is None:
+            return None
+        choice = {"index": index, "text": text, "logprobs": self._logprobs(out, start, end, offset),
+                  "finish_reason": _finish_reason(out.finish_reason)}
+        extra = {"usage": None} if self.job.include_usage else {}
+        return self._envelope(self.object_name, [choice], **extra)
+
+    def _logprobs(self, out: CompletionOutput, start: int, end: int, offset: int) -> dict | None:
+        """OpenAI's completions shape for tokens [start, end); offsets start at ``offset``."""
+        if self.job.num_top_logprobs is None or out.logprobs is None:
+            return None
+        shape = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for position in range(start, end):
+            entry = out.logprobs[position]
+            chosen = entry[out.token_ids[position]]
+            shape["tokens"].append(chosen.decoded_token)
+            shape["token_logprobs"].append(chosen.logprob)
+            shape["top_logprobs"].append({lp.decoded_token: lp.logprob for _, lp in
+                                          _top(entry, self.job.num_top_logprobs)})
+            shape["text_offset"].append(offset)
+            offset += len(chosen.decoded_token or "")
+        return shape
+
+
+class ChatFormat(Format):
+    object_name = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def answer(self, outputs: list[RequestOutput]) -> dict:
+        choices = []
+        for index, output in enumerate(outputs):
+            out = output.outputs[0]
+            choices.append({"index": index,
+                            "message": {"role": "assistant", "content": out.text},
+                            "logprobs": self._logprobs(out, 0, len(out.logprobs or ())),
+                            "finish_reason": _finish_reason(out.finish_reason)})
+        return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
+
+    def opening_chunks(self) -> list[dict]:
+        extra = {"usage": None} if self.job.include_usage else {}
+        return [self._envelope(self.chunk_object, [{
+            "index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            "finish_reason": None}], **extra) for index in range(self.job.n * len(self.job.prompt_ids))]
+
+    def chunk(self, index: int, output: RequestOutput) -> dict | None:
+        out = output.outputs[0]
+        text, start, end = self._new_part(index, out)
+        if not text and start == end and out.finish_reason is None:
+            return None
+        choice = {"index": index, "delta": {"content": text} if text else {},
+                  "logprobs": self._logprobs(out, start, end),
+                  "finish_reason": _finish_reason(out.finish_reason)}
+        extra = {"usage": None} if self.job.include_usage else {}
+        return self._envelope(self.chunk_object, [choice], **extra)
+
+    def _logprobs(self, out: CompletionOutput, start: int, end: int) -> dict | None:
+        """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+        if self.job.num_top_logprobs is None or out.logprobs is None:
+            return None
+        content = []
+        for position in range(start, end):
+            entry = out.logprobs[position]
+            chosen = entry[out.token_ids[position]]
+            item = _chat_token(chosen)
+            item["top_logprobs"] = [_chat_token(lp) for _, lp in
+                                    _top(entry, self.job.num_top_logprobs)]
+            content.append(item)
+        return {"content": content}
+
+
+def _chat_token(lp: Logprob) -> dict:
+    token = lp.decoded_token or ""
+    return {"token": token, "logprob": lp.logprob,
+            "bytes": list(token.encode("utf-8", errors="replace"))}
