@@ -1,7 +1,7 @@
 """Torch tensors <-> ``RawTensor`` (raw bytes + dtype + shape): the only way tensors cross.
 
-``torch.frombuffer`` reinterprets bytes as numbers; it cannot execute anything, unlike
-``torch.load`` or pickle, which are never used on network input.
+``torch.frombuffer`` reinterprets bytes as numbers and cannot execute anything; no
+object-deserializing loader is used anywhere on network input.
 """
 
 from __future__ import annotations
