@@ -95,3 +95,23 @@ class RawTensor:
     data: bytes
     dtype: str  # "float32" | "bfloat16" | "float16" | "int8" | ...
     shape: tuple[int, ...]
+    # Compressed activations (dtype "int8", 2-D): one float32 scale per row (per token);
+    # value = int8 * scale. Empty for plain tensors.
+    row_scales: bytes = b""
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (the first dimension) of data."""
+        return len(self.data) // self.shape[0] if self.shape and self.shape[0] else 0
+
+
+@dataclass
+class LinkReport:
+    """One hop's link as its sender measured it (travels with steps to the head)."""
+
+    bandwidth_bps: float = 0.0  # bits per second; 0: not measured yet
+    latency_s: float = 0.0  # one way
+    bytes_sent: int = 0
+    messages_sent: int = 0
+    tokens_sent: int = 0  # activation rows
+    compression: str = "none"

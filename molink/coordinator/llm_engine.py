@@ -9,6 +9,8 @@ One ``step()`` is the whole algorithm::
 
 The stages here are ``StageExecutor`` objects chained in this process (one for a whole
 model, or several consecutive layer ranges); remote stages plug in behind the same plan.
+With a ``wire_compression``, the hidden states between chained stages make the same raw
+round trip as on a compressed network hop, so this engine reproduces a compressed pipeline.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from molink.coordinator.tokenizer import eos_token_ids, load_tokenizer
 from molink.messages import StepOutput, StepPlan
 from molink.outputs import RequestOutput
 from molink.runtime.stage_executor import StageExecutor
+from molink.runtime.wire_tensor import COMPRESSIONS, from_raw, to_raw
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
 
@@ -33,7 +36,14 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig | None = None,
                  scheduler_config: SchedulerConfig | None = None,
-                 stage_layers: list[tuple[int, int]] | None = None) -> None:
+                 stage_layers: list[tuple[int, int]] | None = None,
+                 wire_compression: str = "none") -> None:
+        """``wire_compression``: how hidden states cross between chained stages (one of
+        ``COMPRESSIONS``), as they would cross a network hop."""
+        if wire_compression not in COMPRESSIONS:
+            raise ValueError(f"wire_compression must be one of {', '.join(COMPRESSIONS)}, "
+                             f"got {wire_compression!r}")
+        self.wire_compression = wire_compression
         cache_config = cache_config or CacheConfig()
         scheduler_config = scheduler_config or SchedulerConfig()
         self.executors = self._make_executors(model_config, cache_config, stage_layers,
@@ -87,7 +97,11 @@ class LLMEngine:
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run a plan through the chained stages."""
         hidden = None
-        for executor in self.executors:
+        for index, executor in enumerate(self.executors):
+            if index and hidden is not None and self.wire_compression != "none":
+                # a compressed hop: [T, hidden] leaves as raw bytes
+                raw = to_raw(hidden, self.wire_compression)
+                hidden = from_raw(raw, executor.device, dtype=executor.dtype)
             hidden = executor.execute(plan, hidden)
         return hidden
 

@@ -31,17 +31,19 @@ from molink.coordinator.membership import Membership, ModelIdentity, StageMember
 from molink.coordinator.output_processor import OutputProcessor
 from molink.coordinator.prompts import make_request
 from molink.coordinator.tokenizer import eos_token_ids, load_tokenizer
-from molink.messages import StepOutput, StepPlan
+from molink.messages import LinkReport, StepOutput, StepPlan
 from molink.model.loader import config_fingerprint, load_config, resolve_dtype
 from molink.outputs import RequestOutput
 from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.runtime.wire_tensor import to_raw
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
+from molink.scheduler.microbatch_chooser import HopTiming, StageTiming, choose_num_microbatches
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
-from molink.transport.codec import WireFormatError, decode_result, encode_step
-from molink.transport.peers import Peer, bind, make_server, queued_messages
+from molink.transport.codec import WireFormatError, decode_result
+from molink.transport.hop_sender import COMPRESSIONS, SCHEDULES, HopSender, OutgoingStep
+from molink.transport.peers import Peer, bind, make_server
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +71,65 @@ class HeadStats:
     num_stage_failures: int = 0
     activation_bytes_sent: int = 0  # on the head's outgoing hop
     activation_tokens_sent: int = 0
+    num_results_out_of_order: int = 0  # a later micro-batch finished first
+
+
+@dataclasses.dataclass
+class HopStats:
+    """One hop of the pipeline as its sender measures it."""
+
+    label: str  # "head -> layers 2:4", "layers 4:6 -> head"
+    bandwidth_bps: float  # bits per second, measured (0: not yet)
+    latency_s: float  # one way, measured
+    bytes_sent: int
+    messages_sent: int
+    tokens_sent: int
+    compression: str
+
+
+class _StageFit:
+    """A stage's step time as ``fixed + per_token * tokens``, fitted online (least squares
+    over recent steps)."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+
+    def timing(self) -> StageTiming:
+        n = len(self.samples)
+        mean_x = sum(x for x, _ in self.samples) / n
+        mean_y = sum(y for _, y in self.samples) / n
+        var = sum((x - mean_x) ** 2 for x, _ in self.samples)
+        slope = 0.0
+        if var > 0:
+            slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var)
+        fixed = max(0.0, mean_y - slope * mean_x)
+        if fixed == 0.0 and mean_x > 0:  # noisy fit through the origin: all per-token
+            slope = mean_y / mean_x
+        return StageTiming(fixed, slope)
 
 
 class PipelineHead(pb_grpc.HeadServicer):
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig,
                  scheduler_config: SchedulerConfig, *, token: str,
-                 head_layers: tuple[int, int] | None, num_microbatches: int | None = None) -> None:
+                 head_layers: tuple[int, int] | None, num_microbatches: int | None = None,
+                 link_schedule: str = "molink", compression: str = "auto",
+                 max_chunk_tokens: int | None = None) -> None:
+        if link_schedule not in SCHEDULES:
+            raise ValueError(f"link schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {link_schedule!r}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, "
+                             f"got {compression!r}")
+        if num_microbatches is not None and num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be at least 1, got {num_microbatches}")
+        if max_chunk_tokens is not None and max_chunk_tokens < 1:
+            raise ValueError(f"max_chunk_tokens must be at least 1, got {max_chunk_tokens}")
+        self.link_schedule = link_schedule
+        self.compression = compression
+        self.max_chunk_tokens = max_chunk_tokens
         loaded = load_config(model_config.model)
         self.arch = loaded.arch
         self.model_config = model_config
@@ -98,21 +153,25 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.num_microbatches_option = num_microbatches
         self.stats = HeadStats()
         self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
+        self._stage_fits: list[_StageFit] = []
+        self._hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
+        self._auto_microbatches: int | None = None  # measured choice (auto)
+        self._results_since_choice = 0
         self.scheduler: Scheduler | None = None
         self.output_processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, asyncio.Queue] = {}
         # Observers (metrics): on_request_added(request_id), on_output(RequestOutput),
-        # on_request_failed(request_id). Called on the event loop; must be cheap.
+        # on_request_failed(request_id), on_request_aborted(request_id). Called on the event loop; must be cheap.
         self.listeners: list = []
         self.ready_callbacks: list = []  # called each time the pipeline becomes ready
-        self._in_flight: collections.deque[StepPlan] = collections.deque()
+        self._in_flight: dict[int, StepPlan] = {}  # step id -> plan, oldest first
         self._in_flight_requests: set[str] = set()
         self._ready = False
         self._stopping = False
         self._ready_event: asyncio.Event | None = None
         self._epoch = 0
         self._reset_pending = False
-        self._first_hop: tuple[Peer, asyncio.Queue, asyncio.Task] | None = None
+        self._first_hop: HopSender | None = None
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
         # Serialization on its own thread, so the next step's compute need not wait for it.
         self._serialize_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-serialize")
@@ -169,11 +228,31 @@ class PipelineHead(pb_grpc.HeadServicer):
 
     @property
     def num_microbatches(self) -> int:
-        """How many plans may be in flight: ``auto`` = number of pipeline stages + 1."""
+        """How many plans may be in flight: as configured, or (auto) the measured choice;
+        stages + 1 until there are measurements."""
         if self.num_microbatches_option:
             return self.num_microbatches_option
+        if self._auto_microbatches is not None:
+            return self._auto_microbatches
         num_stages = len(self.membership.stages) + (self.executor is not None)
         return num_stages + 1
+
+    def hop_stats(self) -> list[HopStats]:
+        """Every hop in pipeline order (the last: results back to the head), as measured."""
+        labels = self.stage_labels()
+        if self.executor is None:
+            labels = ["head", *labels]
+        hops = list(self._hops)
+        if self._first_hop is not None:
+            own = self._first_hop.report()
+            hops = [own, *hops[1:]] if hops else [own]
+        stats = []
+        for i, hop in enumerate(hops[:len(labels)]):
+            target = labels[i + 1] if i + 1 < len(labels) else "head"
+            stats.append(HopStats(f"{labels[i]} -> {target}", hop.bandwidth_bps, hop.latency_s,
+                                  hop.bytes_sent, hop.messages_sent, hop.tokens_sent,
+                                  hop.compression))
+        return stats
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -207,10 +286,15 @@ class PipelineHead(pb_grpc.HeadServicer):
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        aborted = []
         if self.scheduler is not None:
-            for request in self.scheduler.abort_requests([request_id]):
+            aborted = self.scheduler.abort_requests([request_id])
+            for request in aborted:
                 self.output_processor.discard(request.request_id)
         self._streams.pop(request_id, None)
+        for _ in aborted:
+            for listener in self.listeners:
+                listener.on_request_aborted(request_id)
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -237,7 +321,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         if ids & self._in_flight_requests:
             self.stats.num_requests_in_two_microbatches += len(ids & self._in_flight_requests)
         self._in_flight_requests |= ids
-        self._in_flight.append(plan)
+        self._in_flight[plan.step_id] = plan
         self.stats.num_steps_dispatched += 1
         self.stats.max_microbatches_in_flight = max(self.stats.max_microbatches_in_flight,
                                                     len(self._in_flight))
@@ -245,7 +329,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._spawn(self._run_first_hop(plan, reset))
 
     async def _run_first_hop(self, plan: StepPlan, reset: bool) -> None:
-        hidden, timings = None, ()
+        rows, timings = None, ()
         if self.executor is not None:
             loop = asyncio.get_running_loop()
             try:
@@ -259,21 +343,32 @@ class PipelineHead(pb_grpc.HeadServicer):
             if isinstance(out, StepOutput):  # the head serves every layer
                 self._on_result(out, "", timings)
                 return
-            hidden = await loop.run_in_executor(self._serialize_pool, to_raw, out)
-            self.stats.activation_bytes_sent += len(hidden.data)
+            if self._first_hop is None:
+                self._on_result(StepOutput(plan.step_id), "no route to the first stage")
+                return
+            compression = self._first_hop.wire_compression(
+                str(out.dtype).removeprefix("torch."), out.shape[-1],
+                timings[0] / max(1, plan.num_tokens))
+            rows = await loop.run_in_executor(self._serialize_pool, to_raw, out, compression)
+            self.stats.activation_bytes_sent += len(rows.data) + len(rows.row_scales)
             self.stats.activation_tokens_sent += plan.num_tokens
         if self._first_hop is None:
             self._on_result(StepOutput(plan.step_id), "no route to the first stage")
             return
-        self._first_hop[1].put_nowait(encode_step(plan, hidden, reset=reset,
-                                                  stage_compute_s=timings))
+        self._first_hop.submit(OutgoingStep(plan, rows, plan.num_tokens, reset=reset,
+                                            stage_compute_s=timings))
 
-    def _on_result(self, output: StepOutput, error: str, timings: tuple[float, ...] = ()) -> None:
-        if not self._in_flight or self._in_flight[0].step_id != output.step_id:
-            logger.warning("ignoring result of step %d (not the oldest in flight)", output.step_id)
+    def _on_result(self, output: StepOutput, error: str, timings: tuple[float, ...] = (),
+                   hops: tuple[LinkReport, ...] = ()) -> None:
+        plan = self._in_flight.pop(output.step_id, None)
+        if plan is None:
+            logger.warning("ignoring result of step %d (not in flight)", output.step_id)
             return
-        plan = self._in_flight.popleft()
+        if self._in_flight and next(iter(self._in_flight)) < plan.step_id:
+            self.stats.num_results_out_of_order += 1
         self._record_timings(plan, timings)
+        if hops:
+            self._hops = hops
         self._in_flight_requests -= set(plan.request_ids)
         self.stats.num_steps_completed += 1
         if error:
@@ -287,15 +382,42 @@ class PipelineHead(pb_grpc.HeadServicer):
                 stream.put_nowait(result)
             for listener in self.listeners:
                 listener.on_output(result)
+        self._maybe_rechoose()
         self._pump()
 
     def _record_timings(self, plan: StepPlan, timings: tuple[float, ...]) -> None:
-        """Per-stage compute seconds per step, smoothed (EWMA), in pipeline order."""
+        """Per-stage compute seconds per step: smoothed (EWMA) for display, and fitted
+        against the step's tokens for the micro-batch chooser."""
         if len(timings) != len(self.stage_compute_s):
             self.stage_compute_s = list(timings)
+            self._stage_fits = [_StageFit() for _ in timings]
+        else:
+            for i, seconds in enumerate(timings):
+                self.stage_compute_s[i] += _EWMA_WEIGHT * (seconds - self.stage_compute_s[i])
+        for fit, seconds in zip(self._stage_fits, timings):
+            fit.add(plan.num_tokens, seconds)
+
+    def _maybe_rechoose(self) -> None:
+        """Auto: re-decide the micro-batch count from measurements every few results."""
+        self._results_since_choice += 1
+        if (self.num_microbatches_option or self._results_since_choice < 8
+                or not self._stage_fits or len(self._stage_fits[0].samples) < 8):
             return
-        for i, seconds in enumerate(timings):
-            self.stage_compute_s[i] += _EWMA_WEIGHT * (seconds - self.stage_compute_s[i])
+        self._results_since_choice = 0
+        stages = [fit.timing() for fit in self._stage_fits]
+        hops = [HopTiming(h.latency_s, h.bandwidth_bps / 8,
+                          max(1, h.bytes_sent // h.tokens_sent) if h.tokens_sent else 16)
+                for h in self.hop_stats() if h.bandwidth_bps > 0]
+        requests = min(self.scheduler.num_unfinished, self.scheduler_config.max_num_seqs)
+        choice = choose_num_microbatches(stages, hops, max(1, requests))
+        if choice != self._auto_microbatches:
+            logger.info("micro-batches in flight: %s -> %d (measured: stages %s, hops %s)",
+                        self._auto_microbatches, choice,
+                        ", ".join(f"{s.fixed_s * 1e3:.1f}+{s.per_token_s * 1e3:.3f}/tok ms"
+                                  for s in stages),
+                        ", ".join(f"{h.latency_s * 1e3:.0f} ms/{h.bandwidth_bytes_per_s * 8e-6:.0f}"
+                                  f" Mbit/s" for h in hops))
+            self._auto_microbatches = choice
 
     def _fail_requests(self, request_ids, exc: Exception) -> None:
         for request_id in list(request_ids):
@@ -335,15 +457,17 @@ class PipelineHead(pb_grpc.HeadServicer):
     async def Results(self, request_iterator, context):
         try:
             async for message in request_iterator:
-                try:
-                    output, error, timings = decode_result(message)
-                except WireFormatError as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed result: {exc}")
-                self._on_result(output, error, timings)
+                if not message.probe:
+                    try:
+                        result = decode_result(message)
+                    except WireFormatError as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"malformed result: {exc}")
+                    self._on_result(result.output, result.error, result.stage_compute_s,
+                                    result.hops)
+                yield pb.Ack()
         except asyncio.CancelledError:  # the server is stopping: end the stream quietly
             return
-        if False:  # pragma: no cover - keeps this an async generator
-            yield pb.Ack()
 
     async def Health(self, request, context) -> pb.HealthReply:
         ready, detail = self.health()
@@ -376,7 +500,9 @@ class PipelineHead(pb_grpc.HeadServicer):
         peer = Peer(member.address, self.token)
         try:
             await pb_grpc.StageStub(peer.channel).Configure(
-                pb.Route(next_address=next_address, head_address=self.address, epoch=self._epoch),
+                pb.Route(next_address=next_address, head_address=self.address, epoch=self._epoch,
+                         link_schedule=self.link_schedule, compression=self.compression,
+                         max_chunk_tokens=self.max_chunk_tokens or 0),
                 metadata=peer.metadata, timeout=CONFIGURE_DEADLINE_S)
         finally:
             await peer.close()
@@ -408,28 +534,19 @@ class PipelineHead(pb_grpc.HeadServicer):
         await self._close_first_hop()
         if first is None:
             return
-        peer = Peer(first.address, self.token)
-        outbox: asyncio.Queue = asyncio.Queue()
-        task = asyncio.create_task(self._send_loop(peer, outbox, first))
-        self._first_hop = (peer, outbox, task)
+        label = f"{self.stage_labels()[0] if self.executor is not None else 'head'} -> {first.label}"
+        sender = HopSender(first.address, self.token, to_head=False, schedule=self.link_schedule,
+                           compression=self.compression,
+                           max_chunk_tokens=self.max_chunk_tokens, label=label)
+        sender.start()
+        sender.broken.add_done_callback(
+            lambda f: self._on_stage_failure(first, f"stream broke: {f.result()}"))
+        self._first_hop = sender
 
     async def _close_first_hop(self) -> None:
         if self._first_hop is not None:
-            peer, _, task = self._first_hop
-            self._first_hop = None
-            task.cancel()
-            await peer.close()
-
-    async def _send_loop(self, peer: Peer, outbox: asyncio.Queue, member: StageMember) -> None:
-        try:
-            call = pb_grpc.StageStub(peer.channel).Forward(queued_messages(outbox),
-                                                           metadata=peer.metadata)
-            async for _ack in call:
-                pass
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AioRpcError as exc:
-            self._on_stage_failure(member, f"stream broke: {exc.details() or exc.code().name}")
+            sender, self._first_hop = self._first_hop, None
+            await sender.close()
 
     async def _health_loop(self) -> None:
         while True:
@@ -463,6 +580,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._fail_requests(doomed, StageUnavailable(message))
         self._in_flight.clear()
         self._in_flight_requests.clear()
+        self._hops, self._auto_microbatches = (), None
         self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
                                    self.scheduler.block_size) if self.scheduler else None
         self.output_processor = OutputProcessor(self.tokenizer)

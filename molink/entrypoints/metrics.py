@@ -1,8 +1,18 @@
 """Prometheus metrics of a head (``GET /metrics``), names prefixed ``molink_``.
 
 Counters and histograms are fed by a listener on the head's request events; gauges
-(queue length, KV blocks, micro-batches in flight, pipeline readiness) are read from the
-head when Prometheus scrapes, so the serving path pays nothing for them.
+(queue length, KV blocks, micro-batches in flight, pipeline readiness) and the per-hop
+figures are read from the head when Prometheus scrapes, so the serving path pays nothing
+for them.
+
+Hops are labelled ``hop`` with the head's own label for each link, in pipeline order (the
+last one is the results link back to the head)::
+
+    molink_hop_bytes_sent_total{hop="head -> layers 2:4"}          counter
+    molink_hop_messages_sent_total / molink_hop_tokens_sent_total  counters
+    molink_hop_bandwidth_bits_per_second                           gauge, measured (0: unknown)
+    molink_hop_latency_seconds                                     gauge, one way (0: unknown)
+    molink_hop_info{hop=..., compression="..."} 1                  the hop's wire compression
 """
 
 from __future__ import annotations
@@ -10,9 +20,9 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-from molink.coordinator.pipeline_head import PipelineHead
+from molink.coordinator.pipeline_head import HopStats, PipelineHead
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -58,6 +68,10 @@ class HeadMetrics:
             self.requests.labels(outcome=output.outputs[0].finish_reason or "stop").inc()
             self._forget(rid)
 
+    def on_request_aborted(self, request_id: str) -> None:
+        self.requests.labels(outcome="abort").inc()
+        self._forget(request_id)
+
     def on_request_failed(self, request_id: str) -> None:
         self.requests.labels(outcome="failed").inc()
         self._forget(request_id)
@@ -93,11 +107,37 @@ class _HeadCollector:
                                 "Activation bytes the head sent on its outgoing hop", labels=["hop"])
         hop.add_metric(["head"], head.stats.activation_bytes_sent)
         yield hop
+        yield from _hop_families(head.hop_stats())
         if scheduler is not None:
             yield _gauge("molink_queue_length", "Requests waiting", scheduler.num_waiting)
             yield _gauge("molink_running_requests", "Requests holding KV", scheduler.num_running)
             yield _gauge("molink_kv_blocks_used", "KV blocks in use", scheduler.num_used_blocks)
             yield _gauge("molink_kv_blocks_free", "KV blocks free", scheduler.num_free_blocks)
+
+
+def _hop_families(hops: list[HopStats]) -> list:
+    """One family per figure, one sample per hop (``hops`` in pipeline order)."""
+    labels = ["hop"]
+    families = [
+        (CounterMetricFamily("molink_hop_bytes_sent", "Bytes sent on each hop", labels=labels),
+         "bytes_sent"),
+        (CounterMetricFamily("molink_hop_messages_sent", "Messages sent on each hop",
+                             labels=labels), "messages_sent"),
+        (CounterMetricFamily("molink_hop_tokens_sent", "Tokens whose activations or results "
+                             "each hop carried", labels=labels), "tokens_sent"),
+        (GaugeMetricFamily("molink_hop_bandwidth_bits_per_second",
+                           "Measured bandwidth of each hop (0 until measured)", labels=labels),
+         "bandwidth_bps"),
+        (GaugeMetricFamily("molink_hop_latency_seconds",
+                           "Measured one-way latency of each hop (0 until measured)",
+                           labels=labels), "latency_s"),
+    ]
+    info = InfoMetricFamily("molink_hop", "Wire compression of each hop", labels=labels)
+    for hop in hops:
+        for family, field in families:
+            family.add_metric([hop.label], getattr(hop, field))
+        info.add_metric([hop.label], {"compression": hop.compression})
+    return [family for family, _ in families] + [info]
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

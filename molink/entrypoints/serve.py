@@ -35,7 +35,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--num-microbatches", default="auto", help="auto or a number")
+    parser.add_argument("--num-microbatches", default="auto",
+                        help="micro-batches in flight: a number, or auto (chosen from measured "
+                             "stage compute and link times, re-decided as load changes)")
+    parser.add_argument("--link-schedule", default="molink", choices=["molink", "priority", "fifo"],
+                        help="how every hop sends: molink = decode activations first, prefill "
+                             "cut into just-in-time chunks computed as they arrive; priority = "
+                             "decode first, prefill whole; fifo = in order, whole")
+    parser.add_argument("--compression", default="auto",
+                        choices=["auto", "none", "float16", "bfloat16", "int8"],
+                        help="activations on the wire: auto chooses per hop from measured "
+                             "bandwidth against compute (int8 = per-token scales)")
+    parser.add_argument("--max-chunk-tokens", type=int, default=None,
+                        help="cap on a prefill chunk's tokens (default: just in time)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=256)
@@ -77,7 +89,9 @@ def run(args, token: str | None) -> int:
         SchedulerConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens),
         token=token, head_layers=head_layers(args.layers, arch.num_layers),
-        num_microbatches=num_microbatches(args.num_microbatches))
+        num_microbatches=num_microbatches(args.num_microbatches),
+        link_schedule=args.link_schedule, compression=args.compression,
+        max_chunk_tokens=args.max_chunk_tokens)
     name = args.served_model_name or Path(args.model).name
     app = create_app(head, name, api_key=args.api_key or envs.api_key())
 

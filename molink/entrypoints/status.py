@@ -46,4 +46,35 @@ def render(head: str) -> str:
                         ("molink_hop_activation_bytes_sent", "activation bytes sent by the head")):
         for _, value in samples.get(name, []):
             lines.append(f"  {title:<48} {value:,.0f}")
+    lines.extend(_hop_lines(samples))
     return "\n".join(lines)
+
+
+def _hop_lines(samples: dict[str, list[tuple[dict, float]]]) -> list[str]:
+    """A table with one row per hop, in the order the head reports them (pipeline order)."""
+    def by_hop(name: str) -> dict[str, float]:
+        return {labels.get("hop", "?"): value for labels, value in samples.get(name, [])}
+
+    bytes_sent = by_hop("molink_hop_bytes_sent_total")
+    if not bytes_sent:
+        return []
+    bandwidth = by_hop("molink_hop_bandwidth_bits_per_second")
+    latency = by_hop("molink_hop_latency_seconds")
+    messages = by_hop("molink_hop_messages_sent_total")
+    compression = {labels.get("hop", "?"): labels.get("compression", "")
+                   for labels, _ in samples.get("molink_hop_info", [])}
+    rows = [("hop", "bandwidth", "latency", "messages", "sent", "compression")]
+    for hop, num_bytes in bytes_sent.items():
+        rows.append((hop, _measured(bandwidth.get(hop, 0.0) / 1e6, 1, "Mbit/s"),
+                     _measured(latency.get(hop, 0.0) * 1e3, 2, "ms"),
+                     f"{messages.get(hop, 0.0):,.0f}", f"{num_bytes / 1e6:,.3f} MB",
+                     compression.get(hop) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return ["  " + "  ".join([row[0].ljust(widths[0])]
+                             + [cell.rjust(width) for cell, width in zip(row[1:5], widths[1:])]
+                             + [row[5]]) for row in rows]
+
+
+def _measured(value: float, decimals: int, unit: str) -> str:
+    """0 means not measured yet: shown as a dash, not as an impossible 0."""
+    return f"{value:,.{decimals}f} {unit}" if value > 0 else "-"

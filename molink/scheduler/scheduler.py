@@ -130,7 +130,7 @@ class Scheduler:
         return plan
 
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[Request]:
-        """Apply the tokens sampled in ``plan`` (the oldest plan in flight).
+        """Apply the tokens sampled in ``plan`` (any plan in flight).
 
         Clears ``in_flight``, appends sampled tokens, checks stop conditions and frees the
         blocks of finished requests. Returns the requests that got a token in this step
@@ -307,18 +307,22 @@ class Scheduler:
     # ------------------------------------------------------------------ outputs and finishing
 
     def _pop_in_flight(self, plan: StepPlan, output: StepOutput) -> _InFlightPlan:
-        """Check ``output`` answers the oldest in-flight plan and remove that plan."""
-        if not self._in_flight or self._in_flight[0].step_id != plan.step_id:
-            oldest = self._in_flight[0].step_id if self._in_flight else None
-            raise ValueError(f"plans must return in order: got step {plan.step_id}, "
-                             f"oldest in flight is {oldest}")
+        """Check ``output`` answers an in-flight plan and remove that plan. Plans may return
+        in any order (a decode micro-batch may overtake a prefill whose activations are still
+        crossing a slow link): they hold disjoint requests."""
+        index = next((i for i, p in enumerate(self._in_flight) if p.step_id == plan.step_id), None)
+        if index is None:
+            raise ValueError(f"step {plan.step_id} is not in flight (in flight: "
+                             f"{[p.step_id for p in self._in_flight]})")
         if output.step_id != plan.step_id:
             raise ValueError(f"output of step {output.step_id} given for step {plan.step_id}")
         missing = [e.request_id for e in plan.batch
                    if e.sample and e.request_id not in output.sampled_token_ids]
         if missing:
             raise ValueError(f"step {plan.step_id} output lacks sampled tokens for {missing}")
-        return self._in_flight.popleft()
+        in_flight = self._in_flight[index]
+        del self._in_flight[index]
+        return in_flight
 
     def _append_token(self, request: Request, token_id: int) -> None:
         request.output_token_ids.append(token_id)

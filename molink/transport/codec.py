@@ -7,11 +7,12 @@ shape whose sizes must agree. Anything malformed or out of bounds raises
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 
-from molink.messages import (BatchEntry, CachedRequest, NewRequest, RawTensor, StepOutput,
-                             StepPlan, TokenLogprobs)
+from molink.messages import (BatchEntry, CachedRequest, LinkReport, NewRequest, RawTensor,
+                             StepOutput, StepPlan, TokenLogprobs)
 from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
 
@@ -29,6 +30,8 @@ class WireFormatError(ValueError):
 
 # ---- steps --------------------------------------------------------------------------------
 
+PART_WHOLE, PART_DECODE, PART_PREFILL = 0, 1, 2  # StepMessage.part
+
 @dataclass
 class WireStep:
     """A decoded StepMessage."""
@@ -38,13 +41,22 @@ class WireStep:
     reset: bool = False  # drop all request state first
     error: str = ""  # an earlier stage failed this step
     stage_compute_s: tuple[float, ...] = ()  # compute time of each earlier stage
+    step_num_tokens: int = 0  # tokens of the whole step (this message may carry a fragment)
+    hops: tuple[LinkReport, ...] = ()  # every hop so far, measured by its sender
+    probe: bool = False  # link measurement only
+    part: int = PART_WHOLE  # PART_WHOLE | PART_DECODE | PART_PREFILL
 
 
 def encode_step(plan: StepPlan, hidden: RawTensor | None = None, reset: bool = False,
-                error: str = "", stage_compute_s: tuple[float, ...] = ()) -> pb.StepMessage:
+                error: str = "", stage_compute_s: tuple[float, ...] = (),
+                step_num_tokens: int | None = None,
+                hops: tuple[LinkReport, ...] = (), part: int = PART_WHOLE) -> pb.StepMessage:
     msg = pb.StepMessage(step_id=plan.step_id, microbatch_id=plan.microbatch_id,
                          freed_request_ids=plan.freed_request_ids, reset=reset, error=error,
-                         stage_compute_s=stage_compute_s)
+                         stage_compute_s=stage_compute_s, part=part,
+                         step_num_tokens=plan.num_tokens if step_num_tokens is None
+                         else step_num_tokens)
+    msg.hops.extend(encode_link(h) for h in hops)
     msg.batch.extend(pb.BatchEntry(request_id=e.request_id, start=e.start,
                                    num_tokens=e.num_tokens, sample=e.sample) for e in plan.batch)
     msg.new_requests.extend(_encode_new(r) for r in plan.new_requests)
@@ -71,8 +83,17 @@ def decode_step(msg: pb.StepMessage) -> WireStep:
         freed_request_ids=[_request_id(r) for r in msg.freed_request_ids],
     )
     hidden = decode_tensor(msg.hidden_states) if msg.HasField("hidden_states") else None
+    if hidden is not None and (not hidden.shape or hidden.shape[0] != plan.num_tokens):
+        raise WireFormatError(f"activations of shape {hidden.shape} do not match the "
+                              f"{plan.num_tokens} tokens of the batch")
+    if msg.step_num_tokens and msg.step_num_tokens < plan.num_tokens:
+        raise WireFormatError(f"step_num_tokens {msg.step_num_tokens} is less than the "
+                              f"{plan.num_tokens} tokens of this fragment")
+    if msg.part not in (PART_WHOLE, PART_DECODE, PART_PREFILL):
+        raise WireFormatError(f"unknown step part {msg.part}")
     return WireStep(plan, hidden, bool(msg.reset), msg.error[:4096],
-                    _timings(msg.stage_compute_s))
+                    _timings(msg.stage_compute_s), msg.step_num_tokens or plan.num_tokens,
+                    _links(msg.hops), bool(msg.probe), msg.part)
 
 
 def _encode_new(request: NewRequest) -> pb.NewRequest:
@@ -120,9 +141,11 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
 # ---- results --------------------------------------------------------------------------------
 
 def encode_result(output: StepOutput, error: str = "",
-                  stage_compute_s: tuple[float, ...] = ()) -> pb.StepResult:
+                  stage_compute_s: tuple[float, ...] = (),
+                  hops: tuple[LinkReport, ...] = ()) -> pb.StepResult:
     msg = pb.StepResult(step_id=output.step_id, microbatch_id=output.microbatch_id, error=error,
                         stage_compute_s=stage_compute_s)
+    msg.hops.extend(encode_link(h) for h in hops)
     for request_id, token in output.sampled_token_ids.items():
         msg.sampled_token_ids[request_id] = token
     for request_id, lp in output.logprobs.items():
@@ -133,8 +156,17 @@ def encode_result(output: StepOutput, error: str = "",
     return msg
 
 
-def decode_result(msg: pb.StepResult) -> tuple[StepOutput, str, tuple[float, ...]]:
-    """-> (output, error text (empty when the step succeeded), compute time per stage)."""
+@dataclass
+class WireResult:
+    """A decoded StepResult."""
+
+    output: StepOutput
+    error: str  # empty when the step succeeded
+    stage_compute_s: tuple[float, ...]  # compute time of every stage, pipeline order
+    hops: tuple[LinkReport, ...]  # every hop, pipeline order (the last: to the head)
+
+
+def decode_result(msg: pb.StepResult) -> WireResult:
     output = StepOutput(step_id=msg.step_id, microbatch_id=msg.microbatch_id)
     for request_id, token in msg.sampled_token_ids.items():
         output.sampled_token_ids[_request_id(request_id)] = _non_negative("token id", token)
@@ -143,13 +175,35 @@ def decode_result(msg: pb.StepResult) -> tuple[StepOutput, str, tuple[float, ...
             raise WireFormatError("logprobs: token ids and values differ in length")
         output.logprobs[_request_id(request_id)] = TokenLogprobs(
             lp.token_id, lp.logprob, lp.rank, list(zip(lp.top_token_ids, lp.top_logprobs)))
-    return output, msg.error, _timings(msg.stage_compute_s)
+    return WireResult(output, msg.error[:4096], _timings(msg.stage_compute_s), _links(msg.hops))
+
+
+# ---- link reports -------------------------------------------------------------------------------
+
+def encode_link(link: LinkReport) -> pb.HopLink:
+    return pb.HopLink(bandwidth_bps=link.bandwidth_bps, latency_s=link.latency_s,
+                      bytes_sent=link.bytes_sent, messages_sent=link.messages_sent,
+                      tokens_sent=link.tokens_sent, compression=link.compression)
+
+
+def _links(values) -> tuple[LinkReport, ...]:
+    if len(values) > MAX_STAGES + 1:
+        raise WireFormatError("too many hop reports")
+    links = []
+    for h in values:
+        if not (math.isfinite(h.bandwidth_bps) and math.isfinite(h.latency_s)
+                and h.bandwidth_bps >= 0 and 0 <= h.latency_s < 3600 and len(h.compression) <= 16):
+            raise WireFormatError("hop report out of range")
+        links.append(LinkReport(h.bandwidth_bps, h.latency_s, h.bytes_sent, h.messages_sent,
+                                h.tokens_sent, h.compression))
+    return tuple(links)
 
 
 # ---- tensors ----------------------------------------------------------------------------------
 
 def encode_tensor(tensor: RawTensor) -> pb.Tensor:
-    return pb.Tensor(data=tensor.data, dtype=tensor.dtype, shape=list(tensor.shape))
+    return pb.Tensor(data=tensor.data, dtype=tensor.dtype, shape=list(tensor.shape),
+                     row_scales=tensor.row_scales)
 
 
 def decode_tensor(msg: pb.Tensor) -> RawTensor:
@@ -163,7 +217,13 @@ def decode_tensor(msg: pb.Tensor) -> RawTensor:
     if expected != len(msg.data):
         raise WireFormatError(f"tensor of shape {shape} and dtype {msg.dtype} needs "
                               f"{expected} bytes, got {len(msg.data)}")
-    return RawTensor(data=msg.data, dtype=msg.dtype, shape=shape)
+    if msg.row_scales:
+        if msg.dtype != "int8" or len(shape) != 2 or len(msg.row_scales) != 4 * shape[0]:
+            raise WireFormatError(f"row scales ({len(msg.row_scales)} bytes) do not fit an int8 "
+                                  f"matrix of shape {shape}")
+        if not all(math.isfinite(v) and v >= 0 for v in array.array("f", msg.row_scales)):
+            raise WireFormatError("row scales must be finite and not negative")
+    return RawTensor(data=msg.data, dtype=msg.dtype, shape=shape, row_scales=msg.row_scales)
 
 
 # ---- field checks ---------------------------------------------------------------------------

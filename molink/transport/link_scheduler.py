@@ -7,7 +7,9 @@ decode behind it. The rules, applied each time the link becomes free:
 1. Decode payloads go first, oldest first.
 2. Prefill activations are cut along the token dimension into chunks sized just in time:
    as many tokens as the measured bandwidth carries before the next decode payload is due
-   (at least ``min_chunk_tokens``; the whole rest when no decode is expected).
+   (at least ``min_chunk_tokens``). When no decode is expected, a chunk still holds no more
+   than ``max_wait_s`` of link time, so an unannounced decode waits at most that long
+   (None: the whole rest goes).
 3. Aging: once a waiting prefill has been passed over by ``max_bypass`` decode payloads,
    one chunk of it goes ahead of waiting decodes, unless one of them already waited behind
    a chunk (that one goes first). So a decode payload never waits behind more than one
@@ -52,14 +54,18 @@ class LinkScheduler:
     bandwidth_bps: float  # measured; updated by the caller as measurements change
     min_chunk_tokens: int = 16
     max_bypass: int = 4
+    max_chunk_tokens: int | None = None  # hard cap (wins over min_chunk_tokens)
+    max_wait_s: float | None = 0.05  # chunk bound when no decode is expected
     _decodes: collections.deque = field(default_factory=collections.deque)
     _prefills: collections.deque = field(default_factory=collections.deque)
     _last_was_chunk: bool = False
     _num_decodes_behind_chunk: int = 0
 
     def __post_init__(self) -> None:
-        if self.bandwidth_bps <= 0 or self.min_chunk_tokens < 1 or self.max_bypass < 0:
-            raise ValueError("bandwidth_bps > 0, min_chunk_tokens >= 1 and max_bypass >= 0 needed")
+        if (self.bandwidth_bps <= 0 or self.min_chunk_tokens < 1 or self.max_bypass < 0
+                or (self.max_chunk_tokens is not None and self.max_chunk_tokens < 1)):
+            raise ValueError("bandwidth_bps > 0, min_chunk_tokens >= 1, max_bypass >= 0 and "
+                             "max_chunk_tokens >= 1 (or None) needed")
 
     def enqueue(self, payload: Payload) -> None:
         if payload.is_prefill:
@@ -111,8 +117,11 @@ class LinkScheduler:
 
     def _chunk_tokens(self, payload: Payload, seconds_until_next_decode: float | None) -> int:
         """Just in time: what the link carries before the next decode is due."""
+        cap = min(payload.remaining_tokens, self.max_chunk_tokens or payload.remaining_tokens)
         if seconds_until_next_decode is None and not self._decodes:
-            return payload.remaining_tokens
+            if self.max_wait_s is None:
+                return cap
+            seconds_until_next_decode = self.max_wait_s
         gap = max(0.0, seconds_until_next_decode or 0.0)
         fits = int(gap * self.bandwidth_bps / 8 // payload.bytes_per_token)
-        return min(payload.remaining_tokens, max(self.min_chunk_tokens, fits))
+        return min(cap, max(self.min_chunk_tokens, fits))

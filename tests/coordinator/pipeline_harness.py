@@ -38,11 +38,15 @@ async def stop_process(proc) -> None:
     await proc.wait()
 
 
-def make_head(model_dir, head_layers, num_microbatches=None, **scheduler) -> PipelineHead:
+def make_head(model_dir, head_layers, num_microbatches=None, compression="none",
+              link_schedule="molink", max_chunk_tokens=None, **scheduler) -> PipelineHead:
+    """Uncompressed by default: these tests compare tokens exactly with transformers (the
+    accuracy of lossy compression is measured by its own tests and report)."""
     return PipelineHead(
         ModelConfig(model=str(model_dir), dtype="float32", device="cpu"),
         CacheConfig(block_size=8, num_blocks=256), SchedulerConfig(**scheduler),
-        token=TOKEN, head_layers=head_layers, num_microbatches=num_microbatches)
+        token=TOKEN, head_layers=head_layers, num_microbatches=num_microbatches,
+        compression=compression, link_schedule=link_schedule, max_chunk_tokens=max_chunk_tokens)
 
 
 @contextlib.asynccontextmanager
@@ -57,6 +61,7 @@ async def pipeline(model_dir, head_layers, stage_layers: list[str], **head_optio
         await head.wait_ready(READY_TIMEOUT_S)
         yield head, procs
     finally:
+        head.begin_stop()
         for proc in procs:
             await stop_process(proc)
         await head.stop()

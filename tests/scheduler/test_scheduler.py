@@ -598,14 +598,14 @@ def test_two_plans_in_flight_hold_disjoint_requests():
     assert scheduler.num_in_flight_plans == 2 and scheduler.max_in_flight_plans == 2
     outputs = [executor.run(first), executor.run(second)]
 
-    with pytest.raises(ValueError, match="in order"):
-        scheduler.update_from_output(second, outputs[1])
-    assert scheduler.update_from_output(first, outputs[0]) == requests[:2]
+    # Results may come back out of order (a decode micro-batch overtaking a prefill on a
+    # slow link): the second plan completes first, and only its requests move on.
+    assert scheduler.update_from_output(second, outputs[1]) == requests[2:]
     third = scheduler.schedule()
-    assert third.request_ids == ["r0", "r1"]
-    assert set(third.request_ids).isdisjoint(second.request_ids)
+    assert third.request_ids == ["r2", "r3"]
+    assert set(third.request_ids).isdisjoint(first.request_ids)
     outputs.append(executor.run(third))
-    scheduler.update_from_output(second, outputs[1])
+    assert scheduler.update_from_output(first, outputs[0]) == requests[:2]
     scheduler.update_from_output(third, outputs[2])
     run_to_completion(scheduler, executor, max_in_flight=2)  # checks disjointness
     assert scheduler.max_in_flight_plans == 2
@@ -624,7 +624,7 @@ def test_update_from_output_rejects_bad_outputs():
         scheduler.update_from_output(plan, StepOutput(step_id=plan.step_id + 1))
     output = executor.run(plan)
     assert scheduler.update_from_output(plan, output) == [scheduler.get_request("a")]
-    with pytest.raises(ValueError, match="in order"):
+    with pytest.raises(ValueError, match="not in flight"):
         scheduler.update_from_output(plan, output)  # returned twice
 
 
@@ -659,8 +659,10 @@ class _World:
         self.pending.append((plan, output, blocks))
         return True
 
-    def complete(self) -> None:
-        plan, output, _ = self.pending.popleft()
+    def complete(self, index: int = 0) -> None:
+        """Return the result of the ``index``-th plan in flight (any order is allowed)."""
+        plan, output, _ = self.pending[index % len(self.pending)]
+        del self.pending[index % len(self.pending)]
         updated = self.scheduler.update_from_output(plan, output)
         assert {r.request_id for r in updated} <= set(plan.request_ids)
 
@@ -755,7 +757,7 @@ def test_random_interleavings_keep_invariants(setup, data):
         elif op == "schedule" and len(world.pending) < 3:
             world.schedule()
         elif op == "complete" and world.pending:
-            world.complete()
+            world.complete(data.draw(st.integers(0, 2)))
         elif op == "cut":
             world.cut(data.draw(st.integers(0, 50)), data.draw(st.sampled_from(["abort", "stop"])))
         world.check_invariants()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from molink.messages import (BatchEntry, CachedRequest, NewRequest, RawTensor, StepOutput,
-                             StepPlan, TokenLogprobs)
+from molink.messages import (BatchEntry, CachedRequest, LinkReport, NewRequest, RawTensor,
+                             StepOutput, StepPlan, TokenLogprobs)
 from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
 from molink.transport.codec import (WireFormatError, decode_result, decode_step, decode_tensor,
@@ -45,9 +45,31 @@ def test_step_round_trip():
 def test_result_round_trip():
     output = StepOutput(step_id=3, microbatch_id=1, sampled_token_ids={"a": 5, "b": 0},
                         logprobs={"a": TokenLogprobs(5, -0.25, 1, [(5, -0.25), (8, -2.5)])})
-    decoded, error, timings = decode_result(pb.StepResult.FromString(
-        encode_result(output, error="", stage_compute_s=(0.5, 0.25)).SerializeToString()))
-    assert decoded == output and error == "" and timings == (0.5, 0.25)
+    hops = (LinkReport(1e8, 0.02, 1000, 3, 40, "int8"), LinkReport())
+    result = decode_result(pb.StepResult.FromString(
+        encode_result(output, error="", stage_compute_s=(0.5, 0.25),
+                      hops=hops).SerializeToString()))
+    assert result.output == output and result.error == "" and result.stage_compute_s == (0.5, 0.25)
+    assert result.hops == hops
+
+
+def test_fragment_fields_round_trip_and_are_checked():
+    plan = _plan()
+    hidden = RawTensor(data=bytes(4 * 3 * plan.num_tokens), dtype="float32",
+                       shape=(plan.num_tokens, 3))
+    message = encode_step(plan, hidden, step_num_tokens=plan.num_tokens + 5,
+                          hops=(LinkReport(2e7, 0.05),))
+    step = decode_step(pb.StepMessage.FromString(message.SerializeToString()))
+    assert step.step_num_tokens == plan.num_tokens + 5 and step.hops == (LinkReport(2e7, 0.05),)
+    message.step_num_tokens = plan.num_tokens - 1  # a fragment larger than its step
+    with pytest.raises(WireFormatError, match="step_num_tokens"):
+        decode_step(message)
+    wrong_rows = encode_step(plan, RawTensor(data=bytes(12), dtype="float32", shape=(1, 3)))
+    with pytest.raises(WireFormatError, match="do not match"):
+        decode_step(wrong_rows)
+    bad_hop = encode_step(plan, hops=(LinkReport(float("nan"), 0.0),))
+    with pytest.raises(WireFormatError, match="hop report"):
+        decode_step(bad_hop)
 
 
 @pytest.mark.parametrize("tensor,message", [

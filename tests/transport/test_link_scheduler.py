@@ -86,4 +86,8 @@ def test_chunks_are_sized_to_the_gap_before_the_next_decode():
     send = scheduler.next_send(0.02)  # 20 ms at 100 Mbit/s = 250,000 bytes
     assert send.num_tokens == 250_000 // BYTES_PER_TOKEN
     assert scheduler.next_send(0.0).num_tokens == 8  # a decode is due now: minimum chunk
-    assert scheduler.next_send(None).num_tokens == 5000 - send.num_tokens - 8  # nothing due
+    # Nothing due: still no more than max_wait_s (50 ms) of link time, in case one comes.
+    assert scheduler.next_send(None).num_tokens == 625_000 // BYTES_PER_TOKEN
+    whole = LinkScheduler(100e6, min_chunk_tokens=8, max_wait_s=None)
+    whole.enqueue(Payload(0, True, 5000, BYTES_PER_TOKEN))
+    assert whole.next_send(None).num_tokens == 5000  # unbounded: the whole rest

@@ -1,0 +1,143 @@
+"""HopSender over an emulated slow link: it measures the link (probe, then from traffic)
+and, paced to it, sends decode activations ahead of a prefill already being sent."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from molink.messages import BatchEntry, CachedRequest, NewRequest, RawTensor, StepPlan
+from molink.sampling_params import SamplingParams
+from molink.transport import molink_pb2 as pb
+from molink.transport import molink_pb2_grpc as pb_grpc
+from molink.transport.codec import PART_DECODE, PART_PREFILL, decode_step
+from molink.transport.hop_sender import HopSender, OutgoingStep
+from molink.transport.link_emulator import LinkEmulator, LinkSpec
+from molink.transport.peers import bind, make_server
+
+TOKEN = "hop-test-token"
+HIDDEN = 512  # float32 values per token: 2 KiB
+
+
+class _Sink(pb_grpc.StageServicer):
+    """Acknowledges every message, recording (arrival time, decoded step) of non-probes."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[tuple[float, object]] = []
+
+    async def Forward(self, request_iterator, context):
+        async for message in request_iterator:
+            if not message.probe:
+                self.arrivals.append((time.monotonic(), decode_step(message)))
+            yield pb.Ack()
+
+
+async def _link(spec: str):
+    sink = _Sink()
+    server = make_server(TOKEN)
+    pb_grpc.add_StageServicer_to_server(sink, server)
+    port = bind(server, "127.0.0.1", 0)
+    await server.start()
+    relay = LinkEmulator(LinkSpec.parse(spec), "127.0.0.1", port)
+    await relay.start()
+    return sink, server, relay
+
+
+def _step(step_id: int, request_id: str, tokens: int, *, new: bool) -> OutgoingStep:
+    params = SamplingParams(max_tokens=None)
+    plan = StepPlan(step_id, [BatchEntry(request_id, 0 if new else 40, tokens, True)],
+                    new_requests=[NewRequest(request_id, [1] * tokens, tokens, params, [0])]
+                    if new else [],
+                    cached_requests=[] if new else [CachedRequest(request_id, [5], [])])
+    rows = RawTensor(data=bytes(4 * HIDDEN * tokens), dtype="float32", shape=(tokens, HIDDEN))
+    return OutgoingStep(plan, rows, tokens)
+
+
+async def _wait(predicate, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def test_probe_measures_the_link():
+    async def scenario():
+        sink, server, relay = await _link("20mbit:15ms")
+        sender = HopSender(f"127.0.0.1:{relay.port}", TOKEN, to_head=False)
+        try:
+            sender.start()
+            await _wait(lambda: sender.link.bandwidth_bps > 0, 10)
+            return sender.report()
+        finally:
+            await sender.close()
+            await relay.stop()
+            await server.stop(0)
+
+    link = asyncio.run(scenario())
+    assert link.bandwidth_bps == pytest.approx(20e6, rel=0.15)
+    assert link.latency_s == pytest.approx(0.015, rel=0.25)
+
+
+def test_traffic_keeps_the_measurement_current():
+    """No probe: the sender starts from a wrong guess (1 Gbit/s) and learns the link's
+    bandwidth from acknowledgements of real steps alone."""
+    async def scenario():
+        sink, server, relay = await _link("20mbit:5ms")
+        sender = HopSender(f"127.0.0.1:{relay.port}", TOKEN, to_head=False)
+        try:
+            sender.start(probe=False)
+            sender.link.latency_s = 0.005  # learnt from small messages; fixed here to isolate
+            for i in range(24):  # 64 tokens = 128 KiB each, ~52 ms on the link
+                sender.submit(_step(i, f"r{i}", 64, new=True))
+                await asyncio.sleep(0.08)
+            await _wait(lambda: sum(s.plan.num_tokens for _, s in sink.arrivals) == 24 * 64, 20)
+            return sender.report()
+        finally:
+            await sender.close()
+            await relay.stop()
+            await server.stop(0)
+
+    link = asyncio.run(scenario())
+    assert link.bandwidth_bps == pytest.approx(20e6, rel=0.2)
+    assert link.messages_sent >= 24 and link.tokens_sent == 24 * 64
+
+
+@pytest.mark.parametrize("schedule", ["molink", "fifo"])
+def test_decode_overtakes_a_prefill_being_sent(schedule):
+    """A 1,024-token prefill (2 MiB, ~0.85 s at 20 Mbit/s) is on its way when a decode
+    step arrives: with the MoLink schedule the decode arrives within a chunk's time,
+    with first-in first-out it waits for the whole prefill."""
+    async def scenario():
+        sink, server, relay = await _link("20mbit:5ms")
+        sender = HopSender(f"127.0.0.1:{relay.port}", TOKEN, to_head=False, schedule=schedule)
+        try:
+            sender.start()
+            await _wait(lambda: sender.link.bandwidth_bps > 0, 10)
+            sender.submit(_step(1, "long", 1024, new=True))
+            await asyncio.sleep(0.1)
+            submitted = time.monotonic()
+            sender.submit(_step(2, "short", 1, new=False))
+            await _wait(lambda: sum(s.plan.num_tokens for _, s in sink.arrivals) == 1025, 20)
+            return submitted, sink.arrivals
+        finally:
+            await sender.close()
+            await relay.stop()
+            await server.stop(0)
+
+    submitted, arrivals = asyncio.run(scenario())
+    decode_at = next(t for t, s in arrivals if s.plan.batch[0].request_id == "short")
+    prefill = [(t, s) for t, s in arrivals if s.plan.batch[0].request_id == "long"]
+    prefill_done = max(t for t, _ in prefill)
+    pieces = [s.plan.batch[0] for _, s in prefill]
+    assert sum(p.num_tokens for p in pieces) == 1024
+    assert [p.start for p in pieces] == sorted(p.start for p in pieces)  # in order
+    if schedule == "molink":
+        assert len(pieces) > 1 and all(s.part == PART_PREFILL for _, s in prefill)
+        assert next(s for _, s in arrivals if s.plan.batch[0].request_id == "short").part \
+            == PART_DECODE
+        assert decode_at - submitted < 0.25  # one chunk + latency, not the whole prefill
+        assert decode_at < prefill_done - 0.3
+    else:
+        assert len(pieces) == 1 and decode_at > prefill_done
