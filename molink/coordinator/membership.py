@@ -19,6 +19,9 @@ class StageMember:
     num_blocks: int
     consecutive_health_failures: int = 0
     extra: dict = field(default_factory=dict)
+    host_id: str = ""  # which machine (stages on one machine share its cores)
+    device: str = ""  # "cpu", "cuda", "emulated", ...
+    cpu_cores: int = 0
 
     @property
     def label(self) -> str:

@@ -34,11 +34,13 @@ from molink.coordinator.tokenizer import eos_token_ids, load_tokenizer
 from molink.messages import LinkReport, StepOutput, StepPlan
 from molink.model.loader import config_fingerprint, load_config, resolve_dtype
 from molink.outputs import RequestOutput
+from molink.runtime.host import cpu_cores, host_id
 from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.runtime.wire_tensor import to_raw
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
-from molink.scheduler.microbatch_chooser import HopTiming, StageTiming, choose_num_microbatches
+from molink.scheduler.microbatch_chooser import (HopTiming, StageTiming, choose_num_microbatches,
+                                                 round_time_s)
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import WireFormatError, decode_result
@@ -52,6 +54,7 @@ HEALTH_DEADLINE_S = 2.0
 HEALTH_FAILURES_BEFORE_DOWN = 2
 CONFIGURE_DEADLINE_S = 5.0
 _EWMA_WEIGHT = 0.2
+_SWITCH_GAIN = 0.03  # auto micro-batches change only for a predicted 3 % shorter round
 
 
 class PipelineNotReady(Exception):
@@ -157,6 +160,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
         self._auto_microbatches: int | None = None  # measured choice (auto)
         self._results_since_choice = 0
+        self._previous_hops: list[HopStats] = []
         self.scheduler: Scheduler | None = None
         self.output_processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, asyncio.Queue] = {}
@@ -405,12 +409,20 @@ class PipelineHead(pb_grpc.HeadServicer):
             return
         self._results_since_choice = 0
         stages = [fit.timing() for fit in self._stage_fits]
-        hops = [HopTiming(h.latency_s, h.bandwidth_bps / 8,
-                          max(1, h.bytes_sent // h.tokens_sent) if h.tokens_sent else 16)
-                for h in self.hop_stats() if h.bandwidth_bps > 0]
-        requests = min(self.scheduler.num_unfinished, self.scheduler_config.max_num_seqs)
-        choice = choose_num_microbatches(stages, hops, max(1, requests))
-        if choice != self._auto_microbatches:
+        current = self.hop_stats()
+        hops = [HopTiming(h.latency_s, h.bandwidth_bps / 8, self._bytes_per_token(i, h))
+                for i, h in enumerate(current) if h.bandwidth_bps > 0]
+        self._previous_hops = current
+        requests = max(1, min(self.scheduler.num_unfinished, self.scheduler_config.max_num_seqs))
+        cores = self._shared_cores()
+        choice = choose_num_microbatches(stages, hops, requests, shared_cores=cores)
+        current = self._auto_microbatches
+        if current is not None and choice != current:
+            # Hysteresis: move only for a predicted gain, not to and fro on measurement noise.
+            now, then = (round_time_s(stages, hops, requests, m, cores) for m in (choice, current))
+            if now > then * (1 - _SWITCH_GAIN):
+                return
+        if choice != current:
             logger.info("micro-batches in flight: %s -> %d (measured: stages %s, hops %s)",
                         self._auto_microbatches, choice,
                         ", ".join(f"{s.fixed_s * 1e3:.1f}+{s.per_token_s * 1e3:.3f}/tok ms"
@@ -447,6 +459,7 @@ class PipelineHead(pb_grpc.HeadServicer):
             return pb.JoinReply(accepted=False, reason=reason)
         member = self.membership.add(info.start_layer, info.end_layer, info.address,
                                      info.num_blocks)
+        member.host_id, member.device, member.cpu_cores = info.host_id, info.device, info.cpu_cores
         missing = self.membership.describe_missing()
         logger.info("stage joined: %s, %s KV blocks%s", member.label, f"{info.num_blocks:,}",
                        f" (still missing layers {missing})" if missing else "")
@@ -457,15 +470,16 @@ class PipelineHead(pb_grpc.HeadServicer):
     async def Results(self, request_iterator, context):
         try:
             async for message in request_iterator:
-                if not message.probe:
-                    try:
-                        result = decode_result(message)
-                    except WireFormatError as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"malformed result: {exc}")
-                    self._on_result(result.output, result.error, result.stage_compute_s,
-                                    result.hops)
-                yield pb.Ack()
+                yield pb.Ack()  # first: the sender's clock measures the link, not our work
+                if message.probe:
+                    continue
+                try:
+                    result = decode_result(message)
+                except WireFormatError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"malformed result: {exc}")
+                self._on_result(result.output, result.error, result.stage_compute_s,
+                                result.hops)
         except asyncio.CancelledError:  # the server is stopping: end the stream quietly
             return
 
@@ -517,6 +531,29 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.max_model_len = max(2, min(limit, capacity))
         config = dataclasses.replace(self.scheduler_config, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(config, num_blocks, self.cache_config.block_size)
+
+    def _bytes_per_token(self, index: int, hop: HopStats) -> int:
+        """Bytes per activation row on a hop since the last decision (the compression may
+        have changed), else over its whole life; 16 for a hop that carries no rows."""
+        bytes_sent, tokens = hop.bytes_sent, hop.tokens_sent
+        if index < len(self._previous_hops):
+            before = self._previous_hops[index]
+            if hop.tokens_sent - before.tokens_sent > 0 and hop.bytes_sent >= before.bytes_sent:
+                bytes_sent -= before.bytes_sent
+                tokens -= before.tokens_sent
+        return max(1, bytes_sent // tokens) if tokens > 0 else 16
+
+    def _shared_cores(self) -> int | None:
+        """Cores of the one machine whose CPUs compute every stage, if that is the case (the
+        stages then compete for its cores, a resource of its own for the chooser)."""
+        members = self.membership.ordered()
+        computes = [(m.host_id, m.device, m.cpu_cores) for m in members if m.device != "emulated"]
+        if self.executor is not None:
+            computes.append((host_id(), self.executor.device.type, cpu_cores()))
+        if len(computes) < 2 or len({(h, d) for h, d, _ in computes}) != 1 \
+                or computes[0][1] != "cpu" or not computes[0][0]:
+            return None
+        return max(1, computes[0][2])
 
     def stage_labels(self) -> list[str]:
         """Every stage in pipeline order, the head's own layers first when it has some."""
@@ -580,7 +617,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._fail_requests(doomed, StageUnavailable(message))
         self._in_flight.clear()
         self._in_flight_requests.clear()
-        self._hops, self._auto_microbatches = (), None
+        self._hops, self._auto_microbatches, self._previous_hops = (), None, []
         self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
                                    self.scheduler.block_size) if self.scheduler else None
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -147,17 +147,17 @@ class StageWorker(pb_grpc.StageServicer):
         for compute and acknowledged at once (the sender times the acks)."""
         try:
             async for message in request_iterator:
-                if not message.probe:
-                    try:
-                        step = decode_step(message)
-                    except WireFormatError as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"malformed step: {exc}")
-                    hidden = None
-                    if step.hidden is not None and not step.error:
-                        hidden = from_raw(step.hidden, self.executor.device, self.executor.dtype)
-                    self._inbox.put((step, hidden))
-                yield pb.Ack()
+                yield pb.Ack()  # first: the sender's clock measures the link, not our work
+                if message.probe:
+                    continue
+                try:
+                    step = decode_step(message)
+                except WireFormatError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed step: {exc}")
+                hidden = None
+                if step.hidden is not None and not step.error:
+                    hidden = from_raw(step.hidden, self.executor.device, self.executor.dtype)
+                self._inbox.put((step, hidden))
         except asyncio.CancelledError:  # the server is stopping: end the stream quietly
             return
 

@@ -11,6 +11,7 @@ from molink.config import CacheConfig, ModelConfig, parse_layer_range
 from molink.coordinator.stage_worker import StageRefused, StageWorker
 from molink.model.loader import config_fingerprint, load_config
 from molink.runtime.device_profile import DeviceProfile
+from molink.runtime.host import cpu_cores, host_id
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.stage_executor import StageExecutor
 from molink.transport import molink_pb2 as pb
@@ -62,7 +63,9 @@ async def _serve(args, token: str, executor) -> int:
                         model_fingerprint=config_fingerprint(args.model),
                         dtype=str(executor.dtype).removeprefix("torch."),
                         block_size=executor.block_size, num_blocks=executor.num_blocks,
-                        num_layers=executor.arch.num_layers)
+                        num_layers=executor.arch.num_layers, host_id=host_id(),
+                        device="emulated" if args.emulate_device else executor.device.type,
+                        cpu_cores=cpu_cores())
     worker = StageWorker(executor, info, token, args.head)
     port = await worker.start(args.host, args.peer_port)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
