@@ -4,6 +4,7 @@ and, paced to it, sends decode activations ahead of a prefill already being sent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -34,7 +35,9 @@ class _Sink(pb_grpc.StageServicer):
             yield pb.Ack()
 
 
-async def _link(spec: str):
+@contextlib.asynccontextmanager
+async def _sender_on_link(spec: str, probe: bool = True, **options):
+    """(sink, started sender) over a relay emulating ``spec``; all stopped afterwards."""
     sink = _Sink()
     server = make_server(TOKEN)
     pb_grpc.add_StageServicer_to_server(sink, server)
@@ -42,7 +45,16 @@ async def _link(spec: str):
     await server.start()
     relay = LinkEmulator(LinkSpec.parse(spec), "127.0.0.1", port)
     await relay.start()
-    return sink, server, relay
+    sender = HopSender(f"127.0.0.1:{relay.port}", TOKEN, to_head=False, **options)
+    try:
+        sender.start(probe=probe)
+        if probe:
+            await _wait(lambda: sender.link.bandwidth_bps > 0, 10)
+        yield sink, sender
+    finally:
+        await sender.close()
+        await relay.stop()
+        await server.stop(0)
 
 
 def _step(step_id: int, request_id: str, tokens: int, *, new: bool) -> OutgoingStep:
@@ -64,16 +76,8 @@ async def _wait(predicate, timeout_s: float) -> None:
 
 def test_probe_measures_the_link():
     async def scenario():
-        sink, server, relay = await _link("20mbit:15ms")
-        sender = HopSender(f"127.0.0.1:{relay.port}", TOKEN, to_head=False)
-        try:
-            sender.start()
-            await _wait(lambda: sender.link.bandwidth_bps > 0, 10)
+        async with _sender_on_link("20mbit:15ms") as (_, sender):
             return sender.report()
-        finally:
-            await sender.close()
-            await relay.stop()
-            await server.stop(0)
 
     link = asyncio.run(scenario())
     assert link.bandwidth_bps == pytest.approx(20e6, rel=0.15)
@@ -84,20 +88,13 @@ def test_traffic_keeps_the_measurement_current():
     """No probe: the sender starts from a wrong guess (1 Gbit/s) and learns the link's
     bandwidth from acknowledgements of real steps alone."""
     async def scenario():
-        sink, server, relay = await _link("20mbit:5ms")
-        sender = HopSender(f"127.0.0.1:{relay.port}", TOKEN, to_head=False)
-        try:
-            sender.start(probe=False)
+        async with _sender_on_link("20mbit:5ms", probe=False) as (sink, sender):
             sender.link.latency_s = 0.005  # learnt from small messages; fixed here to isolate
             for i in range(24):  # 64 tokens = 128 KiB each, ~52 ms on the link
                 sender.submit(_step(i, f"r{i}", 64, new=True))
                 await asyncio.sleep(0.08)
             await _wait(lambda: sum(s.plan.num_tokens for _, s in sink.arrivals) == 24 * 64, 20)
             return sender.report()
-        finally:
-            await sender.close()
-            await relay.stop()
-            await server.stop(0)
 
     link = asyncio.run(scenario())
     assert link.bandwidth_bps == pytest.approx(20e6, rel=0.2)
@@ -110,21 +107,13 @@ def test_decode_overtakes_a_prefill_being_sent(schedule):
     step arrives: with the MoLink schedule the decode arrives within a chunk's time,
     with first-in first-out it waits for the whole prefill."""
     async def scenario():
-        sink, server, relay = await _link("20mbit:5ms")
-        sender = HopSender(f"127.0.0.1:{relay.port}", TOKEN, to_head=False, schedule=schedule)
-        try:
-            sender.start()
-            await _wait(lambda: sender.link.bandwidth_bps > 0, 10)
+        async with _sender_on_link("20mbit:5ms", schedule=schedule) as (sink, sender):
             sender.submit(_step(1, "long", 1024, new=True))
             await asyncio.sleep(0.1)
             submitted = time.monotonic()
             sender.submit(_step(2, "short", 1, new=False))
             await _wait(lambda: sum(s.plan.num_tokens for _, s in sink.arrivals) == 1025, 20)
             return submitted, sink.arrivals
-        finally:
-            await sender.close()
-            await relay.stop()
-            await server.stop(0)
 
     submitted, arrivals = asyncio.run(scenario())
     decode_at = next(t for t, s in arrivals if s.plan.batch[0].request_id == "short")
