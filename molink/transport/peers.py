@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-
 import grpc
 
 from molink.transport.auth import TokenAuthInterceptor, token_metadata
@@ -46,9 +43,3 @@ class Peer:
 
     async def close(self) -> None:
         await self.channel.close()
-
-
-async def queued_messages(outbox: asyncio.Queue) -> AsyncIterator:
-    """The request side of an outgoing stream: whatever is put in ``outbox``, in order."""
-    while True:
-        yield await outbox.get()
