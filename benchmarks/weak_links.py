@@ -389,20 +389,11 @@ def build_cpu_model(hidden: int, layers: int, vocab: int) -> Path:
     directory = Path(tempfile.gettempdir()) / f"molink-weak-links-llama-h{hidden}-l{layers}-v{vocab}"
     if (directory / "complete").exists():
         return directory
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.tokenizer_factory import build_tokenizer
+    from benchmarks.engine_throughput import build_model
 
     shutil.rmtree(directory, ignore_errors=True)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=max(1, hidden // 256), max_position_embeddings=4096,
-                         initializer_range=0.05, bos_token_id=0, eos_token_id=1, pad_token_id=3)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
-    build_tokenizer(directory, vocab_size=vocab)
+    directory.mkdir(parents=True)
+    build_model(directory, hidden, layers, vocab, max_position_embeddings=4096)
     (directory / "complete").write_text("ok")
     return directory
 

@@ -16,7 +16,6 @@ the missing range, and a replacement that joins for that range restores service.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import itertools
@@ -28,6 +27,7 @@ import grpc
 
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
 from molink.coordinator.membership import Membership, ModelIdentity, StageMember
+from molink.coordinator.microbatch_tuner import MicrobatchTuner
 from molink.coordinator.output_processor import OutputProcessor
 from molink.coordinator.prompts import make_request
 from molink.coordinator.tokenizer import eos_token_ids, load_tokenizer
@@ -39,8 +39,6 @@ from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.runtime.wire_tensor import to_raw
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
-from molink.scheduler.microbatch_chooser import (HopTiming, StageTiming, choose_num_microbatches,
-                                                 round_time_s)
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import WireFormatError, decode_result
@@ -54,7 +52,6 @@ HEALTH_DEADLINE_S = 2.0
 HEALTH_FAILURES_BEFORE_DOWN = 2
 CONFIGURE_DEADLINE_S = 5.0
 _EWMA_WEIGHT = 0.2
-_SWITCH_GAIN = 0.03  # auto micro-batches change only for a predicted 3 % shorter round
 
 
 class PipelineNotReady(Exception):
@@ -88,30 +85,6 @@ class HopStats:
     messages_sent: int
     tokens_sent: int
     compression: str
-
-
-class _StageFit:
-    """A stage's step time as ``fixed + per_token * tokens``, fitted online (least squares
-    over recent steps)."""
-
-    def __init__(self, window: int = 64) -> None:
-        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
-
-    def timing(self) -> StageTiming:
-        n = len(self.samples)
-        mean_x = sum(x for x, _ in self.samples) / n
-        mean_y = sum(y for _, y in self.samples) / n
-        var = sum((x - mean_x) ** 2 for x, _ in self.samples)
-        slope = 0.0
-        if var > 0:
-            slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var)
-        fixed = max(0.0, mean_y - slope * mean_x)
-        if fixed == 0.0 and mean_x > 0:  # noisy fit through the origin: all per-token
-            slope = mean_y / mean_x
-        return StageTiming(fixed, slope)
 
 
 class PipelineHead(pb_grpc.HeadServicer):
@@ -156,16 +129,14 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.num_microbatches_option = num_microbatches
         self.stats = HeadStats()
         self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
-        self._stage_fits: list[_StageFit] = []
         self._hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
-        self._auto_microbatches: int | None = None  # measured choice (auto)
-        self._results_since_choice = 0
-        self._previous_hops: list[HopStats] = []
+        self._tuner = MicrobatchTuner()  # auto: the measured choice
         self.scheduler: Scheduler | None = None
         self.output_processor = OutputProcessor(self.tokenizer)
         self._streams: dict[str, asyncio.Queue] = {}
         # Observers (metrics): on_request_added(request_id), on_output(RequestOutput),
-        # on_request_failed(request_id), on_request_aborted(request_id). Called on the event loop; must be cheap.
+        # on_request_failed(request_id), on_request_aborted(request_id). Called on the event
+        # loop; must be cheap.
         self.listeners: list = []
         self.ready_callbacks: list = []  # called each time the pipeline becomes ready
         self._in_flight: dict[int, StepPlan] = {}  # step id -> plan, oldest first
@@ -236,8 +207,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         stages + 1 until there are measurements."""
         if self.num_microbatches_option:
             return self.num_microbatches_option
-        if self._auto_microbatches is not None:
-            return self._auto_microbatches
+        if self._tuner.choice is not None:
+            return self._tuner.choice
         num_stages = len(self.membership.stages) + (self.executor is not None)
         return num_stages + 1
 
@@ -347,18 +318,16 @@ class PipelineHead(pb_grpc.HeadServicer):
             if isinstance(out, StepOutput):  # the head serves every layer
                 self._on_result(out, "", timings)
                 return
-            if self._first_hop is None:
-                self._on_result(StepOutput(plan.step_id), "no route to the first stage")
-                return
+        if self._first_hop is None:
+            self._on_result(StepOutput(plan.step_id), "no route to the first stage")
+            return
+        if self.executor is not None:
             compression = self._first_hop.wire_compression(
                 str(out.dtype).removeprefix("torch."), out.shape[-1],
                 timings[0] / max(1, plan.num_tokens))
             rows = await loop.run_in_executor(self._serialize_pool, to_raw, out, compression)
             self.stats.activation_bytes_sent += len(rows.data) + len(rows.row_scales)
             self.stats.activation_tokens_sent += plan.num_tokens
-        if self._first_hop is None:
-            self._on_result(StepOutput(plan.step_id), "no route to the first stage")
-            return
         self._first_hop.submit(OutgoingStep(plan, rows, plan.num_tokens, reset=reset,
                                             stage_compute_s=timings))
 
@@ -386,7 +355,10 @@ class PipelineHead(pb_grpc.HeadServicer):
                 stream.put_nowait(result)
             for listener in self.listeners:
                 listener.on_output(result)
-        self._maybe_rechoose()
+        if not self.num_microbatches_option:
+            self._tuner.update(self.hop_stats(), min(self.scheduler.num_unfinished,
+                                                     self.scheduler_config.max_num_seqs),
+                               self._shared_cores())
         self._pump()
 
     def _record_timings(self, plan: StepPlan, timings: tuple[float, ...]) -> None:
@@ -394,42 +366,10 @@ class PipelineHead(pb_grpc.HeadServicer):
         against the step's tokens for the micro-batch chooser."""
         if len(timings) != len(self.stage_compute_s):
             self.stage_compute_s = list(timings)
-            self._stage_fits = [_StageFit() for _ in timings]
         else:
             for i, seconds in enumerate(timings):
                 self.stage_compute_s[i] += _EWMA_WEIGHT * (seconds - self.stage_compute_s[i])
-        for fit, seconds in zip(self._stage_fits, timings):
-            fit.add(plan.num_tokens, seconds)
-
-    def _maybe_rechoose(self) -> None:
-        """Auto: re-decide the micro-batch count from measurements every few results."""
-        self._results_since_choice += 1
-        if (self.num_microbatches_option or self._results_since_choice < 8
-                or not self._stage_fits or len(self._stage_fits[0].samples) < 8):
-            return
-        self._results_since_choice = 0
-        stages = [fit.timing() for fit in self._stage_fits]
-        current = self.hop_stats()
-        hops = [HopTiming(h.latency_s, h.bandwidth_bps / 8, self._bytes_per_token(i, h))
-                for i, h in enumerate(current) if h.bandwidth_bps > 0]
-        self._previous_hops = current
-        requests = max(1, min(self.scheduler.num_unfinished, self.scheduler_config.max_num_seqs))
-        cores = self._shared_cores()
-        choice = choose_num_microbatches(stages, hops, requests, shared_cores=cores)
-        current = self._auto_microbatches
-        if current is not None and choice != current:
-            # Hysteresis: move only for a predicted gain, not to and fro on measurement noise.
-            now, then = (round_time_s(stages, hops, requests, m, cores) for m in (choice, current))
-            if now > then * (1 - _SWITCH_GAIN):
-                return
-        if choice != current:
-            logger.info("micro-batches in flight: %s -> %d (measured: stages %s, hops %s)",
-                        self._auto_microbatches, choice,
-                        ", ".join(f"{s.fixed_s * 1e3:.1f}+{s.per_token_s * 1e3:.3f}/tok ms"
-                                  for s in stages),
-                        ", ".join(f"{h.latency_s * 1e3:.0f} ms/{h.bandwidth_bytes_per_s * 8e-6:.0f}"
-                                  f" Mbit/s" for h in hops))
-            self._auto_microbatches = choice
+        self._tuner.record(plan.num_tokens, timings)
 
     def _fail_requests(self, request_ids, exc: Exception) -> None:
         for request_id in list(request_ids):
@@ -532,17 +472,6 @@ class PipelineHead(pb_grpc.HeadServicer):
         config = dataclasses.replace(self.scheduler_config, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(config, num_blocks, self.cache_config.block_size)
 
-    def _bytes_per_token(self, index: int, hop: HopStats) -> int:
-        """Bytes per activation row on a hop since the last decision (the compression may
-        have changed), else over its whole life; 16 for a hop that carries no rows."""
-        bytes_sent, tokens = hop.bytes_sent, hop.tokens_sent
-        if index < len(self._previous_hops):
-            before = self._previous_hops[index]
-            if hop.tokens_sent - before.tokens_sent > 0 and hop.bytes_sent >= before.bytes_sent:
-                bytes_sent -= before.bytes_sent
-                tokens -= before.tokens_sent
-        return max(1, bytes_sent // tokens) if tokens > 0 else 16
-
     def _shared_cores(self) -> int | None:
         """Cores of the one machine whose CPUs compute every stage, if that is the case (the
         stages then compete for its cores, a resource of its own for the chooser)."""
@@ -571,7 +500,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         await self._close_first_hop()
         if first is None:
             return
-        label = f"{self.stage_labels()[0] if self.executor is not None else 'head'} -> {first.label}"
+        source = self.stage_labels()[0] if self.executor is not None else "head"
+        label = f"{source} -> {first.label}"
         sender = HopSender(first.address, self.token, to_head=False, schedule=self.link_schedule,
                            compression=self.compression,
                            max_chunk_tokens=self.max_chunk_tokens, label=label)
@@ -617,7 +547,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._fail_requests(doomed, StageUnavailable(message))
         self._in_flight.clear()
         self._in_flight_requests.clear()
-        self._hops, self._auto_microbatches, self._previous_hops = (), None, []
+        self._hops = ()
+        self._tuner.reset()
         self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
                                    self.scheduler.block_size) if self.scheduler else None
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -7,12 +7,12 @@ import random
 
 import pytest
 
-from molink.coordinator.pipeline_head import _StageFit
+from molink.coordinator.microbatch_tuner import StageFit
 
 
 def test_fit_recovers_fixed_and_per_token_cost_from_noisy_steps():
     rng = random.Random(0)
-    fit = _StageFit()
+    fit = StageFit()
     for _ in range(64):
         tokens = rng.randint(8, 256)
         fit.add(tokens, (0.012 + 0.00008 * tokens) * rng.uniform(0.97, 1.03))
@@ -22,14 +22,14 @@ def test_fit_recovers_fixed_and_per_token_cost_from_noisy_steps():
 
 
 def test_fit_of_equal_sized_steps_predicts_their_time():
-    fit = _StageFit()
+    fit = StageFit()
     for _ in range(10):
         fit.add(64, 0.02)
     assert fit.timing().step_s(64) == pytest.approx(0.02)
 
 
 def test_fit_keeps_only_recent_steps():
-    fit = _StageFit(window=16)
+    fit = StageFit(window=16)
     for _ in range(16):
         fit.add(32, 0.5)  # an old, slow regime
     for tokens in range(16, 32):
