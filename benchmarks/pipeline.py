@@ -33,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.engine_throughput import build_model  # noqa: E402
 from molink import SamplingParams  # noqa: E402
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from molink.coordinator.head_config import HeadConfig  # noqa: E402
 from molink.coordinator.pipeline_head import PipelineHead  # noqa: E402
+from molink.transport.peers import PeerSecurity  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = "benchmark-token"
@@ -45,7 +47,7 @@ async def start_pipeline(directory: Path, layers: int, threads: int):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     head = PipelineHead(ModelConfig(model=str(directory), dtype="float32", device="cpu"),
                         CacheConfig(block_size=16), SchedulerConfig(max_num_seqs=256),
-                        token=TOKEN, head_layers=(0, third))
+                        HeadConfig(head_layers=(0, third)), security=PeerSecurity.create(TOKEN))
     await head.start("127.0.0.1", 0)
     procs = []
     for start, end in ((third, 2 * third), (2 * third, layers)):

@@ -54,7 +54,6 @@ import argparse
 import asyncio
 import bisect
 import dataclasses
-import inspect
 import itertools
 import json
 import math
@@ -486,9 +485,9 @@ def cpu_regime(args, stage_counts: list[int]) -> Regime:
 
 def head_options(system: System, num_stages: int) -> tuple[dict, list[str]]:
     """PipelineHead keyword arguments for a system; notes for options this library lacks."""
-    from molink.coordinator.pipeline_head import PipelineHead
+    from molink.coordinator.head_config import HeadConfig
 
-    supported = inspect.signature(PipelineHead.__init__).parameters
+    supported = {field.name for field in dataclasses.fields(HeadConfig)}
     count = {"one": 1, "stages": num_stages, "auto": None}[system.microbatches]
     options, notes = {"num_microbatches": count}, []
     for name in ("link_schedule", "compression"):
@@ -519,14 +518,16 @@ class Pipeline:
 
     async def start(self) -> None:
         from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+        from molink.coordinator.head_config import HeadConfig
         from molink.coordinator.pipeline_head import PipelineHead
+        from molink.transport.peers import PeerSecurity
 
         options, self.notes = head_options(self.system, self.setting.num_stages)
         self.head = PipelineHead(
             ModelConfig(model=str(self.regime.model_dir), dtype=self.regime.dtype, device="cpu"),
             CacheConfig(block_size=BLOCK_SIZE),
             SchedulerConfig(max_num_seqs=self.max_num_seqs, max_num_batched_tokens=2048),
-            token=TOKEN, head_layers=None, **options)
+            HeadConfig(head_layers=None, **options), security=PeerSecurity.create(TOKEN))
         head_port = await self.head.start("127.0.0.1", 0)
         direct = f"127.0.0.1:{head_port}"
         ports = [free_port() for _ in self.ranges]
@@ -538,7 +539,7 @@ class Pipeline:
         self.relay_pids = [pid for _, _, pid in relays]
         # Results reach the head through the relay: the head tells the last stage to send
         # them to ``head.address`` (Configure), so that address must be the relay's.
-        self.head.address = addresses[-1]
+        self.head.advertised_address = addresses[-1]
         procs = [await self._stage(i, layers, ports[i], addresses[i - 1] if i else None, direct)
                  for i, layers in enumerate(self.ranges)]
         ready = asyncio.create_task(self.head.wait_ready(120))

@@ -17,3 +17,27 @@ def api_key() -> str | None:
     """The key HTTP clients must send as ``Authorization: Bearer <key>``, when not given
     on the command line."""
     return os.environ.get(API_KEY_VAR) or None
+
+
+KEEPALIVE_VAR = "MOLINK_KEEPALIVE_S"
+STATE_DIR_VAR = "MOLINK_STATE_DIR"
+
+
+def keepalive_s() -> float:
+    """Seconds between keepalive pings on idle peer connections (default 10). Tests shorten
+    it to show, in seconds, what hours of idleness would do."""
+    value = os.environ.get(KEEPALIVE_VAR)
+    if not value:
+        return 10.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{KEEPALIVE_VAR} must be a number of seconds, got {value!r}") from None
+    if not 0.1 <= seconds <= 3600:
+        raise ValueError(f"{KEEPALIVE_VAR} must be between 0.1 and 3600 seconds, got {value}")
+    return seconds
+
+
+def state_dir() -> str | None:
+    """Where a node keeps what must outlive a restart (its TLS identity)."""
+    return os.environ.get(STATE_DIR_VAR) or None

@@ -29,6 +29,8 @@ class NewRequest:
     num_prompt_tokens: int
     sampling_params: SamplingParams
     block_ids: list[int]  # the request's whole block table at this point
+    # The head's end-of-sequence ids for this request (empty: the executor's own).
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+from molink import envs
 
 from tests.model_factory import build_model
 
 # The tests run tiny models: one intra-op thread is several times faster than two for such
 # small tensors, and it keeps timings stable on a shared 2-core machine.
 torch.set_num_threads(1)
+
+# Nodes keep their TLS identity in a state directory: the tests' nodes (and the stage
+# processes they start, which inherit the environment) use one of their own, not ~/.local.
+os.environ.setdefault(envs.STATE_DIR_VAR, tempfile.mkdtemp(prefix="molink-test-state-"))
 
 
 @pytest.fixture(scope="session")

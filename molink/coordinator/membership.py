@@ -22,6 +22,7 @@ class StageMember:
     host_id: str = ""  # which machine (stages on one machine share its cores)
     device: str = ""  # "cpu", "cuda", "emulated", ...
     cpu_cores: int = 0
+    fingerprint: str = ""  # its TLS certificate ("" without TLS)
 
     @property
     def label(self) -> str:

@@ -12,8 +12,12 @@ from __future__ import annotations
 import collections
 import logging
 
-from molink.scheduler.microbatch_chooser import (HopTiming, StageTiming, choose_num_microbatches,
-                                                 round_time_s)
+from molink.scheduler.microbatch_chooser import (
+    HopTiming,
+    StageTiming,
+    choose_num_microbatches,
+    round_time_s,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,13 @@ class MicrobatchTuner:
             self._fits = [StageFit() for _ in timings]
         for fit, seconds in zip(self._fits, timings):
             fit.add(tokens, seconds)
+
+    def predict_step_s(self, tokens: int) -> float | None:
+        """Compute seconds of a step of ``tokens`` over every stage, as fitted (None: not
+        measured yet)."""
+        if not self._fits or not self._fits[0].samples:
+            return None
+        return sum(fit.timing().step_s(tokens) for fit in self._fits)
 
     def update(self, hops: list, num_requests: int, shared_cores: int | None) -> None:
         """After a result: re-decide every few results. ``hops``: the head's ``HopStats``."""

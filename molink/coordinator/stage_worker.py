@@ -13,6 +13,13 @@ compute overlap, and passed on as its own payload. The last stage gathers a step
 fragments and returns one result when all of its tokens arrived. A step that fails here is
 passed on with an error (never silently dropped), so the head can end the affected
 requests with a clear message.
+
+Membership is kept by the stage itself, so processes can start in any order and survive a
+head restart::
+
+    join (retry with backoff while the head is unreachable; exit only on a real refusal)
+      -> watch the head (Health with our stage id every few seconds)
+      -> the head restarted or forgot us: drop every request's state, join again
 """
 
 from __future__ import annotations
@@ -33,13 +40,19 @@ from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.auth import REFUSAL
 from molink.transport.codec import WireFormatError, decode_step, encode_result
+from molink.transport.dedup import DuplicateFilter
 from molink.transport.hop_sender import HopSender, OutgoingStep
-from molink.transport.peers import Peer, bind, make_server
+from molink.transport.peers import Peer, PeerSecurity, PeerUnreachable, bind, make_server
 
 logger = logging.getLogger(__name__)
 
 JOIN_DEADLINE_S = 10.0
+JOIN_RETRY_MAX_S = 10.0  # backoff between join attempts while the head is unreachable
+HEAD_WATCH_INTERVAL_S = 2.0
+HEAD_WATCH_DEADLINE_S = 3.0
+HEAD_LOST_AFTER_S = 30.0  # unreachable this long: its requests are gone, free their state
 _STOP = object()
+_RESET = object()  # drop every request's state (a new head, or the head is gone)
 _EWMA = 0.2
 
 
@@ -57,31 +70,43 @@ class StageRefused(Exception):
     """The head refused this stage; the message says why."""
 
 
+class HeadUnreachable(Exception):
+    """The head did not answer (not up yet, restarting, or the network is down)."""
+
+
 class StageWorker(pb_grpc.StageServicer):
-    def __init__(self, executor: StageExecutor, info: pb.StageInfo, token: str,
+    def __init__(self, executor: StageExecutor, info: pb.StageInfo, security: PeerSecurity,
                  head_address: str) -> None:
         self.executor = executor
         self.info = info
-        self.token = token
+        self.info.fingerprint = security.fingerprint
+        self.security = security
         self.head_address = head_address
+        self.head_fingerprint = ""  # the head's certificate, learnt when joining
         self.label = f"layers {info.start_layer}:{info.end_layer}"
         self._inbox: queue.Queue = queue.Queue()
         self._sender: HopSender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._gathering: dict[int, _Gathering] = {}  # last stage: step id -> fragments so far
+        # Last stage: (epoch, step id) -> the fragments computed so far.
+        self._gathering: dict[tuple[int, int], _Gathering] = {}
         self._compute_s_per_token = 0.0  # EWMA, for choosing the wire compression
         self._server: grpc.aio.Server | None = None
         self._wire: queue.Queue = queue.Queue()  # computed steps waiting to be serialized
+        self._received = DuplicateFilter()
+        self._busy_since = 0.0  # when the compute thread started its current step (0: idle)
         self.epoch = 0
         self.num_steps_computed = 0
+        self.stage_id = ""
+        self.head_instance = ""
+        self.address = ""  # where the head reaches this stage (learnt at join)
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
         self._loop = asyncio.get_running_loop()
-        self._server = make_server(self.token)
+        self._server = make_server(self.security)
         pb_grpc.add_StageServicer_to_server(self, self._server)
-        bound = bind(self._server, host, port)
+        bound = bind(self._server, host, port, self.security)
         await self._server.start()
         for target, name in ((self._compute_loop, "molink-compute"),
                              (self._serialize_loop, "molink-serialize")):
@@ -89,21 +114,105 @@ class StageWorker(pb_grpc.StageServicer):
         return bound
 
     async def join(self) -> str:
-        """Ask the head to admit this stage; returns the stage id or raises StageRefused."""
-        peer = Peer(self.head_address, self.token)
+        """Ask the head to admit this stage once; returns the stage id. Raises StageRefused
+        (a real refusal: token, model, dtype, layers) or HeadUnreachable."""
+        try:
+            peer = await Peer.open(self.head_address, self.security)
+        except PeerUnreachable as exc:
+            if exc.retryable:
+                raise HeadUnreachable(str(exc)) from None
+            raise StageRefused(REFUSAL if "proof of the cluster token" in str(exc)
+                               else str(exc)) from None
         try:
             reply = await pb_grpc.HeadStub(peer.channel).Join(
                 pb.JoinRequest(stage=self.info), metadata=peer.metadata, timeout=JOIN_DEADLINE_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise StageRefused(REFUSAL) from None
-            raise StageRefused(f"cannot reach the head at {self.head_address}: "
-                               f"{exc.details() or exc.code().name}") from None
+            raise HeadUnreachable(exc.details() or exc.code().name) from None
         finally:
             await peer.close()
         if not reply.accepted:
             raise StageRefused(reply.reason)
+        self.head_fingerprint = peer.fingerprint
+        self.stage_id, self.head_instance = reply.stage_id, reply.head_instance
+        self.address = reply.address
         return reply.stage_id
+
+    async def keep_joined(self, on_joined=None) -> None:
+        """Join, then stay joined for as long as this stage runs: wait for the head while
+        it is unreachable, join again when it restarts or forgets this stage. Returns only
+        by raising StageRefused (a reason no retry can fix)."""
+        while True:
+            await self._join_with_retry()
+            if on_joined is not None:
+                on_joined(self)
+            await self._watch_head()
+            await self._forget_requests()
+
+    async def _join_with_retry(self) -> None:
+        backoff, last_log = 1.0, 0.0
+        while True:
+            try:
+                await self.join()
+                return
+            except HeadUnreachable as exc:
+                now = time.monotonic()
+                if now - last_log > 30.0:
+                    logger.warning("%s: waiting for the head at %s (%s); retrying", self.label,
+                                   self.head_address, exc)
+                    last_log = now
+            await asyncio.sleep(backoff)
+            backoff = min(JOIN_RETRY_MAX_S, backoff * 2)
+
+    async def _watch_head(self) -> None:
+        """Until the head restarted (another instance) or no longer counts this stage as a
+        member; a head unreachable for HEAD_LOST_AFTER_S frees every request's state."""
+        peer = None
+        unreachable_since = None
+        try:
+            while True:
+                await asyncio.sleep(HEAD_WATCH_INTERVAL_S)
+                try:
+                    # Not pinned to the old certificate: a head restarted on a new machine
+                    # (or with a new state dir) is found again, and told apart below.
+                    peer = peer or await Peer.open(self.head_address, self.security,
+                                                   timeout_s=HEAD_WATCH_DEADLINE_S)
+                    reply = await pb_grpc.HeadStub(peer.channel).Health(
+                        pb.HealthRequest(stage_id=self.stage_id), metadata=peer.metadata,
+                        timeout=HEAD_WATCH_DEADLINE_S)
+                except (grpc.aio.AioRpcError, PeerUnreachable) as exc:
+                    now = time.monotonic()
+                    unreachable_since = unreachable_since or now
+                    if now - unreachable_since > HEAD_LOST_AFTER_S:
+                        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+                        logger.warning("%s: the head at %s has not answered for %.0f s (%s); "
+                                       "joining again when it is back", self.label,
+                                       self.head_address, now - unreachable_since, detail)
+                        return
+                    continue
+                unreachable_since = None
+                if reply.head_instance != self.head_instance:
+                    logger.warning("%s: the head at %s restarted; joining it again", self.label,
+                                   self.head_address)
+                    return
+                if not reply.member:
+                    logger.warning("%s: the head no longer routes through this stage; "
+                                   "joining again", self.label)
+                    return
+        finally:
+            if peer is not None:
+                await peer.close()
+
+    async def _forget_requests(self) -> None:
+        """The head that planned our requests is gone or dropped us: free their state and
+        stop sending what was left for it."""
+        self.epoch = 0
+        self.stage_id = ""
+        self._inbox.put(_RESET)
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            await sender.close()
 
     async def stop(self) -> None:
         self._inbox.put(_STOP)
@@ -118,16 +227,22 @@ class StageWorker(pb_grpc.StageServicer):
     # ---- RPCs -----------------------------------------------------------------------------
 
     async def Configure(self, request: pb.Route, context) -> pb.Ack:
-        """The head tells this stage where its output goes (a new route after failures)."""
+        """The head tells this stage where its output goes (a new route after failures).
+        Answers once this stage has connected to the next hop and measured it, so the head
+        knows the route works before it sends traffic; a failure names both ends."""
         if request.epoch < self.epoch:
             return pb.Ack()
         self.epoch = request.epoch
         if self._sender is not None:
             await self._sender.close()
+            self._sender = None
         target = request.next_address or request.head_address or self.head_address
         last = not request.next_address
+        next_label = "the head" if last else (request.next_label or "the next stage")
         try:
-            sender = HopSender(target, self.token, to_head=last,
+            sender = HopSender(target, self.security, to_head=last,
+                               expected_fingerprint=(self.head_fingerprint if last
+                                                     else request.next_fingerprint),
                                schedule=request.link_schedule or "molink",
                                compression=request.compression or "none",
                                max_chunk_tokens=request.max_chunk_tokens or None,
@@ -135,43 +250,66 @@ class StageWorker(pb_grpc.StageServicer):
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         sender.start()
+        try:
+            await sender.wait_connected()
+        except ConnectionError as exc:
+            await sender.close()
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{self.label} cannot reach {next_label} at {target}: {exc}")
         sender.broken.add_done_callback(
-            lambda f: logger.error("%s: stream to %s ended: %s", self.label, target, f.result()))
+            lambda f: logger.error("%s: stream to %s lost: %s", self.label, target, f.result()))
         self._sender = sender
-        logger.info("%s: output goes to %s (%s; link schedule %s, compression %s)", self.label,
-                    target, "head" if last else "next stage", sender.schedule, sender.compression)
+        logger.info("%s: output goes to %s at %s (link schedule %s, compression %s)",
+                    self.label, next_label, target, sender.schedule, sender.compression)
         return pb.Ack()
 
     async def Forward(self, request_iterator, context):
         """Steps (or fragments of steps) from the previous hop; each is validated, queued
-        for compute and acknowledged at once (the sender times the acks)."""
+        for compute, then acknowledged (never before: an acknowledged step is never lost
+        when the stream breaks). Repeats of a re-opened stream and steps of an older route
+        are dropped."""
         try:
             async for message in request_iterator:
-                yield pb.Ack()  # first: the sender's clock measures the link, not our work
-                if message.probe:
-                    continue
-                try:
-                    step = decode_step(message)
-                except WireFormatError as exc:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed step: {exc}")
-                hidden = None
-                if step.hidden is not None and not step.error:
-                    hidden = from_raw(step.hidden, self.executor.device, self.executor.dtype)
-                self._inbox.put((step, hidden))
+                if not message.probe:
+                    try:
+                        step = decode_step(message)
+                    except WireFormatError as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"malformed step: {exc}")
+                    if self._received.fresh(step.sender_id, step.seq) \
+                            and step.epoch >= self.epoch:
+                        hidden = None
+                        if step.hidden is not None and not step.error:
+                            hidden = from_raw(step.hidden, self.executor.device,
+                                              self.executor.dtype)
+                        self._inbox.put((step, hidden))
+                yield pb.Ack()
         except asyncio.CancelledError:  # the server is stopping: end the stream quietly
             return
 
     async def Health(self, request, context) -> pb.HealthReply:
-        return pb.HealthReply(ready=self._sender is not None, detail=self.label)
+        """Ready once routed; not ready, with the reason, when the output hop is lost."""
+        sender, busy_since = self._sender, self._busy_since
+        busy_s = time.monotonic() - busy_since if busy_since else 0.0
+        if sender is not None and sender.broken.done():
+            return pb.HealthReply(ready=False, compute_busy_s=busy_s,
+                                  detail=f"hop {sender.label} lost: {sender.broken.result()}")
+        return pb.HealthReply(ready=sender is not None, detail=self.label, compute_busy_s=busy_s)
 
     # ---- compute thread ---------------------------------------------------------------------
 
     def _compute_loop(self) -> None:
         while (item := self._inbox.get()) is not _STOP:
+            if item is _RESET:
+                self.executor.reset()
+                self._wire.put(_RESET)
+                continue
             step, hidden = item
+            self._busy_since = time.monotonic()
             start = time.perf_counter()
             output, error = self._compute(step, hidden)
             seconds = time.perf_counter() - start
+            self._busy_since = 0.0
             if step.plan.num_tokens and not error:
                 per_token = seconds / step.plan.num_tokens
                 self._compute_s_per_token += _EWMA * (per_token - self._compute_s_per_token)
@@ -197,6 +335,9 @@ class StageWorker(pb_grpc.StageServicer):
 
     def _serialize_loop(self) -> None:
         while (item := self._wire.get()) is not _STOP:
+            if item is _RESET:
+                self._gathering.clear()
+                continue
             step, output, error, timings = item
             sender = self._sender
             if sender is None:
@@ -218,14 +359,15 @@ class StageWorker(pb_grpc.StageServicer):
                 rows = to_raw(output, compression)
             outgoing = OutgoingStep(step.plan, rows, step.step_num_tokens, reset=step.reset,
                                     error=error, stage_compute_s=timings, hops=step.hops,
-                                    part=step.part)
+                                    part=step.part, epoch=step.epoch)
             self._loop.call_soon_threadsafe(sender.submit, outgoing)
 
     def _gather(self, step, output, error: str, timings: tuple[float, ...]):
         """Last stage: add one computed fragment; the step's result once all tokens are in."""
         plan = step.plan
+        key = (step.epoch, plan.step_id)
         gathering = self._gathering.setdefault(
-            plan.step_id, _Gathering(StepOutput(plan.step_id, microbatch_id=plan.microbatch_id)))
+            key, _Gathering(StepOutput(plan.step_id, microbatch_id=plan.microbatch_id)))
         gathering.tokens += plan.num_tokens
         gathering.error = gathering.error or error
         if output is not None:
@@ -237,7 +379,8 @@ class StageWorker(pb_grpc.StageServicer):
             gathering.timings[i] += seconds
         if gathering.tokens < step.step_num_tokens:
             return None
-        del self._gathering[plan.step_id]
+        del self._gathering[key]
         return encode_result(gathering.output, error=gathering.error,
                              stage_compute_s=tuple(gathering.timings),
-                             hops=step.hops)  # the sender adds its own hop's report
+                             hops=step.hops,  # the sender adds its own hop's report
+                             epoch=step.epoch)

@@ -109,8 +109,12 @@ def _demo(args) -> int:
 
     if not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
         raise ValueError(f"the bundled model is missing from {DEFAULT_MODEL_DIR}")
-    return asyncio.run(demo.run(str(DEFAULT_MODEL_DIR), args.prompt, _sampling(args),
-                                args.dtype, args.device))
+    try:
+        return asyncio.run(demo.run(str(DEFAULT_MODEL_DIR), args.prompt, _sampling(args),
+                                    args.dtype, args.device))
+    except (demo.StageExited, TimeoutError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _sampling(args) -> SamplingParams:

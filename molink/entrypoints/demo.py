@@ -14,9 +14,12 @@ import sys
 
 from molink import envs
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.pipeline_head import PipelineHead
+from molink.entrypoints.join import finish_pending_tasks
 from molink.model.loader import load_config
 from molink.sampling_params import SamplingParams
+from molink.transport.peers import PeerSecurity
 
 READY_TIMEOUT_S = 300.0
 
@@ -32,7 +35,8 @@ async def run(model: str, prompt: str, params: SamplingParams, dtype: str, devic
     ranges = split_layers(load_config(model).arch.num_layers)
     token = secrets.token_hex(16)
     head = PipelineHead(ModelConfig(model=model, dtype=dtype, device=device), CacheConfig(),
-                        SchedulerConfig(), token=token, head_layers=ranges[0])
+                        SchedulerConfig(), HeadConfig(head_layers=ranges[0]),
+                        security=PeerSecurity.create(token))
     await head.start("127.0.0.1", 0)
     env = dict(os.environ, **{envs.CLUSTER_TOKEN_VAR: token})  # not on the command line
     procs = []
@@ -44,7 +48,7 @@ async def run(model: str, prompt: str, params: SamplingParams, dtype: str, devic
                 "--dtype", dtype, "--device", device, env=env,
                 stdout=asyncio.subprocess.DEVNULL))
         print(f"starting a {len(ranges)}-stage pipeline on 127.0.0.1 ...", flush=True)
-        await head.wait_ready(READY_TIMEOUT_S)
+        await _wait_ready(head, procs)
         print(f"pipeline: {head.describe()}\n", flush=True)
         await _stream(head, prompt, params)
         _print_how_to_run_it_yourself(model, ranges)
@@ -56,6 +60,28 @@ async def run(model: str, prompt: str, params: SamplingParams, dtype: str, devic
                 proc.terminate()  # by pid
             await proc.wait()
         await head.stop()
+        await finish_pending_tasks()  # else asyncio.run cancels gRPC's and it logs tracebacks
+
+
+class StageExited(Exception):
+    """A stage process of the demo ended before the pipeline was ready."""
+
+
+async def _wait_ready(head: PipelineHead, procs) -> None:
+    """Until the pipeline is ready; a stage process that exits first ends the wait with
+    its exit code (its own message is on stderr), instead of waiting out the timeout."""
+    ready = asyncio.create_task(head.wait_ready(READY_TIMEOUT_S))
+    exits = {asyncio.create_task(proc.wait()): proc for proc in procs}
+    try:
+        done, _ = await asyncio.wait({ready, *exits}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (ready, *exits):
+            task.cancel()
+    if ready in done:
+        ready.result()  # TimeoutError naming the missing layers
+        return
+    code = next(iter(exits[t] for t in done if t in exits)).returncode
+    raise StageExited(f"a stage process exited with code {code} before the pipeline was ready")
 
 
 async def _stream(head: PipelineHead, prompt: str, params: SamplingParams) -> None:

@@ -7,7 +7,8 @@ naming the field, never a 500. Unknown fields are ignored; OpenAI fields this se
 honour (``echo``, ``suffix``, ``logit_bias``, tools, ...) are a 400 when set.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: invalid input
-400, missing or wrong API key 401, unknown model 404, pipeline not ready or a stage lost 503.
+400, missing or wrong API key 401, unknown model 404, pipeline not ready or a stage lost 503,
+too many requests waiting 503 with a ``Retry-After`` header (see admission control below).
 Streaming answers are server-sent events (``data: {...}`` lines, then ``data: [DONE]``). A
 request with ``n`` choices (or several prompts) runs one head request per choice,
 concurrently::
@@ -15,15 +16,25 @@ concurrently::
     choice index = prompt index * n + j        seed of choice j = seed + j (when seeded)
 
 A client that disconnects aborts every request of its answer.
+
+Admission control: before any choice of a request starts, the requests waiting in the head
+(queued in its scheduler, not yet running) plus the ones this app has admitted but not yet
+handed to the head must leave room for all of the request's choices (each choice counts one),
+within ``max_waiting_requests``. Otherwise the answer is at once a 503 "server overloaded"
+with ``Retry-After``; nothing of the rejected request is left behind. A request with more
+choices than the whole limit could never be admitted: it is a 400 naming ``n``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import logging
+import math
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import jinja2
@@ -49,6 +60,9 @@ MAX_ERROR_CHARS = 500  # error messages quote user values; keep them readable
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 _INT_LIMIT = 2**31 - 1
 _HUGE_INT = 2**64  # beyond every range SamplingParams accepts
+# As many as --max-num-seqs' default: one more full batch may wait behind the running one.
+DEFAULT_MAX_WAITING_REQUESTS = 256
+MAX_RETRY_AFTER_S = 60  # what the openai client still honours as a delay
 
 # Passed to SamplingParams as they are; SamplingParams checks types and ranges.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
@@ -70,16 +84,33 @@ class RequestError(ValueError):
         self.param = param
 
 
+class ServerOverloaded(Exception):
+    """Too many requests wait in the head: a 503 with ``Retry-After``."""
+
+    def __init__(self, num_waiting: int, limit: int, retry_after_s: int) -> None:
+        super().__init__(f"server overloaded: {num_waiting} requests waiting (limit {limit}); "
+                         "retry later")
+        self.retry_after_s = retry_after_s
+
+
+_SERVICE_ERRORS = (PipelineNotReady, StageUnavailable, ServerOverloaded)  # all 503
+
+
 def error(status: int, message: str, kind: str = "invalid_request_error",
-          param: str | None = None) -> JSONResponse:
+          param: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     if len(message) > MAX_ERROR_CHARS:
         message = message[:MAX_ERROR_CHARS] + "..."
-    return JSONResponse(status_code=status, content={"error": {
+    return JSONResponse(status_code=status, headers=headers, content={"error": {
         "message": message, "type": kind, "param": param, "code": status}})
 
 
-def create_app(head: PipelineHead, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(head: PipelineHead, served_model_name: str, api_key: str | None = None,
+               max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS) -> FastAPI:
+    """``max_waiting_requests``: how many requests (choices) may wait in the head, not yet
+    running, before new ones are answered 503 (see the module's docstring)."""
+    admission = Admission(max_waiting_requests)
     app = FastAPI(title="MoLink", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.admission = admission
     if api_key:
         app.add_middleware(_ApiKeyGuard, api_key=api_key)
 
@@ -113,11 +144,13 @@ def create_app(head: PipelineHead, served_model_name: str, api_key: str | None =
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _serve(head, request, served_model_name, _parse_completion, CompletionFormat)
+        return await _serve(head, admission, request, served_model_name, _parse_completion,
+                            CompletionFormat)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _serve(head, request, served_model_name, _parse_chat, ChatFormat)
+        return await _serve(head, admission, request, served_model_name, _parse_chat,
+                            ChatFormat)
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -129,7 +162,7 @@ def create_app(head: PipelineHead, served_model_name: str, api_key: str | None =
         except ValueError as exc:
             return _failure(exc)
         fmt = CompletionFormat(served_model_name, job)
-        answer = await _answer(head, job, fmt, request)
+        answer = await _answer(head, admission, job, fmt, request)
         if isinstance(answer, JSONResponse):
             return answer
         return {"text": answer["choices"][0]["text"]}
@@ -137,7 +170,8 @@ def create_app(head: PipelineHead, served_model_name: str, api_key: str | None =
     return app
 
 
-async def _serve(head: PipelineHead, request: Request, model: str, parse, fmt_class):
+async def _serve(head: PipelineHead, admission: Admission, request: Request, model: str, parse,
+                 fmt_class):
     """Body -> model check -> Job -> an answer (JSON or an event stream)."""
     body = await _json_body(request)
     if isinstance(body, JSONResponse):
@@ -154,8 +188,8 @@ async def _serve(head: PipelineHead, request: Request, model: str, parse, fmt_cl
         return _failure(exc)
     fmt = fmt_class(model, job)
     if job.stream:
-        return await _start_stream(head, job, fmt)
-    return await _answer(head, job, fmt, request)
+        return await _start_stream(head, admission, job, fmt)
+    return await _answer(head, admission, job, fmt, request)
 
 
 # ---- authentication -------------------------------------------------------------------------
@@ -387,19 +421,96 @@ def _param_of(message: str) -> str | None:
     return name if name in _SAMPLING_FIELDS or name in ("max_tokens", "logprobs", "n") else None
 
 
+# ---- admission control ----------------------------------------------------------------------
+
+
+class Admission:
+    """Bounds the requests waiting in the head (see the module's docstring).
+
+    ``num_pending`` counts the choices admitted here but not yet handed to the head: between
+    the check and the moment a pump calls ``head.generate`` other requests are checked, and
+    the scheduler does not know about these yet. ``head.generate`` adds its request to the
+    scheduler in its first step, with no await before it, and a pump hands over (decrements
+    ``num_pending``) in that same step, so ``num_waiting + num_pending`` never skips a choice.
+    """
+
+    WINDOW_S = 60.0  # departures older than this no longer describe the current rate
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_waiting_requests must be a positive integer, got {limit!r}")
+        self.limit = limit
+        self.num_pending = 0
+        self.num_rejected = 0  # over the app's life
+        self._departures: collections.deque[float] = collections.deque(maxlen=256)
+
+    def num_waiting(self, head: PipelineHead) -> int:
+        scheduler = getattr(head, "scheduler", None)
+        return (scheduler.num_waiting if scheduler is not None else 0) + self.num_pending
+
+    def admit(self, head: PipelineHead, num_choices: int, n: int) -> int:
+        """Count ``num_choices`` as pending, or raise; -> how many were counted.
+
+        Nothing is counted while the head has no scheduler (not ready): ``head.generate``
+        then answers PipelineNotReady, the usual 503.
+        """
+        if num_choices > self.limit:
+            raise RequestError(f"n ({n}) times the number of prompts ({num_choices // n}) is "
+                               f"{num_choices} choices, more than this server lets wait at once "
+                               f"(max_waiting_requests = {self.limit}): such a request could "
+                               "never be admitted; lower n or split the prompts", "n")
+        if getattr(head, "scheduler", None) is None:
+            return 0
+        waiting = self.num_waiting(head)
+        if waiting + num_choices > self.limit:
+            self.num_rejected += 1
+            raise ServerOverloaded(waiting, self.limit,
+                                   self.retry_after(waiting + num_choices - self.limit))
+        self.num_pending += num_choices
+        return num_choices
+
+    def departed(self) -> None:
+        """A handed-over request left the head (finished, failed or aborted)."""
+        self._departures.append(time.monotonic())
+
+    def retry_after(self, excess: int) -> int:
+        """Seconds until about ``excess`` requests have left the waiting queue.
+
+        Waiting requests start as running ones leave, so the queue drains at the rate
+        requests have been leaving the head over the last minute; without such departures
+        the estimate is 1 s (a rejection is cheap). Between 1 and MAX_RETRY_AFTER_S.
+        """
+        now = time.monotonic()
+        while self._departures and now - self._departures[0] > self.WINDOW_S:
+            self._departures.popleft()
+        if not self._departures:
+            return 1
+        rate = len(self._departures) / max(now - self._departures[0], 1.0)  # per second
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(excess / rate)))
+
+
 # ---- running ------------------------------------------------------------------------------
 
 
-async def _merged(head: PipelineHead, job: Job,
+async def _merged(head: PipelineHead, admission: Admission, job: Job,
                   request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Run every choice concurrently; yield (choice index, output) as they come.
+    """Admit the request, then run every choice concurrently; yield (choice index, output) as
+    they come. Admission is checked here, where every answer starts its choices, and raises
+    ServerOverloaded (503) or RequestError (400) before anything starts.
 
     Leaving early cancels the pumps, which leaves the head's generators, which aborts the
     requests and frees their KV blocks.
     """
+    choices = job.choices()
+    unhanded = admission.admit(head, len(choices), job.n)
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
+        nonlocal unhanded
+        handed = unhanded > 0
+        if handed:  # head.generate queues the request in this same step (no await before)
+            unhanded -= 1
+            admission.num_pending -= 1
         try:
             async for output in head.generate(ids, params, f"{request_id}-{index}"):
                 queue.put_nowait((index, output))
@@ -407,9 +518,11 @@ async def _merged(head: PipelineHead, job: Job,
             queue.put_nowait((index, exc))
         else:
             queue.put_nowait((index, None))
+        finally:
+            if handed:
+                admission.departed()
 
-    tasks = [asyncio.create_task(pump(i, ids, params))
-             for i, (ids, params) in enumerate(job.choices())]
+    tasks = [asyncio.create_task(pump(i, ids, params)) for i, (ids, params) in enumerate(choices)]
     try:
         num_running = len(tasks)
         while num_running:
@@ -423,17 +536,23 @@ async def _merged(head: PipelineHead, job: Job,
     finally:
         for task in tasks:
             task.cancel()
+        # A pump cancelled before its first step never runs: it never reaches the head.
+        admission.num_pending -= unhanded
+        unhanded = 0
 
 
 def _failure(exc: Exception) -> JSONResponse:
+    if isinstance(exc, ServerOverloaded):
+        return error(503, str(exc), "service_unavailable",
+                     headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, (PipelineNotReady, StageUnavailable)):
         return error(503, str(exc), "service_unavailable")
     return error(400, str(exc), param=getattr(exc, "param", None) or _param_of(str(exc)))
 
 
-async def _answer(head: PipelineHead, job: Job, fmt, request: Request):
+async def _answer(head: PipelineHead, admission: Admission, job: Job, fmt, request: Request):
     """The whole answer as JSON; a client that hangs up first aborts its requests."""
-    collect = asyncio.create_task(_collect(head, job, fmt.request_id))
+    collect = asyncio.create_task(_collect(head, admission, job, fmt.request_id))
     hang_up = asyncio.create_task(_wait_for_disconnect(request))
     try:
         await asyncio.wait((collect, hang_up), return_when=asyncio.FIRST_COMPLETED)
@@ -445,14 +564,15 @@ async def _answer(head: PipelineHead, job: Job, fmt, request: Request):
         return error(499, "client closed the request")  # nobody reads this
     try:
         finals = collect.result()
-    except (PipelineNotReady, StageUnavailable, ValueError) as exc:
+    except (*_SERVICE_ERRORS, ValueError) as exc:
         return _failure(exc)
     return fmt.answer([finals[i] for i in range(len(finals))])
 
 
-async def _collect(head: PipelineHead, job: Job, request_id: str) -> dict[int, RequestOutput]:
+async def _collect(head: PipelineHead, admission: Admission, job: Job,
+                   request_id: str) -> dict[int, RequestOutput]:
     finals: dict[int, RequestOutput] = {}
-    async for index, output in _merged(head, job, request_id):
+    async for index, output in _merged(head, admission, job, request_id):
         finals[index] = output
     return finals
 
@@ -463,12 +583,13 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def _start_stream(head: PipelineHead, job: Job, fmt):
-    """Wait for the first output before answering, so bad input is a 400, not an event."""
-    merged = _merged(head, job, fmt.request_id)
+async def _start_stream(head: PipelineHead, admission: Admission, job: Job, fmt):
+    """Wait for the first output before answering, so bad input (or an overloaded server) is
+    an HTTP error, not an event."""
+    merged = _merged(head, admission, job, fmt.request_id)
     try:
         first = await anext(merged)
-    except (PipelineNotReady, StageUnavailable, ValueError) as exc:
+    except (*_SERVICE_ERRORS, ValueError) as exc:
         await merged.aclose()
         return _failure(exc)
     return StreamingResponse(_events(merged, first, job, fmt), media_type="text/event-stream")

@@ -94,10 +94,14 @@ class _HeadCollector:
         head, scheduler = self.head, self.head.scheduler
         yield _gauge("molink_ready", "1 when every layer is served", float(head.ready))
         yield _gauge("molink_microbatches_in_flight", "Plans in the pipeline now",
-                     len(head._in_flight))
+                     head.num_in_flight)
         yield _gauge("molink_steps_dispatched", "Steps sent into the pipeline",
                      head.stats.num_steps_dispatched)
         yield _gauge("molink_stage_failures", "Stages lost since start", head.stats.num_stage_failures)
+        yield _gauge("molink_steps_timed_out", "Steps without a result within their deadline "
+                     "(each failed the requests in the pipeline)", head.stats.num_steps_timed_out)
+        yield _gauge("molink_route_failures", "Routes that could not be set up (then retried)",
+                     head.stats.num_route_failures)
         compute = GaugeMetricFamily("molink_stage_compute_seconds",
                                     "Compute time per step of each stage (EWMA)", labels=["stage"])
         for label, seconds in zip(head.stage_labels(), head.stage_compute_s):

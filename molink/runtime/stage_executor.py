@@ -31,6 +31,7 @@ class _RequestState:
     num_prompt_tokens: int
     sampling_params: SamplingParams
     block_ids: list[int]
+    eos_token_ids: frozenset[int]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,7 +131,8 @@ class StageExecutor:
                 self.state_cache.assign(new.request_id)
             self.requests[new.request_id] = _RequestState(
                 token_ids=list(new.token_ids), num_prompt_tokens=new.num_prompt_tokens,
-                sampling_params=new.sampling_params, block_ids=list(new.block_ids))
+                sampling_params=new.sampling_params, block_ids=list(new.block_ids),
+                eos_token_ids=frozenset(new.eos_token_ids) or self.eos_token_ids)
         for cached in plan.cached_requests:
             state = self.requests[cached.request_id]
             state.token_ids.extend(cached.new_token_ids)
@@ -164,5 +166,5 @@ class StageExecutor:
             params=state.sampling_params,
             prompt_token_ids=state.token_ids[:state.num_prompt_tokens],
             output_token_ids=state.token_ids[state.num_prompt_tokens:],
-            eos_token_ids=self.eos_token_ids,
+            eos_token_ids=state.eos_token_ids,
         )

@@ -290,7 +290,8 @@ class Scheduler:
     def _new_request(request: Request) -> NewRequest:
         request.known_to_executors = True
         return NewRequest(request.request_id, request.all_token_ids, request.num_prompt_tokens,
-                          request.sampling_params, list(request.block_ids))
+                          request.sampling_params, list(request.block_ids),
+                          tuple(sorted(request.eos_token_ids)))
 
     @staticmethod
     def _cached_delta(request: Request) -> CachedRequest:

@@ -22,6 +22,8 @@ DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1,
 MAX_MESSAGE_BYTES = 1 << 30  # gRPC limit on one message; prefill chunks stay far below
 MAX_REQUEST_ID_CHARS = 256
 MAX_TENSOR_DIMS = 4
+MAX_EOS_IDS = 64
+MAX_SENDER_ID_CHARS = 64
 
 
 class WireFormatError(ValueError):
@@ -45,15 +47,19 @@ class WireStep:
     hops: tuple[LinkReport, ...] = ()  # every hop so far, measured by its sender
     probe: bool = False  # link measurement only
     part: int = PART_WHOLE  # PART_WHOLE | PART_DECODE | PART_PREFILL
+    epoch: int = 0  # the route epoch the step was planned in
+    sender_id: str = ""  # who sent it on this hop, and its number there (0: a probe)
+    seq: int = 0
 
 
 def encode_step(plan: StepPlan, hidden: RawTensor | None = None, reset: bool = False,
                 error: str = "", stage_compute_s: tuple[float, ...] = (),
                 step_num_tokens: int | None = None,
-                hops: tuple[LinkReport, ...] = (), part: int = PART_WHOLE) -> pb.StepMessage:
+                hops: tuple[LinkReport, ...] = (), part: int = PART_WHOLE,
+                epoch: int = 0) -> pb.StepMessage:
     msg = pb.StepMessage(step_id=plan.step_id, microbatch_id=plan.microbatch_id,
                          freed_request_ids=plan.freed_request_ids, reset=reset, error=error,
-                         stage_compute_s=stage_compute_s, part=part,
+                         stage_compute_s=stage_compute_s, part=part, epoch=epoch,
                          step_num_tokens=plan.num_tokens if step_num_tokens is None
                          else step_num_tokens)
     msg.hops.extend(encode_link(h) for h in hops)
@@ -93,14 +99,15 @@ def decode_step(msg: pb.StepMessage) -> WireStep:
         raise WireFormatError(f"unknown step part {msg.part}")
     return WireStep(plan, hidden, bool(msg.reset), msg.error[:4096],
                     _timings(msg.stage_compute_s), msg.step_num_tokens or plan.num_tokens,
-                    _links(msg.hops), bool(msg.probe), msg.part)
+                    _links(msg.hops), bool(msg.probe), msg.part, msg.epoch,
+                    _sender_id(msg.sender_id), msg.seq)
 
 
 def _encode_new(request: NewRequest) -> pb.NewRequest:
     return pb.NewRequest(request_id=request.request_id, token_ids=request.token_ids,
                          num_prompt_tokens=request.num_prompt_tokens,
                          sampling=encode_sampling(request.sampling_params),
-                         block_ids=request.block_ids)
+                         block_ids=request.block_ids, eos_token_ids=request.eos_token_ids)
 
 
 def _decode_new(msg: pb.NewRequest) -> NewRequest:
@@ -108,8 +115,11 @@ def _decode_new(msg: pb.NewRequest) -> NewRequest:
     if not 0 < msg.num_prompt_tokens <= len(token_ids):
         raise WireFormatError(f"num_prompt_tokens {msg.num_prompt_tokens} does not fit "
                               f"{len(token_ids)} tokens")
+    if len(msg.eos_token_ids) > MAX_EOS_IDS:
+        raise WireFormatError(f"more than {MAX_EOS_IDS} end-of-sequence ids")
     return NewRequest(_request_id(msg.request_id), token_ids, msg.num_prompt_tokens,
-                      decode_sampling(msg.sampling), _ids("block_ids", msg.block_ids))
+                      decode_sampling(msg.sampling), _ids("block_ids", msg.block_ids),
+                      tuple(_ids("eos_token_ids", msg.eos_token_ids)))
 
 
 # ---- sampling parameters (what the last stage needs; stop strings stay on the head) -------
@@ -142,9 +152,9 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
 
 def encode_result(output: StepOutput, error: str = "",
                   stage_compute_s: tuple[float, ...] = (),
-                  hops: tuple[LinkReport, ...] = ()) -> pb.StepResult:
+                  hops: tuple[LinkReport, ...] = (), epoch: int = 0) -> pb.StepResult:
     msg = pb.StepResult(step_id=output.step_id, microbatch_id=output.microbatch_id, error=error,
-                        stage_compute_s=stage_compute_s)
+                        stage_compute_s=stage_compute_s, epoch=epoch)
     msg.hops.extend(encode_link(h) for h in hops)
     for request_id, token in output.sampled_token_ids.items():
         msg.sampled_token_ids[request_id] = token
@@ -164,6 +174,9 @@ class WireResult:
     error: str  # empty when the step succeeded
     stage_compute_s: tuple[float, ...]  # compute time of every stage, pipeline order
     hops: tuple[LinkReport, ...]  # every hop, pipeline order (the last: to the head)
+    epoch: int = 0  # the route epoch of the step
+    sender_id: str = ""  # the last stage's sender on its hop to the head, and the number
+    seq: int = 0
 
 
 def decode_result(msg: pb.StepResult) -> WireResult:
@@ -175,7 +188,8 @@ def decode_result(msg: pb.StepResult) -> WireResult:
             raise WireFormatError("logprobs: token ids and values differ in length")
         output.logprobs[_request_id(request_id)] = TokenLogprobs(
             lp.token_id, lp.logprob, lp.rank, list(zip(lp.top_token_ids, lp.top_logprobs)))
-    return WireResult(output, msg.error[:4096], _timings(msg.stage_compute_s), _links(msg.hops))
+    return WireResult(output, msg.error[:4096], _timings(msg.stage_compute_s), _links(msg.hops),
+                      msg.epoch, _sender_id(msg.sender_id), msg.seq)
 
 
 # ---- link reports -------------------------------------------------------------------------------
@@ -241,6 +255,12 @@ def _timings(values) -> tuple[float, ...]:
 def _request_id(value: str) -> str:
     if not value or len(value) > MAX_REQUEST_ID_CHARS:
         raise WireFormatError("request id must be 1 to 256 characters")
+    return value
+
+
+def _sender_id(value: str) -> str:
+    if len(value) > MAX_SENDER_ID_CHARS:
+        raise WireFormatError(f"sender id longer than {MAX_SENDER_ID_CHARS} characters")
     return value
 
 

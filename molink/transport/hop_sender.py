@@ -9,6 +9,13 @@ first-in first-out::
     submit(step) -> split into decode / prefill parts -> LinkScheduler -> pace -> stream.write
                                                                  acks -> bandwidth, latency
 
+Delivery is reliable across broken connections: every message carries the sender's id and
+a sequence number, and stays in ``_unacked`` until acknowledged. A stream that breaks (a
+reset, a peer that restarted its socket, a keepalive timeout) is re-opened and everything
+unacknowledged is sent again, in order; the receiver drops what it already took
+(``DuplicateFilter``). Only when the hop cannot be re-opened within ``REOPEN_TIMEOUT_S``
+does ``broken`` resolve, and the owner fails what travelled on it, naming the hop.
+
 Schedules: ``molink`` (decode parts first, prefill cut into just-in-time chunks, aging so
 prefill progresses), ``priority`` (decode parts first, prefill whole), ``fifo`` (whole steps
 in arrival order, written as fast as the stream takes them: how pipelines usually send).
@@ -19,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import itertools
 import logging
+import secrets
 import time
 
 import grpc
@@ -27,11 +36,17 @@ import grpc
 from molink.messages import LinkReport, RawTensor, StepPlan
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
-from molink.transport.codec import (DTYPE_SIZES, PART_DECODE, PART_PREFILL, PART_WHOLE,
-                                    encode_link, encode_step)
+from molink.transport.codec import (
+    DTYPE_SIZES,
+    PART_DECODE,
+    PART_PREFILL,
+    PART_WHOLE,
+    encode_link,
+    encode_step,
+)
 from molink.transport.fragments import Part, fragment, split_parts
 from molink.transport.link_scheduler import LinkScheduler, Payload
-from molink.transport.peers import Peer
+from molink.transport.peers import Peer, PeerSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +59,8 @@ _EWMA = 0.2
 _SMALL_BYTES = 8 * 1024  # acks of messages this small measure latency
 _LARGE_BYTES = 32 * 1024  # acks of messages this large measure bandwidth
 _MIN_CHUNK_TOKENS = 32
+REOPEN_TIMEOUT_S = 10.0  # a broken hop that cannot be re-opened this long is lost
+CONNECT_TIMEOUT_S = 10.0  # the first connection (and its link probe)
 
 
 @dataclasses.dataclass
@@ -58,6 +75,7 @@ class OutgoingStep:
     stage_compute_s: tuple[float, ...] = ()
     hops: tuple[LinkReport, ...] = ()  # upstream hops; this hop's report is appended
     part: int = PART_WHOLE  # the part of the step this is, when it is one already
+    epoch: int = 0  # the route epoch the step was planned in
 
 
 @dataclasses.dataclass
@@ -66,6 +84,7 @@ class _Unacked:
     num_bytes: int
     link_was_idle: bool
     probe: asyncio.Future | None = None
+    message: object = None  # kept to be sent again if the stream breaks first (not probes)
 
 
 class _Item:
@@ -78,9 +97,10 @@ class _Item:
 
 
 class HopSender:
-    def __init__(self, address: str, token: str, *, to_head: bool, schedule: str = "molink",
-                 compression: str = "none", max_chunk_tokens: int | None = None,
-                 label: str = "") -> None:
+    def __init__(self, address: str, security: PeerSecurity, *, to_head: bool,
+                 schedule: str = "molink", compression: str = "none",
+                 max_chunk_tokens: int | None = None, label: str = "",
+                 expected_fingerprint: str = "") -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"link schedule must be one of {', '.join(SCHEDULES)}")
         if compression not in COMPRESSIONS:
@@ -91,7 +111,9 @@ class HopSender:
         self.compression = compression
         self.label = label or address
         self.link = LinkReport(bandwidth_bps=0.0, latency_s=0.0, compression="none")
-        self._peer = Peer(address, token)
+        self._security = security
+        self._expected_fingerprint = expected_fingerprint  # the receiver's certificate
+        self._peer: Peer | None = None  # opened by the first connection
         self._call = None
         self._fifo: collections.deque = collections.deque()  # (message, tokens) or _Item
         # ``priority``: decode first, but a prefill goes whole (chunks of "every token").
@@ -107,24 +129,121 @@ class HopSender:
         self._last_decode_at: float | None = None
         self._decode_interval_s: float | None = None
         self._tasks: list[asyncio.Task] = []
-        self.broken: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._closed = False
+        self._stream_alive = False
+        self.sender_id = secrets.token_hex(8)
+        self._seq = itertools.count(1)
+        self.num_reconnects = 0
+        loop = asyncio.get_running_loop()
+        # Resolves when the stream is open and the link measured (or with the error).
+        self.connected: asyncio.Future = loop.create_future()
+        # Resolves (with a description) when the hop is lost for good.
+        self.broken: asyncio.Future = loop.create_future()
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     def start(self, probe: bool = True) -> None:
-        """Open the stream; measure the link (in the background, before any traffic)."""
-        stub = (pb_grpc.HeadStub if self.to_head else pb_grpc.StageStub)(self._peer.channel)
-        method = stub.Results if self.to_head else stub.Forward
-        self._call = method(metadata=self._peer.metadata)
-        self._tasks.append(asyncio.create_task(self._read_acks()))
-        self._tasks.append(asyncio.create_task(self._send_loop(probe)))
+        """Open the stream and measure the link, in the background, before any traffic;
+        ``connected`` tells when that is done."""
+        self._tasks.append(asyncio.create_task(self._run(probe)))
+
+    async def wait_connected(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Until the stream is open and the link measured; ConnectionError naming the hop
+        and the address tried otherwise."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.connected), timeout_s)
+        except TimeoutError:
+            raise ConnectionError(f"{self.label}: no connection to {self.address} within "
+                                  f"{timeout_s:.0f} s") from None
 
     async def close(self) -> None:
+        self._closed = True
         for task in self._tasks:
             task.cancel()
         if self._call is not None:
             self._call.cancel()
-        await self._peer.close()
+        if self._peer is not None:
+            await self._peer.close()
+
+    async def _run(self, probe: bool) -> None:
+        """Keep one stream open: re-open it when it breaks (sending again what was not
+        acknowledged) until it stays broken for ``REOPEN_TIMEOUT_S``."""
+        broken_since = 0.0
+        backoff = 0.1
+        while True:
+            try:
+                await self._open()
+                await self._serve_stream(probe and not self.connected.done())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                if self._stream_alive or not broken_since:  # a new break, not a failed retry
+                    broken_since, backoff = now, 0.1
+                if not self.connected.done() or now - broken_since > REOPEN_TIMEOUT_S:
+                    self._set_broken(exc)
+                    return
+                logger.warning("link %s broke (%s); re-opening it", self.label, _detail(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+
+    async def _open(self) -> None:
+        """A new stream on the channel; what the last one did not get acknowledged is
+        written again first, in order."""
+        if self._call is not None:
+            self._call.cancel()
+        if self._peer is None:
+            self._peer = await Peer.open(self.address, self._security,
+                                         self._expected_fingerprint)
+        stub = (pb_grpc.HeadStub if self.to_head else pb_grpc.StageStub)(self._peer.channel)
+        self._call = (stub.Results if self.to_head else stub.Forward)(
+            metadata=self._peer.metadata)
+        self._stream_alive = False  # until its first acknowledgement
+        pending = [u for u in self._unacked if u.message is not None]
+        for sent in self._unacked:
+            if sent.probe is not None and not sent.probe.done():
+                sent.probe.set_exception(ConnectionError(f"link {self.label} broke"))
+        self._unacked.clear()
+        # An empty probe first: its acknowledgement shows the stream works, even when
+        # nothing else is waiting to be sent.
+        alive = asyncio.get_running_loop().create_future()
+        alive.add_done_callback(lambda f: f.cancelled() or f.exception())
+        probe = self._probe_message(0)
+        now = time.monotonic()
+        self._unacked.append(_Unacked(now, probe.ByteSize(), False, alive))
+        # All of them back in the queue before the first write: if this stream breaks too,
+        # the next one sends them again.
+        self._unacked.extend(_Unacked(now, sent.num_bytes, False, message=sent.message)
+                             for sent in pending)
+        if pending:
+            self.num_reconnects += 1
+            logger.info("link %s re-opened; sending %d unacknowledged messages again",
+                        self.label, len(pending))
+        await self._call.write(probe)
+        for sent in pending:
+            await self._call.write(sent.message)
+
+    async def _serve_stream(self, probe: bool) -> None:
+        """Read acknowledgements, measure the link (first time), send; until either fails
+        (then raise)."""
+        async def send() -> None:
+            if probe:
+                await self._probe()
+            if not self.connected.done():
+                self.connected.set_result(None)
+            await self._send_loop()
+
+        tasks = [asyncio.create_task(self._read_acks()), asyncio.create_task(send())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises the failure
+            raise ConnectionError("the stream ended")
+        finally:
+            for task in tasks:
+                task.cancel()
 
     # ---- what goes out -----------------------------------------------------------------------
 
@@ -180,20 +299,13 @@ class HopSender:
 
     # ---- sending -----------------------------------------------------------------------------------
 
-    async def _send_loop(self, probe: bool) -> None:
-        try:
-            if probe:
-                await self._probe()
-            while True:
-                await self._wakeup.wait()
-                message, tokens = self._next_message()
-                if message is None:
-                    continue
-                await self._write(message, tokens)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the stream broke: tell the owner, stop sending
-            self._set_broken(exc)
+    async def _send_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            message, tokens = self._next_message()
+            if message is None:
+                continue
+            await self._write(message, tokens)
 
     def _next_message(self):
         """The next message to write, or (None, 0) after waiting as pacing asks."""
@@ -232,16 +344,17 @@ class HopSender:
         self.link.tokens_sent += tokens
         message = encode_step(plan, rows, reset=step.reset, error=step.error,
                               stage_compute_s=timings, step_num_tokens=step.step_num_tokens,
-                              hops=(*step.hops, self.report()), part=kind)
+                              hops=(*step.hops, self.report()), part=kind, epoch=step.epoch)
         return message, tokens
 
     async def _write(self, message, tokens: int) -> None:
+        message.sender_id, message.seq = self.sender_id, next(self._seq)
         num_bytes = message.ByteSize()
         now = time.monotonic()
         idle = self._free_at <= now
         bandwidth = self.link.bandwidth_bps or _INITIAL_BANDWIDTH_BPS
         self._free_at = max(now, self._free_at) + num_bytes * 8 / bandwidth
-        self._unacked.append(_Unacked(now, num_bytes, idle))
+        self._unacked.append(_Unacked(now, num_bytes, idle, message=message))
         self.link.bytes_sent += num_bytes
         await self._call.write(message)
 
@@ -253,8 +366,7 @@ class HopSender:
         rtts = {}
         for size in (0, 0, PROBE_BYTES, PROBE_BYTES):
             future = asyncio.get_running_loop().create_future()
-            message = (pb.StepResult if self.to_head else pb.StepMessage)(
-                probe=True, padding=b"\0" * size)
+            message = self._probe_message(size)
             start = time.monotonic()
             self._unacked.append(_Unacked(start, message.ByteSize(), False, future))
             await self._call.write(message)
@@ -268,18 +380,19 @@ class HopSender:
         logger.info("link %s: %.1f Mbit/s, %.1f ms one way (probed)", self.label,
                     self.link.bandwidth_bps / 1e6, self.link.latency_s * 1e3)
 
+    def _probe_message(self, size: int):
+        return (pb.StepResult if self.to_head else pb.StepMessage)(probe=True,
+                                                                   padding=b"\0" * size)
+
     async def _read_acks(self) -> None:
-        try:
-            while True:
-                ack = await self._call.read()
-                if ack is grpc.aio.EOF:
-                    raise ConnectionError("the receiver closed the stream")
-                if self._unacked:
-                    self._on_ack(self._unacked.popleft(), time.monotonic())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._set_broken(exc)
+        call = self._call
+        while True:
+            ack = await call.read()
+            if ack is grpc.aio.EOF:
+                raise ConnectionError("the receiver closed the stream")
+            self._stream_alive = True
+            if self._unacked:
+                self._on_ack(self._unacked.popleft(), time.monotonic())
 
     def _on_ack(self, sent: _Unacked, now: float) -> None:
         if sent.probe is not None:
@@ -318,10 +431,19 @@ class HopSender:
         return max(0.0, self._decode_interval_s - since)
 
     def _set_broken(self, exc: Exception) -> None:
+        detail = _detail(exc)
         if not self.broken.done():
-            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            self.broken.set_result(detail or type(exc).__name__)
+            self.broken.set_result(detail)
+        if not self.connected.done():
+            self.connected.set_exception(ConnectionError(
+                f"{self.label}: cannot connect to {self.address}: {detail}"))
+            self.connected.exception()  # retrieved: nobody may be waiting for it
         for sent in self._unacked:
             if sent.probe is not None and not sent.probe.done():
                 sent.probe.set_exception(ConnectionError(f"link {self.label} broke"))
+
+
+def _detail(exc: Exception) -> str:
+    detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    return detail or type(exc).__name__
 

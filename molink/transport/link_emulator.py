@@ -8,6 +8,10 @@ the real stage) to reproduce a home uplink or the public internet on one machine
 Every connection through one relay shares its capacity, per direction, like one physical
 link. Bytes are read only as fast as the link serialises them, so a fast sender is
 back-pressured as TCP would be by a real link.
+
+The relay is an asyncio task: on a loaded machine it can wake up late, and then its wire
+stands idle while bytes wait, so it carries them slower than ``bandwidth``. It counts that
+time; ``achieved_bps`` is the rate it really delivered at while it had bytes to carry.
 Used by tests and benchmarks; torch-free.
 """
 
@@ -61,9 +65,21 @@ class _Direction:
     def __init__(self, spec: LinkSpec) -> None:
         self.spec = spec
         self.wire_free_at = 0.0
+        self.bytes_carried = 0
+        self.late_s = 0.0  # the wire stood idle while bytes waited for the relay
+
+    @property
+    def achieved_bps(self) -> float:
+        """The rate the bytes carried so far really went at: their time on the wire plus
+        the time the wire stood idle because the relay ran late (``bandwidth`` if none)."""
+        if not self.bytes_carried:
+            return self.spec.bandwidth_bps
+        wire_s = self.bytes_carried * 8 / self.spec.bandwidth_bps
+        return self.bytes_carried * 8 / (wire_s + self.late_s)
 
     def schedule(self, num_bytes: int, now: float) -> float:
         """Serialise ``num_bytes`` after what is already on the wire; -> delivery time."""
+        self.bytes_carried += num_bytes
         start = max(now, self.wire_free_at)
         self.wire_free_at = start + num_bytes * 8 / self.spec.bandwidth_bps
         jitter = random.uniform(0.0, self.spec.jitter_s) if self.spec.jitter_s else 0.0
@@ -84,6 +100,11 @@ class LinkEmulator:
     @property
     def address(self) -> str:
         return f"{self.listen[0]}:{self.port}"
+
+    def achieved_bps(self, upstream: bool = True) -> float:
+        """The rate the link really carried its bytes at, toward the target (``upstream``)
+        or back: below ``bandwidth`` when the relay ran late on a loaded machine."""
+        return (self._up if upstream else self._down).achieved_bps
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._on_connection, *self.listen)
@@ -115,9 +136,21 @@ class LinkEmulator:
         # reading waits while the wire is busy, which back-pressures the sender.
         queue: asyncio.Queue = asyncio.Queue()
         deliver = asyncio.create_task(self._deliver(queue, writer))
+        loop = asyncio.get_running_loop()
+        last_read = None
         try:
-            while chunk := await reader.read(_CHUNK_BYTES):
-                queue.put_nowait((direction.schedule(len(chunk), time.monotonic()), chunk))
+            while True:
+                waited = []  # this callback runs only if read() has to wait for bytes
+                loop.call_soon(waited.append, True)
+                if not (chunk := await reader.read(_CHUNK_BYTES)):
+                    break
+                now = time.monotonic()
+                if not waited and last_read is not None:
+                    # The bytes were here (since the last read at the latest) while the
+                    # wire stood idle: the relay ran late.
+                    direction.late_s += max(0.0, now - max(direction.wire_free_at, last_read))
+                last_read = now
+                queue.put_nowait((direction.schedule(len(chunk), now), chunk))
                 # Read the next chunk a little before the wire frees up, so timer and read
                 # delays never leave the wire idle; the lead is what the link buffers.
                 busy_for = direction.wire_free_at - time.monotonic() - _READ_AHEAD_S

@@ -11,7 +11,9 @@ import sys
 
 from molink import SamplingParams
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.pipeline_head import PipelineHead
+from molink.transport.peers import PeerSecurity
 
 TOKEN = "test-cluster-token"
 READY_TIMEOUT_S = 120.0
@@ -45,8 +47,10 @@ def make_head(model_dir, head_layers, num_microbatches=None, compression="none",
     return PipelineHead(
         ModelConfig(model=str(model_dir), dtype="float32", device="cpu"),
         CacheConfig(block_size=8, num_blocks=256), SchedulerConfig(**scheduler),
-        token=TOKEN, head_layers=head_layers, num_microbatches=num_microbatches,
-        compression=compression, link_schedule=link_schedule, max_chunk_tokens=max_chunk_tokens)
+        HeadConfig(head_layers=head_layers, num_microbatches=num_microbatches,
+                   compression=compression, link_schedule=link_schedule,
+                   max_chunk_tokens=max_chunk_tokens),
+        security=PeerSecurity.create(TOKEN))
 
 
 @contextlib.asynccontextmanager

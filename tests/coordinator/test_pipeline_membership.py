@@ -13,8 +13,8 @@ import pytest
 
 from molink import SamplingParams
 from molink.coordinator.pipeline_head import PipelineNotReady, StageUnavailable
-from molink.transport.auth import token_metadata
-from tests.coordinator.pipeline_harness import (TOKEN, make_head, pipeline, start_stage)
+from molink.transport.peers import Peer
+from tests.coordinator.pipeline_harness import make_head, pipeline, start_stage
 from tests.model_factory import build_model
 
 PARAMS = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -70,18 +70,21 @@ def test_crafted_bytes_are_refused_without_unpickling(tiny_model_dir, tmp_path):
     async def scenario():
         async with pipeline(tiny_model_dir("llama"), (0, 2), ["2:4"]) as (head, _):
             stage = head.membership.ordered()[0]
-            async with grpc.aio.insecure_channel(stage.address) as channel:
-                forward = channel.stream_stream("/molink.Stage/Forward")  # raw bytes, no codec
+            peer = await Peer.open(stage.address, head.security)  # proves the token
+            try:
+                forward = peer.channel.stream_stream("/molink.Stage/Forward")  # raw bytes
 
                 async def requests():
                     yield payload
 
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    async for _ in forward(requests(), metadata=token_metadata(TOKEN)):
+                    async for _ in forward(requests(), metadata=peer.metadata):
                         pass
-                unauthenticated = channel.unary_unary("/molink.Stage/Health")
+                unauthenticated = peer.channel.unary_unary("/molink.Stage/Health")
                 with pytest.raises(grpc.aio.AioRpcError) as no_token:
                     await unauthenticated(b"", timeout=5)
+            finally:
+                await peer.close()
             # The stage is still healthy and serving.
             outputs = [o async for o in head.generate([5, 6, 7], PARAMS)]
             return refused.value.code(), no_token.value.code(), outputs[-1]

@@ -11,7 +11,8 @@ import types
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from molink.coordinator.pipeline_head import HeadStats, HopStats
+from molink.coordinator.head_loop import HeadStats
+from molink.coordinator.pipeline_head import HopStats
 from molink.entrypoints import status
 from molink.entrypoints.metrics import HeadMetrics
 
@@ -27,7 +28,7 @@ HOPS = [
 
 def _fake_head(hops: list[HopStats]):
     return types.SimpleNamespace(
-        ready=True, _in_flight=[], stats=HeadStats(activation_bytes_sent=123_456),
+        ready=True, num_in_flight=0, stats=HeadStats(activation_bytes_sent=123_456),
         stage_labels=lambda: ["head layers 0:2", "layers 2:4", "layers 4:6"],
         stage_compute_s=[0.001, 0.002, 0.003], scheduler=None, listeners=[],
         hop_stats=lambda: list(hops))

@@ -117,3 +117,32 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     assert status.stdout.startswith("ready: head layers 0:2 -> layers 2:4 at 127.0.0.1:")
     assert "ms/step" in status.stdout and "KV blocks free" in status.stdout
 
+
+
+def test_the_http_api_serves_https_with_a_key_and_certificate(tiny_model_dir, processes,
+                                                             tmp_path):
+    """--ssl-keyfile/--ssl-certfile: the API answers over TLS, and not in clear."""
+    from molink.transport.tls import NodeIdentity
+
+    identity = NodeIdentity.ephemeral()
+    (tmp_path / "key.pem").write_bytes(identity.key_pem)
+    (tmp_path / "cert.pem").write_bytes(identity.cert_pem)
+    http_port = _free_port()
+    head = _spawn("serve", str(tiny_model_dir("llama")), "--host", "127.0.0.1",
+                  "--port", str(http_port), "--peer-port", "0", "--dtype", "float32",
+                  "--device", "cpu", "--ssl-keyfile", str(tmp_path / "key.pem"),
+                  "--ssl-certfile", str(tmp_path / "cert.pem"))
+    processes.append(head)
+    _wait_for_line(head, r"HTTP API on https://127\.0\.0\.1")
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        try:
+            response = httpx.get(f"https://127.0.0.1:{http_port}/health", verify=False,
+                                 timeout=10)
+            break
+        except httpx.ConnectError:
+            assert time.monotonic() < deadline, "the HTTPS API never answered"
+            time.sleep(0.2)
+    assert response.status_code == 200
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=10)

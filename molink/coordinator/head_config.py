@@ -1,0 +1,33 @@
+"""HeadConfig: how the head runs its pipeline, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from molink.transport.hop_sender import COMPRESSIONS, SCHEDULES
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The head's own options (the model, cache and scheduler have their own configs)."""
+
+    head_layers: tuple[int, int] | None  # layers the head computes itself; None: none
+    num_microbatches: int | None = None  # plans in flight; None: auto (measured)
+    link_schedule: str = "molink"  # how every hop sends: molink | priority | fifo
+    compression: str = "auto"  # activations on the wire: auto | none | float16 | ...
+    max_chunk_tokens: int | None = None  # cap on a prefill chunk (None: just in time)
+
+    def __post_init__(self) -> None:
+        if self.link_schedule not in SCHEDULES:
+            raise ValueError(f"link_schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.link_schedule!r}")
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, "
+                             f"got {self.compression!r}")
+        if self.num_microbatches is not None and self.num_microbatches < 1:
+            raise ValueError(f"num_microbatches must be at least 1, got {self.num_microbatches}")
+        if self.max_chunk_tokens is not None and self.max_chunk_tokens < 1:
+            raise ValueError(f"max_chunk_tokens must be at least 1, got {self.max_chunk_tokens}")
+        if self.head_layers is not None and not 0 <= self.head_layers[0] < self.head_layers[1]:
+            raise ValueError(f"head_layers must be a non-empty range START:END, "
+                             f"got {self.head_layers}")

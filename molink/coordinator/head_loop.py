@@ -1,0 +1,353 @@
+"""HeadLoop: the head's engine loop, with no sockets (the node around it has those).
+
+It keeps up to ``num_microbatches`` plans in flight::
+
+    schedule() ──> [head layers] ──> first hop ──> ... stages ... ──> on_result()
+        ^                                                                │
+        └────────── update_from_output, detokenize, deliver <────────────┘
+
+A request is never in two in-flight plans (the scheduler guarantees it; ``_dispatch``
+checks it). Results may come back in any order. The node (``PipelineHead``) opens the loop
+when a route is set up (``open``), closes it with a reason when the pipeline breaks
+(``close``: every request in it fails with that reason and the next route starts clean),
+feeds it results (``on_result``), and asks it, every second, for a step that is overdue
+(``overdue_step``). Route epochs tie both together: a step planned under one route is
+never matched to a result of another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from molink.config import SchedulerConfig
+from molink.coordinator.microbatch_tuner import MicrobatchTuner
+from molink.coordinator.output_processor import OutputProcessor
+from molink.coordinator.prompts import make_request
+from molink.messages import LinkReport, StepOutput, StepPlan
+from molink.outputs import RequestOutput
+from molink.runtime.wire_tensor import to_raw
+from molink.sampling_params import SamplingParams
+from molink.scheduler import Scheduler
+from molink.transport.hop_sender import OutgoingStep
+
+logger = logging.getLogger(__name__)
+
+STEP_DEADLINE_MIN_S = 10.0
+STEP_DEADLINE_FACTOR = 10.0
+FIRST_STEPS_DEADLINE_S = 120.0  # before any step time is measured (warm-up, loading)
+_EWMA_WEIGHT = 0.2
+
+
+class PipelineNotReady(Exception):
+    """Some layers are not served (or the route is being set up); the message says which."""
+
+
+class StageUnavailable(Exception):
+    """A stage died or became unreachable while a request was in the pipeline."""
+
+
+@dataclasses.dataclass
+class HeadStats:
+    num_steps_dispatched: int = 0
+    num_steps_completed: int = 0
+    max_microbatches_in_flight: int = 0
+    num_requests_in_two_microbatches: int = 0  # must stay 0
+    num_stage_failures: int = 0
+    num_steps_timed_out: int = 0
+    num_route_failures: int = 0  # routes that could not be set up (then retried)
+    activation_bytes_sent: int = 0  # on the head's outgoing hop
+    activation_tokens_sent: int = 0
+    num_results_out_of_order: int = 0  # a later micro-batch finished first
+
+
+class HeadLoop:
+    def __init__(self, *, tokenizer, arch, eos_token_ids: frozenset[int], executor,
+                 scheduler_config: SchedulerConfig, block_size: int,
+                 model_max_len: int | None, num_microbatches: int | None,
+                 hop_links: Callable[[], list],
+                 shared_cores: Callable[[], int | None],
+                 not_ready_reason: Callable[[], str]) -> None:
+        """``hop_links``: every hop's latest measurement, pipeline order; ``shared_cores``:
+        cores of the one machine computing every stage, if so; ``not_ready_reason``: why
+        requests are refused while the loop is closed. All three come from the node."""
+        self.tokenizer = tokenizer
+        self.arch = arch
+        self.eos_token_ids = eos_token_ids
+        self.executor = executor  # the head's own layers, or None
+        self.scheduler_config = scheduler_config
+        self.block_size = block_size
+        self.model_max_len = model_max_len  # as configured (None: the model's own)
+        self.num_microbatches_option = num_microbatches
+        self._hop_links = hop_links
+        self._shared_cores = shared_cores
+        self._not_ready_reason = not_ready_reason
+        self.stats = HeadStats()
+        self.scheduler: Scheduler | None = None
+        self.max_model_len = 0
+        self.output_processor = OutputProcessor(tokenizer)
+        self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
+        self.hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
+        self.tuner = MicrobatchTuner()  # auto: the measured choice
+        # Observers (metrics): on_request_added(request_id), on_output(RequestOutput),
+        # on_request_failed(request_id), on_request_aborted(request_id). Called on the event
+        # loop; must be cheap.
+        self.listeners: list = []
+        self.num_stages = 1  # compute stages in the route (the default micro-batch count)
+        self.first_hop = None  # the HopSender to the first stage, while open
+        self.epoch = 0  # the route's epoch, while open
+        self.is_open = False
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._in_flight: dict[int, StepPlan] = {}  # step id -> plan, oldest first
+        self._in_flight_requests: set[str] = set()
+        self._dispatched_at: dict[int, float] = {}  # step id -> when it left
+        self._reset_pending = False
+        self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
+        # Serialization on its own thread, so the next step's compute need not wait for it.
+        self._serialize_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-serialize")
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
+
+    # ---- opening and closing ------------------------------------------------------------------
+
+    def open(self, epoch: int, first_hop, num_blocks: int, num_stages: int) -> None:
+        """A route is set up (``first_hop``: None when the head computes every layer):
+        size the scheduler on first use, start serving."""
+        self.epoch, self.first_hop, self.num_stages = epoch, first_hop, num_stages
+        if self.scheduler is None:
+            capacity = num_blocks * self.block_size
+            limit = self.model_max_len or self.arch.max_position_embeddings
+            self.max_model_len = max(2, min(limit, capacity))
+            config = dataclasses.replace(self.scheduler_config, max_model_len=self.max_model_len)
+            self.scheduler = Scheduler(config, num_blocks, self.block_size)
+        self.is_open = True
+        self._pump()
+
+    def close(self, message: str) -> None:
+        """The pipeline broke: fail every request in it with ``message`` (each may have lost
+        KV somewhere) and start the next route from a clean state on every node."""
+        self.is_open = False
+        self.first_hop = None
+        self._fail_requests(list(self._streams), StageUnavailable(message))
+        self._in_flight.clear()
+        self._dispatched_at.clear()
+        self._in_flight_requests.clear()
+        self.hops = ()
+        self.tuner.reset()
+        if self.scheduler is not None:
+            self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
+                                       self.scheduler.block_size)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._reset_pending = True  # surviving stages drop their request state
+        self.stage_compute_s = []
+        if self.executor is not None:
+            self._compute_pool.submit(self.executor.reset)
+
+    def shutdown(self) -> None:
+        self._compute_pool.shutdown(wait=False, cancel_futures=True)
+        self._serialize_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    async def generate(self, prompt, params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; raises PipelineNotReady / StageUnavailable /
+        ValueError. The request is queued before the first await."""
+        if not self.is_open:
+            raise PipelineNotReady(f"pipeline not ready: {self._not_ready_reason()}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        text, request = make_request(request_id, prompt, params, tokenizer=self.tokenizer,
+                                     vocab_size=self.arch.vocab_size,
+                                     max_model_len=self.max_model_len,
+                                     eos_token_ids=self.eos_token_ids)
+        stream: asyncio.Queue = asyncio.Queue()
+        self.scheduler.add_request(request)
+        self.output_processor.add(request, text)
+        self._streams[request_id] = stream
+        for listener in self.listeners:
+            listener.on_request_added(request_id)
+        self._pump()
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._streams.pop(request_id, None) is not None:  # consumer left early
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        aborted = []
+        if self.scheduler is not None:
+            aborted = self.scheduler.abort_requests([request_id])
+            for request in aborted:
+                self.output_processor.discard(request.request_id)
+        self._streams.pop(request_id, None)
+        for _ in aborted:
+            for listener in self.listeners:
+                listener.on_request_aborted(request_id)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
+    def num_microbatches(self) -> int:
+        """How many plans may be in flight: as configured, or (auto) the measured choice;
+        stages + 1 until there are measurements."""
+        if self.num_microbatches_option:
+            return self.num_microbatches_option
+        if self.tuner.choice is not None:
+            return self.tuner.choice
+        return self.num_stages + 1
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _spawn(self, coroutine) -> None:
+        """Run a background task, holding a reference so it is not collected mid-flight."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pump(self) -> None:
+        """Fill the pipeline up to ``num_microbatches`` plans."""
+        while self.is_open and len(self._in_flight) < self.num_microbatches:
+            # Spread the requests evenly over the micro-batches, so every stage gets an
+            # equal share of work in each round instead of one big and several tiny batches.
+            share = -(-self.scheduler.num_unfinished // self.num_microbatches)
+            plan = self.scheduler.schedule(max_num_requests=max(1, share))
+            if plan is None:
+                return
+            self._dispatch(plan)
+
+    def _dispatch(self, plan: StepPlan) -> None:
+        plan.microbatch_id = self.stats.num_steps_dispatched % self.num_microbatches
+        ids = set(plan.request_ids)
+        if ids & self._in_flight_requests:
+            self.stats.num_requests_in_two_microbatches += len(ids & self._in_flight_requests)
+        self._in_flight_requests |= ids
+        self._in_flight[plan.step_id] = plan
+        self.stats.num_steps_dispatched += 1
+        self.stats.max_microbatches_in_flight = max(self.stats.max_microbatches_in_flight,
+                                                    len(self._in_flight))
+        self._dispatched_at[plan.step_id] = time.monotonic()
+        reset, self._reset_pending = self._reset_pending, False
+        self._spawn(self._run_first_hop(plan, reset, self.epoch))
+
+    async def _run_first_hop(self, plan: StepPlan, reset: bool, epoch: int) -> None:
+        """The head's own layers (if any), then the step leaves on the first hop. A step
+        whose route changed meanwhile is void (the close already failed its requests)."""
+        rows, timings = None, ()
+        loop = asyncio.get_running_loop()
+        if self.executor is not None:
+            try:
+                start = time.perf_counter()
+                out = await loop.run_in_executor(self._compute_pool, self.executor.execute, plan)
+                timings = (time.perf_counter() - start,)
+            except Exception as exc:  # the head's own layers failed this step
+                logger.exception("head layers failed step %d", plan.step_id)
+                self.on_result(StepOutput(plan.step_id), f"head failed step {plan.step_id}: {exc}",
+                               epoch=epoch)
+                return
+            if isinstance(out, StepOutput):  # the head serves every layer
+                self.on_result(out, "", timings, epoch=epoch)
+                return
+        if epoch != self.epoch or self.first_hop is None:
+            return
+        if self.executor is not None:
+            compression = self.first_hop.wire_compression(
+                str(out.dtype).removeprefix("torch."), out.shape[-1],
+                timings[0] / max(1, plan.num_tokens))
+            rows = await loop.run_in_executor(self._serialize_pool, to_raw, out, compression)
+            self.stats.activation_bytes_sent += len(rows.data) + len(rows.row_scales)
+            self.stats.activation_tokens_sent += plan.num_tokens
+        if epoch != self.epoch or self.first_hop is None:
+            return
+        self.first_hop.submit(OutgoingStep(plan, rows, plan.num_tokens, reset=reset,
+                                           stage_compute_s=timings, epoch=epoch))
+
+    def on_result(self, output: StepOutput, error: str, timings: tuple[float, ...] = (),
+                  hops: tuple[LinkReport, ...] = (), *, epoch: int) -> None:
+        """A step's result (or its error) from the last stage, in any order."""
+        if epoch != self.epoch or not self.is_open:
+            return  # of an older route, whose requests were failed when it closed
+        plan = self._in_flight.pop(output.step_id, None)
+        if plan is None:
+            logger.warning("ignoring result of step %d (not in flight)", output.step_id)
+            return
+        self._dispatched_at.pop(output.step_id, None)
+        if self._in_flight and next(iter(self._in_flight)) < plan.step_id:
+            self.stats.num_results_out_of_order += 1
+        self._record_timings(plan, timings)
+        if hops:
+            self.hops = hops
+        self._in_flight_requests -= set(plan.request_ids)
+        self.stats.num_steps_completed += 1
+        if error:
+            self._fail_requests(plan.request_ids, StageUnavailable(error))
+            output = StepOutput(plan.step_id, microbatch_id=plan.microbatch_id)
+            output.sampled_token_ids = {e.request_id: 0 for e in plan.batch if e.sample}
+        changed = self.scheduler.update_from_output(plan, output)
+        for result in self.output_processor.process(changed, output, self.scheduler):
+            stream = self._streams.get(result.request_id)
+            if stream is not None:
+                stream.put_nowait(result)
+            for listener in self.listeners:
+                listener.on_output(result)
+        if not self.num_microbatches_option:
+            self.tuner.update(self._hop_links(), min(self.scheduler.num_unfinished,
+                                                     self.scheduler_config.max_num_seqs),
+                              self._shared_cores())
+        self._pump()
+
+    def _record_timings(self, plan: StepPlan, timings: tuple[float, ...]) -> None:
+        """Per-stage compute seconds per step: smoothed (EWMA) for display, and fitted
+        against the step's tokens for the micro-batch chooser."""
+        if len(timings) != len(self.stage_compute_s):
+            self.stage_compute_s = list(timings)
+        else:
+            for i, seconds in enumerate(timings):
+                self.stage_compute_s[i] += _EWMA_WEIGHT * (seconds - self.stage_compute_s[i])
+        self.tuner.record(plan.num_tokens, timings)
+
+    def _fail_requests(self, request_ids, exc: Exception) -> None:
+        for request_id in list(request_ids):
+            stream = self._streams.pop(request_id, None)
+            if self.scheduler is not None:
+                self.scheduler.abort_requests([request_id])
+            self.output_processor.discard(request_id)
+            if stream is not None:
+                stream.put_nowait(exc)
+            for listener in self.listeners:
+                listener.on_request_failed(request_id)
+
+    # ---- deadlines ------------------------------------------------------------------------------
+
+    def step_deadline_s(self, num_tokens: int) -> float:
+        """How long a step of ``num_tokens`` may take before it counts as lost: a multiple
+        of what it is expected to take behind the other micro-batches in flight, plus the
+        links' latency."""
+        compute = self.tuner.predict_step_s(num_tokens)
+        if compute is None:
+            return FIRST_STEPS_DEADLINE_S
+        links = sum(2 * hop.latency_s for hop in self._hop_links())
+        expected = compute * max(1, len(self._in_flight)) + links
+        return max(STEP_DEADLINE_MIN_S, STEP_DEADLINE_FACTOR * expected)
+
+    def overdue_step(self) -> str:
+        """Describes the oldest step past its deadline ("" when none is)."""
+        now = time.monotonic()
+        for step_id, plan in self._in_flight.items():
+            waited = now - self._dispatched_at.get(step_id, now)
+            deadline = self.step_deadline_s(plan.num_tokens)
+            if waited > deadline:
+                return f"step {step_id} got no result within {deadline:.0f} s"
+        return ""
