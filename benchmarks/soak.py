@@ -12,6 +12,10 @@ next fault of the cycle strikes:
   themselves; the clients' open connections to the killed head are lost with it);
 - hop cut: reset the hop head -> stage 1.
 
+Before the load, the ready pipeline is left idle for ``--idle-s`` seconds (200 with
+``--quick``) at the real keepalive (10 s pings) and must then answer at once: the long-lived
+links idle for minutes, as a pipeline waiting for its first user would.
+
 Reported: requests completed / failed with a clear error / hung (must be 0) / lost, the
 lost ones attributed to head kills when they ended within 2 s of one, and each process's
 resident memory over time (it must stay flat). Stages and head run float32 (the bundled
@@ -102,6 +106,23 @@ class Soak:
             time.sleep(1)
         raise TimeoutError("the pipeline did not become ready")
 
+    def idle_check(self, idle_s: float) -> dict:
+        """One request, ``idle_s`` seconds of nothing, one request: both must succeed, and
+        no link may have broken meanwhile."""
+        results = []
+        for wait in (0.0, idle_s):
+            time.sleep(wait)
+            started = time.monotonic()
+            reply = self.client_host.run(
+                ["curl", "-s", "-m", "60", "-H", "Content-Type: application/json", "-d",
+                 json.dumps({"prompt": "Hello", "max_tokens": 8}),
+                 f"http://{self.head_host.ip}:{HTTP_PORT}/v1/completions"], timeout=90)
+            ok = '"choices"' in reply.stdout
+            results.append({"ok": ok, "seconds": round(time.monotonic() - started, 2)})
+        logs = "\n".join(p.read_text(errors="replace") for p in self.logs.glob("*.log"))
+        return {"idle_s": idle_s, "before": results[0], "after": results[1],
+                "links_broke": logs.count("broke ("), "too_many_pings": "too_many_pings" in logs}
+
     def fault(self, name: str) -> None:
         now = time.time()
         self.events.append((now, name))
@@ -137,6 +158,9 @@ def run(args) -> dict:
         for role in ("stage1", "stage2", "head"):
             soak.start(role)
         soak.wait_ready(180)
+        idle = soak.idle_check(args.idle_s) if args.idle_s else None
+        if idle:
+            print(f"idle check: {idle}", flush=True)
         print(f"ready; logs in {logs}; {args.duration_s:.0f} s of load at concurrency "
               f"{args.concurrency}, a fault every {args.period_s:.0f} s", flush=True)
         out = logs / "requests.json"
@@ -156,7 +180,7 @@ def run(args) -> dict:
                 next_fault += args.period_s
             time.sleep(0.5)
         requests = json.loads(out.read_text())
-        return summarize(requests, soak, t0, logs)
+        return summarize(requests, soak, t0, logs) | {"idle": idle}
 
 
 def summarize(requests: list[dict], soak: Soak, t0: float, logs: Path) -> dict:
@@ -194,6 +218,16 @@ def write_report(result: dict, args, path: Path) -> None:
              "| outcome | requests |", "|---|---:|"]
     for kind, n in counts.items():
         lines.append(f"| {kind} | {n} |")
+    idle = result.get("idle")
+    if idle:
+        lines.insert(-len(counts) - 2,
+                     f"Idle check (real keepalive, 10 s pings): a request before, "
+                     f"{idle['idle_s']:.0f} s of nothing, a request after: before "
+                     f"{'served' if idle['before']['ok'] else 'FAILED'} in "
+                     f"{idle['before']['seconds']} s, after "
+                     f"{'served' if idle['after']['ok'] else 'FAILED'} in "
+                     f"{idle['after']['seconds']} s; links that broke while idle: "
+                     f"{idle['links_broke']}; too_many_pings: {idle['too_many_pings']}.\n")
     lines += [f"| of which lost within 2 s of a head kill | {result['lost_at_head_kill']} |", "",
               f"Faults injected: {len(result['faults'])}: "
               + ", ".join(f"{t:.0f} s {name}" for t, name in result["faults"]) + "\n",
@@ -248,17 +282,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 minutes instead of 30")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--idle-s", type=float, default=None,
+                        help="idle seconds before the load (default 200 with --quick, else 0)")
     parser.add_argument("--period-s", type=float, default=None,
                         help="seconds between faults (default 60; 30 with --quick)")
     args = parser.parse_args()
     args.duration_s = 180.0 if args.quick else 1800.0
     args.period_s = args.period_s or (30.0 if args.quick else 60.0)
+    if args.idle_s is None:
+        args.idle_s = 200.0 if args.quick else 0.0
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "memory"}, indent=1))
     name = "soak_quick.md" if args.quick else "soak.md"
     write_report(result, args, RESULTS / name)
     print(f"wrote {RESULTS / name}")
-    if result["counts"]["hung"] or result["lost_other"]:
+    idle = result["idle"]
+    if result["counts"]["hung"] or result["lost_other"] or (idle and not idle["after"]["ok"]):
         sys.exit(1)
 
 

@@ -114,6 +114,13 @@ class Cluster:
         argv = molink_argv(self.join_commands[index], self.model_dir, self.head_host.ip, *extra)
         self.stages[index] = self._start(self.stage_hosts[index], argv, f"stage{index + 1}")
 
+    def start_all(self) -> None:
+        """Head and both stages, until the pipeline is ready."""
+        self.start_head()
+        self.start_stage(0)
+        self.start_stage(1)
+        self.wait_ready()
+
     def kill_head(self) -> None:
         self.head.kill()
         self.head.wait()
@@ -199,10 +206,7 @@ def test_idle_links_stay_up(network, model, tmp_path):
     60 pings per connection, where gRPC's default server policy closes a connection after
     its third ping without data (GOAWAY too_many_pings)."""
     cluster = Cluster(network, model[0], tmp_path, MOLINK_KEEPALIVE_S="0.5")
-    cluster.start_head()
-    cluster.start_stage(0)
-    cluster.start_stage(1)
-    cluster.wait_ready()
+    cluster.start_all()
     assert outcome(cluster.complete(GREEDY)) == ("done", expected_text(model, 24))
     time.sleep(30)
     assert outcome(cluster.complete(GREEDY)) == ("done", expected_text(model, 24))
@@ -216,10 +220,7 @@ def test_a_hop_cut_mid_stream_recovers(network, model, tmp_path, hop):
     had not delivered is sent again, and the request finishes with exactly the tokens of an
     uninterrupted run."""
     cluster = Cluster(network, model[0], tmp_path)
-    cluster.start_head()
-    cluster.start_stage(0)
-    cluster.start_stage(1)
-    cluster.wait_ready()
+    cluster.start_all()
     proc = cluster.stream(LONG)
     first = first_event(proc)
     assert "text" in first
@@ -247,10 +248,7 @@ def test_a_frozen_stage_fails_its_requests_clearly_then_rejoins(network, model, 
     """SIGSTOP on a stage mid-stream: the request ends within seconds with a 503 naming the
     stage (never a hang); after SIGCONT the stage joins again and serves."""
     cluster = Cluster(network, model[0], tmp_path)
-    cluster.start_head()
-    cluster.start_stage(0)
-    cluster.start_stage(1)
-    cluster.wait_ready()
+    cluster.start_all()
     proc = cluster.stream(LONG)
     assert "text" in first_event(proc)
     frozen = cluster.stages[1]
