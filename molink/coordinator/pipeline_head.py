@@ -42,8 +42,8 @@ from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
-from molink.transport.codec import WireFormatError, decode_result
-from molink.transport.dedup import DuplicateFilter
+from molink.transport.codec import decode_result
+from molink.transport.dedup import DuplicateFilter, take_each
 from molink.transport.hop_sender import HopSender
 from molink.transport.peers import Peer, PeerSecurity, PeerUnreachable, bind, make_server, peer_host
 
@@ -317,21 +317,13 @@ class PipelineHead(pb_grpc.HeadServicer):
         """Results from the last stage; taken, then acknowledged (an acknowledged result
         is never lost). Repeats after a re-opened stream are dropped; results of an older
         route are dropped by the loop."""
-        try:
-            async for message in request_iterator:
-                if not message.probe:
-                    try:
-                        result = decode_result(message)
-                    except WireFormatError as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"malformed result: {exc}")
-                    if self._received.fresh(result.sender_id, result.seq):
-                        self.loop.on_result(result.output, result.error,
-                                            result.stage_compute_s, result.hops,
-                                            epoch=result.epoch)
-                yield pb.Ack()
-        except asyncio.CancelledError:  # the server is stopping: end the stream quietly
-            return
+        def take(result) -> None:
+            self.loop.on_result(result.output, result.error, result.stage_compute_s,
+                                result.hops, epoch=result.epoch)
+
+        async for ack in take_each(request_iterator, context, decode_result, self._received,
+                                   take, "result"):
+            yield ack
 
     async def Health(self, request, context) -> pb.HealthReply:
         """For monitors, and for stages asking whether they are still members."""

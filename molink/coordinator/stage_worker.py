@@ -39,8 +39,8 @@ from molink.runtime.wire_tensor import from_raw, to_raw
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.auth import REFUSAL
-from molink.transport.codec import WireFormatError, decode_step, encode_result
-from molink.transport.dedup import DuplicateFilter
+from molink.transport.codec import decode_step, encode_result
+from molink.transport.dedup import DuplicateFilter, take_each
 from molink.transport.hop_sender import HopSender, OutgoingStep
 from molink.transport.peers import Peer, PeerSecurity, PeerUnreachable, bind, make_server
 
@@ -174,14 +174,15 @@ class StageWorker(pb_grpc.StageServicer):
             while True:
                 await asyncio.sleep(HEAD_WATCH_INTERVAL_S)
                 try:
-                    # Not pinned to the old certificate: a head restarted on a new machine
-                    # (or with a new state dir) is found again, and told apart below.
                     peer = peer or await Peer.open(self.head_address, self.security,
                                                    timeout_s=HEAD_WATCH_DEADLINE_S)
                     reply = await pb_grpc.HeadStub(peer.channel).Health(
                         pb.HealthRequest(stage_id=self.stage_id), metadata=peer.metadata,
                         timeout=HEAD_WATCH_DEADLINE_S)
                 except (grpc.aio.AioRpcError, PeerUnreachable) as exc:
+                    if peer is not None:  # opened afresh next time: the head may be new
+                        await peer.close()
+                        peer = None
                     now = time.monotonic()
                     unreachable_since = unreachable_since or now
                     if now - unreachable_since > HEAD_LOST_AFTER_S:
@@ -268,24 +269,17 @@ class StageWorker(pb_grpc.StageServicer):
         for compute, then acknowledged (never before: an acknowledged step is never lost
         when the stream breaks). Repeats of a re-opened stream and steps of an older route
         are dropped."""
-        try:
-            async for message in request_iterator:
-                if not message.probe:
-                    try:
-                        step = decode_step(message)
-                    except WireFormatError as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"malformed step: {exc}")
-                    if self._received.fresh(step.sender_id, step.seq) \
-                            and step.epoch >= self.epoch:
-                        hidden = None
-                        if step.hidden is not None and not step.error:
-                            hidden = from_raw(step.hidden, self.executor.device,
-                                              self.executor.dtype)
-                        self._inbox.put((step, hidden))
-                yield pb.Ack()
-        except asyncio.CancelledError:  # the server is stopping: end the stream quietly
-            return
+        def take(step) -> None:
+            if step.epoch < self.epoch:
+                return  # planned for an older route
+            hidden = None
+            if step.hidden is not None and not step.error:
+                hidden = from_raw(step.hidden, self.executor.device, self.executor.dtype)
+            self._inbox.put((step, hidden))
+
+        async for ack in take_each(request_iterator, context, decode_step, self._received,
+                                   take, "step"):
+            yield ack
 
     async def Health(self, request, context) -> pb.HealthReply:
         """Ready once routed; not ready, with the reason, when the output hop is lost."""

@@ -1,4 +1,5 @@
-"""DuplicateFilter: which numbered messages a receiver has already taken, per sender.
+"""DuplicateFilter: which numbered messages a receiver has already taken, per sender; and
+``take_each``, the receiving side of a hop's stream built on it.
 
 A sender numbers the messages it sends on its hop (1, 2, 3, ...) and, when a broken stream
 is re-opened, sends again every message that was not acknowledged. Some of those may have
@@ -8,7 +9,13 @@ drops them here, so a step is computed once whatever happened to the connection.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+
+import grpc
+
+from molink.transport import molink_pb2 as pb
+from molink.transport.codec import WireFormatError
 
 MAX_SENDERS = 64  # senders remembered; older ones (routes long replaced) are forgotten
 
@@ -30,3 +37,24 @@ class DuplicateFilter:
         while len(self._last) > MAX_SENDERS:
             self._last.popitem(last=False)
         return True
+
+
+async def take_each(request_iterator, context, decode, received: DuplicateFilter, take,
+                    what: str):
+    """The receiving side of a hop's stream: each message is decoded (a malformed one
+    aborts the stream), given to ``take`` unless it repeats one already taken, and only
+    then acknowledged, so an acknowledged message is never lost with a broken stream.
+    Probes are acknowledged untouched. Yields the acknowledgements."""
+    try:
+        async for message in request_iterator:
+            if not message.probe:
+                try:
+                    item = decode(message)
+                except WireFormatError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"malformed {what}: {exc}")
+                if received.fresh(item.sender_id, item.seq):
+                    take(item)
+            yield pb.Ack()
+    except asyncio.CancelledError:  # the server is stopping: end the stream quietly
+        return
