@@ -1,6 +1,7 @@
 """An HTTP client for the multi-host tests, run inside a host namespace (stdlib only).
 
     python client.py health URL TIMEOUT_S          wait until GET URL/health is 200
+    python client.py get URL                       GET URL once: prints the status and body
     python client.py complete URL BODY_JSON TIMEOUT_S
 
 ``complete`` streams ``/v1/completions`` and prints one JSON line per event as it arrives
@@ -48,6 +49,18 @@ def health(url: str, timeout_s: float) -> int:
     return 1
 
 
+def get(url: str) -> int:
+    parts = urllib.parse.urlsplit(url)
+    try:
+        conn = connection(url, 10)
+        conn.request("GET", parts.path or "/")
+        response = conn.getresponse()
+        emit(status=response.status, body=response.read().decode(errors="replace"))
+    except OSError as exc:
+        emit(status=0, body=f"{type(exc).__name__}: {exc}")
+    return 0
+
+
 def complete(url: str, body: dict, timeout_s: float) -> int:
     conn = connection(url, timeout_s)
     try:
@@ -82,4 +95,6 @@ if __name__ == "__main__":
     command, url = sys.argv[1], sys.argv[2]
     if command == "health":
         sys.exit(health(url, float(sys.argv[3])))
+    if command == "get":
+        sys.exit(get(url))
     sys.exit(complete(url, json.loads(sys.argv[3]), float(sys.argv[4])))

@@ -333,8 +333,9 @@ def test_links_are_encrypted_and_an_impostor_is_refused(network, model, tmp_path
     deadline = time.monotonic() + READY_TIMEOUT_S
     health = ""
     while time.monotonic() < deadline and "presents certificate" not in health:
-        result = cluster.client_host.run(["curl", "-s", f"{cluster.url}/health"], timeout=10)
-        health = result.stdout
+        result = cluster.client_host.run([sys.executable, str(CLIENT), "get",
+                                          f"{cluster.url}/health"], timeout=30)
+        health = json.loads(result.stdout)["body"]
         time.sleep(1)
     # The head, configuring stage 2 where it says it is, meets the impostor first.
     assert "the head cannot reach layers 28:40" in health, health
