@@ -469,8 +469,8 @@ class PipelineHead(pb_grpc.HeadServicer):
                 detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc
                 self._on_stage_failure(member, f"no answer to health checks ({detail})")
             return
-        if self._ready and not reply.ready and "lost" in reply.detail:
-            self._on_stage_failure(member, reply.detail)
+        if self._ready and reply.lost_hop:
+            self._on_stage_failure(member, reply.lost_hop)
         elif reply.compute_busy_s > self.loop.step_deadline_s(
                 self.loop.scheduler_config.max_num_batched_tokens):
             self._on_stage_failure(member, f"its compute has been stuck on one step for "

@@ -286,8 +286,8 @@ class StageWorker(pb_grpc.StageServicer):
         sender, busy_since = self._sender, self._busy_since
         busy_s = time.monotonic() - busy_since if busy_since else 0.0
         if sender is not None and sender.broken.done():
-            return pb.HealthReply(ready=False, compute_busy_s=busy_s,
-                                  detail=f"hop {sender.label} lost: {sender.broken.result()}")
+            lost = f"hop {sender.label} lost: {sender.broken.result()}"
+            return pb.HealthReply(ready=False, compute_busy_s=busy_s, detail=lost, lost_hop=lost)
         return pb.HealthReply(ready=sender is not None, detail=self.label, compute_busy_s=busy_s)
 
     # ---- compute thread ---------------------------------------------------------------------
