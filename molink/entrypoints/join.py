@@ -8,7 +8,7 @@ import signal
 import sys
 
 from molink.config import CacheConfig, ModelConfig, parse_layer_range
-from molink.coordinator.stage_worker import StageRefused, StageWorker
+from molink.stage.worker import StageRefused, StageWorker
 from molink.model.loader import config_fingerprint, load_config
 from molink.runtime.device_profile import DeviceProfile
 from molink.runtime.emulated_executor import EmulatedExecutor
