@@ -18,8 +18,8 @@ every hop compressed as ``none``, ``float16``, ``bfloat16`` or ``int8``:
 All runs are float32 on CPU, so the uncompressed rows must show exact agreement: they are
 the control.
 
-    python benchmarks/compression_accuracy.py            # writes benchmarks/results/
-    python benchmarks/compression_accuracy.py --quick    # smaller, prints only
+    python -m benchmarks.compression_accuracy            # writes benchmarks/results/
+    python -m benchmarks.compression_accuracy --quick    # smaller, prints only
 """
 
 from __future__ import annotations
@@ -35,19 +35,16 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.engine_throughput import build_model
+from benchmarks.random_llama import build_model
 from molink import SamplingParams
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
 from molink.coordinator.llm_engine import LLMEngine
-from molink.messages import BatchEntry
+from molink.entrypoints.cli import DEFAULT_MODEL_DIR
+from molink.messages import WIRE_COMPRESSIONS, BatchEntry
 from molink.runtime.step_inputs import build_step_inputs
-from molink.runtime.wire_tensor import COMPRESSIONS, from_raw, to_raw
+from molink.runtime.wire_tensor import from_raw, to_raw
 
-RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT_MODEL = ROOT / "molink" / "assets" / "default_model"
+RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_SIZE = 16
 
 # Prose in the style the bundled model was trained on (the CPython documentation).
@@ -92,7 +89,7 @@ def main() -> None:
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         random_dir = build_model(Path(tmp), args.hidden, args.layers, args.vocab)
-        models = [("default_model (trained)", DEFAULT_MODEL, None),
+        models = [("default_model (trained)", DEFAULT_MODEL_DIR, None),
                   (f"random Llama h{args.hidden} L{args.layers}", random_dir, args.vocab)]
         for name, directory, vocab in models:
             model_rows, note = measure_model(name, directory, vocab, args)
@@ -135,7 +132,7 @@ def measure_model(name: str, directory: Path, vocab: int | None, args) -> tuple[
     rows = []
     num_layers = layer_count(directory, args)
     for num_stages in (2, 3):
-        for compression in COMPRESSIONS:
+        for compression in WIRE_COMPRESSIONS:
             tick = time.perf_counter()
             engine = make_engine(directory, split(num_layers, num_stages), compression, args)
             tokens = greedy(engine, prompts, args.output_len)
@@ -285,8 +282,8 @@ def crest_note(activations: torch.Tensor) -> str:
 
 
 def render(rows: list[Row], notes: list[str], args, seconds: float) -> str:
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/compression_accuracy.py",
-                                                            *sys.argv[1:]])
+    command = "python -m " + " ".join(shlex.quote(a) for a in ["benchmarks.compression_accuracy",
+                                                               *sys.argv[1:]])
     lines = [
         "# Wire compression of activations: accuracy", "",
         f"Command: `{command}`", "",
@@ -306,7 +303,8 @@ def render(rows: list[Row], notes: list[str], args, seconds: float) -> str:
     ]
     for r in rows:
         lines.append(f"| {r.model} | {r.num_stages} | {r.compression} | {r.bytes_per_token:.0f} "
-                     f"| {r.hop_rel_rms_error:.1e} | {r.prefix_agreement:.3f} | {r.requests_identical:.3f} "
+                     f"| {r.hop_rel_rms_error:.1e} | {r.prefix_agreement:.3f} "
+                     f"| {r.requests_identical:.3f} "
                      f"| {r.max_abs_logit_error:.2e} | {r.max_rel_logit_error:.2e} "
                      f"| {r.prompt_top1_agreement:.3f} |")
     lines += ["", "Context:", ""] + [f"- {n}" for n in notes]

@@ -8,8 +8,8 @@ requests with mixed prompt and output lengths, greedy decoding, EOS ignored.
 reported for it: *useful* tokens (what the requests asked for — the comparable number) and
 *computed* tokens (including those generated past a request's own length).
 
-    python benchmarks/engine_throughput.py            # full run, writes benchmarks/results/
-    python benchmarks/engine_throughput.py --quick    # smaller, prints only
+    python -m benchmarks.engine_throughput            # full run, writes benchmarks/results/
+    python -m benchmarks.engine_throughput --quick    # smaller, prints only
 """
 
 from __future__ import annotations
@@ -25,29 +25,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.random_llama import build_model
+from molink import LLM, SamplingParams
 
-from molink import LLM, SamplingParams  # noqa: E402
-from tests.tokenizer_factory import build_tokenizer  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-def build_model(directory: Path, hidden: int, layers: int, vocab: int,
-                max_position_embeddings: int = 2048) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                         num_key_value_heads=max(1, hidden // 256),
-                         max_position_embeddings=max_position_embeddings,
-                         initializer_range=0.05, bos_token_id=0, eos_token_id=1, pad_token_id=3)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
-    build_tokenizer(directory, vocab_size=vocab)
-    return directory
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 WORKLOADS = {
@@ -129,8 +110,8 @@ def main() -> None:
 
 def _write(args, num_requests: int, sections: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/engine_throughput.py",
-                                                            *sys.argv[1:]])
+    command = "python -m " + " ".join(shlex.quote(a) for a in ["benchmarks.engine_throughput",
+                                                               *sys.argv[1:]])
     header = (f"# Engine throughput: molink vs transformers\n\nCommand: `{command}`\n\n"
               f"Machine: {torch.get_num_threads()} CPU threads, torch {torch.__version__}. "
               f"Model: random Llama hidden={args.hidden} layers={args.layers} "
@@ -150,17 +131,17 @@ def _table(prompts, output_lens, hf_s, hf_tokens, ml_s, ml_tokens) -> str:
     agree = sum(a == b for a, b in zip(ml_tokens, hf_tokens))
     lines = ["| system | wall s | useful tokens/s | computed tokens/s |",
              "|---|---:|---:|---:|",
-             f"| transformers generate (static batch) | {hf_s:.2f} | {useful / hf_s:.1f} | "
-             f"{computed_hf / hf_s:.1f} |",
-             f"| molink LLM (continuous batching) | {ml_s:.2f} | {useful / ml_s:.1f} | "
-             f"{useful / ml_s:.1f} |",
+             (f"| transformers generate (static batch) | {hf_s:.2f} | {useful / hf_s:.1f} | "
+             f"{computed_hf / hf_s:.1f} |"),
+             (f"| molink LLM (continuous batching) | {ml_s:.2f} | {useful / ml_s:.1f} | "
+             f"{useful / ml_s:.1f} |"),
              "",
-             f"**Speed-up (useful tokens/s, same run): {hf_s / ml_s:.2f}x**; useful tokens "
+             (f"**Speed-up (useful tokens/s, same run): {hf_s / ml_s:.2f}x**; useful tokens "
              f"{useful}, tokens a static batch computes {computed_hf} "
-             f"({computed_hf / useful:.2f}x).",
+             f"({computed_hf / useful:.2f}x)."),
              "",
-             f"Greedy outputs identical to transformers for {agree}/{len(prompts)} requests "
-             "(left padding in the static batch can flip near-ties)."]
+             (f"Greedy outputs identical to transformers for {agree}/{len(prompts)} requests "
+             "(left padding in the static batch can flip near-ties).")]
     return "\n".join(lines)
 
 

@@ -10,8 +10,8 @@ busiest. On one CPU machine the three stage processes share its cores, so the ga
 micro-batch at a time is bounded by min(number of stages, number of cores); the benchmark
 prints that bound next to the measured ratio.
 
-    python benchmarks/pipeline.py            # writes benchmarks/results/pipeline.md
-    python benchmarks/pipeline.py --quick    # smaller, prints only
+    python -m benchmarks.pipeline            # writes benchmarks/results/pipeline.md
+    python -m benchmarks.pipeline --quick    # smaller, prints only
 """
 
 from __future__ import annotations
@@ -27,37 +27,30 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.random_llama import build_model
+from molink import SamplingParams
+from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.head_config import HeadConfig
+from molink.coordinator.pipeline_head import PipelineHead
+from molink.entrypoints.local_pipeline import LocalPipeline
+from molink.scheduler.placement import split_layers
+from molink.transport.peers import PeerSecurity
 
-from benchmarks.engine_throughput import build_model  # noqa: E402
-from molink import SamplingParams  # noqa: E402
-from molink.config import CacheConfig, ModelConfig, SchedulerConfig  # noqa: E402
-from molink.coordinator.head_config import HeadConfig  # noqa: E402
-from molink.coordinator.pipeline_head import PipelineHead  # noqa: E402
-from molink.transport.peers import PeerSecurity  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parent / "results"
 TOKEN = "benchmark-token"
+NUM_STAGES = 3
 
 
-async def start_pipeline(directory: Path, layers: int, threads: int):
-    third = layers // 3
+def local_pipeline(directory: Path, layers: int, threads: int) -> LocalPipeline:
+    """The head serves the first range here; a ``molink join`` process serves each other."""
+    ranges = split_layers(layers, NUM_STAGES)
     torch.set_num_threads(threads)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     head = PipelineHead(ModelConfig(model=str(directory), dtype="float32", device="cpu"),
                         CacheConfig(block_size=16), SchedulerConfig(max_num_seqs=256),
-                        HeadConfig(head_layers=(0, third)), security=PeerSecurity.create(TOKEN))
-    await head.start("127.0.0.1", 0)
-    procs = []
-    for start, end in ((third, 2 * third), (2 * third, layers)):
-        procs.append(await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "molink.entrypoints.cli", "join", str(directory),
-            "--head", head.address, "--layers", f"{start}:{end}", "--host", "127.0.0.1",
-            "--cluster-token", TOKEN, "--dtype", "float32", "--device", "cpu", env=env,
-            stdout=asyncio.subprocess.DEVNULL))
-    await head.wait_ready(300)
-    return head, procs
+                        HeadConfig(head_layers=ranges[0]), security=PeerSecurity.create(TOKEN))
+    return LocalPipeline(head, TOKEN, directory, ranges[1:],
+                         join_options=["--dtype", "float32", "--device", "cpu"],
+                         env={"OMP_NUM_THREADS": str(threads)})
 
 
 async def run_workload(head: PipelineHead, num_requests: int, prompt_len: int,
@@ -80,8 +73,8 @@ async def main_async(args) -> list[tuple[str, int, float, float, int]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = build_model(Path(tmp), args.hidden, args.layers, args.vocab)
-        head, procs = await start_pipeline(directory, args.layers, args.threads)
-        try:
+        async with local_pipeline(directory, args.layers, args.threads) as pipe:
+            head = pipe.head
             print(f"pipeline: {head.describe()}", flush=True)
             await run_workload(head, 4, 8, 4)  # warm-up
             settings = [("1 micro-batch", 1), ("auto", None)]
@@ -94,12 +87,6 @@ async def main_async(args) -> list[tuple[str, int, float, float, int]]:
                              head.stats.max_microbatches_in_flight))
                 print(f"{label:>14}: {head.num_microbatches} in flight, {seconds:.2f} s, "
                       f"{tokens / seconds:.1f} tokens/s", flush=True)
-        finally:
-            head.begin_stop()
-            for proc in procs:
-                proc.terminate()
-                await proc.wait()
-            await head.stop()
     return rows
 
 
@@ -133,13 +120,13 @@ def main() -> None:
     print(text)
     if not args.quick:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/pipeline.py",
-                                                                *sys.argv[1:]])
+        command = "python -m " + " ".join(shlex.quote(a) for a in ["benchmarks.pipeline",
+                                                                   *sys.argv[1:]])
         (RESULTS / "pipeline.md").write_text(
             f"# 3-stage local pipeline: 1 micro-batch vs auto\n\nCommand: `{command}`\n\n"
             f"Model: random Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}, "
             f"fp32, CPU, {args.threads} torch thread(s) per process. Head serves layers "
-            f"0:{args.layers // 3}; two `molink join` processes "
+            f"0:{split_layers(args.layers, NUM_STAGES)[0][1]}; two `molink join` processes "
             f"serve the rest on 127.0.0.1. Workload: {args.requests} requests, prompt "
             f"{args.prompt_len} tokens, {args.output_len} output tokens each, greedy.\n\n"
             + text + "\n")

@@ -3,8 +3,8 @@
 Four network namespaces on one switch, links shaped to 100 Mbit/s (``tests/multihost``'s
 harness): the head (``molink serve``, layers 0:2 of the bundled model, HTTP API), two
 stages (``molink join``, layers 2:4 and 4:), and a client host running
-``soak_client.py``: CONCURRENCY streaming requests at all times. Every PERIOD seconds the
-next fault of the cycle strikes:
+``benchmarks.soak_client``: CONCURRENCY streaming requests at all times. Every PERIOD
+seconds the next fault of the cycle strikes:
 
 - stage kill: SIGKILL stage 2, start it again 5 s later (it re-joins by itself);
 - hop cut: reset every TCP connection of the hop stage 1 -> stage 2 (``ss -K``);
@@ -21,11 +21,11 @@ lost ones attributed to head kills when they ended within 2 s of one, and each p
 resident memory over time (it must stay flat). Stages and head run float32 (the bundled
 model is float16; on CPUs without native half arithmetic, float32 is the fast choice).
 
-    sudo python benchmarks/soak.py            # 30 minutes; writes benchmarks/results/soak.md
-    sudo python benchmarks/soak.py --quick    # 3 minutes; writes benchmarks/results/soak_quick.md
+    sudo python -m benchmarks.soak            # 30 minutes; writes benchmarks/results/soak.md
+    sudo python -m benchmarks.soak --quick    # 3 minutes; writes benchmarks/results/soak_quick.md
 
-Needs root (network namespaces). Every process it starts is stopped by pid, also when it
-fails or is interrupted.
+Needs root (network namespaces); run from the repository root. Every process it starts
+is stopped by pid, also when it fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -42,13 +42,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from molink.entrypoints.cli import DEFAULT_MODEL_DIR  # noqa: E402
-from tests.multihost.netns import Network  # noqa: E402
+from molink.entrypoints.cli import DEFAULT_MODEL_DIR
+from tests.multihost.netns import Network
 
 RESULTS = ROOT / "benchmarks" / "results"
-CLIENT = Path(__file__).with_name("soak_client.py")
 TOKEN = "soak-benchmark-token-0123456789ab"
 HTTP_PORT, HEAD_PORT, STAGE_PORT = 8000, 50051, 50052
 FAULTS = ("stage kill", "hop cut 1->2", "head restart", "hop cut head->1")
@@ -85,10 +83,11 @@ class Soak:
         host = {"head": self.head_host, "stage1": self.stage1_host,
                 "stage2": self.stage2_host}[role]
         self._num_logs += 1
-        log = open(self.logs / f"{self._num_logs:03d}-{role}.log", "w")
         env = dict(self.env, MOLINK_STATE_DIR=str(self.logs / f"state-{role}"))
-        self.procs[role] = host.popen(self.argv(role), env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, cwd=ROOT)
+        log_path = self.logs / f"{self._num_logs:03d}-{role}.log"
+        with log_path.open("w") as log:  # the child keeps its own copy
+            self.procs[role] = host.popen(self.argv(role), env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=ROOT)
 
     def kill(self, role: str) -> None:
         proc = self.procs[role]
@@ -165,8 +164,9 @@ def run(args) -> dict:
               f"{args.concurrency}, a fault every {args.period_s:.0f} s", flush=True)
         out = logs / "requests.json"
         client = soak.client_host.popen(
-            [sys.executable, str(CLIENT), f"http://{soak.head_host.ip}:{HTTP_PORT}",
-             str(args.concurrency), str(args.duration_s), str(out)])
+            [sys.executable, "-m", "benchmarks.soak_client",
+             f"http://{soak.head_host.ip}:{HTTP_PORT}",
+             str(args.concurrency), str(args.duration_s), str(out)], cwd=ROOT)
         t0 = time.time()
         next_fault, next_sample, index = t0 + args.period_s, t0, 0
         while client.poll() is None:
@@ -204,17 +204,17 @@ def summarize(requests: list[dict], soak: Soak, t0: float, logs: Path) -> dict:
 
 def write_report(result: dict, args, path: Path) -> None:
     counts = result["counts"]
-    lines = [f"# Soak: {args.duration_s / 60:.0f} minutes under load, faults every "
-             f"{args.period_s:.0f} s\n",
+    lines = [(f"# Soak: {args.duration_s / 60:.0f} minutes under load, faults every "
+             f"{args.period_s:.0f} s\n"),
              f"Command: `{' '.join(shlex.quote(a) for a in sys.argv)}`\n",
              "Four network namespaces (head, stage 1, stage 2, client) on one switch, every "
              "link shaped to 100 Mbit/s with `tc tbf`; the bundled model (6 layers) in "
              f"float32 split 0:2 / 2:4 / 4:6; {args.concurrency} streaming clients at all "
              "times (16-64 tokens, temperature 0.8). Faults, in a cycle: "
              + ", ".join(FAULTS) + ".\n",
-             "The bound: every request must end completed or with a clear error; hung must "
+             ("The bound: every request must end completed or with a clear error; hung must "
              "be 0; refused (nothing listening) only while the head process is down, and "
-             "lost only where it was killed (its open connections die with it).\n",
+             "lost only where it was killed (its open connections die with it).\n"),
              "| outcome | requests |", "|---|---:|"]
     for kind, n in counts.items():
         lines.append(f"| {kind} | {n} |")
@@ -236,8 +236,8 @@ def write_report(result: dict, args, path: Path) -> None:
         lines.append(f"| {message.replace('|', '/')} | {n} |")
     lines += ["", "Unexplained losses: " + (", ".join(result["lost_other"]) or "none") + "\n",
               "Hung: " + (", ".join(result["hung"]) or "none") + "\n",
-              "Resident memory (MiB) per process: once loaded (its first sample at least "
-              f"{WARM_S:.0f} s after its start) and at its last sample:\n",
+              ("Resident memory (MiB) per process: once loaded (its first sample at least "
+              f"{WARM_S:.0f} s after its start) and at its last sample:\n"),
               "| role | pid | loaded (t s, MiB) | last (t s, MiB) | growth |",
               "|---|---:|---|---|---:|"]
     by_pid: dict[tuple[str, int], list] = {}
@@ -248,7 +248,7 @@ def write_report(result: dict, args, path: Path) -> None:
         (t1, m1), (t2, m2) = warm[0], samples[-1]
         lines.append(f"| {role} | {pid} | {t1:.0f}, {m1:.0f} | {t2:.0f}, {m2:.0f} | "
                      f"{m2 - m1:+.0f} |")
-    lines += ["", "Machine:", "", "```", subprocess.run(["lscpu"], capture_output=True,
+    lines += ["", "Machine:", "", "```", subprocess.run(["lscpu"], capture_output=True, check=False,
                                                        text=True).stdout.strip(), "```", ""]
     if plot(result, path.with_suffix(".png")):
         lines.insert(4, f"![memory over time]({path.with_suffix('.png').name})\n")

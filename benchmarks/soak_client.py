@@ -2,7 +2,7 @@
 
 Runs inside the client's network namespace (stdlib only)::
 
-    python soak_client.py URL CONCURRENCY DURATION_S OUT_JSON
+    python -m benchmarks.soak_client URL CONCURRENCY DURATION_S OUT_JSON
 
 Every request is a streamed ``/v1/completions``; its outcome is one of
 - ``completed``: the stream ended with ``[DONE]`` after its tokens;
@@ -25,6 +25,7 @@ import random
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 
 HANG_S = 60.0
 PROMPTS = ["In Python, a list is", "The json module", "A generator function", "To open a file",
@@ -92,15 +93,24 @@ async def worker(index: int, host: str, port: int, stop_at: float, log: list) ->
             await asyncio.sleep(0.5)  # a client backs off after an error
 
 
-async def main(url: str, concurrency: int, duration_s: float, out: str) -> None:
+async def run(url: str, concurrency: int, duration_s: float) -> list[dict]:
     parts = urllib.parse.urlsplit(url)
     log: list = []
     stop_at = time.monotonic() + duration_s
     await asyncio.gather(*(worker(i, parts.hostname, parts.port, stop_at, log)
                            for i in range(concurrency)))
-    with open(out, "w") as f:
-        json.dump(log, f)
+    return log
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 4:
+        print("usage: python -m benchmarks.soak_client URL CONCURRENCY DURATION_S OUT_JSON",
+              file=sys.stderr)
+        return 2
+    log = asyncio.run(run(argv[0], int(argv[1]), float(argv[2])))
+    Path(argv[3]).write_text(json.dumps(log))
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]))
+    sys.exit(main(sys.argv[1:]))

@@ -90,6 +90,10 @@ class StepOutput:
     microbatch_id: int = 0
 
 
+# How activations may be encoded on a hop (``RawTensor.dtype`` after encoding follows).
+WIRE_COMPRESSIONS = ("none", "float16", "bfloat16", "int8")
+
+
 @dataclass
 class RawTensor:
     """A tensor as it crosses the wire: raw C-order bytes, a dtype name and a shape."""

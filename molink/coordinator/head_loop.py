@@ -26,14 +26,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from molink.config import SchedulerConfig
+from molink.coordinator.frontend import Frontend
 from molink.coordinator.microbatch_tuner import MicrobatchTuner
 from molink.coordinator.output_processor import OutputProcessor
-from molink.coordinator.prompts import make_request
+from molink.ewma import ewma
 from molink.messages import LinkReport, StepOutput, StepPlan
 from molink.outputs import RequestOutput
-from molink.runtime.wire_tensor import to_raw
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
+from molink.stage.compute import StageCompute
 from molink.transport.hop_sender import OutgoingStep
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 STEP_DEADLINE_MIN_S = 10.0
 STEP_DEADLINE_FACTOR = 10.0
 FIRST_STEPS_DEADLINE_S = 120.0  # before any step time is measured (warm-up, loading)
-_EWMA_WEIGHT = 0.2
 
 
 class PipelineNotReady(Exception):
@@ -67,22 +67,21 @@ class HeadStats:
 
 
 class HeadLoop:
-    def __init__(self, *, tokenizer, arch, eos_token_ids: frozenset[int], executor,
+    def __init__(self, *, frontend: Frontend, executor,
                  scheduler_config: SchedulerConfig, block_size: int,
-                 model_max_len: int | None, num_microbatches: int | None,
+                 num_microbatches: int | None,
                  hop_links: Callable[[], list],
                  shared_cores: Callable[[], int | None],
                  not_ready_reason: Callable[[], str]) -> None:
         """``hop_links``: every hop's latest measurement, pipeline order; ``shared_cores``:
         cores of the one machine computing every stage, if so; ``not_ready_reason``: why
         requests are refused while the loop is closed. All three come from the node."""
-        self.tokenizer = tokenizer
-        self.arch = arch
-        self.eos_token_ids = eos_token_ids
+        self.frontend = frontend  # tokenizer, EOS ids, model length, request building
+        self.tokenizer = frontend.tokenizer
         self.executor = executor  # the head's own layers, or None
+        self.compute = StageCompute(executor) if executor is not None else None
         self.scheduler_config = scheduler_config
         self.block_size = block_size
-        self.model_max_len = model_max_len  # as configured (None: the model's own)
         self.num_microbatches_option = num_microbatches
         self._hop_links = hop_links
         self._shared_cores = shared_cores
@@ -90,7 +89,7 @@ class HeadLoop:
         self.stats = HeadStats()
         self.scheduler: Scheduler | None = None
         self.max_model_len = 0
-        self.output_processor = OutputProcessor(tokenizer)
+        self.output_processor = OutputProcessor(frontend.tokenizer)
         self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
         self.hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
         self.tuner = MicrobatchTuner()  # auto: the measured choice
@@ -120,9 +119,7 @@ class HeadLoop:
         size the scheduler on first use, start serving."""
         self.epoch, self.first_hop, self.num_stages = epoch, first_hop, num_stages
         if self.scheduler is None:
-            capacity = num_blocks * self.block_size
-            limit = self.model_max_len or self.arch.max_position_embeddings
-            self.max_model_len = max(2, min(limit, capacity))
+            self.max_model_len = self.frontend.fit_kv_capacity(num_blocks * self.block_size)
             config = dataclasses.replace(self.scheduler_config, max_model_len=self.max_model_len)
             self.scheduler = Scheduler(config, num_blocks, self.block_size)
         self.is_open = True
@@ -161,10 +158,7 @@ class HeadLoop:
         if not self.is_open:
             raise PipelineNotReady(f"pipeline not ready: {self._not_ready_reason()}")
         request_id = request_id or f"req-{next(self._ids)}"
-        text, request = make_request(request_id, prompt, params, tokenizer=self.tokenizer,
-                                     vocab_size=self.arch.vocab_size,
-                                     max_model_len=self.max_model_len,
-                                     eos_token_ids=self.eos_token_ids)
+        text, request = self.frontend.make_request(request_id, prompt, params)
         stream: asyncio.Queue = asyncio.Queue()
         self.scheduler.add_request(request)
         self.output_processor.add(request, text)
@@ -245,13 +239,13 @@ class HeadLoop:
     async def _run_first_hop(self, plan: StepPlan, reset: bool, epoch: int) -> None:
         """The head's own layers (if any), then the step leaves on the first hop. A step
         whose route changed meanwhile is void (the close already failed its requests)."""
-        rows, timings = None, ()
+        activations, timings = None, ()
         loop = asyncio.get_running_loop()
         if self.executor is not None:
             try:
-                start = time.perf_counter()
-                out = await loop.run_in_executor(self._compute_pool, self.executor.execute, plan)
-                timings = (time.perf_counter() - start,)
+                out, seconds = await loop.run_in_executor(self._compute_pool, self.compute.run,
+                                                          plan)
+                timings = (seconds,)
             except Exception as exc:  # the head's own layers failed this step
                 logger.exception("head layers failed step %d", plan.step_id)
                 self.on_result(StepOutput(plan.step_id), f"head failed step {plan.step_id}: {exc}",
@@ -263,15 +257,14 @@ class HeadLoop:
         if epoch != self.epoch or self.first_hop is None:
             return
         if self.executor is not None:
-            compression = self.first_hop.wire_compression(
-                str(out.dtype).removeprefix("torch."), out.shape[-1],
-                timings[0] / max(1, plan.num_tokens))
-            rows = await loop.run_in_executor(self._serialize_pool, to_raw, out, compression)
-            self.stats.activation_bytes_sent += len(rows.data) + len(rows.row_scales)
+            activations = await loop.run_in_executor(self._serialize_pool, self.compute.encode,
+                                                     out, self.first_hop)
+            self.stats.activation_bytes_sent += (len(activations.data)
+                                                 + len(activations.row_scales))
             self.stats.activation_tokens_sent += plan.num_tokens
         if epoch != self.epoch or self.first_hop is None:
             return
-        self.first_hop.submit(OutgoingStep(plan, rows, plan.num_tokens, reset=reset,
+        self.first_hop.submit(OutgoingStep(plan, activations, plan.num_tokens, reset=reset,
                                            stage_compute_s=timings, epoch=epoch))
 
     def on_result(self, output: StepOutput, error: str, timings: tuple[float, ...] = (),
@@ -314,8 +307,8 @@ class HeadLoop:
         if len(timings) != len(self.stage_compute_s):
             self.stage_compute_s = list(timings)
         else:
-            for i, seconds in enumerate(timings):
-                self.stage_compute_s[i] += _EWMA_WEIGHT * (seconds - self.stage_compute_s[i])
+            self.stage_compute_s = [ewma(old, new)
+                                    for old, new in zip(self.stage_compute_s, timings, strict=True)]
         self.tuner.record(plan.num_tokens, timings)
 
     def _fail_requests(self, request_ids, exc: Exception) -> None:

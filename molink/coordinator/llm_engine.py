@@ -20,13 +20,12 @@ import itertools
 import logging
 
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.frontend import Frontend
 from molink.coordinator.output_processor import OutputProcessor
-from molink.coordinator.prompts import make_request
-from molink.coordinator.tokenizer import eos_token_ids, load_tokenizer
-from molink.messages import StepOutput, StepPlan
+from molink.messages import WIRE_COMPRESSIONS, StepOutput, StepPlan
 from molink.outputs import RequestOutput
 from molink.runtime.stage_executor import StageExecutor
-from molink.runtime.wire_tensor import COMPRESSIONS, from_raw, to_raw
+from molink.runtime.wire_tensor import from_raw, to_raw
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
 
@@ -39,24 +38,23 @@ class LLMEngine:
                  stage_layers: list[tuple[int, int]] | None = None,
                  wire_compression: str = "none") -> None:
         """``wire_compression``: how hidden states cross between chained stages (one of
-        ``COMPRESSIONS``), as they would cross a network hop."""
-        if wire_compression not in COMPRESSIONS:
-            raise ValueError(f"wire_compression must be one of {', '.join(COMPRESSIONS)}, "
+        ``WIRE_COMPRESSIONS``), as they would cross a network hop."""
+        if wire_compression not in WIRE_COMPRESSIONS:
+            raise ValueError(f"wire_compression must be one of {', '.join(WIRE_COMPRESSIONS)}, "
                              f"got {wire_compression!r}")
         self.wire_compression = wire_compression
         cache_config = cache_config or CacheConfig()
         scheduler_config = scheduler_config or SchedulerConfig()
         self.executors = self._make_executors(model_config, cache_config, stage_layers,
                                               scheduler_config.max_num_seqs)
-        self.tokenizer = load_tokenizer(model_config.tokenizer or model_config.model)
-        first = self.executors[0]
-        self.arch = first.arch
-        self.eos_token_ids = eos_token_ids(self.tokenizer, self.arch.eos_token_ids,
-                                           model_config.model)
+        self.arch = self.executors[0].arch
+        self.frontend = Frontend(model_config, self.arch)
+        self.tokenizer = self.frontend.tokenizer
+        self.eos_token_ids = self.frontend.eos_token_ids
         for executor in self.executors:
             executor.eos_token_ids = self.eos_token_ids
         num_blocks = min(e.num_blocks for e in self.executors)
-        self.max_model_len = self._max_model_len(model_config, num_blocks * cache_config.block_size)
+        self.max_model_len = self.frontend.fit_kv_capacity(num_blocks * cache_config.block_size)
         self.scheduler_config = dataclasses.replace(
             scheduler_config, max_model_len=self.max_model_len,
             max_num_batched_tokens=max(scheduler_config.max_num_batched_tokens, 1))
@@ -70,10 +68,7 @@ class LLMEngine:
                     params: SamplingParams) -> str:
         """Validate and queue a request; returns its id. Raises ValueError on bad input."""
         request_id = request_id if request_id is not None else str(next(self._ids))
-        text, request = make_request(request_id, prompt, params, tokenizer=self.tokenizer,
-                                     vocab_size=self.arch.vocab_size,
-                                     max_model_len=self.max_model_len,
-                                     eos_token_ids=self.eos_token_ids)
+        text, request = self.frontend.make_request(request_id, prompt, params)
         self.scheduler.add_request(request)
         self.output_processor.add(request, text)
         return request_id
@@ -115,11 +110,3 @@ class LLMEngine:
         return [StageExecutor(model_config.replace(start_layer=start, end_layer=end), cache_config,
                               max_num_seqs=max_num_seqs)
                 for start, end in stage_layers]
-
-    def _max_model_len(self, model_config: ModelConfig, kv_capacity_tokens: int) -> int:
-        limit = model_config.max_model_len or self.arch.max_position_embeddings
-        if limit > kv_capacity_tokens:
-            logger.warning("max_model_len %d exceeds the KV cache capacity; using %d tokens",
-                           limit, kv_capacity_tokens)
-        return max(2, min(limit, kv_capacity_tokens))
-

@@ -55,11 +55,6 @@ class OutputProcessor:
         return [self._process_one(r, output, scheduler) for r in requests
                 if r.request_id in self.tracked]
 
-    def final_output(self, request: Request) -> RequestOutput | None:
-        """Output of a request finished outside a step (e.g. aborted); forgets it."""
-        tracked = self.tracked.pop(request.request_id, None)
-        return None if tracked is None else self._request_output(tracked)
-
     def _process_one(self, request: Request, output: StepOutput,
                      scheduler: Scheduler) -> RequestOutput:
         tracked = self.tracked[request.request_id]

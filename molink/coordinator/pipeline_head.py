@@ -21,7 +21,6 @@ reported with both ends and the address tried, and retried until it works.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import secrets
 import time
@@ -30,10 +29,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.frontend import Frontend
 from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.head_loop import HeadLoop, PipelineNotReady, StageUnavailable
+from molink.coordinator.hop_stats import HopStats, label_hops
 from molink.coordinator.membership import Membership, ModelIdentity, StageMember
-from molink.coordinator.tokenizer import eos_token_ids, load_tokenizer
+from molink.coordinator.route_wiring import RouteWiring
+from molink.coordinator.stage_peers import StagePeers, stage_address
 from molink.messages import LinkReport
 from molink.model.loader import config_fingerprint, load_config, resolve_dtype
 from molink.outputs import RequestOutput
@@ -44,31 +46,20 @@ from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import decode_result
 from molink.transport.dedup import DuplicateFilter, take_each
-from molink.transport.hop_sender import HopSender
-from molink.transport.peers import Peer, PeerSecurity, PeerUnreachable, bind, make_server, peer_host
+from molink.transport.peers import PeerSecurity, PeerUnreachable, bind, make_server
 
 __all__ = ["HopStats", "PipelineHead", "PipelineNotReady", "StageUnavailable"]
 
 logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
-HEALTH_DEADLINE_S = 2.0
 HEALTH_FAILURES_BEFORE_DOWN = 2
-CONFIGURE_DEADLINE_S = 20.0  # a stage answers once it connected to its next hop
 ROUTE_RETRY_S = 3.0  # a route that could not be set up is tried again this often
 
 
-@dataclasses.dataclass
-class HopStats:
-    """One hop of the pipeline as its sender measures it."""
-
-    label: str  # "head -> layers 2:4", "layers 4:6 -> head"
-    bandwidth_bps: float  # bits per second, measured (0: not yet)
-    latency_s: float  # one way, measured
-    bytes_sent: int
-    messages_sent: int
-    tokens_sent: int
-    compression: str
+def _loop_attribute(name: str, doc: str = "") -> property:
+    """A read-only view of ``self.loop.<name>``."""
+    return property(lambda self: getattr(self.loop, name), doc=doc)
 
 
 class PipelineHead(pb_grpc.HeadServicer):
@@ -88,14 +79,12 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.membership = Membership(
             ModelIdentity(config_fingerprint(model_config.model), str(dtype).removeprefix("torch."),
                           cache_config.block_size, self.arch.num_layers), config.head_layers)
-        tokenizer = load_tokenizer(model_config.tokenizer or model_config.model)
-        eos = eos_token_ids(tokenizer, self.arch.eos_token_ids, model_config.model)
+        self.frontend = Frontend(model_config, self.arch)
         if executor is not None:
-            executor.eos_token_ids = eos
-        self.loop = HeadLoop(tokenizer=tokenizer, arch=self.arch, eos_token_ids=eos,
-                             executor=executor, scheduler_config=scheduler_config,
+            executor.eos_token_ids = self.frontend.eos_token_ids
+        self.loop = HeadLoop(frontend=self.frontend, executor=executor,
+                             scheduler_config=scheduler_config,
                              block_size=cache_config.block_size,
-                             model_max_len=model_config.max_model_len,
                              num_microbatches=config.num_microbatches,
                              hop_links=lambda: self.hop_stats(),
                              shared_cores=lambda: self._shared_cores(),
@@ -110,8 +99,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._stopping = False
         self._configuring = False
         self._ready_event: asyncio.Event | None = None
-        self._peers: dict[str, Peer] = {}  # stage id -> open channel (health, configure)
-        self._first_hop: HopSender | None = None
+        self.peers = StagePeers(security, lambda stage_id: stage_id in self.membership.stages)
+        self.route = RouteWiring(config, security, self.peers)
         self._received = DuplicateFilter()
         self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
         self._server: grpc.aio.Server | None = None
@@ -131,42 +120,16 @@ class PipelineHead(pb_grpc.HeadServicer):
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)
 
-    @property
-    def executor(self):
-        return self.loop.executor
-
-    @property
-    def scheduler(self):
-        return self.loop.scheduler
-
-    @property
-    def tokenizer(self):
-        return self.loop.tokenizer
-
-    @property
-    def stats(self):
-        return self.loop.stats
-
-    @property
-    def listeners(self) -> list:
-        return self.loop.listeners
-
-    @property
-    def max_model_len(self) -> int:
-        return self.loop.max_model_len
-
-    @property
-    def stage_compute_s(self) -> list[float]:
-        return self.loop.stage_compute_s
-
-    @property
-    def num_microbatches(self) -> int:
-        return self.loop.num_microbatches
-
-    @property
-    def num_in_flight(self) -> int:
-        """Plans in the pipeline now."""
-        return self.loop.num_in_flight
+    # The engine loop owns these; the API, the metrics and the tests read them here.
+    executor = _loop_attribute("executor")
+    scheduler = _loop_attribute("scheduler")
+    tokenizer = _loop_attribute("tokenizer")
+    stats = _loop_attribute("stats")
+    listeners = _loop_attribute("listeners")
+    max_model_len = _loop_attribute("max_model_len")
+    stage_compute_s = _loop_attribute("stage_compute_s")
+    num_microbatches = _loop_attribute("num_microbatches")
+    num_in_flight = _loop_attribute("num_in_flight", "Plans in the pipeline now.")
 
     @property
     def ready(self) -> bool:
@@ -185,16 +148,10 @@ class PipelineHead(pb_grpc.HeadServicer):
         if self.executor is None:
             labels = ["head", *labels]
         hops: list[LinkReport] = list(self.loop.hops)
-        if self._first_hop is not None:
-            own = self._first_hop.report()
+        if self.route.first_hop is not None:
+            own = self.route.first_hop.report()
             hops = [own, *hops[1:]] if hops else [own]
-        stats = []
-        for i, hop in enumerate(hops[:len(labels)]):
-            target = labels[i + 1] if i + 1 < len(labels) else "head"
-            stats.append(HopStats(f"{labels[i]} -> {target}", hop.bandwidth_bps, hop.latency_s,
-                                  hop.bytes_sent, hop.messages_sent, hop.tokens_sent,
-                                  hop.compression))
-        return stats
+        return label_hops(labels, hops)
 
     def stage_labels(self) -> list[str]:
         """Every stage in pipeline order, the head's own layers first when it has some."""
@@ -241,16 +198,14 @@ class PipelineHead(pb_grpc.HeadServicer):
         """From now on, stages going away is expected: no failure handling, no alarms (the
         first hop is closed, so it does not try to re-open a stream to a stopped stage)."""
         self._stopping = True
-        self._spawn(self._close_first_hop())
+        self._spawn(self.route.close_first_hop())
 
     async def stop(self) -> None:
         self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
-        await self._close_first_hop()
-        peers, self._peers = list(self._peers.values()), {}
-        for peer in peers:
-            await peer.close()
+        await self.route.close_first_hop()
+        await self.peers.close_all()
         if self._server is not None:
             await self._server.stop(grace=0.5)
         self.loop.shutdown()
@@ -273,7 +228,7 @@ class PipelineHead(pb_grpc.HeadServicer):
 
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         info = request.stage
-        address = info.address or self._address_of(info, context.peer())
+        address = info.address or stage_address(context.peer(), info.port)
         await self._drop_dead_overlaps(info.start_layer, info.end_layer)
         min_blocks = self.scheduler.block_pool.num_blocks if self.scheduler else 1
         reason = self.membership.check_join(info.start_layer, info.end_layer, address,
@@ -298,20 +253,14 @@ class PipelineHead(pb_grpc.HeadServicer):
         return pb.JoinReply(accepted=True, stage_id=member.stage_id, head_instance=self.instance,
                             address=address)
 
-    @staticmethod
-    def _address_of(info: pb.StageInfo, peer: str) -> str:
-        """A stage that advertises nothing is reached where its join came from."""
-        host = peer_host(peer)
-        return f"{host}:{info.port}" if host and info.port else ""
-
     async def _drop_dead_overlaps(self, start: int, end: int) -> None:
         """A stage restarted before its old self was found dead would be refused for
         overlapping it: check the overlapping members now and drop those that are gone."""
         for member in list(self.membership.stages.values()):
-            if member.start_layer < end and start < member.end_layer:
-                if not await self._answers_health(member):
-                    self._on_stage_failure(member, "replaced by a new stage for its layers "
-                                                   "(it no longer answers)")
+            overlaps = member.start_layer < end and start < member.end_layer
+            if overlaps and not await self.peers.answers(member):
+                self._on_stage_failure(member, "replaced by a new stage for its layers "
+                                               "(it no longer answers)")
 
     async def Results(self, request_iterator, context):
         """Results from the last stage; taken, then acknowledged (an acknowledged result
@@ -349,19 +298,18 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._epoch += 1
         epoch = self._epoch
         stages = self.membership.ordered()
+        source = self.stage_labels()[0] if self.executor is not None else "head"
         try:
-            # Last stage first: a stage's Configure answers once it reached its next hop.
-            for i in reversed(range(len(stages))):
-                following = stages[i + 1] if i + 1 < len(stages) else None
-                await self._configure(stages[i], following)
-            await self._open_first_hop(stages[0] if stages else None)
+            await self.route.wire(stages, epoch=epoch, source=source,
+                                  head_address=self.advertised_address,
+                                  on_lost=self._on_stage_failure)
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             self.route_error = detail
             self.stats.num_route_failures += 1
             logger.error("could not set up the route %s: %s (retrying every %.0f s)",
                          " -> ".join(self.stage_labels()), detail, ROUTE_RETRY_S)
-            await self._close_first_hop()
+            await self.route.close_first_hop()
             return
         if epoch != self._epoch or not self.membership.complete:
             return  # the membership changed meanwhile: the next attempt wires the new one
@@ -370,73 +318,12 @@ class PipelineHead(pb_grpc.HeadServicer):
         if self.executor is not None:
             counts.append(self.executor.num_blocks)
         self._ready = True
-        self.loop.open(epoch, self._first_hop, min(counts),
+        self.loop.open(epoch, self.route.first_hop, min(counts),
                        num_stages=len(stages) + (self.executor is not None))
         self._ready_event.set()
         for callback in self.ready_callbacks:
             callback()
         logger.info("pipeline ready: %s", self.describe())
-
-    async def _configure(self, member: StageMember, following: StageMember | None) -> None:
-        peer = await self._stage_peer(member)
-        config = self.config
-        try:
-            await pb_grpc.StageStub(peer.channel).Configure(
-                pb.Route(next_address=following.address if following else "",
-                         next_label=following.label if following else "",
-                         next_fingerprint=following.fingerprint if following else "",
-                         head_address=self.advertised_address, epoch=self._epoch,
-                         link_schedule=config.link_schedule, compression=config.compression,
-                         max_chunk_tokens=config.max_chunk_tokens or 0),
-                metadata=peer.metadata, timeout=CONFIGURE_DEADLINE_S)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and exc.details().startswith("layers"):
-                raise  # the stage could not reach its next hop: its message names both ends
-            raise ConnectionError(f"the head cannot configure {member.label}: "
-                                  f"{exc.details() or exc.code().name}") from None
-
-    async def _stage_peer(self, member: StageMember) -> Peer:
-        """The head's channel to a stage, opened once (checked against the certificate the
-        stage joined with) and kept while it is a member; PeerUnreachable otherwise."""
-        peer = self._peers.get(member.stage_id)
-        if peer is None:
-            try:
-                peer = await Peer.open(member.address, self.security, member.fingerprint,
-                                       timeout_s=HEALTH_DEADLINE_S)
-            except PeerUnreachable as exc:
-                raise PeerUnreachable(f"the head cannot reach {member.label}: {exc}",
-                                      exc.retryable) from None
-            if member.stage_id not in self.membership.stages:  # left meanwhile
-                await peer.close()
-                raise PeerUnreachable(f"{member.label} left", retryable=False)
-            self._peers[member.stage_id] = peer
-        return peer
-
-    async def _open_first_hop(self, first: StageMember | None) -> None:
-        await self._close_first_hop()
-        if first is None:
-            return
-        source = self.stage_labels()[0] if self.executor is not None else "head"
-        label = f"{source} -> {first.label}"
-        config = self.config
-        sender = HopSender(first.address, self.security, to_head=False,
-                           schedule=config.link_schedule, compression=config.compression,
-                           max_chunk_tokens=config.max_chunk_tokens, label=label,
-                           expected_fingerprint=first.fingerprint)
-        sender.start()
-        try:
-            await sender.wait_connected()
-        except ConnectionError as exc:
-            await sender.close()
-            raise ConnectionError(f"the head cannot reach {first.label}: {exc}") from None
-        sender.broken.add_done_callback(
-            lambda f: self._on_stage_failure(first, f"hop {label} lost: {f.result()}"))
-        self._first_hop = sender
-
-    async def _close_first_hop(self) -> None:
-        if self._first_hop is not None:
-            sender, self._first_hop = self._first_hop, None
-            await sender.close()
 
     # ---- watching the stages --------------------------------------------------------------
 
@@ -459,9 +346,7 @@ class PipelineHead(pb_grpc.HeadServicer):
 
     async def _check_health(self, member: StageMember) -> None:
         try:
-            peer = await self._stage_peer(member)
-            reply = await pb_grpc.StageStub(peer.channel).Health(
-                pb.HealthRequest(), metadata=peer.metadata, timeout=HEALTH_DEADLINE_S)
+            reply = await self.peers.health(member)
             member.consecutive_health_failures = 0
         except (grpc.aio.AioRpcError, PeerUnreachable) as exc:
             member.consecutive_health_failures += 1
@@ -476,20 +361,11 @@ class PipelineHead(pb_grpc.HeadServicer):
             self._on_stage_failure(member, f"its compute has been stuck on one step for "
                                            f"{reply.compute_busy_s:.0f} s")
 
-    async def _answers_health(self, member: StageMember) -> bool:
-        try:
-            peer = await self._stage_peer(member)
-            await pb_grpc.StageStub(peer.channel).Health(
-                pb.HealthRequest(), metadata=peer.metadata, timeout=HEALTH_DEADLINE_S)
-            return True
-        except (grpc.aio.AioRpcError, PeerUnreachable):
-            return False
-
     def _on_stage_failure(self, member: StageMember, why: str) -> None:
         if self._stopping or self.membership.remove(member.stage_id) is None:
             return  # already handled
         self.stats.num_stage_failures += 1
-        peer = self._peers.pop(member.stage_id, None)
+        peer = self.peers.drop(member.stage_id)
         if peer is not None:
             self._spawn(peer.close())
         message = f"stage {member.label} became unavailable: {why}"
@@ -505,4 +381,4 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._ready_event.clear()
         self._epoch += 1
         self.loop.close(message)
-        self._spawn(self._close_first_hop())
+        self._spawn(self.route.close_first_hop())

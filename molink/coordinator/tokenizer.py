@@ -17,7 +17,13 @@ def load_tokenizer(path: str):
 
 
 def eos_token_ids(tokenizer, arch_eos: tuple[int, ...], model_dir: str) -> frozenset[int]:
-    """EOS ids from the tokenizer, config.json and generation_config.json together."""
+    """The end-of-sequence ids of a model: the one rule, used by every engine.
+
+    The union, deduplicated, of config.json's ``eos_token_id`` (``arch_eos``: an id or a
+    list), generation_config.json's ``eos_token_id`` (an id or a list; chat models list their
+    end-of-turn token there) and the tokenizer's ``eos_token_id``. Generation stops at any
+    of them, as in ``transformers.generate`` and vLLM; a file that lacks one adds nothing.
+    """
     ids = set(arch_eos)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))

@@ -15,64 +15,113 @@ import sys
 from pathlib import Path
 
 from molink import envs
+from molink.config import DTYPES
 from molink.entrypoints import join as join_cli
 from molink.entrypoints import serve as serve_cli
+from molink.entrypoints.join import positive_int
 from molink.sampling_params import SamplingParams
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
 DEMO_PROMPT = "In Python, a list is"
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+SUBCOMMANDS = {  # name -> (one-line summary, default log level)
+    "generate": ("generate text for one prompt", "warning"),
+    "demo": ("generate with the bundled default model on a local 3-stage pipeline", "warning"),
+    "serve": ("run the head of a pipeline with its HTTP API", "info"),
+    "join": ("serve a layer range as a stage of a head's pipeline", "info"),
+    "status": ("show a running pipeline and its figures", "warning"),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default after its help; an option whose
+    default is None or off says in its own help what happens when it is not given."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad input: one line naming the command and the problem, exit code 2 (not the whole
+    usage, which ``--help`` shows)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    level = args.log_level or ("info" if args.command in ("serve", "join") else "warning")
+    args = build_parser().parse_args(argv)
+    level = args.log_level or SUBCOMMANDS[args.command][1]
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
     except ValueError as exc:  # bad user input: one clear line, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"molink {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="molink", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
-                        help="default: info for serve and join, warning otherwise")
-    sub = parser.add_subparsers(required=True, dest="command")
-    gen = sub.add_parser("generate", help="generate text for one prompt")
-    gen.add_argument("model", help="Hugging Face-format model directory")
-    gen.add_argument("--prompt", required=True)
-    _add_generation_options(gen)
-    gen.set_defaults(handler=_generate)
-    demo = sub.add_parser("demo", help="generate with the bundled default model")
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    _add_generation_options(demo)
-    demo.set_defaults(handler=_demo, temperature=0.8)
-    serve = sub.add_parser("serve", help="run the head of a pipeline with its HTTP API")
-    serve_cli.add_arguments(serve)
-    serve.set_defaults(handler=_serve)
-    status = sub.add_parser("status", help="show a running pipeline and its figures")
-    status.add_argument("--head", required=True, help="the head's HTTP address HOST:PORT")
-    status.set_defaults(handler=_status)
-    join = sub.add_parser("join", help="serve a layer range as a stage of a head's pipeline")
-    join_cli.add_arguments(join)
-    join.set_defaults(handler=_join)
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="molink", description=__doc__,
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS,
+                        help="also accepted after the subcommand (default: info for serve and "
+                             "join, warning otherwise)")
+    sub = parser.add_subparsers(required=True, dest="command", metavar="COMMAND",
+                                help="one of these; 'molink COMMAND --help' lists its options")
+    adders = {"generate": _add_generate, "demo": _add_demo, "serve": serve_cli.add_arguments,
+              "join": join_cli.add_arguments, "status": _add_status}
+    handlers = {"generate": _generate, "demo": _demo, "serve": _serve, "join": _join,
+                "status": _status}
+    for name, (summary, level) in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=summary, description=summary,
+                                 formatter_class=HelpFormatter)
+        adders[name](command)
+        # SUPPRESS: absent after the subcommand, it leaves the value given before it alone
+        command.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                             help=f"log level (default: {level})")
+        command.set_defaults(handler=handlers[name])
     return parser
 
 
+def _add_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="Hugging Face-format model directory")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt to continue")
+    _add_generation_options(parser)
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", default=DEMO_PROMPT, metavar="TEXT",
+                        help="the prompt to continue")
+    _add_generation_options(parser)
+    parser.set_defaults(temperature=0.8)
+
+
+def _add_status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--head", required=True, metavar="HOST:PORT",
+                        help="the head's HTTP API address: its host and --port (or a URL)")
+
+
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--repetition-penalty", type=float, default=1.2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--max-tokens", type=positive_int, default=64, metavar="N",
+                        help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="sampling temperature (0: greedy)")
+    parser.add_argument("--top-p", type=float, default=0.95, metavar="P",
+                        help="sample from the smallest set of tokens whose probabilities sum "
+                             "to at least this")
+    parser.add_argument("--repetition-penalty", type=float, default=1.2, metavar="R",
+                        help="penalises tokens already in the text (1: off)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="random seed (same seed, same text)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="precision (auto: the checkpoint's; float16 on CPU becomes bfloat16)")
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
 
 
 def _cluster_token(args) -> str:

@@ -1,19 +1,24 @@
-"""``molink join``: run one stage of a pipeline and join it to the head."""
+"""``molink join``: run one stage of a pipeline and join it to the head.
+
+Also the options every node takes (``molink serve`` adds them too), so that one idea has
+one flag name and one meaning on every node.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
 
-from molink.config import CacheConfig, ModelConfig, parse_layer_range
-from molink.stage.worker import StageRefused, StageWorker
-from molink.model.loader import config_fingerprint, load_config
+from molink.config import DTYPES, CacheConfig, ModelConfig, parse_layer_range
+from molink.model.loader import config_fingerprint, load_config, resolve_dtype
 from molink.runtime.device_profile import DeviceProfile
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.host import cpu_cores, host_id
-from molink.runtime.stage_executor import StageExecutor
+from molink.runtime.stage_executor import StageExecutor, resolve_device
+from molink.stage.worker import StageRefused, StageWorker
 from molink.transport import molink_pb2 as pb
 from molink.transport.peers import PeerSecurity
 
@@ -23,46 +28,163 @@ FINISH_TIMEOUT_S = 2.0  # at exit: how long tasks still running may take to end
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="Hugging Face-format model directory (same model as the head)")
-    parser.add_argument("--head", required=True, help="the head's peer address HOST:PORT")
-    parser.add_argument("--layers", required=True, help="half-open layer range START:END (START: = to the end)")
-    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on")
-    parser.add_argument("--peer-port", type=int, default=0, help="port to listen on (0: any free port)")
-    parser.add_argument("--advertise", default=None, metavar="HOST:PORT",
-                        help="address the other nodes reach this stage at, for NAT or port "
-                             "forwarding (default: the IP address the head sees this stage's "
-                             "connection come from, and --peer-port)")
-    parser.add_argument("--cluster-token", default=None,
-                        help="shared cluster secret (or set MOLINK_CLUSTER_TOKEN)")
-    parser.add_argument("--insecure-peers", action="store_true",
-                        help="plain TCP between nodes (the token still authenticates every "
-                             "call): only on a trusted LAN; every node must agree")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-kv-blocks", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("model", help="Hugging Face-format model directory (the head's model)")
+    parser.add_argument("--head", required=True, type=address, metavar="HOST:PORT",
+                        help="the head's peer address: its host and --peer-port")
+    parser.add_argument("--layers", required=True, type=layer_range, metavar="START:END",
+                        help="half-open layer range this stage serves (START: = to the last "
+                             "layer)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface the peer port listens on")
+    add_node_arguments(parser, peer_port=0)
     parser.add_argument("--emulate-device", default=None, metavar="PROFILE",
                         help="run an emulated stage: wait what PROFILE predicts instead of "
                              "computing (published | rtx3090 | rtx4090 | a100-80gb | file.json); "
-                             "only config.json is needed")
+                             "only config.json is needed (default: compute for real)")
+
+
+def add_node_arguments(parser, peer_port: int) -> None:
+    """The options of every node, head or stage: same name, same meaning."""
+    parser.add_argument("--peer-port", type=port, default=peer_port, metavar="PORT",
+                        help="port other nodes connect to (0: any free port)")
+    parser.add_argument("--advertise", default=None, type=address, metavar="HOST:PORT",
+                        help="where other nodes reach this node's peer port, for NAT or port "
+                             "forwarding (default: a stage is reached at the IP address the "
+                             "head sees its connection come from and its --peer-port; the head "
+                             "at the address each stage dialed with --head)")
+    parser.add_argument("--cluster-token", default=None, metavar="TOKEN",
+                        help="shared cluster secret, the same on every node (default: "
+                             "$MOLINK_CLUSTER_TOKEN; when neither is set, serve generates one "
+                             "and prints it)")
+    parser.add_argument("--insecure-peers", action="store_true",
+                        help="plain TCP between nodes (the token still authenticates every "
+                             "call): only on a trusted LAN; every node must agree")
+    parser.add_argument("--dtype", default="auto",
+                        choices=DTYPES,
+                        help="precision of weights, KV cache and activations; every node must "
+                             "agree (auto: the checkpoint's; float16 on CPU becomes bfloat16)")
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="random seed of this node (the last stage samples: requests "
+                             "without a seed of their own draw from it)")
+    add_memory_arguments(parser)
+
+
+def add_memory_arguments(parser) -> None:
+    parser.add_argument("--max-model-len", type=positive_int, default=None, metavar="N",
+                        help="most tokens (prompt + output) of one request; the KV cache is "
+                             "sized for --max-num-seqs such requests (default: the model's "
+                             "max_position_embeddings)")
+    parser.add_argument("--block-size", type=positive_int, default=16, metavar="N",
+                        help="tokens per KV cache block; every node must agree")
+    parser.add_argument("--num-kv-blocks", type=positive_int, default=None, metavar="N",
+                        help="KV cache blocks this node holds (default: as many as "
+                             "--gpu-memory-utilization allows)")
+    parser.add_argument("--gpu-memory-utilization", type=fraction, default=None, metavar="F",
+                        help="fraction of the CUDA device's total memory this node may use for "
+                             "its weights and KV cache, as in vLLM; ignored on CPU, where the KV "
+                             "cache takes min(2 GiB, 20%% of RAM) (default: the KV cache takes "
+                             "90%% of the memory still free once the weights are loaded)")
+    parser.add_argument("--max-num-seqs", type=positive_int, default=256, metavar="N",
+                        help="most requests running at once (the head's batch; a stage keeps "
+                             "state for this many)")
+
+
+def address(text: str) -> str:
+    """argparse type: HOST:PORT (IPv6 hosts in brackets)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT (e.g. 203.0.113.7:50052), "
+                                         f"got {text!r}")
+    return text
+
+
+def layer_range(text: str) -> str:
+    """argparse type: a well-formed START:END (checked against the model once it is read)."""
+    try:
+        parse_layer_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def port(text: str) -> int:
+    """argparse type: 0 to 65535 (0: any free port)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1], got {text!r}")
+    return value
+
+
+def check_layers(text: str, num_layers: int) -> tuple[int, int]:
+    """``--layers`` against the model: a ValueError naming the flag when past its end."""
+    start, end = parse_layer_range(text)
+    end = num_layers if end is None else end
+    if end > num_layers or start >= end:
+        raise ValueError(f"--layers {text} is outside the model's {num_layers} layers "
+                         f"(0:{num_layers})")
+    return start, end
+
+
+def kv_cache_memory_bytes(args, start: int, end: int) -> int | None:
+    """The KV budget ``--gpu-memory-utilization`` leaves this node on a CUDA device:
+    ``utilization * total - (what others use now) - (this node's weights)``; None: the
+    runtime's default budget."""
+    if args.gpu_memory_utilization is None:
+        return None
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        logger.warning("--gpu-memory-utilization applies to CUDA devices; ignored on %s",
+                       device.type)
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    loaded = load_config(args.model)
+    with torch.device("meta"):  # sizes only: no memory is allocated
+        model = loaded.model_class(loaded.arch, start, end)
+    dtype = resolve_dtype(args.dtype, loaded.arch, device)
+    weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    budget = int(args.gpu_memory_utilization * total) - (total - free) - weight_bytes
+    if budget <= 0:
+        raise ValueError(
+            f"--gpu-memory-utilization {args.gpu_memory_utilization} leaves no memory for the "
+            f"KV cache: of {total / 2**30:.1f} GiB, others use {(total - free) / 2**30:.1f} GiB "
+            f"and layers {start}:{end} take {weight_bytes / 2**30:.1f} GiB")
+    return budget
 
 
 def run(args, token: str) -> int:
-    start, end = parse_layer_range(args.layers)
+    arch = load_config(args.model).arch
+    start, end = check_layers(args.layers, arch.num_layers)
     if args.emulate_device:
-        arch = load_config(args.model).arch
         executor = EmulatedExecutor(args.model, start, end,
                                     DeviceProfile.load(args.emulate_device, arch),
                                     dtype=args.dtype, block_size=args.block_size,
-                                    num_blocks=args.num_kv_blocks or 65536,
-                                    eos_token_ids=frozenset(arch.eos_token_ids))
+                                    num_blocks=args.num_kv_blocks or 65536)
     else:
         model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                   start_layer=start, end_layer=end)
-        executor = StageExecutor(model_config, CacheConfig(block_size=args.block_size,
-                                                           num_blocks=args.num_kv_blocks),
-                                 max_num_seqs=args.max_num_seqs)
+                                   start_layer=start, end_layer=end,
+                                   max_model_len=args.max_model_len, seed=args.seed)
+        cache_config = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                                   kv_cache_memory_bytes=kv_cache_memory_bytes(args, start, end))
+        executor = StageExecutor(model_config, cache_config, max_num_seqs=args.max_num_seqs)
     return asyncio.run(_serve(args, token, executor))
 
 
@@ -74,8 +196,6 @@ async def _serve(args, token: str, executor) -> int:
                         num_layers=executor.arch.num_layers, host_id=host_id(),
                         device="emulated" if args.emulate_device else executor.device.type,
                         cpu_cores=cpu_cores())
-    if args.advertise:
-        check_address(args.advertise, "--advertise")
     security = PeerSecurity.create(token, insecure=args.insecure_peers)
     worker = StageWorker(executor, info, security, args.head)
     port = await worker.start(args.host, args.peer_port)
@@ -123,13 +243,6 @@ async def finish_pending_tasks(timeout_s: float = FINISH_TIMEOUT_S,
         if not pending or remaining <= 0:
             return
         await asyncio.wait(pending, timeout=remaining)
-
-
-def check_address(address: str, option: str) -> None:
-    """HOST:PORT (IPv6 hosts in brackets), else ValueError naming the option."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{option} must be HOST:PORT (e.g. 203.0.113.7:50052), got {address!r}")
 
 
 def on_signal(callback) -> None:

@@ -145,7 +145,8 @@ def _as_params_list(params, count: int) -> list[SamplingParams]:
         raise ValueError(f"got {len(params)} sampling_params for {count} prompts")
     for item in params:
         if not isinstance(item, SamplingParams):
-            raise ValueError(f"sampling_params must be SamplingParams, got {type(item).__name__}")
+            raise ValueError(  # noqa: TRY004 - vLLM's LLM raises ValueError for bad input
+                f"sampling_params must be SamplingParams, got {type(item).__name__}")
     return params
 
 

@@ -1,32 +1,12 @@
-"""OpenAI's JSON shapes: a parsed request (``Job``) and its answers, whole or as chunks."""
+"""OpenAI's JSON shapes of a ``Job``'s answers, whole or as chunks."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import uuid
 
+from molink.entrypoints.job import Job
 from molink.outputs import CompletionOutput, Logprob, RequestOutput
-from molink.sampling_params import SamplingParams
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    """One parsed request: what to run and what to report."""
-    prompt_ids: list[list[int]]  # token ids of each prompt
-    choice_params: list[SamplingParams]  # n of them, n == 1 each; choice j of every prompt
-    stream: bool
-    include_usage: bool
-    num_top_logprobs: int | None  # None: no logprobs reported
-
-    @property
-    def n(self) -> int:
-        return len(self.choice_params)
-
-    def choices(self) -> list[tuple[list[int], SamplingParams]]:
-        return [(ids, params) for ids in self.prompt_ids for params in self.choice_params]
-
-
 
 # ---- formatting: outputs -> OpenAI JSON ----------------------------------------------------------
 

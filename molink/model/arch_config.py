@@ -4,15 +4,24 @@ Hugging Face configs name the same quantity differently across families and vers
 (``rope_scaling`` vs ``rope_parameters``, ``torch_dtype`` vs ``dtype``, an absent
 ``head_dim``). ``ArchConfig.from_hf`` resolves all of that once, so model code reads plain
 fields.
+
+What only one family has (GPT-2's attention scaling, Mamba's state size, a MoE's expert
+count) lives in that family's own frozen ``FamilyOptions`` subclass, built by its
+``arch_config(hf)`` normaliser and carried in ``ArchConfig.options``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class FamilyOptions:
+    """Base of the per-family option records (frozen dataclasses, one per family)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,9 @@ class ArchConfig:
     layer_types: tuple[str, ...] = ()  # per layer: FULL_ATTENTION | SLIDING_ATTENTION
     dtype: str | None = None  # checkpoint dtype name, e.g. "bfloat16"
     eos_token_ids: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    o_proj_bias: bool = False  # bias on the attention output projection
+    rotary_dim: int | None = None  # rotated dims per head (partial rotary); None: head_dim
+    options: FamilyOptions | None = None  # the family's own settings
 
     def window_of(self, layer: int) -> int | None:
         """Sliding window of a layer (keys within ``window`` positions), or None."""
@@ -74,8 +85,8 @@ class ArchConfig:
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             sliding_window=getattr(hf, "sliding_window", None),
             layer_types=_layer_types(hf, num_layers),
-            dtype=_dtype_name(hf),
-            eos_token_ids=_eos_ids(hf),
+            dtype=dtype_name(hf),
+            eos_token_ids=eos_ids(hf),
         )
         values.update(overrides)
         return cls(**values)
@@ -108,14 +119,14 @@ def _layer_types(hf, num_layers: int) -> tuple[str, ...]:
     return (SLIDING_ATTENTION,) * num_layers
 
 
-def _dtype_name(hf) -> str | None:
+def dtype_name(hf) -> str | None:
     dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
     if dtype is None:
         return None
     return str(dtype).removeprefix("torch.")
 
 
-def _eos_ids(hf) -> tuple[int, ...]:
+def eos_ids(hf) -> tuple[int, ...]:
     eos = getattr(hf, "eos_token_id", None)
     if eos is None:
         return ()

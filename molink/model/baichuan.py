@@ -14,59 +14,41 @@ The Llama decoder with three differences:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from molink.model.arch_config import ArchConfig
-from molink.model.layers.alibi import alibi_slopes
-from molink.model.layers.attention import AttentionMetadata, PagedAttention
-from molink.model.layers.decoder import DecoderLM
-from molink.model.layers.mlp import GatedMLP
-from molink.model.layers.norm import RMSNorm
-from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
+from molink.model.arch_config import ArchConfig, FamilyOptions
+from molink.model.layers.decoder import (
+    DecoderLayer,
+    DecoderLM,
+    DecoderParts,
+    RotaryAttention,
+    rms_norm,
+)
 
 BAICHUAN2_VOCAB_SIZE = 125696
 _ALIBI_NUM_LAYERS = 40  # Baichuan-13B / Baichuan2-13B
 _POSITION_TYPES = ("rope", "alibi")
 
 
-class BaichuanAttention(nn.Module):
-    """W_pack (fused q|k|v), rotary or ALiBi, paged attention, o_proj."""
-
-    def __init__(self, cfg: ArchConfig, layer: int, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        hidden = cfg.hidden_size
-        self.W_pack = nn.Linear(hidden, 3 * hidden, bias=False)  # noqa: N815 (checkpoint name)
-        self.o_proj = nn.Linear(hidden, hidden, bias=False)
-        self.use_alibi = cfg.extra["use_alibi"]
-        slopes = alibi_slopes(self.num_heads) if self.use_alibi else None
-        self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim,
-                                   scale=self.head_dim**-0.5, alibi_slopes=slopes)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        shape = (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = (t.reshape(shape) for t in self.W_pack(x).chunk(3, dim=-1))  # [T, H, D] each
-        if not self.use_alibi:
-            # Baichuan2 rotates in fp32 and casts back (identical to in-dtype math in fp32).
-            q = apply_rotary(q.float(), cos, sin).to(x.dtype)
-            k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        return self.o_proj(self.attn(q, k, v, meta))
+@dataclass(frozen=True)
+class BaichuanOptions(FamilyOptions):
+    use_alibi: bool  # ALiBi instead of rotary (13B sizes)
+    norm_head: bool  # Baichuan2's L2-normalised LM-head rows
 
 
-class BaichuanDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, layer: int, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = BaichuanAttention(cfg, layer, rotary)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
+class BaichuanAttention(RotaryAttention):
+    """q, k and v in the checkpoint's one ``W_pack`` tensor (rows q | k | v)."""
 
-    def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    qkv_proj_name = "W_pack"
+
+
+class BaichuanDecoderLayer(DecoderLayer):
+    def build_attention(self, cfg: ArchConfig, layer: int, parts: DecoderParts) -> nn.Module:
+        return BaichuanAttention(cfg, layer, parts)
 
 
 class BaichuanForCausalLM(DecoderLM):
@@ -86,12 +68,18 @@ class BaichuanForCausalLM(DecoderLM):
             max_position_embeddings=max_positions,
             rope_theta=10000.0,  # fixed in the original code
             rope_scaling=None,
-            extra=dict(use_alibi=_uses_alibi(hf), norm_head=_uses_norm_head(hf)),
+            sliding_window=None,
+            options=BaichuanOptions(use_alibi=_uses_alibi(hf), norm_head=_uses_norm_head(hf)),
         )
+
+    @staticmethod
+    def decoder_parts(cfg: ArchConfig) -> DecoderParts:
+        # Baichuan2 rotates in fp32 and casts back (identical to in-dtype math in fp32).
+        return DecoderParts(norm=rms_norm(cfg), alibi=cfg.options.use_alibi, rope_in_fp32=True)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32 (through the normalised head on Baichuan2)."""
-        if self.cfg.extra["norm_head"] and not self._head_normalized:
+        if self.cfg.options.norm_head and not self._head_normalized:
             with torch.no_grad():
                 weight = self.lm_head.weight
                 weight.copy_(F.normalize(weight, dim=-1))  # [vocab, hidden], unit rows

@@ -29,16 +29,27 @@ Not supported: p-tuning prefixes (``pre_seq_len``) and quantised checkpoints
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from molink.model.arch_config import ArchConfig
+from molink.model.arch_config import ArchConfig, FamilyOptions
 from molink.model.config_view import ConfigView
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
-from molink.model.layers.norm import RMSNorm
+from molink.model.layers.block import ResidualBlock
+from molink.model.layers.mlp import GatedMLP
+from molink.model.layers.norm import Fp32WeightRMSNorm
 from molink.model.layers.rotary import RotaryEmbedding
-from molink.model.layers.stage_model import StageModel
+from molink.model.layers.stage_model import BodyNames, StageBody, StageModel
+
+
+@dataclass(frozen=True)
+class ChatGLMOptions(FamilyOptions):
+    multi_query_attention: bool  # else q|k|v rows grouped per head
+    rmsnorm: bool  # else LayerNorm
+    post_layer_norm: bool  # a final norm after the last layer
+    apply_residual_connection_post_layernorm: bool
 
 
 def apply_interleaved_half_rotary(x: torch.Tensor, cos: torch.Tensor,
@@ -52,18 +63,9 @@ def apply_interleaved_half_rotary(x: torch.Tensor, cos: torch.Tensor,
     return torch.cat((rotated.flatten(-2), passed), dim=-1)
 
 
-class GLMRMSNorm(RMSNorm):
-    """ChatGLM's order: normalise and scale in fp32, cast once (differs from HF only below fp32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * normed).to(x.dtype)
-
-
 def _norm(cfg: ArchConfig) -> nn.Module:
-    if cfg.extra["rmsnorm"]:
-        return GLMRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    if cfg.options.rmsnorm:
+        return Fp32WeightRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
@@ -72,7 +74,7 @@ class GLMSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.multi_query = cfg.extra["multi_query_attention"]
+        self.multi_query = cfg.options.multi_query_attention
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
@@ -97,91 +99,43 @@ class GLMSelfAttention(nn.Module):
         return self.dense(self.attn(q, k, v, meta))
 
 
-class GLMMLP(nn.Module):
-    """dense_4h_to_h(silu(a) * b), where a | b = dense_h_to_4h(x)."""
-
-    def __init__(self, cfg: ArchConfig) -> None:
-        super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size,
-                                       bias=cfg.mlp_bias)
-        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # [T, ffn] each
-        return self.dense_4h_to_h(F.silu(gate) * up)
+def _block(cfg: ArchConfig) -> ResidualBlock:
+    # dense_4h_to_h(silu(a) * b), where a | b = dense_h_to_4h(x).
+    mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "silu", cfg.mlp_bias,
+                   ("dense_h_to_4h", "dense_4h_to_h"))
+    return ResidualBlock(lambda: _norm(cfg), GLMSelfAttention(cfg), mlp,
+                         cfg.options.apply_residual_connection_post_layernorm)
 
 
-class GLMBlock(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
-        super().__init__()
-        self.residual_from_norm = cfg.extra["apply_residual_connection_post_layernorm"]
-        self.input_layernorm = _norm(cfg)
-        self.self_attention = GLMSelfAttention(cfg)
-        self.post_attention_layernorm = _norm(cfg)
-        self.mlp = GLMMLP(cfg)
-
-    def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
-        normed = self.input_layernorm(h)
-        h = (normed if self.residual_from_norm else h) + self.self_attention(normed, cos, sin, meta)
-        normed = self.post_attention_layernorm(h)
-        return (normed if self.residual_from_norm else h) + self.mlp(normed)
-
-
-class GLMEmbedding(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
-        super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-
-
-class GLMTransformer(nn.Module):
-    """``transformer.encoder``: a range of blocks and, on the last stage, the final norm."""
-
-    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int, is_last: bool) -> None:
-        super().__init__()
-        # Keys are absolute layer indices so names match the checkpoint.
-        self.layers = nn.ModuleDict({str(i): GLMBlock(cfg) for i in range(start_layer, end_layer)})
-        if is_last and cfg.extra["post_layer_norm"]:
-            self.final_layernorm = _norm(cfg)
-
-    def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, meta)
-        final_norm = getattr(self, "final_layernorm", None)
-        return h if final_norm is None else final_norm(h)
-
-
-class ChatGLMModel(nn.Module):
-    """``transformer.*`` of the checkpoint, restricted to a layer range."""
+class ChatGLMModel(StageBody):
+    """``transformer.*`` of the checkpoint, restricted to a layer range; the last stage also
+    holds the LM head (``output_layer``)."""
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.is_first = start_layer == 0
-        self.is_last = end_layer == cfg.num_layers
-        if self.is_first:
-            self.embedding = GLMEmbedding(cfg)
+        names = BodyNames("embedding.word_embeddings", "encoder.layers", "encoder.final_layernorm")
+        super().__init__(cfg, start_layer, end_layer, lambda i: _block(cfg),
+                         (lambda: _norm(cfg)) if cfg.options.post_layer_norm else None, names)
         # Frequencies over the rotated half of a head: RotaryEmbedding(D // 2) has exactly
         # ChatGLM's D // 4 frequencies (base ** (-2i / (D // 2))).
         self.rotary = RotaryEmbedding(cfg.head_dim // 2, cfg.rope_theta)
-        self.encoder = GLMTransformer(cfg, start_layer, end_layer, self.is_last)
         if self.is_last:
             self.output_layer = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
-                input_ids: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.embedding.word_embeddings(input_ids) if self.is_first else hidden_states
+    def layer_inputs(self, positions: torch.Tensor) -> tuple:
         cos, sin = self.rotary.cos_sin(positions)  # [T, 1, D // 2]: each frequency twice
         num_pairs = self.rotary.head_dim // 2
-        return self.encoder(h, cos[..., :num_pairs], sin[..., :num_pairs], meta)  # [T, hidden]
+        return cos[..., :num_pairs], sin[..., :num_pairs]
 
 
 class ChatGLMForConditionalGeneration(StageModel):
-    """Serves both ``ChatGLMModel`` and ``ChatGLMForConditionalGeneration`` checkpoints."""
+    """Serves both ``ChatGLMModel`` and ``ChatGLMForConditionalGeneration`` checkpoints.
 
-    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.attach_body(cfg, start_layer, end_layer, "transformer",
-                         ChatGLMModel(cfg, start_layer, end_layer), lm_head_bias=None)
+    Every parameter carries its checkpoint name; ``output_layer`` is never tied.
+    """
+
+    body_cls = ChatGLMModel
+    body_attr = "transformer"
+    lm_head_bias = None
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:
@@ -207,7 +161,7 @@ class ChatGLMForConditionalGeneration(StageModel):
             attention_bias=add_bias_linear or bool(getattr(hf, "add_qkv_bias", False)),
             mlp_bias=add_bias_linear,  # also the bias of self_attention.dense
             sliding_window=None,
-            extra=dict(
+            options=ChatGLMOptions(
                 multi_query_attention=multi_query,
                 rmsnorm=bool(getattr(hf, "rmsnorm", True)),
                 post_layer_norm=bool(getattr(hf, "post_layer_norm", True)),
@@ -216,18 +170,9 @@ class ChatGLMForConditionalGeneration(StageModel):
             ),
         )
 
-    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
-                input_ids: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """-> [T, hidden]: final hidden states on the last stage, else the residual stream."""
-        return self.transformer(positions, meta, input_ids=input_ids, hidden_states=hidden_states)
-
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
-        return self.transformer.output_layer(hidden_states).float()
-
-    def checkpoint_names(self, param_name: str) -> list[str]:
-        return [param_name]  # every parameter carries its checkpoint name
+        return self.body.output_layer(hidden_states).float()
 
 
 def _refuse_unsupported(hf) -> None:

@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from molink.model.arch_config import ArchConfig
-from molink.model.layers.variant_decoder import PARALLEL, DecoderParts, VariantDecoderLM
+from molink.model.arch_config import ArchConfig, FamilyOptions
+from molink.model.layers.decoder import PARALLEL, DecoderLM, DecoderParts
 
 
 class CohereLayerNorm(nn.Module):
@@ -36,24 +37,31 @@ class CohereLayerNorm(nn.Module):
         return (self.weight.float() * x32).to(input_dtype)
 
 
-class CohereForCausalLM(VariantDecoderLM):
+@dataclass(frozen=True)
+class CohereOptions(FamilyOptions):
+    layer_norm_eps: float
+    logit_scale: float
+
+
+class CohereForCausalLM(DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         logit_scale = getattr(hf, "logit_scale", None)
-        return ArchConfig.from_hf(hf, qk_norm=bool(getattr(hf, "use_qk_norm", False)), extra=dict(
-            layer_norm_eps=hf.layer_norm_eps,
-            logit_scale=1.0 if logit_scale is None else float(logit_scale),
-        ))
+        options = CohereOptions(layer_norm_eps=hf.layer_norm_eps,
+                                logit_scale=1.0 if logit_scale is None else float(logit_scale))
+        return ArchConfig.from_hf(hf, qk_norm=bool(getattr(hf, "use_qk_norm", False)),
+                                  o_proj_bias=bool(getattr(hf, "attention_bias", False)),
+                                  options=options)
 
     @staticmethod
     def decoder_parts(cfg: ArchConfig) -> DecoderParts:
-        eps = cfg.extra["layer_norm_eps"]
+        eps = cfg.options.layer_norm_eps
         qk_norm = None
         if cfg.qk_norm:
             def qk_norm(num_heads: int, head_dim: int) -> nn.Module:
                 return CohereLayerNorm((num_heads, head_dim), eps)
         return DecoderParts(
             norm=functools.partial(CohereLayerNorm, eps=eps), layout=PARALLEL, qk_norm=qk_norm,
-            o_proj_bias=cfg.attention_bias, rope_interleaved=True, rope_in_fp32=True,
-            logit_scale=cfg.extra["logit_scale"],
+            rope_interleaved=True, rope_in_fp32=True, round_rope_tables=True,
+            logit_scale=cfg.options.logit_scale,
         )

@@ -17,18 +17,29 @@ and is split by views, one per layout (H query heads, G kv heads, D head_dim)::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from molink.model.arch_config import ArchConfig
+from molink.model.arch_config import ArchConfig, FamilyOptions
 from molink.model.config_view import ConfigView
 from molink.model.layers.alibi import alibi_slopes
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
-from molink.model.layers.mlp import get_activation
+from molink.model.layers.mlp import DenseMLP
 from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
-from molink.model.layers.stage_model import StageModel
+from molink.model.layers.stage_model import BodyNames, StageBody, StageModel
 
 GROUPED, MULTI_QUERY, PER_HEAD = "grouped", "multi_query", "per_head"
+
+
+@dataclass(frozen=True)
+class FalconOptions(FamilyOptions):
+    layer_norm_eps: float
+    alibi: bool  # ALiBi instead of rotary
+    qkv_layout: str  # GROUPED | MULTI_QUERY | PER_HEAD
+    parallel_attn: bool
+    num_ln_in_parallel_attn: int  # 2: ln_attn and ln_mlp; 1: input_layernorm
 
 
 class FalconAttention(nn.Module):
@@ -37,7 +48,7 @@ class FalconAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.qkv_layout = cfg.extra["qkv_layout"]
+        self.qkv_layout = cfg.options.qkv_layout
         qkv_size = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, qkv_size, bias=cfg.attention_bias)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
@@ -66,24 +77,14 @@ class FalconAttention(nn.Module):
         return qkv.view(num_tokens, heads, 3, dim).unbind(2)
 
 
-class FalconMLP(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
-        super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act = get_activation(cfg.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
-
-
 class FalconDecoderLayer(nn.Module):
     def __init__(self, cfg: ArchConfig, rotary: RotaryEmbedding | None,
                  slopes: torch.Tensor | None) -> None:
         super().__init__()
-        eps = cfg.extra["layer_norm_eps"]
-        self.parallel = cfg.extra["parallel_attn"]
-        self.two_norms = cfg.extra["num_ln_in_parallel_attn"] == 2
+        options: FalconOptions = cfg.options
+        eps = options.layer_norm_eps
+        self.parallel = options.parallel_attn
+        self.two_norms = options.num_ln_in_parallel_attn == 2
         if self.two_norms:
             self.ln_attn = nn.LayerNorm(cfg.hidden_size, eps=eps)
             self.ln_mlp = nn.LayerNorm(cfg.hidden_size, eps=eps)
@@ -92,7 +93,8 @@ class FalconDecoderLayer(nn.Module):
         if not self.parallel:
             self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=eps)
         self.self_attention = FalconAttention(cfg, rotary, slopes)
-        self.mlp = FalconMLP(cfg)
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
+                            ("dense_h_to_4h", "dense_4h_to_h"), bias=cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
         if self.two_norms:
@@ -106,32 +108,24 @@ class FalconDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class FalconBody(nn.Module):
+class FalconBody(StageBody):
     """``transformer.*`` of the checkpoint: word embeddings, a range of layers, ``ln_f``."""
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.is_first = start_layer == 0
-        self.is_last = end_layer == cfg.num_layers
-        if self.is_first:
-            self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary, slopes = None, None
-        if cfg.extra["alibi"]:
+        rotary, slopes = None, None
+        if cfg.options.alibi:
             slopes = _falcon_alibi_slopes(cfg.num_heads, cfg.head_dim)
         else:
-            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.h = nn.ModuleDict({str(i): FalconDecoderLayer(cfg, self.rotary, slopes)
-                                for i in range(start_layer, end_layer)})
-        if self.is_last:
-            self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.extra["layer_norm_eps"])
+            rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        eps = cfg.options.layer_norm_eps
+        super().__init__(cfg, start_layer, end_layer,
+                         lambda i: FalconDecoderLayer(cfg, rotary, slopes),
+                         lambda: nn.LayerNorm(cfg.hidden_size, eps=eps),
+                         BodyNames("word_embeddings", "h", "ln_f"))
+        self.rotary = rotary
 
-    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
-                input_ids: torch.Tensor | None, hidden_states: torch.Tensor | None) -> torch.Tensor:
-        h = self.word_embeddings(input_ids) if self.is_first else hidden_states  # [T, hidden]
-        cos, sin = self.rotary.cos_sin(positions) if self.rotary is not None else (None, None)
-        for layer in self.h.values():
-            h = layer(h, cos, sin, meta)
-        return self.ln_f(h) if self.is_last else h
+    def layer_inputs(self, positions: torch.Tensor) -> tuple:
+        return (None, None) if self.rotary is None else self.rotary.cos_sin(positions)
 
 
 def _falcon_alibi_slopes(num_heads: int, head_dim: int) -> torch.Tensor:
@@ -140,10 +134,8 @@ def _falcon_alibi_slopes(num_heads: int, head_dim: int) -> torch.Tensor:
 
 
 class FalconForCausalLM(StageModel):
-    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.attach_body(cfg, start_layer, end_layer, "transformer",
-                         FalconBody(cfg, start_layer, end_layer), lm_head_bias=False)
+    body_cls = FalconBody
+    body_attr = "transformer"
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:
@@ -159,18 +151,7 @@ class FalconForCausalLM(StageModel):
                           num_key_value_heads=num_kv_heads)
         return ArchConfig.from_hf(
             view, hidden_act=hf.activation, attention_bias=bool(hf.bias), mlp_bias=bool(hf.bias),
-            extra=dict(layer_norm_eps=hf.layer_norm_epsilon, alibi=bool(hf.alibi),
-                       qkv_layout=layout, parallel_attn=parallel,
-                       num_ln_in_parallel_attn=num_norms),
+            options=FalconOptions(layer_norm_eps=hf.layer_norm_epsilon, alibi=bool(hf.alibi),
+                                  qkv_layout=layout, parallel_attn=parallel,
+                                  num_ln_in_parallel_attn=num_norms),
         )
-
-    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
-                input_ids: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """-> [T, hidden]: ln_f output on the last stage, else the residual stream."""
-        return self.transformer(positions, meta, input_ids, hidden_states)
-
-    def checkpoint_names(self, param_name: str) -> list[str]:
-        if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return ["transformer.word_embeddings.weight"]
-        return [param_name]

@@ -12,16 +12,16 @@ import torch
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
-from molink.model.layers.variant_decoder import DecoderParts, VariantDecoderLM
+from molink.model.layers.decoder import DecoderLM, DecoderParts
+from molink.model.layers.norm import RMSNorm
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """RMSNorm scaled by (1 + weight), all in float32, then cast back (Gemma 1/2/3)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size))
-        self.eps = eps
+        super().__init__(hidden_size, eps)
+        nn.init.zeros_(self.weight)  # (1 + w): zero is the identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., hidden_size]. Unlike Llama, the weight multiplies before the cast back.
@@ -41,13 +41,12 @@ def gemma_norm(cfg: ArchConfig):
     return functools.partial(GemmaRMSNorm, eps=cfg.rms_norm_eps)
 
 
-class GemmaForCausalLM(VariantDecoderLM):
+class GemmaForCausalLM(DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         check_causal(hf)
-        return ArchConfig.from_hf(hf)
+        return ArchConfig.from_hf(hf, o_proj_bias=bool(getattr(hf, "attention_bias", False)))
 
     @staticmethod
     def decoder_parts(cfg: ArchConfig) -> DecoderParts:
-        return DecoderParts(norm=gemma_norm(cfg), o_proj_bias=cfg.attention_bias,
-                            embed_scale=cfg.hidden_size**0.5)
+        return DecoderParts(norm=gemma_norm(cfg), embed_scale=cfg.hidden_size**0.5)

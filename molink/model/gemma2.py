@@ -8,27 +8,36 @@
 
 from __future__ import annotations
 
-from molink.model.arch_config import ArchConfig
+from dataclasses import dataclass
+
+from molink.model.arch_config import ArchConfig, FamilyOptions
 from molink.model.gemma import check_causal, gemma_norm
-from molink.model.layers.variant_decoder import SANDWICH, DecoderParts, VariantDecoderLM
+from molink.model.layers.decoder import SANDWICH, DecoderLM, DecoderParts
 
 
-class Gemma2ForCausalLM(VariantDecoderLM):
+@dataclass(frozen=True)
+class Gemma2Options(FamilyOptions):
+    query_pre_attn_scalar: float  # attention scores scaled by its inverse square root
+    attn_logit_softcapping: float | None
+    final_logit_softcapping: float | None
+
+
+class Gemma2ForCausalLM(DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         check_causal(hf)
-        return ArchConfig.from_hf(hf, hidden_act=hf.hidden_activation, extra=dict(
-            query_pre_attn_scalar=hf.query_pre_attn_scalar,
-            attn_logit_softcapping=hf.attn_logit_softcapping,
-            final_logit_softcapping=hf.final_logit_softcapping,
-        ))
+        options = Gemma2Options(query_pre_attn_scalar=hf.query_pre_attn_scalar,
+                                attn_logit_softcapping=hf.attn_logit_softcapping,
+                                final_logit_softcapping=hf.final_logit_softcapping)
+        return ArchConfig.from_hf(hf, hidden_act=hf.hidden_activation, options=options,
+                                  o_proj_bias=bool(getattr(hf, "attention_bias", False)))
 
     @staticmethod
     def decoder_parts(cfg: ArchConfig) -> DecoderParts:
+        options: Gemma2Options = cfg.options
         return DecoderParts(
-            norm=gemma_norm(cfg), layout=SANDWICH, o_proj_bias=cfg.attention_bias,
-            embed_scale=cfg.hidden_size**0.5,
-            attn_scale=cfg.extra["query_pre_attn_scalar"] ** -0.5,
-            attn_softcap=cfg.extra["attn_logit_softcapping"],
-            final_softcap=cfg.extra["final_logit_softcapping"],
+            norm=gemma_norm(cfg), layout=SANDWICH, embed_scale=cfg.hidden_size**0.5,
+            attn_scale=options.query_pre_attn_scalar ** -0.5,
+            attn_softcap=options.attn_logit_softcapping,
+            final_softcap=options.final_logit_softcapping,
         )

@@ -11,12 +11,13 @@ Differences from Gemma 2:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from molink.model.arch_config import FULL_ATTENTION, SLIDING_ATTENTION, ArchConfig
+from molink.model.arch_config import FULL_ATTENTION, SLIDING_ATTENTION, ArchConfig, FamilyOptions
 from molink.model.gemma import GemmaRMSNorm, check_causal, gemma_norm
+from molink.model.layers.decoder import SANDWICH, DecoderLM, DecoderParts
 from molink.model.layers.rotary import RotaryEmbedding
-from molink.model.layers.variant_decoder import SANDWICH, DecoderParts, VariantDecoderLM
 
 _DEFAULT_THETA = {FULL_ATTENTION: 1_000_000.0, SLIDING_ATTENTION: 10_000.0}
 
@@ -29,7 +30,15 @@ def _rope_of(hf, layer_type: str) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
-class Gemma3ForCausalLM(VariantDecoderLM):
+@dataclass(frozen=True)
+class Gemma3Options(FamilyOptions):
+    query_pre_attn_scalar: float
+    final_logit_softcapping: float | None
+    local_rope_theta: float  # rotary of the sliding-window (local) layers
+    local_rope_scaling: dict[str, Any] | None
+
+
+class Gemma3ForCausalLM(DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         check_causal(hf)
@@ -38,28 +47,29 @@ class Gemma3ForCausalLM(VariantDecoderLM):
         return ArchConfig.from_hf(
             hf, hidden_act=hf.hidden_activation, qk_norm=True,
             rope_theta=global_theta, rope_scaling=global_scaling,
-            extra=dict(query_pre_attn_scalar=hf.query_pre_attn_scalar,
-                       final_logit_softcapping=hf.final_logit_softcapping,
-                       local_rope_theta=local_theta, local_rope_scaling=local_scaling),
+            o_proj_bias=bool(getattr(hf, "attention_bias", False)),
+            options=Gemma3Options(query_pre_attn_scalar=hf.query_pre_attn_scalar,
+                                  final_logit_softcapping=hf.final_logit_softcapping,
+                                  local_rope_theta=local_theta, local_rope_scaling=local_scaling),
         )
 
     @staticmethod
     def decoder_parts(cfg: ArchConfig) -> DecoderParts:
-        eps = cfg.rms_norm_eps
+        eps, options = cfg.rms_norm_eps, cfg.options
         return DecoderParts(
-            norm=gemma_norm(cfg), layout=SANDWICH, o_proj_bias=cfg.attention_bias,
+            norm=gemma_norm(cfg), layout=SANDWICH,
             qk_norm=lambda num_heads, head_dim: GemmaRMSNorm(head_dim, eps),
             embed_scale=cfg.hidden_size**0.5,
-            attn_scale=cfg.extra["query_pre_attn_scalar"] ** -0.5,
-            final_softcap=cfg.extra["final_logit_softcapping"],
+            attn_scale=options.query_pre_attn_scalar ** -0.5,
+            final_softcap=options.final_logit_softcapping,
         )
 
     @staticmethod
     def rotaries(cfg: ArchConfig) -> dict[str, RotaryEmbedding]:
         return {
             FULL_ATTENTION: RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-            SLIDING_ATTENTION: RotaryEmbedding(cfg.head_dim, cfg.extra["local_rope_theta"],
-                                               cfg.extra["local_rope_scaling"]),
+            SLIDING_ATTENTION: RotaryEmbedding(cfg.head_dim, cfg.options.local_rope_theta,
+                                               cfg.options.local_rope_scaling),
         }
 
     @staticmethod

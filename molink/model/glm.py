@@ -7,11 +7,10 @@ checkpoint already stores the MLP's gate and up projections as one ``gate_up_pro
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 from molink.model.arch_config import ArchConfig
-from molink.model.layers.norm import RMSNorm
-from molink.model.layers.variant_decoder import DecoderParts, VariantDecoderLM
+from molink.model.layers.decoder import DecoderLM, DecoderParts, rms_norm
 
 
 def rotary_dim_of(hf, head_dim: int, default_factor: float = 1.0) -> int:
@@ -21,14 +20,14 @@ def rotary_dim_of(hf, head_dim: int, default_factor: float = 1.0) -> int:
     return int(head_dim * (default_factor if factor is None else factor))
 
 
-class GlmForCausalLM(VariantDecoderLM):
+class GlmForCausalLM(DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         arch = ArchConfig.from_hf(hf)
-        arch.extra["rotary_dim"] = rotary_dim_of(hf, arch.head_dim, default_factor=0.5)
-        return arch
+        return dataclasses.replace(
+            arch, rotary_dim=rotary_dim_of(hf, arch.head_dim, default_factor=0.5))
 
     @staticmethod
     def decoder_parts(cfg: ArchConfig) -> DecoderParts:
-        return DecoderParts(norm=functools.partial(RMSNorm, eps=cfg.rms_norm_eps),
+        return DecoderParts(norm=rms_norm(cfg),
                             rope_interleaved=True, fused_in_checkpoint=frozenset({"gate_up_proj"}))

@@ -16,55 +16,39 @@ dequantized (bf16) checkpoint.
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
-from molink.model.layers.attention import AttentionMetadata
-from molink.model.layers.decoder import DecoderLM, RotaryAttention
+from molink.model.layers.decoder import DecoderLayer, DecoderLM, DecoderParts
 from molink.model.layers.moe import (
     TOPK_THEN_SOFTMAX,
     FusedExperts,
+    MoeOptions,
     TopKRouter,
     clamped_swiglu,
 )
-from molink.model.layers.norm import RMSNorm
-from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
+from molink.model.layers.norm import Fp32WeightRMSNorm
 
 
-class GptOssRMSNorm(RMSNorm):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x32).to(input_dtype)
-
-
-class GptOssAttention(RotaryAttention):
-    def __init__(self, cfg: ArchConfig, layer: int, rotary: RotaryEmbedding) -> None:
-        super().__init__(cfg, layer, rotary)
-        self.sinks = nn.Parameter(torch.empty(cfg.num_heads))  # one logit per head
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v, meta, sinks=self.sinks))
+@dataclass(frozen=True)
+class GptOssOptions(MoeOptions):
+    swiglu_alpha: float
+    swiglu_limit: float
 
 
 class GptOssMLP(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
-        extra = cfg.extra
-        self.router = TopKRouter(cfg.hidden_size, extra["num_experts"],
-                                 extra["num_experts_per_tok"], scoring=TOPK_THEN_SOFTMAX,
+        options: GptOssOptions = cfg.options
+        self.router = TopKRouter(cfg.hidden_size, options.num_experts,
+                                 options.num_experts_per_tok, scoring=TOPK_THEN_SOFTMAX,
                                  bias=True)
-        glu = clamped_swiglu(extra["swiglu_alpha"], extra["swiglu_limit"])
-        self.experts = FusedExperts(extra["num_experts"], cfg.hidden_size,
+        glu = clamped_swiglu(options.swiglu_alpha, options.swiglu_limit)
+        self.experts = FusedExperts(options.num_experts, cfg.hidden_size,
                                     cfg.intermediate_size, glu, transposed=True, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,26 +57,13 @@ class GptOssMLP(nn.Module):
         return self.experts(x, expert_ids, expert_weights)
 
 
-class GptOssDecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, layer: int, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.input_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = GptOssAttention(cfg, layer, rotary)
-        self.post_attention_layernorm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GptOssMLP(cfg)
-
-    def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+class GptOssDecoderLayer(DecoderLayer):
+    def build_mlp(self, cfg: ArchConfig, layer: int) -> nn.Module:
+        return GptOssMLP(cfg)
 
 
 class GptOssForCausalLM(DecoderLM):
     layer_cls = GptOssDecoderLayer
-
-    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__(cfg, start_layer, end_layer)
-        if self.is_last:
-            self.model.norm = GptOssRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:
@@ -102,7 +73,13 @@ class GptOssForCausalLM(DecoderLM):
                 "MXFP4 experts) are not supported; use a dequantized bf16 checkpoint"
             )
         bias = bool(getattr(hf, "attention_bias", True))
-        extra = dict(o_proj_bias=bias, num_experts=hf.num_local_experts,
-                     num_experts_per_tok=hf.num_experts_per_tok,
-                     swiglu_alpha=float(hf.swiglu_alpha), swiglu_limit=float(hf.swiglu_limit))
-        return ArchConfig.from_hf(hf, attention_bias=bias, extra=extra)
+        options = GptOssOptions(num_experts=hf.num_local_experts,
+                                num_experts_per_tok=hf.num_experts_per_tok,
+                                swiglu_alpha=float(hf.swiglu_alpha),
+                                swiglu_limit=float(hf.swiglu_limit))
+        return ArchConfig.from_hf(hf, attention_bias=bias, o_proj_bias=bias, options=options)
+
+    @staticmethod
+    def decoder_parts(cfg: ArchConfig) -> DecoderParts:
+        return DecoderParts(norm=functools.partial(Fp32WeightRMSNorm, eps=cfg.rms_norm_eps),
+                            attention_sinks=True)

@@ -26,15 +26,17 @@ Parameter names follow the Hugging Face checkpoint (``backbone.layers.3.mixer.A_
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from molink.model.arch_config import ArchConfig
-from molink.model.layers.attention import AttentionMetadata, PagedAttention
+from molink.model.arch_config import ArchConfig, FamilyOptions, dtype_name, eos_ids
+from molink.model.layers.attention import AttentionMetadata
 from molink.model.layers.mlp import get_activation
 from molink.model.layers.norm import RMSNorm
+from molink.model.layers.stage_model import BodyNames, StageBody, StageModel
 from molink.model.layers.state import StateLayer, StateMetadata, StateSpec
 
 # Mamba checkpoints declare no context limit; this is the length the reference models were
@@ -45,25 +47,35 @@ DEFAULT_MAX_MODEL_LEN = 2048
 _SCAN_TOKENS = 256
 
 
+@dataclass(frozen=True)
+class MambaOptions(FamilyOptions):
+    state_size: int
+    conv_kernel: int
+    time_step_rank: int
+    use_bias: bool  # on in_proj and out_proj
+    use_conv_bias: bool
+    residual_in_fp32: bool
+
+
 class MambaMixer(StateLayer):
     """The selective SSM of one layer, continuing each request's recurrence from its slot."""
 
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
-        extra = cfg.extra
+        options: MambaOptions = cfg.options
         self.d_inner = cfg.intermediate_size
-        self.state_size = extra["state_size"]
-        self.conv_kernel = extra["conv_kernel"]
-        self.time_step_rank = extra["time_step_rank"]
-        self.in_proj = nn.Linear(cfg.hidden_size, 2 * self.d_inner, bias=extra["use_bias"])
+        self.state_size = options.state_size
+        self.conv_kernel = options.conv_kernel
+        self.time_step_rank = options.time_step_rank
+        self.in_proj = nn.Linear(cfg.hidden_size, 2 * self.d_inner, bias=options.use_bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.conv_kernel, groups=self.d_inner,
-                                padding=self.conv_kernel - 1, bias=extra["use_conv_bias"])
+                                padding=self.conv_kernel - 1, bias=options.use_conv_bias)
         self.x_proj = nn.Linear(self.d_inner, self.time_step_rank + 2 * self.state_size,
                                 bias=False)
         self.dt_proj = nn.Linear(self.time_step_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.state_size))
         self.D = nn.Parameter(torch.empty(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=extra["use_bias"])
+        self.out_proj = nn.Linear(self.d_inner, cfg.hidden_size, bias=options.use_bias)
         self.act = get_activation(cfg.hidden_act)
 
     def state_specs(self) -> list[StateSpec]:
@@ -137,45 +149,24 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mixer = MambaMixer(cfg)
-        self.residual_in_fp32 = cfg.extra["residual_in_fp32"]
+        self.residual_in_fp32 = cfg.options.residual_in_fp32
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         residual = h.float() if self.residual_in_fp32 else h
         return residual + self.mixer(self.norm(h.to(self.norm.weight.dtype)), meta)
 
 
-class MambaBackbone(nn.Module):
-    """``backbone.*`` of the checkpoint: embeddings, a range of layers, final norm."""
+class MambaForCausalLM(StageModel):
+    """Mamba restricted to ``[start_layer, end_layer)``: ``backbone.*`` of the checkpoint is
+    embeddings, a range of layers, ``norm_f``. ``positions`` is unused: Mamba has no position
+    encoding; order comes from the scan. No attention layers, so no KV cache."""
 
-    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.is_first = start_layer == 0
-        self.is_last = end_layer == cfg.num_layers
-        if self.is_first:
-            self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleDict({str(i): MambaBlock(cfg) for i in range(start_layer, end_layer)})
-        if self.is_last:
-            self.norm_f = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    body_attr = "backbone"
 
-    def forward(self, meta: AttentionMetadata, input_ids: torch.Tensor | None,
-                hidden_states: torch.Tensor | None) -> torch.Tensor:
-        h = self.embeddings(input_ids) if self.is_first else hidden_states  # [T, hidden]
-        for layer in self.layers.values():
-            h = layer(h, meta)
-        return self.norm_f(h) if self.is_last else h
-
-
-class MambaForCausalLM(nn.Module):
-    """Mamba restricted to ``[start_layer, end_layer)``."""
-
-    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.start_layer, self.end_layer = start_layer, end_layer
-        self.backbone = MambaBackbone(cfg, start_layer, end_layer)
-        self.is_first, self.is_last = self.backbone.is_first, self.backbone.is_last
-        if self.is_last:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    def build_body(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> StageBody:
+        return StageBody(cfg, start_layer, end_layer, lambda i: MambaBlock(cfg),
+                         lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+                         BodyNames("embeddings", "layers", "norm_f"))
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:
@@ -195,47 +186,18 @@ class MambaForCausalLM(nn.Module):
             rms_norm_eps=hf.layer_norm_epsilon,
             hidden_act=hf.hidden_act,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", True)),
-            dtype=_dtype_name(hf),
-            eos_token_ids=_eos_ids(hf),
-            extra=dict(state_size=hf.state_size, conv_kernel=hf.conv_kernel,
-                       time_step_rank=int(rank), use_bias=bool(hf.use_bias),
-                       use_conv_bias=bool(hf.use_conv_bias),
-                       residual_in_fp32=bool(hf.residual_in_fp32)),
+            dtype=dtype_name(hf),
+            eos_token_ids=eos_ids(hf),
+            options=MambaOptions(state_size=hf.state_size, conv_kernel=hf.conv_kernel,
+                                 time_step_rank=int(rank), use_bias=bool(hf.use_bias),
+                                 use_conv_bias=bool(hf.use_conv_bias),
+                                 residual_in_fp32=bool(hf.residual_in_fp32)),
         )
-
-    def attention_layers(self) -> list[PagedAttention]:
-        return []  # no KV cache: the state layers hold everything
 
     def state_layers(self) -> list[MambaMixer]:
         """This stage's mixers in layer order (one state slot per request each)."""
         return [m for m in self.modules() if isinstance(m, MambaMixer)]
 
-    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
-                input_ids: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """-> [T, hidden]: normed final hidden states on the last stage, else the residual stream.
-
-        ``positions`` is unused: Mamba has no position encoding; order comes from the scan.
-        """
-        return self.backbone(meta, input_ids, hidden_states)
-
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
-
-    def checkpoint_names(self, param_name: str) -> list[str]:
-        if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return ["backbone.embeddings.weight"]
-        return [param_name]
-
-
-def _dtype_name(hf) -> str | None:
-    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _eos_ids(hf) -> tuple[int, ...]:
-    eos = getattr(hf, "eos_token_id", None)
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)

@@ -14,21 +14,16 @@ from molink.model.arch_config import ArchConfig
 from molink.model.layers.decoder import DecoderLayer, DecoderLM
 from molink.model.layers.moe import (
     ExpertCheckpointMixin,
-    FusedExperts,
+    MoeOptions,
     SparseMoeBlock,
-    TopKRouter,
-    chunked_glu,
+    router_and_experts,
 )
 
 
 class MixtralDecoderLayer(DecoderLayer):
     def build_mlp(self, cfg: ArchConfig, layer: int) -> nn.Module:
-        num_experts = cfg.extra["num_experts"]
-        gate = TopKRouter(cfg.hidden_size, num_experts, cfg.extra["num_experts_per_tok"],
-                          renormalize=True, float_weights=True)
-        experts = FusedExperts(num_experts, cfg.hidden_size, cfg.intermediate_size,
-                               chunked_glu(cfg.hidden_act))
-        return SparseMoeBlock(gate, experts)
+        return SparseMoeBlock(*router_and_experts(cfg, cfg.intermediate_size, renormalize=True,
+                                                  float_weights=True))
 
 
 class MixtralForCausalLM(ExpertCheckpointMixin, DecoderLM):
@@ -38,5 +33,6 @@ class MixtralForCausalLM(ExpertCheckpointMixin, DecoderLM):
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:
-        extra = dict(num_experts=hf.num_local_experts, num_experts_per_tok=hf.num_experts_per_tok)
-        return ArchConfig.from_hf(hf, extra=extra)
+        options = MoeOptions(num_experts=hf.num_local_experts,
+                             num_experts_per_tok=hf.num_experts_per_tok)
+        return ArchConfig.from_hf(hf, options=options)

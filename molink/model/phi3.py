@@ -13,22 +13,17 @@ here: for LongRoPE checkpoints ``max_position_embeddings`` is capped at the orig
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from molink.model.arch_config import ArchConfig
+from molink.model.arch_config import ArchConfig, FamilyOptions
 from molink.model.glm import rotary_dim_of
-from molink.model.layers.norm import RMSNorm
+from molink.model.layers.decoder import DEFAULT_ROPE, DecoderLM, DecoderParts, rms_norm
 from molink.model.layers.rotary import RotaryEmbedding
-from molink.model.layers.variant_decoder import (
-    DEFAULT_ROPE,
-    DecoderParts,
-    VariantDecoderLM,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +45,17 @@ class ShortLongRopeEmbedding(RotaryEmbedding):
         self.attention_scaling = attention_factor  # multiplies cos and sin
 
 
-def _longrope(hf, scaling: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LongRopeOptions(FamilyOptions):
     """The short-window LongRoPE settings: short factors, attention factor, original window."""
+
+    short_factor: tuple[float, ...]
+    attention_factor: float
+    original_max_position_embeddings: int
+
+
+def _longrope(hf, scaling: dict[str, Any]) -> LongRopeOptions:
+    """LongRoPE's short-window settings from a config's ``rope_scaling``."""
     original = (scaling.get("original_max_position_embeddings")
                 or hf.original_max_position_embeddings)
     attention_factor = scaling.get("attention_factor")
@@ -59,39 +63,40 @@ def _longrope(hf, scaling: dict[str, Any]) -> dict[str, Any]:
         factor = scaling.get("factor") or hf.max_position_embeddings / original
         attention_factor = (1.0 if factor <= 1.0
                             else math.sqrt(1 + math.log(factor) / math.log(original)))
-    return dict(short_factor=list(scaling["short_factor"]),
-                attention_factor=float(attention_factor),
-                original_max_position_embeddings=int(original))
+    return LongRopeOptions(short_factor=tuple(scaling["short_factor"]),
+                           attention_factor=float(attention_factor),
+                           original_max_position_embeddings=int(original))
 
 
-class Phi3ForCausalLM(VariantDecoderLM):
+class Phi3ForCausalLM(DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         arch = ArchConfig.from_hf(hf)
-        extra = dict(rotary_dim=rotary_dim_of(hf, arch.head_dim))
+        rotary_dim = rotary_dim_of(hf, arch.head_dim)
         scaling = arch.rope_scaling
         if scaling is None or scaling["rope_type"] != "longrope":
-            return ArchConfig.from_hf(hf, extra=extra)  # other rope types: RotaryEmbedding decides
-        extra["longrope"] = longrope = _longrope(hf, scaling)
-        window = longrope["original_max_position_embeddings"]
+            # other rope types: RotaryEmbedding decides
+            return ArchConfig.from_hf(hf, rotary_dim=rotary_dim)
+        longrope = _longrope(hf, scaling)
+        window = longrope.original_max_position_embeddings
         if arch.max_position_embeddings > window:
             logger.warning(
                 "%s: LongRoPE past the original %d-token window needs the KV cache re-encoded "
                 "with long factors, which MoLink does not do; max_position_embeddings (the "
                 "default max_model_len) is capped at %d", arch.architecture, window, window)
-        return ArchConfig.from_hf(hf, rope_scaling=None, extra=extra,
+        return ArchConfig.from_hf(hf, rope_scaling=None, rotary_dim=rotary_dim, options=longrope,
                                   max_position_embeddings=min(arch.max_position_embeddings, window))
 
     @staticmethod
     def decoder_parts(cfg: ArchConfig) -> DecoderParts:
-        return DecoderParts(norm=functools.partial(RMSNorm, eps=cfg.rms_norm_eps),
+        return DecoderParts(norm=rms_norm(cfg),
                             fused_in_checkpoint=frozenset({"qkv_proj", "gate_up_proj"}))
 
     @staticmethod
     def rotaries(cfg: ArchConfig) -> dict[str, RotaryEmbedding]:
-        longrope = cfg.extra.get("longrope")
+        longrope: LongRopeOptions | None = cfg.options
         if longrope is None:
-            return VariantDecoderLM.rotaries(cfg)
+            return DecoderLM.rotaries(cfg)
         return {DEFAULT_ROPE: ShortLongRopeEmbedding(
-            cfg.extra["rotary_dim"], cfg.rope_theta, longrope["short_factor"],
-            longrope["attention_factor"])}
+            cfg.rotary_dim, cfg.rope_theta, list(longrope.short_factor),
+            longrope.attention_factor)}

@@ -23,44 +23,31 @@ import torch
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
-from molink.model.layers.attention import AttentionMetadata, PagedAttention
+from molink.model.layers.attention import AttentionMetadata
+from molink.model.layers.decoder import DecoderParts, RotaryAttention
 from molink.model.layers.mlp import GatedMLP
 from molink.model.layers.norm import RMSNorm
-from molink.model.layers.rotary import RotaryEmbedding, apply_rotary
-from molink.model.layers.stage_model import StageModel
+from molink.model.layers.rotary import RotaryEmbedding
+from molink.model.layers.stage_model import BodyNames, StageBody, StageModel
+
+# The attention's parts (its norm is unused: the block holds ln_1 and ln_2).
+_PARTS = DecoderParts(norm=RMSNorm, rope_in_fp32=True)
 
 
-class QWenAttention(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.rotary_dim = cfg.extra["rotary_dim"]
-        hidden = cfg.hidden_size
-        self.c_attn = nn.Linear(hidden, 3 * hidden, bias=cfg.attention_bias)  # rows: q | k | v
-        self.c_proj = nn.Linear(hidden, hidden, bias=cfg.extra["o_proj_bias"])
-        self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim,
-                                   scale=self.head_dim**-0.5)
+class QWenAttention(RotaryAttention):
+    """``c_attn`` (fused q|k|v rows, with bias) and ``c_proj``; rotary in fp32 (as the
+    original) on the first ``rotary_dim`` dims of each head."""
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        shape = (x.shape[0], self.num_heads, self.head_dim)
-        q, k, v = (t.reshape(shape) for t in self.c_attn(x).chunk(3, dim=-1))  # [T, H, D] each
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        return self.c_proj(self.attn(q, k, v, meta))
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary on the first ``rotary_dim`` dims, in fp32 (as the original), back to x's dtype."""
-        rotated = apply_rotary(x[..., :self.rotary_dim].float(), cos, sin)
-        return torch.cat((rotated, x[..., self.rotary_dim:].float()), dim=-1).to(x.dtype)
+    qkv_proj_name, o_proj_name = "c_attn", "c_proj"
 
 
 class QWenBlock(nn.Module):
-    def __init__(self, cfg: ArchConfig) -> None:
+    def __init__(self, cfg: ArchConfig, layer: int) -> None:
         super().__init__()
         self.ln_1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = QWenAttention(cfg)
+        self.attn = QWenAttention(cfg, layer, _PARTS)
         self.ln_2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # gate_up_proj <- (w2, w1); down_proj <- c_proj (see QWenLMHeadModel.checkpoint_names).
+        # gate_up_proj <- (w2, w1); down_proj <- c_proj (see QWenLMHeadModel.checkpoint_splits).
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, "silu", cfg.mlp_bias)
 
     def forward(self, h: torch.Tensor, cos, sin, meta: AttentionMetadata) -> torch.Tensor:
@@ -68,35 +55,27 @@ class QWenBlock(nn.Module):
         return h + self.mlp(self.ln_2(h))
 
 
-class QWenModel(nn.Module):
+class QWenModel(StageBody):
     """``transformer.*`` of the checkpoint: embeddings, a range of blocks, final norm."""
 
     def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.is_first = start_layer == 0
-        self.is_last = end_layer == cfg.num_layers
-        if self.is_first:
-            self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(cfg.extra["rotary_dim"], cfg.rope_theta)
-        self.h = nn.ModuleDict({str(i): QWenBlock(cfg) for i in range(start_layer, end_layer)})
-        if self.is_last:
-            self.ln_f = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg, start_layer, end_layer, lambda i: QWenBlock(cfg, i),
+                         lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+                         BodyNames("wte", "h", "ln_f"))
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta)
 
-    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
-                input_ids: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.wte(input_ids) if self.is_first else hidden_states  # [T, hidden]
-        cos, sin = self.rotary.cos_sin(positions)  # [T, 1, rotary_dim]
-        for block in self.h.values():
-            h = block(h, cos, sin, meta)
-        return self.ln_f(h) if self.is_last else h
+    def layer_inputs(self, positions: torch.Tensor) -> tuple:
+        return self.rotary.cos_sin(positions)  # [T, 1, rotary_dim] each
 
 
 class QWenLMHeadModel(StageModel):
-    def __init__(self, cfg: ArchConfig, start_layer: int, end_layer: int) -> None:
-        super().__init__()
-        self.attach_body(cfg, start_layer, end_layer, "transformer",
-                         QWenModel(cfg, start_layer, end_layer), lm_head_bias=False)
+    body_cls = QWenModel
+    body_attr = "transformer"
+    # Our fused / shared-layer names -> the checkpoint's (concatenated along dim 0, in order).
+    checkpoint_splits = (
+        (".mlp.gate_up_proj.", (".mlp.w2.", ".mlp.w1.")),  # gate first: w2 is Qwen 1's gate
+        (".mlp.down_proj.", (".mlp.c_proj.",)),
+    )
 
     @staticmethod
     def arch_config(hf) -> ArchConfig:
@@ -119,28 +98,9 @@ class QWenLMHeadModel(StageModel):
             rms_norm_eps=getattr(hf, "layer_norm_epsilon", 1e-6),
             rope_theta=float(getattr(hf, "rotary_emb_base", 10000.0)),
             rope_scaling=None,
+            sliding_window=None,
             attention_bias=True,  # c_attn always has a bias
             mlp_bias=has_bias,
-            extra=dict(rotary_dim=rotary_dim, o_proj_bias=has_bias),
+            o_proj_bias=has_bias,
+            rotary_dim=rotary_dim,
         )
-
-    def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
-                input_ids: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """-> [T, hidden]: final normed hidden states on the last stage, else the residual."""
-        return self.transformer(positions, meta, input_ids=input_ids, hidden_states=hidden_states)
-
-    def checkpoint_names(self, param_name: str) -> list[str]:
-        if param_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
-            return ["transformer.wte.weight"]
-        for ours, theirs in _RENAMED.items():
-            if ours in param_name:
-                return [param_name.replace(ours, part) for part in theirs]
-        return [param_name]
-
-
-# Our fused / shared-layer names -> the checkpoint's (concatenated along dim 0, in order).
-_RENAMED = {
-    ".mlp.gate_up_proj.": (".mlp.w2.", ".mlp.w1."),  # gate first: w2 is Qwen 1's gate
-    ".mlp.down_proj.": (".mlp.c_proj.",),
-}

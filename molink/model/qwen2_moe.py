@@ -8,6 +8,8 @@ MLP of ``intermediate_size``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
@@ -15,15 +17,22 @@ from molink.model.layers.decoder import DecoderLayer, DecoderLM
 from molink.model.layers.mlp import GatedMLP
 from molink.model.layers.moe import (
     ExpertCheckpointMixin,
-    FusedExperts,
+    MoeOptions,
     SparseMoeBlock,
-    TopKRouter,
-    chunked_glu,
+    router_and_experts,
 )
 
 
-def moe_extra(hf) -> dict:
-    """MoE settings of a Qwen2-MoE / Qwen3-MoE config, for ``ArchConfig.extra``."""
+@dataclass(frozen=True)
+class QwenMoeOptions(MoeOptions):
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: tuple[int, ...]  # layers with a sparse block (the others: a dense MLP)
+    shared_expert_intermediate_size: int
+
+
+def qwen_moe_options(hf) -> QwenMoeOptions:
+    """MoE settings of a Qwen2-MoE / Qwen3-MoE config."""
     num_layers = hf.num_hidden_layers
     mlp_only = set(getattr(hf, "mlp_only_layers", None) or [])
     step = getattr(hf, "decoder_sparse_step", 1) or 1
@@ -31,26 +40,25 @@ def moe_extra(hf) -> dict:
         i for i in range(num_layers)
         if i not in mlp_only and hf.num_experts > 0 and (i + 1) % step == 0
     )
-    return dict(num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
-                moe_intermediate_size=hf.moe_intermediate_size,
-                norm_topk_prob=bool(hf.norm_topk_prob), sparse_layers=sparse,
-                shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0))
+    return QwenMoeOptions(
+        num_experts=hf.num_experts, num_experts_per_tok=hf.num_experts_per_tok,
+        moe_intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+        sparse_layers=sparse,
+        shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0))
 
 
 class Qwen2MoeDecoderLayer(DecoderLayer):
     has_shared_expert = True
 
     def build_mlp(self, cfg: ArchConfig, layer: int) -> nn.Module:
-        extra = cfg.extra
-        if layer not in extra["sparse_layers"]:
+        options: QwenMoeOptions = cfg.options
+        if layer not in options.sparse_layers:
             return super().build_mlp(cfg, layer)
-        gate = TopKRouter(cfg.hidden_size, extra["num_experts"], extra["num_experts_per_tok"],
-                          renormalize=extra["norm_topk_prob"])
-        experts = FusedExperts(extra["num_experts"], cfg.hidden_size,
-                               extra["moe_intermediate_size"], chunked_glu(cfg.hidden_act))
+        gate, experts = router_and_experts(cfg, options.moe_intermediate_size,
+                                           renormalize=options.norm_topk_prob)
         if not self.has_shared_expert:
             return SparseMoeBlock(gate, experts)
-        shared = GatedMLP(cfg.hidden_size, extra["shared_expert_intermediate_size"],
+        shared = GatedMLP(cfg.hidden_size, options.shared_expert_intermediate_size,
                           cfg.hidden_act)
         return SparseMoeBlock(gate, experts, shared, nn.Linear(cfg.hidden_size, 1, bias=False))
 
@@ -61,4 +69,4 @@ class Qwen2MoeForCausalLM(ExpertCheckpointMixin, DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         return ArchConfig.from_hf(hf, attention_bias=bool(getattr(hf, "qkv_bias", True)),
-                                  extra=moe_extra(hf))
+                                  options=qwen_moe_options(hf))

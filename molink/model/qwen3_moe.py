@@ -9,7 +9,7 @@ from __future__ import annotations
 from molink.model.arch_config import ArchConfig
 from molink.model.layers.decoder import DecoderLM
 from molink.model.layers.moe import ExpertCheckpointMixin
-from molink.model.qwen2_moe import Qwen2MoeDecoderLayer, moe_extra
+from molink.model.qwen2_moe import Qwen2MoeDecoderLayer, qwen_moe_options
 
 
 class Qwen3MoeDecoderLayer(Qwen2MoeDecoderLayer):
@@ -22,5 +22,5 @@ class Qwen3MoeForCausalLM(ExpertCheckpointMixin, DecoderLM):
     @staticmethod
     def arch_config(hf) -> ArchConfig:
         bias = bool(getattr(hf, "attention_bias", False))
-        extra = dict(moe_extra(hf), o_proj_bias=bias)
-        return ArchConfig.from_hf(hf, qk_norm=True, attention_bias=bias, extra=extra)
+        return ArchConfig.from_hf(hf, qk_norm=True, attention_bias=bias, o_proj_bias=bias,
+                                  options=qwen_moe_options(hf))

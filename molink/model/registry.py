@@ -78,10 +78,6 @@ def registered_models() -> dict[str, ModelEntry]:
     return {name: entry for name, entry in sorted(_MODELS.items()) if _available(entry)}
 
 
-def supported_architectures() -> list[str]:
-    return list(registered_models())
-
-
 def resolve_architecture(architectures: list[str] | None) -> str:
     """The first supported name in ``config.architectures``, or a ValueError listing ours."""
     supported = registered_models()

@@ -24,7 +24,7 @@ _SPIN_S = 0.002  # sleep until this close to the deadline, then spin: millisecon
 class EmulatedExecutor:
     def __init__(self, model_dir: str, start_layer: int, end_layer: int | None,
                  profile: DeviceProfile, *, dtype: str = "auto", block_size: int = 16,
-                 num_blocks: int = 65536, eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 num_blocks: int = 65536) -> None:
         self.arch = load_config(model_dir).arch
         self.start_layer = start_layer
         self.end_layer = self.arch.num_layers if end_layer is None else end_layer
@@ -34,12 +34,15 @@ class EmulatedExecutor:
         self.dtype = resolve_dtype(dtype, self.arch, self.device)
         self.profile = profile
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.eos_token_ids = eos_token_ids
         self.num_tokens: dict[str, int] = {}  # tokens known per request (for context length)
+        # What each request stops at (the head sends its EOS ids with the request): the
+        # pseudo tokens avoid them, so emulated requests run their full length.
+        self.stop_ids: dict[str, frozenset[int]] = {}
         self.last_step_ms = 0.0
 
     def reset(self) -> None:
         self.num_tokens.clear()
+        self.stop_ids.clear()
 
     def predicted_ms(self, plan: StepPlan) -> float:
         decode = [e for e in plan.batch if e.num_tokens == 1]
@@ -50,8 +53,10 @@ class EmulatedExecutor:
     def execute(self, plan: StepPlan, hidden_states=None):
         for request_id in plan.freed_request_ids:
             self.num_tokens.pop(request_id, None)
+            self.stop_ids.pop(request_id, None)
         for new in plan.new_requests:
             self.num_tokens[new.request_id] = len(new.token_ids)
+            self.stop_ids[new.request_id] = frozenset(new.eos_token_ids)
         for cached in plan.cached_requests:
             self.num_tokens[cached.request_id] += len(cached.new_token_ids)
         start = time.perf_counter()
@@ -69,7 +74,8 @@ class EmulatedExecutor:
     def _pseudo_token(self, request_id: str, position: int) -> int:
         digest = hashlib.blake2b(f"{request_id}:{position}".encode(), digest_size=8).digest()
         token = int.from_bytes(digest, "little") % self.arch.vocab_size
-        while token in self.eos_token_ids:
+        stop_ids = self.stop_ids.get(request_id, frozenset())
+        while token in stop_ids:
             token = (token + 1) % self.arch.vocab_size
         return token
 

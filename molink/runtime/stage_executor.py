@@ -16,7 +16,11 @@ import torch
 from molink.config import CacheConfig, ModelConfig
 from molink.messages import StepOutput, StepPlan
 from molink.model.loader import load_model
-from molink.runtime.kv_cache import allocate_kv_cache, default_kv_budget_bytes, num_blocks_for_budget
+from molink.runtime.kv_cache import (
+    allocate_kv_cache,
+    default_kv_budget_bytes,
+    num_blocks_for_budget,
+)
 from molink.runtime.sampler import Sampler, SamplingRequestState
 from molink.runtime.state_cache import StateCache, state_layers_of
 from molink.runtime.step_inputs import StepInputs, build_step_inputs

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from molink.messages import RawTensor
+from molink.messages import WIRE_COMPRESSIONS, RawTensor
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64}
 _NAMES = {dtype: name for name, dtype in _TORCH.items()}
-COMPRESSIONS = ("none", "float16", "bfloat16", "int8")
 _FLOAT16_MAX = 65504.0
 
 
@@ -36,8 +35,8 @@ def to_raw(tensor: torch.Tensor, compression: str = "none") -> RawTensor:
         compression = "bfloat16"  # would overflow to inf: keep the range, lose precision
     if compression in ("float16", "bfloat16") and tensor.is_floating_point():
         tensor = tensor.to(_TORCH[compression])
-    elif compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, "
+    elif compression not in WIRE_COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(WIRE_COMPRESSIONS)}, "
                          f"got {compression!r}")
     return _plain(tensor)
 

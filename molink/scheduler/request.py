@@ -41,6 +41,17 @@ FINISH_REASON_TO_STATUS = {
 }
 
 
+def check_prompt_length(num_prompt_tokens: int, max_model_len: int) -> None:
+    """The one rule for a prompt's length (ValueError naming ``prompt``): it is not empty and
+    leaves room for at least one generated token within ``max_model_len``."""
+    if num_prompt_tokens == 0:
+        raise ValueError("prompt must not be empty")
+    if num_prompt_tokens >= max_model_len:
+        raise ValueError(
+            f"prompt is {num_prompt_tokens} tokens long, but the model length (max_model_len) "
+            f"is {max_model_len}: the prompt must be shorter than that")
+
+
 class Request:
     """A prompt, its sampled tokens, its KV blocks and where it stands in the scheduler."""
 

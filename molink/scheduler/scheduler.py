@@ -8,7 +8,8 @@ The head's engine drives it with four calls::
 
 Several plans may be in flight at once (pipeline parallelism). A request appears in at most
 one in-flight plan; ``schedule()`` advances ``num_computed_tokens`` as soon as a request is
-planned, and ``update_from_output`` appends the sampled token. Plans return in FIFO order.
+planned, and ``update_from_output`` appends the sampled token. Plans may return in any
+order (``update_from_output`` takes any plan in flight).
 
 Each step first continues running requests (decodes and unfinished prefill chunks, in
 arrival order), then admits waiting ones first-come-first-served. When a running request
@@ -27,7 +28,12 @@ from dataclasses import dataclass
 from molink.config import SchedulerConfig
 from molink.messages import BatchEntry, CachedRequest, NewRequest, StepOutput, StepPlan
 from molink.scheduler.block_pool import BlockPool
-from molink.scheduler.request import FINISH_REASON_TO_STATUS, Request, RequestStatus
+from molink.scheduler.request import (
+    FINISH_REASON_TO_STATUS,
+    Request,
+    RequestStatus,
+    check_prompt_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -382,11 +388,7 @@ class Scheduler:
         if request.status is not RequestStatus.WAITING or request.output_token_ids:
             raise ValueError(f"request {request.request_id!r} was already scheduled")
         num_prompt = request.num_prompt_tokens
-        if num_prompt == 0:
-            raise ValueError("prompt_token_ids must not be empty")
-        if num_prompt >= self.config.max_model_len:
-            raise ValueError(f"prompt_token_ids has {num_prompt} tokens; it must be shorter than "
-                             f"max_model_len ({self.config.max_model_len})")
+        check_prompt_length(num_prompt, self.config.max_model_len)
         if self._num_blocks_for(num_prompt + 1) > self.block_pool.num_blocks:
             raise ValueError(
                 f"prompt_token_ids has {num_prompt} tokens, more than the KV cache can ever hold "

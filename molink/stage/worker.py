@@ -7,10 +7,10 @@ serialization::
       parse, validate, ack,     queue    executor.execute  queue   thread: bytes   (asyncio)
       bytes -> tensor                                              (+compress)    next hop
 
-A message may hold a fragment of a step (a prefill cut along the token dimension by the
-previous hop's link scheduler): each fragment is computed as it arrives, so transfer and
+A message may hold a chunk of a step (a prefill cut along the token dimension by the
+previous hop's link scheduler): each chunk is computed as it arrives, so transfer and
 compute overlap, and passed on as its own payload. The last stage gathers a step's
-fragments and returns one result when all of its tokens arrived. A step that fails here is
+chunks and returns one result when all of its tokens arrived. A step that fails here is
 passed on with an error (never silently dropped), so the head can end the affected
 requests with a clear message.
 
@@ -35,14 +35,22 @@ import grpc
 
 from molink.messages import StepOutput
 from molink.runtime.stage_executor import StageExecutor
-from molink.runtime.wire_tensor import from_raw, to_raw
+from molink.runtime.wire_tensor import from_raw
+from molink.stage.compute import StageCompute
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.auth import REFUSAL
 from molink.transport.codec import decode_step, encode_result
 from molink.transport.dedup import DuplicateFilter, take_each
 from molink.transport.hop_sender import HopSender, OutgoingStep
-from molink.transport.peers import Peer, PeerSecurity, PeerUnreachable, bind, make_server
+from molink.transport.peers import (
+    Peer,
+    PeerSecurity,
+    PeerUnreachable,
+    bind,
+    error_detail,
+    make_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +61,11 @@ HEAD_WATCH_DEADLINE_S = 3.0
 HEAD_LOST_AFTER_S = 30.0  # unreachable this long: its requests are gone, free their state
 _STOP = object()
 _RESET = object()  # drop every request's state (a new head, or the head is gone)
-_EWMA = 0.2
 
 
 @dataclasses.dataclass
 class _Gathering:
-    """The fragments of one step the last stage has computed so far."""
+    """The chunks of one step the last stage has computed so far."""
 
     output: StepOutput
     tokens: int = 0
@@ -78,6 +85,7 @@ class StageWorker(pb_grpc.StageServicer):
     def __init__(self, executor: StageExecutor, info: pb.StageInfo, security: PeerSecurity,
                  head_address: str) -> None:
         self.executor = executor
+        self.compute = StageCompute(executor)
         self.info = info
         self.info.fingerprint = security.fingerprint
         self.security = security
@@ -87,15 +95,12 @@ class StageWorker(pb_grpc.StageServicer):
         self._inbox: queue.Queue = queue.Queue()
         self._sender: HopSender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Last stage: (epoch, step id) -> the fragments computed so far.
+        # Last stage: (epoch, step id) -> the chunks computed so far.
         self._gathering: dict[tuple[int, int], _Gathering] = {}
-        self._compute_s_per_token = 0.0  # EWMA, for choosing the wire compression
         self._server: grpc.aio.Server | None = None
         self._wire: queue.Queue = queue.Queue()  # computed steps waiting to be serialized
         self._received = DuplicateFilter()
-        self._busy_since = 0.0  # when the compute thread started its current step (0: idle)
         self.epoch = 0
-        self.num_steps_computed = 0
         self.stage_id = ""
         self.head_instance = ""
         self.address = ""  # where the head reaches this stage (learnt at join)
@@ -186,10 +191,10 @@ class StageWorker(pb_grpc.StageServicer):
                     now = time.monotonic()
                     unreachable_since = unreachable_since or now
                     if now - unreachable_since > HEAD_LOST_AFTER_S:
-                        detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
                         logger.warning("%s: the head at %s has not answered for %.0f s (%s); "
                                        "joining again when it is back", self.label,
-                                       self.head_address, now - unreachable_since, detail)
+                                       self.head_address, now - unreachable_since,
+                                       error_detail(exc))
                         return
                     continue
                 unreachable_since = None
@@ -265,7 +270,7 @@ class StageWorker(pb_grpc.StageServicer):
         return pb.Ack()
 
     async def Forward(self, request_iterator, context):
-        """Steps (or fragments of steps) from the previous hop; each is validated, queued
+        """Steps (or chunks of steps) from the previous hop; each is validated, queued
         for compute, then acknowledged (never before: an acknowledged step is never lost
         when the stream breaks). Repeats of a re-opened stream and steps of an older route
         are dropped."""
@@ -283,8 +288,7 @@ class StageWorker(pb_grpc.StageServicer):
 
     async def Health(self, request, context) -> pb.HealthReply:
         """Ready once routed; not ready, with the reason, when the output hop is lost."""
-        sender, busy_since = self._sender, self._busy_since
-        busy_s = time.monotonic() - busy_since if busy_since else 0.0
+        sender, busy_s = self._sender, self.compute.busy_s()
         if sender is not None and sender.broken.done():
             lost = f"hop {sender.label} lost: {sender.broken.result()}"
             return pb.HealthReply(ready=False, compute_busy_s=busy_s, detail=lost, lost_hop=lost)
@@ -299,31 +303,23 @@ class StageWorker(pb_grpc.StageServicer):
                 self._wire.put(_RESET)
                 continue
             step, hidden = item
-            self._busy_since = time.monotonic()
-            start = time.perf_counter()
-            output, error = self._compute(step, hidden)
-            seconds = time.perf_counter() - start
-            self._busy_since = 0.0
-            if step.plan.num_tokens and not error:
-                per_token = seconds / step.plan.num_tokens
-                self._compute_s_per_token += _EWMA * (per_token - self._compute_s_per_token)
+            output, error, seconds = self._compute(step, hidden)
             self._wire.put((step, output, error, (*step.stage_compute_s, seconds)))
         self._wire.put(_STOP)
 
     def _compute(self, step, hidden):
-        """-> (output or None, error text): hidden states / sampled tokens of this step."""
+        """-> (output or None, error text, seconds): hidden states / sampled tokens."""
         if step.reset:
             self.executor.reset()
         if step.error:
-            return None, step.error
+            return None, step.error, 0.0
         try:
-            output = self.executor.execute(step.plan, hidden)
-            self.num_steps_computed += 1
-            return output, ""
+            output, seconds = self.compute.run(step.plan, hidden)
+            return output, "", seconds
         except Exception as exc:  # one bad step must not kill the stage: report it
             logger.exception("%s failed step %d", self.label, step.plan.step_id)
             return None, (f"stage {self.label} failed step {step.plan.step_id}: "
-                          f"{type(exc).__name__}: {exc}")
+                          f"{type(exc).__name__}: {exc}"), 0.0
 
     # ---- serializer thread --------------------------------------------------------------------
 
@@ -345,19 +341,14 @@ class StageWorker(pb_grpc.StageServicer):
                 if message is not None:
                     self._loop.call_soon_threadsafe(sender.submit_result, message)
                 continue
-            rows = None
-            if not error:
-                compression = sender.wire_compression(
-                    str(output.dtype).removeprefix("torch."), output.shape[-1],
-                    self._compute_s_per_token)
-                rows = to_raw(output, compression)
-            outgoing = OutgoingStep(step.plan, rows, step.step_num_tokens, reset=step.reset,
+            activations = None if error else self.compute.encode(output, sender)
+            outgoing = OutgoingStep(step.plan, activations, step.step_num_tokens, reset=step.reset,
                                     error=error, stage_compute_s=timings, hops=step.hops,
                                     part=step.part, epoch=step.epoch)
             self._loop.call_soon_threadsafe(sender.submit, outgoing)
 
     def _gather(self, step, output, error: str, timings: tuple[float, ...]):
-        """Last stage: add one computed fragment; the step's result once all tokens are in."""
+        """Last stage: add one computed chunk; the step's result once all tokens are in."""
         plan = step.plan
         key = (step.epoch, plan.step_id)
         gathering = self._gathering.setdefault(

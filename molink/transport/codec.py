@@ -11,8 +11,16 @@ import array
 import math
 from dataclasses import dataclass
 
-from molink.messages import (BatchEntry, CachedRequest, LinkReport, NewRequest, RawTensor,
-                             StepOutput, StepPlan, TokenLogprobs)
+from molink.messages import (
+    BatchEntry,
+    CachedRequest,
+    LinkReport,
+    NewRequest,
+    RawTensor,
+    StepOutput,
+    StepPlan,
+    TokenLogprobs,
+)
 from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
 
@@ -43,7 +51,7 @@ class WireStep:
     reset: bool = False  # drop all request state first
     error: str = ""  # an earlier stage failed this step
     stage_compute_s: tuple[float, ...] = ()  # compute time of each earlier stage
-    step_num_tokens: int = 0  # tokens of the whole step (this message may carry a fragment)
+    step_num_tokens: int = 0  # tokens of the whole step (this message may carry a chunk)
     hops: tuple[LinkReport, ...] = ()  # every hop so far, measured by its sender
     probe: bool = False  # link measurement only
     part: int = PART_WHOLE  # PART_WHOLE | PART_DECODE | PART_PREFILL
@@ -94,7 +102,7 @@ def decode_step(msg: pb.StepMessage) -> WireStep:
                               f"{plan.num_tokens} tokens of the batch")
     if msg.step_num_tokens and msg.step_num_tokens < plan.num_tokens:
         raise WireFormatError(f"step_num_tokens {msg.step_num_tokens} is less than the "
-                              f"{plan.num_tokens} tokens of this fragment")
+                              f"{plan.num_tokens} tokens of this chunk")
     if msg.part not in (PART_WHOLE, PART_DECODE, PART_PREFILL):
         raise WireFormatError(f"unknown step part {msg.part}")
     return WireStep(plan, hidden, bool(msg.reset), msg.error[:4096],

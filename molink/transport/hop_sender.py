@@ -1,8 +1,8 @@
 """HopSender: everything a process sends on one hop, scheduled for a slow link.
 
 One long-lived stream per hop. The receiver acknowledges every message as soon as it is
-parsed; from the acknowledgements the sender measures the link (probed when the route is
-set, then kept current from real traffic, EWMA) and paces itself to it, so its queue stays
+parsed; from the acknowledgements the sender measures the link (``LinkMeter``: probed when
+the route is set, then kept current from real traffic) and paces itself to it, so its queue stays
 here, where the link scheduler can reorder it, instead of in socket buffers, where it is
 first-in first-out::
 
@@ -33,31 +33,26 @@ import time
 
 import grpc
 
-from molink.messages import LinkReport, RawTensor, StepPlan
+from molink.messages import WIRE_COMPRESSIONS, LinkReport, RawTensor, StepPlan
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
+from molink.transport.chunks import Part, cut_chunk, split_parts
 from molink.transport.codec import (
-    DTYPE_SIZES,
     PART_DECODE,
     PART_PREFILL,
     PART_WHOLE,
     encode_link,
     encode_step,
 )
-from molink.transport.fragments import Part, fragment, split_parts
+from molink.transport.link_meter import INITIAL_BANDWIDTH_BPS, LinkMeter
 from molink.transport.link_scheduler import LinkScheduler, Payload
-from molink.transport.peers import Peer, PeerSecurity
+from molink.transport.peers import Peer, PeerSecurity, error_detail
 
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("molink", "priority", "fifo")
-COMPRESSIONS = ("auto", "none", "float16", "bfloat16", "int8")
+COMPRESSIONS = ("auto", *WIRE_COMPRESSIONS)  # what a route may ask for
 PROBE_BYTES = 256 * 1024
-_INITIAL_BANDWIDTH_BPS = 1e9
-_MAX_BANDWIDTH_BPS = 1e11  # beyond this, measurements on one machine are noise
-_EWMA = 0.2
-_SMALL_BYTES = 8 * 1024  # acks of messages this small measure latency
-_LARGE_BYTES = 32 * 1024  # acks of messages this large measure bandwidth
 _MIN_CHUNK_TOKENS = 32
 REOPEN_TIMEOUT_S = 10.0  # a broken hop that cannot be re-opened this long is lost
 CONNECT_TIMEOUT_S = 10.0  # the first connection (and its link probe)
@@ -65,10 +60,10 @@ CONNECT_TIMEOUT_S = 10.0  # the first connection (and its link probe)
 
 @dataclasses.dataclass
 class OutgoingStep:
-    """A computed step (or fragment of one) leaving this process."""
+    """A computed step (or a chunk of one) leaving this process."""
 
     plan: StepPlan
-    rows: RawTensor | None  # activations of plan.batch's tokens, or None
+    activations: RawTensor | None  # of plan.batch's tokens, rows in order; or None
     step_num_tokens: int
     reset: bool = False
     error: str = ""
@@ -110,15 +105,18 @@ class HopSender:
         self.schedule = schedule
         self.compression = compression
         self.label = label or address
-        self.link = LinkReport(bandwidth_bps=0.0, latency_s=0.0, compression="none")
+        self.meter = LinkMeter()
+        self.link = self.meter.link  # what this hop reports (measurements, counters)
         self._security = security
         self._expected_fingerprint = expected_fingerprint  # the receiver's certificate
         self._peer: Peer | None = None  # opened by the first connection
         self._call = None
-        self._fifo: collections.deque = collections.deque()  # (message, tokens) or _Item
+        # Sent in order, before anything the link scheduler holds: results (a StepResult)
+        # and, with the ``fifo`` schedule, every step (an _Item).
+        self._fifo: collections.deque = collections.deque()
         # ``priority``: decode first, but a prefill goes whole (chunks of "every token").
         self._scheduler = LinkScheduler(
-            _INITIAL_BANDWIDTH_BPS,
+            INITIAL_BANDWIDTH_BPS,
             min_chunk_tokens=_MIN_CHUNK_TOKENS if schedule == "molink" else 1 << 30,
             max_chunk_tokens=max_chunk_tokens if schedule == "molink" else None)
         self._payloads: dict[int, tuple[_Item, Part]] = {}
@@ -126,8 +124,6 @@ class HopSender:
         self._wakeup = asyncio.Event()
         self._unacked: collections.deque[_Unacked] = collections.deque()
         self._free_at = 0.0  # when the link finishes what was written (paced schedules)
-        self._last_decode_at: float | None = None
-        self._decode_interval_s: float | None = None
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._stream_alive = False
@@ -140,7 +136,7 @@ class HopSender:
         # Resolves (with a description) when the hop is lost for good.
         self.broken: asyncio.Future = loop.create_future()
 
-    # ---- lifecycle -------------------------------------------------------------------------
+    # ---- lifecycle ---------------------------------------------------------------------------
 
     def start(self, probe: bool = True) -> None:
         """Open the stream and measure the link, in the background, before any traffic;
@@ -185,7 +181,7 @@ class HopSender:
                 if not self.connected.done() or now - broken_since > REOPEN_TIMEOUT_S:
                     self._set_broken(exc)
                     return
-                logger.warning("link %s broke (%s); re-opening it", self.label, _detail(exc))
+                logger.warning("link %s broke (%s); re-opening it", self.label, error_detail(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
 
@@ -249,28 +245,16 @@ class HopSender:
 
     def wire_compression(self, native_dtype: str, hidden_size: int,
                          compute_s_per_token: float) -> str:
-        """The compression to apply now: as configured, or for ``auto`` from the measured
-        link against the stage's compute: int8 when the link's time per token is more than a
-        tenth of the compute's, float16 for a float32 model when it is more than 2 %
-        (benchmarks/results/compression_accuracy.md: float16 changed no greedy token)."""
-        choice = self.compression
-        if choice == "auto":
-            bandwidth = self.link.bandwidth_bps or _INITIAL_BANDWIDTH_BPS
-            link_s = hidden_size * DTYPE_SIZES.get(native_dtype, 4) * 8 / bandwidth
-            share = link_s / (link_s + max(compute_s_per_token, 1e-9))
-            choice = "none"
-            if share > 0.10:
-                choice = "int8"
-            elif share > 0.02 and native_dtype == "float32":
-                choice = "float16"  # 8x more precise than bfloat16; out-of-range goes bf16
-        self.link.compression = choice
-        return choice
+        """The compression to apply to the next step (see ``LinkMeter.wire_compression``)."""
+        return self.meter.wire_compression(self.compression, native_dtype, hidden_size,
+                                           compute_s_per_token)
 
     def submit(self, step: OutgoingStep) -> None:
         """Queue a step (event-loop thread only)."""
         separate = self.schedule != "fifo" and not step.reset and not step.error
         known = None if step.part == PART_WHOLE else step.part == PART_PREFILL
-        parts = split_parts(step.plan, step.rows, separate_prefill=separate, is_prefill=known)
+        parts = split_parts(step.plan, step.activations, separate_prefill=separate,
+                            is_prefill=known)
         if step.reset or step.error:  # control traffic keeps its order among decodes
             parts[0].is_prefill = False
         item = _Item(step, parts)
@@ -282,10 +266,11 @@ class HopSender:
                 self._next_payload += 1
                 self._payloads[payload_id] = (item, part)
                 bytes_per_token = 64  # plan metadata only
-                if part.rows is not None:
-                    bytes_per_token = part.rows.row_bytes + 4 * bool(part.rows.row_scales)
+                if part.activations is not None:
+                    rows = part.activations
+                    bytes_per_token = rows.row_bytes + 4 * bool(rows.row_scales)
                 if not part.is_prefill:
-                    self._note_decode()
+                    self.meter.note_decode(time.monotonic())
                 self._scheduler.enqueue(Payload(payload_id, part.is_prefill,
                                                 max(1, part.num_tokens), max(1, bytes_per_token)))
         self._wakeup.set()
@@ -297,7 +282,7 @@ class HopSender:
     def report(self) -> LinkReport:
         return dataclasses.replace(self.link)
 
-    # ---- sending -----------------------------------------------------------------------------------
+    # ---- sending -----------------------------------------------------------------------------
 
     async def _send_loop(self) -> None:
         while True:
@@ -325,7 +310,7 @@ class HopSender:
             self._wakeup.clear()
             asyncio.get_running_loop().call_later(wait, self._wakeup.set)
             return None, 0
-        send = self._scheduler.next_send(self._seconds_until_next_decode())
+        send = self._scheduler.next_send(self.meter.seconds_until_next_decode(time.monotonic()))
         item, part = self._payloads[send.payload_id]
         if send.last:
             del self._payloads[send.payload_id]
@@ -335,14 +320,14 @@ class HopSender:
 
     def _message(self, item: _Item, part: Part, start: int, end: int, kind: int):
         step = item.step
-        plan, rows = fragment(part, start, end)
+        plan, activations = cut_chunk(part, start, end)
         timings = step.stage_compute_s if not item.timings_sent else (0.0,) * len(
             step.stage_compute_s)
         item.timings_sent = True
-        tokens = plan.num_tokens if rows is not None else 0
+        tokens = plan.num_tokens if activations is not None else 0
         self.link.messages_sent += 1  # counted before the report, which includes this message
         self.link.tokens_sent += tokens
-        message = encode_step(plan, rows, reset=step.reset, error=step.error,
+        message = encode_step(plan, activations, reset=step.reset, error=step.error,
                               stage_compute_s=timings, step_num_tokens=step.step_num_tokens,
                               hops=(*step.hops, self.report()), part=kind, epoch=step.epoch)
         return message, tokens
@@ -352,13 +337,12 @@ class HopSender:
         num_bytes = message.ByteSize()
         now = time.monotonic()
         idle = self._free_at <= now
-        bandwidth = self.link.bandwidth_bps or _INITIAL_BANDWIDTH_BPS
-        self._free_at = max(now, self._free_at) + num_bytes * 8 / bandwidth
+        self._free_at = max(now, self._free_at) + num_bytes * 8 / self.meter.bandwidth_bps
         self._unacked.append(_Unacked(now, num_bytes, idle, message=message))
         self.link.bytes_sent += num_bytes
         await self._call.write(message)
 
-    # ---- measuring -------------------------------------------------------------------------------
+    # ---- measuring ---------------------------------------------------------------------------
 
     async def _probe(self) -> None:
         """Two small and two large messages, one at a time: latency from the small ones'
@@ -372,10 +356,7 @@ class HopSender:
             await self._call.write(message)
             await future
             rtts.setdefault(size, []).append(time.monotonic() - start)
-        small, large = min(rtts[0]), min(rtts[PROBE_BYTES])
-        self.link.latency_s = small / 2
-        self.link.bandwidth_bps = min(_MAX_BANDWIDTH_BPS,
-                                      PROBE_BYTES * 8 / max(large - small, 1e-9))
+        self.meter.probed(min(rtts[0]), min(rtts[PROBE_BYTES]), PROBE_BYTES)
         self._scheduler.bandwidth_bps = self.link.bandwidth_bps
         logger.info("link %s: %.1f Mbit/s, %.1f ms one way (probed)", self.label,
                     self.link.bandwidth_bps / 1e6, self.link.latency_s * 1e3)
@@ -401,37 +382,11 @@ class HopSender:
             return
         if not sent.link_was_idle:
             return  # it waited behind earlier bytes: its time says nothing clean
-        elapsed = now - sent.sent_at
-        bandwidth = self.link.bandwidth_bps or _INITIAL_BANDWIDTH_BPS
-        if sent.num_bytes <= _SMALL_BYTES:
-            rtt = max(0.0, elapsed - sent.num_bytes * 8 / bandwidth)
-            self.link.latency_s += _EWMA * (rtt / 2 - self.link.latency_s)
-        elif sent.num_bytes >= _LARGE_BYTES:
-            transfer = elapsed - 2 * self.link.latency_s
-            if transfer > 0.1 * elapsed:
-                sample = min(_MAX_BANDWIDTH_BPS, sent.num_bytes * 8 / transfer)
-                self.link.bandwidth_bps += _EWMA * (sample - self.link.bandwidth_bps)
-                self._scheduler.bandwidth_bps = self.link.bandwidth_bps
-
-    def _note_decode(self) -> None:
-        now = time.monotonic()
-        if self._last_decode_at is not None:
-            gap = now - self._last_decode_at
-            self._decode_interval_s = gap if self._decode_interval_s is None else (
-                self._decode_interval_s + _EWMA * (gap - self._decode_interval_s))
-        self._last_decode_at = now
-
-    def _seconds_until_next_decode(self) -> float | None:
-        """When the next decode part is expected here (None: no decode traffic lately)."""
-        if self._decode_interval_s is None or self._last_decode_at is None:
-            return None
-        since = time.monotonic() - self._last_decode_at
-        if since > 3 * self._decode_interval_s + 0.1:
-            return None
-        return max(0.0, self._decode_interval_s - since)
+        if self.meter.acknowledged(sent.num_bytes, now - sent.sent_at):
+            self._scheduler.bandwidth_bps = self.link.bandwidth_bps
 
     def _set_broken(self, exc: Exception) -> None:
-        detail = _detail(exc)
+        detail = error_detail(exc)
         if not self.broken.done():
             self.broken.set_result(detail)
         if not self.connected.done():
@@ -441,9 +396,4 @@ class HopSender:
         for sent in self._unacked:
             if sent.probe is not None and not sent.probe.done():
                 sent.probe.set_exception(ConnectionError(f"link {self.label} broke"))
-
-
-def _detail(exc: Exception) -> str:
-    detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-    return detail or type(exc).__name__
 

@@ -106,6 +106,10 @@ class LinkEmulator:
         or back: below ``bandwidth`` when the relay ran late on a loaded machine."""
         return (self._up if upstream else self._down).achieved_bps
 
+    def bytes_carried(self, upstream: bool = True) -> int:
+        """Bytes the link has carried so far, toward the target (``upstream``) or back."""
+        return (self._up if upstream else self._down).bytes_carried
+
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._on_connection, *self.listen)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -163,3 +163,10 @@ def peer_host(peer: str) -> str:
         host = host.replace("%5B", "[").replace("%5D", "]")
         return host if host.startswith("[") else f"[{host}]"
     return ""
+
+
+def error_detail(exc: Exception) -> str:
+    """What went wrong with a call to a peer, in words (a gRPC status's details, else the
+    exception's message, else its type)."""
+    detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    return detail or type(exc).__name__

@@ -13,18 +13,20 @@ from molink import SamplingParams
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
 from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.pipeline_head import PipelineHead
+from molink.entrypoints.local_pipeline import LocalPipeline
+from molink.model.loader import load_config
 from molink.transport.peers import PeerSecurity
 
 TOKEN = "test-cluster-token"
 READY_TIMEOUT_S = 120.0
+STAGE_OPTIONS = ("--dtype", "float32", "--device", "cpu", "--block-size", "8")
 
 
 def stage_command(model_dir, layers: str, head_address: str, token: str = TOKEN,
                   extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "molink.entrypoints.cli", "join", str(model_dir),
             "--head", head_address, "--layers", layers, "--host", "127.0.0.1",
-            "--cluster-token", token, "--dtype", "float32", "--device", "cpu",
-            "--block-size", "8", *extra]
+            "--cluster-token", token, *STAGE_OPTIONS, *extra]
 
 
 async def start_stage(model_dir, layers: str, head_address: str, **kwargs):
@@ -55,20 +57,16 @@ def make_head(model_dir, head_layers, num_microbatches=None, compression="none",
 
 @contextlib.asynccontextmanager
 async def pipeline(model_dir, head_layers, stage_layers: list[str], **head_options):
-    """A ready pipeline: yields (head, stage processes)."""
-    head = make_head(model_dir, head_layers, **head_options)
-    await head.start("127.0.0.1", 0)
-    procs = []
-    try:
-        for layers in stage_layers:
-            procs.append(await start_stage(model_dir, layers, head.address))
-        await head.wait_ready(READY_TIMEOUT_S)
-        yield head, procs
-    finally:
-        head.begin_stop()
-        for proc in procs:
-            await stop_process(proc)
-        await head.stop()
+    """A ready pipeline: yields (head, stage processes); a process appended to that list is
+    stopped with the others. ``stage_layers``: ``--layers`` values ("START:" = to the end)."""
+    num_layers = load_config(str(model_dir)).arch.num_layers
+    ranges = [(int(start), int(end or num_layers))
+              for start, end in (layers.split(":") for layers in stage_layers)]
+    local = LocalPipeline(make_head(model_dir, head_layers, **head_options), TOKEN, model_dir,
+                          ranges, join_options=STAGE_OPTIONS, env={"OMP_NUM_THREADS": "1"},
+                          ready_timeout_s=READY_TIMEOUT_S)
+    async with local:
+        yield local.head, local.procs
 
 
 async def generate_all(head: PipelineHead, prompts, params: SamplingParams):

@@ -14,8 +14,8 @@ from molink import SamplingParams
 from molink.config import CacheConfig, ModelConfig
 from molink.coordinator.head_loop import STEP_DEADLINE_MIN_S
 from molink.coordinator.pipeline_head import StageUnavailable
-from molink.stage.worker import StageWorker
 from molink.runtime.stage_executor import StageExecutor
+from molink.stage.worker import StageWorker
 from molink.transport import molink_pb2 as pb
 from tests.coordinator.pipeline_harness import make_head
 

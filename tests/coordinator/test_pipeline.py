@@ -77,7 +77,7 @@ def test_pipeline_tokens_equal_single_process(arch, topology, reference):
 
 @pytest.mark.parametrize("schedule", ["molink", "fifo"])
 def test_chunked_transmission_and_compute_give_identical_tokens(schedule, reference):
-    """Prefill activations cut into 3-token fragments on every hop, each computed by the
+    """Prefill activations cut into 3-token chunks on every hop, each computed by the
     next stage as it arrives (and re-cut there), give exactly the unchunked tokens."""
     directory, prompts, expected = reference("llama")
 

@@ -24,14 +24,14 @@ from transformers import AutoTokenizer
 
 from molink.coordinator.pipeline_head import PipelineNotReady
 from molink.entrypoints import serve as serve_cli
-from molink.entrypoints.http_server import (
+from molink.entrypoints.admission import (
     DEFAULT_MAX_WAITING_REQUESTS,
     MAX_RETRY_AFTER_S,
     Admission,
-    _merged,
-    create_app,
 )
-from molink.entrypoints.openai_format import Job
+from molink.entrypoints.answers import run_choices
+from molink.entrypoints.http_server import create_app
+from molink.entrypoints.job import Job
 from molink.outputs import CompletionOutput, RequestOutput
 from molink.sampling_params import SamplingParams
 from tests.coordinator.pipeline_harness import pipeline
@@ -122,6 +122,16 @@ def _assert_overloaded(response: httpx.Response, limit: int) -> None:
     assert retry_after.isdigit() and 1 <= int(retry_after) <= MAX_RETRY_AFTER_S
 
 
+def _statuses(responses: list[httpx.Response], limit: int) -> collections.Counter:
+    """How many of each status; every answer is a 200 or a 503 "server overloaded"."""
+    statuses = collections.Counter(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            _assert_overloaded(response, limit)
+    return statuses
+
+
 async def _burst(client: httpx.AsyncClient, head: StalledHead) -> list[httpx.Response]:
     """BURST concurrent requests over every endpoint; the head's requests are released only
     once every request was either answered or queued in the head, so none leaves early."""
@@ -150,16 +160,12 @@ def test_burst_is_bounded_and_rejections_are_503_with_retry_after(tokenizer):
         return app, head, responses
 
     app, head, responses = asyncio.run(scenario())
-    statuses = collections.Counter(r.status_code for r in responses)
-    assert set(statuses) <= {200, 503}, statuses
+    statuses = _statuses(responses, LIMIT)
     assert statuses[503] >= 1
     # Nothing finished during the burst: at most CAPACITY running + LIMIT waiting were taken.
     assert 1 <= statuses[200] <= LIMIT + CAPACITY, statuses
     assert statuses[200] == head.num_added
     assert head.max_waiting_seen <= LIMIT
-    for response in responses:
-        if response.status_code == 503:
-            _assert_overloaded(response, LIMIT)
     assert app.state.admission.num_rejected == statuses[503]
     _check_idle(app, head)
 
@@ -259,12 +265,8 @@ def test_a_real_head_keeps_its_waiting_queue_within_the_limit(tiny_model_dir):
 
     head = app = None
     responses, max_waiting, num_pending, num_waiting, num_unfinished = asyncio.run(scenario())
-    statuses = collections.Counter(r.status_code for r in responses)
-    assert set(statuses) <= {200, 503}, statuses
+    statuses = _statuses(responses, LIMIT)
     assert statuses[503] >= 1 and statuses[200] >= 1
-    for response in responses:
-        if response.status_code == 503:
-            _assert_overloaded(response, LIMIT)
     assert max_waiting <= LIMIT
     assert (num_pending, num_waiting, num_unfinished) == (0, 0, 0)
 
@@ -325,7 +327,7 @@ def test_choices_cancelled_before_reaching_the_head_are_not_counted(tokenizer):
         head = StalledHead(tokenizer)
         admission = Admission(LIMIT)
         job = Job([[1, 2]], [SamplingParams(max_tokens=1)] * 3, False, False, None)
-        step = _merged(head, admission, job, "gone").__anext__()
+        step = run_choices(head, admission, job, "gone").__anext__()
         step.send(None)  # admits, starts the pumps' tasks, waits for the first output
         counted = admission.num_pending
         with pytest.raises(asyncio.CancelledError):

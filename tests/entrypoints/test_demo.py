@@ -9,12 +9,6 @@ from molink import SamplingParams
 from molink.entrypoints import demo
 
 
-def test_split_layers_tiles_the_model():
-    assert demo.split_layers(6) == [(0, 2), (2, 4), (4, 6)]
-    assert demo.split_layers(4) == [(0, 1), (1, 3), (3, 4)]
-    assert demo.split_layers(2) == [(0, 1), (1, 2)]
-
-
 def assert_quiet(err: str, caplog) -> None:
     """Nothing but the answer: no traceback, no warning, from this process (the head: its
     log records) or the ``molink join`` processes (they write to the inherited stderr).
@@ -32,7 +26,7 @@ def test_demo_runs_a_three_stage_pipeline(tiny_model_dir, capfd, caplog):
     out, err = capfd.readouterr()  # fd level: the stage processes' stderr too
     assert code == 0
     assert_quiet(err, caplog)
-    assert "pipeline: head layers 0:1 -> layers 1:3 at 127.0.0.1:" in out
+    assert "pipeline: head layers 0:2 -> layers 2:3 at 127.0.0.1:" in out
     assert "-> layers 3:4 at 127.0.0.1:" in out
     assert sum(line.startswith("  molink join") for line in out.splitlines()) == 2
 

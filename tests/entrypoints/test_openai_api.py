@@ -12,10 +12,7 @@ import asyncio
 import dataclasses
 import itertools
 import os
-import re
-import socket
 import subprocess
-import sys
 import threading
 import time
 import types
@@ -29,6 +26,8 @@ from transformers import AutoTokenizer
 from molink import LLM, SamplingParams
 from molink.entrypoints.http_server import create_app
 from molink.outputs import CompletionOutput, RequestOutput
+from tests.entrypoints import cli_processes
+from tests.entrypoints.cli_processes import free_port, wait_for_line
 
 CLUSTER_TOKEN = "openai-api-test-token"
 API_KEY = "sk-molink-test"
@@ -43,29 +42,8 @@ GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 # ---- processes -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", MOLINK_CLUSTER_TOKEN=CLUSTER_TOKEN,
-                    **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "molink.entrypoints.cli", *args],
-                            env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def wait_for_line(proc: subprocess.Popen, pattern: str) -> re.Match:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        if match := re.search(pattern, line):
-            return match
-    raise AssertionError(f"process never printed {pattern!r}")
+    return cli_processes.spawn(*args, token=CLUSTER_TOKEN, env=env)
 
 
 def drain(proc: subprocess.Popen) -> None:

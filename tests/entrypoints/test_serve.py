@@ -6,9 +6,6 @@ served), never from sleeping. Every process started here is stopped here, by pid
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,32 +14,14 @@ import httpx
 import pytest
 
 from molink import LLM, SamplingParams
+from tests.entrypoints.cli_processes import free_port, spawn, wait_for_line
 
 TOKEN = "serve-test-token"
 DEADLINE_S = 120.0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MOLINK_CLUSTER_TOKEN=TOKEN)
-    return subprocess.Popen([sys.executable, "-m", "molink.entrypoints.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_line(proc: subprocess.Popen, pattern: str) -> re.Match:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        if match := re.search(pattern, line):
-            return match
-    raise AssertionError(f"process never printed {pattern!r}")
+    return spawn(*args, token=TOKEN)
 
 
 def _health(url: str) -> httpx.Response:
@@ -60,13 +39,13 @@ def processes():
 
 def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     directory = str(tiny_model_dir("llama"))
-    http_port = _free_port()
+    http_port = free_port()
     url = f"http://127.0.0.1:{http_port}"
     head = _spawn("serve", directory, "--layers", "0:2", "--host", "127.0.0.1",
                   "--port", str(http_port), "--peer-port", "0", "--dtype", "float32",
                   "--device", "cpu", "--block-size", "8")
     processes.append(head)
-    peer = _wait_for_line(head, r"stages join 127\.0\.0\.1:(\d+)").group(1)
+    peer = wait_for_line(head, r"stages join 127\.0\.0\.1:(\d+)").group(1)
     response = _health(url)
     assert response.status_code == 503
     assert "layers 2:4 are not served" in response.json()["error"]["message"]
@@ -81,9 +60,9 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     while _health(url).status_code != 200:
         assert time.monotonic() < deadline, "pipeline never became healthy"
         time.sleep(0.2)  # polling the health check, not waiting blindly
-    _wait_for_line(head, r"MoLink is ready")
-    assert "Pipeline: head layers 0:2 -> layers 2:4" in _wait_for_line(head, r"Pipeline: .*").group(0)
-    assert _wait_for_line(head, r"^curl http://127\.0\.0\.1:\d+/v1/completions")
+    wait_for_line(head, r"MoLink is ready")
+    assert "Pipeline: head layers 0:2 -> layers 2:4" in wait_for_line(head, r"Pipeline: .*").group(0)
+    assert wait_for_line(head, r"^curl http://127\.0\.0\.1:\d+/v1/completions")
 
     from openai import OpenAI
 
@@ -112,7 +91,8 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     assert metrics["molink_generated_tokens_total"] >= 16
     assert metrics["molink_ready"] == 1.0
     status = subprocess.run([sys.executable, "-m", "molink.entrypoints.cli", "status", "--head",
-                             f"127.0.0.1:{http_port}"], capture_output=True, text=True, timeout=60)
+                             f"127.0.0.1:{http_port}"], capture_output=True, text=True, timeout=60,
+                            check=False)
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("ready: head layers 0:2 -> layers 2:4 at 127.0.0.1:")
     assert "ms/step" in status.stdout and "KV blocks free" in status.stdout
@@ -127,13 +107,13 @@ def test_the_http_api_serves_https_with_a_key_and_certificate(tiny_model_dir, pr
     identity = NodeIdentity.ephemeral()
     (tmp_path / "key.pem").write_bytes(identity.key_pem)
     (tmp_path / "cert.pem").write_bytes(identity.cert_pem)
-    http_port = _free_port()
+    http_port = free_port()
     head = _spawn("serve", str(tiny_model_dir("llama")), "--host", "127.0.0.1",
                   "--port", str(http_port), "--peer-port", "0", "--dtype", "float32",
                   "--device", "cpu", "--ssl-keyfile", str(tmp_path / "key.pem"),
                   "--ssl-certfile", str(tmp_path / "cert.pem"))
     processes.append(head)
-    _wait_for_line(head, r"HTTP API on https://127\.0\.0\.1")
+    wait_for_line(head, r"HTTP API on https://127\.0\.0\.1")
     deadline = time.monotonic() + DEADLINE_S
     while True:
         try:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import molink.model.loader as loader
+from molink.model import loader
 from tests.model_factory import build_model
 
 CPU = torch.device("cpu")

@@ -46,11 +46,13 @@ def test_profile_files_round_trip_and_bad_ones_are_refused(tmp_path):
         DeviceProfile.load(str(tmp_path / "missing.json"))
 
 
-def _plan(step_id: int, decode: int, prefill: int) -> StepPlan:
+def _plan(step_id: int, decode: int, prefill: int,
+          eos_token_ids: tuple[int, ...] = ()) -> StepPlan:
     params = SamplingParams(max_tokens=None)
     batch, new = [], []
     for i in range(decode):
-        new.append(NewRequest(f"d{step_id}-{i}", [5] * 200, 200, params, [0]))
+        new.append(NewRequest(f"d{step_id}-{i}", [5] * 200, 200, params, [0],
+                              eos_token_ids=eos_token_ids))
         batch.append(BatchEntry(f"d{step_id}-{i}", 199, 1, True))
     if prefill:
         new.append(NewRequest(f"p{step_id}", [5] * prefill, prefill, params, [0]))
@@ -74,7 +76,7 @@ def test_first_stage_emits_real_hidden_size_and_pseudo_tokens_avoid_eos(tiny_mod
                              dtype="bfloat16")
     hidden = first.execute(_plan(0, 3, 0))
     assert tuple(hidden.shape) == (3, 64) and str(hidden.dtype) == "torch.bfloat16"
-    last = EmulatedExecutor(str(tiny_model_dir("llama")), 2, None, published_profile(),
-                            eos_token_ids=frozenset(range(0, 500)))
-    tokens = last.execute(_plan(0, 20, 0)).sampled_token_ids.values()
+    last = EmulatedExecutor(str(tiny_model_dir("llama")), 2, None, published_profile())
+    # Each request's EOS ids come with it (the head sends them): its tokens avoid them.
+    tokens = last.execute(_plan(0, 20, 0, tuple(range(500)))).sampled_token_ids.values()
     assert all(t >= 500 for t in tokens)

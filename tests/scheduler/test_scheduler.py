@@ -359,13 +359,20 @@ def test_preemption_keeps_token_sequences(max_in_flight):
         assert len(plan.freed_request_ids) == len(set(plan.freed_request_ids))
 
 
+def _two_requests(num_blocks: int, prompt_len: int, max_tokens: tuple[int, int]):
+    """A scheduler with ``num_blocks`` blocks of 2 tokens, its executor, and requests "a" and
+    "b" (not yet added) of ``max_tokens`` each."""
+    scheduler = new_scheduler(num_blocks=num_blocks, block_size=2)
+    executor = MirrorExecutor(block_size=2)
+    a = make_request("a", prompt_len=prompt_len, max_tokens=max_tokens[0])
+    b = make_request("b", prompt_len=prompt_len, max_tokens=max_tokens[1])
+    return scheduler, executor, a, b
+
+
 def test_preempted_request_is_resent_in_full():
     # 4 blocks of 2 tokens. "a" and "b" (3-token prompts) each take 2 blocks; the first
     # decode of "a" (position 4) needs a fifth block, so "b" (the later arrival) is preempted.
-    scheduler = new_scheduler(num_blocks=4, block_size=2)
-    executor = MirrorExecutor(block_size=2)
-    a = make_request("a", prompt_len=3, max_tokens=4)
-    b = make_request("b", prompt_len=3, max_tokens=3)
+    scheduler, executor, a, b = _two_requests(num_blocks=4, prompt_len=3, max_tokens=(4, 3))
     scheduler.add_request(a)
     scheduler.add_request(b)
     step(scheduler, executor)
@@ -416,10 +423,7 @@ def test_in_flight_requests_are_never_preempted():
     # 2 blocks of 2 tokens. "a" runs alone in plan 1; "b" joins in plan 2 while "a" is in
     # flight. When plan 1 returns, "a" needs a second block; the later arrival "b" is in
     # flight, so "a" preempts itself instead.
-    scheduler = new_scheduler(num_blocks=2, block_size=2)
-    executor = MirrorExecutor(block_size=2)
-    a = make_request("a", prompt_len=2, max_tokens=5)
-    b = make_request("b", prompt_len=2, max_tokens=5)
+    scheduler, executor, a, b = _two_requests(num_blocks=2, prompt_len=2, max_tokens=(5, 5))
     scheduler.add_request(a)
     plan_1 = scheduler.schedule()
     output_1 = executor.run(plan_1)
@@ -540,16 +544,16 @@ def scripted(script: dict[str, list[int]]):
 
 STOP_CASES = [
     # (sampling params, eos, script, expected output, finish_reason, stop_reason)
-    (dict(max_tokens=10), {7}, [1, 7, 2], [1, 7], "stop", None),
-    (dict(max_tokens=4, ignore_eos=True), {7}, [1, 7, 7, 2, 3], [1, 7, 7, 2], "length", None),
-    (dict(max_tokens=10, min_tokens=3), {7}, [7, 7, 1, 7, 2], [7, 7, 1, 7], "stop", None),
-    (dict(max_tokens=10, min_tokens=3), {7}, [7, 7, 7, 2], [7, 7, 7], "stop", None),
-    (dict(max_tokens=10, stop_token_ids=[5]), set(), [1, 5, 2], [1, 5], "stop", 5),
-    (dict(max_tokens=10, stop_token_ids=[5], ignore_eos=True), {5}, [1, 5], [1, 5], "stop", 5),
-    (dict(max_tokens=10, stop_token_ids=[5], min_tokens=2), set(), [5, 5], [5, 5], "stop", 5),
-    (dict(max_tokens=3), {7}, [1, 2, 3, 4], [1, 2, 3], "length", None),
-    (dict(max_tokens=3, stop_token_ids=[3]), set(), [1, 2, 3], [1, 2, 3], "stop", 3),
-    (dict(max_tokens=None), set(), list(range(20)), [0, 1, 2, 3, 4], "length", None),
+    ({"max_tokens": 10}, {7}, [1, 7, 2], [1, 7], "stop", None),
+    ({"max_tokens": 4, "ignore_eos": True}, {7}, [1, 7, 7, 2, 3], [1, 7, 7, 2], "length", None),
+    ({"max_tokens": 10, "min_tokens": 3}, {7}, [7, 7, 1, 7, 2], [7, 7, 1, 7], "stop", None),
+    ({"max_tokens": 10, "min_tokens": 3}, {7}, [7, 7, 7, 2], [7, 7, 7], "stop", None),
+    ({"max_tokens": 10, "stop_token_ids": [5]}, set(), [1, 5, 2], [1, 5], "stop", 5),
+    ({"max_tokens": 10, "stop_token_ids": [5], "ignore_eos": True}, {5}, [1, 5], [1, 5], "stop", 5),
+    ({"max_tokens": 10, "stop_token_ids": [5], "min_tokens": 2}, set(), [5, 5], [5, 5], "stop", 5),
+    ({"max_tokens": 3}, {7}, [1, 2, 3, 4], [1, 2, 3], "length", None),
+    ({"max_tokens": 3, "stop_token_ids": [3]}, set(), [1, 2, 3], [1, 2, 3], "stop", 3),
+    ({"max_tokens": None}, set(), list(range(20)), [0, 1, 2, 3, 4], "length", None),
 ]
 
 

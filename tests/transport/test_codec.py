@@ -53,7 +53,7 @@ def test_result_round_trip():
     assert result.hops == hops
 
 
-def test_fragment_fields_round_trip_and_are_checked():
+def test_chunk_fields_round_trip_and_are_checked():
     plan = _plan()
     hidden = RawTensor(data=bytes(4 * 3 * plan.num_tokens), dtype="float32",
                        shape=(plan.num_tokens, 3))
@@ -61,7 +61,7 @@ def test_fragment_fields_round_trip_and_are_checked():
                           hops=(LinkReport(2e7, 0.05),))
     step = decode_step(pb.StepMessage.FromString(message.SerializeToString()))
     assert step.step_num_tokens == plan.num_tokens + 5 and step.hops == (LinkReport(2e7, 0.05),)
-    message.step_num_tokens = plan.num_tokens - 1  # a fragment larger than its step
+    message.step_num_tokens = plan.num_tokens - 1  # a chunk larger than its step
     with pytest.raises(WireFormatError, match="step_num_tokens"):
         decode_step(message)
     wrong_rows = encode_step(plan, RawTensor(data=bytes(12), dtype="float32", shape=(1, 3)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -41,12 +42,23 @@ async def _sink_server():
     return server, server.sockets[0].getsockname()[1], received
 
 
+@contextlib.asynccontextmanager
+async def _relayed_sink(spec: str):
+    """A ``_sink_server`` behind a LinkEmulator of ``spec``: yields (relay, received)."""
+    server, port, received = await _sink_server()
+    relay = LinkEmulator(LinkSpec.parse(spec), "127.0.0.1", port)
+    await relay.start()
+    try:
+        yield relay, received
+    finally:
+        await relay.stop()
+        server.close()
+        await server.wait_closed()
+
+
 def test_latency_and_bandwidth_within_ten_percent():
     async def scenario():
-        server, port, received = await _sink_server()
-        relay = LinkEmulator(LinkSpec.parse("40mbit:25ms"), "127.0.0.1", port)
-        await relay.start()
-        try:
+        async with _relayed_sink("40mbit:25ms") as (relay, received):
             reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
             rtts = []
             for _ in range(5):
@@ -64,10 +76,6 @@ def test_latency_and_bandwidth_within_ten_percent():
             elapsed = time.perf_counter() - start - 0.025  # minus one-way latency
             writer.close()
             return min(rtts), payload * 8 / elapsed
-        finally:
-            await relay.stop()
-            server.close()
-            await server.wait_closed()
 
     rtt, rate = asyncio.run(scenario())
     assert rtt / 2 == pytest.approx(0.025, rel=0.10)
@@ -76,10 +84,7 @@ def test_latency_and_bandwidth_within_ten_percent():
 
 def test_connections_share_the_link():
     async def scenario():
-        server, port, received = await _sink_server()
-        relay = LinkEmulator(LinkSpec.parse("40mbit:1ms"), "127.0.0.1", port)
-        await relay.start()
-        try:
+        async with _relayed_sink("40mbit:1ms") as (relay, received):
             payload = 1_000_000
             received["expect"] = 2 * payload
             writers = []
@@ -94,8 +99,5 @@ def test_connections_share_the_link():
             for writer in writers:
                 writer.close()
             return 2 * payload * 8 / elapsed
-        finally:
-            await relay.stop()
-            server.close()
 
     assert asyncio.run(scenario()) == pytest.approx(40e6, rel=0.10)

@@ -45,14 +45,14 @@ _LATENT_NORM_EPS = 1e-6
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, cfg: ArchConfig, layer: int) -> None:
         super().__init__()
-        extra = cfg.extra
+        options = cfg.options  # DeepseekOptions
         self.num_heads = cfg.num_heads
-        self.q_lora_rank = extra["q_lora_rank"]
-        self.kv_lora_rank = extra["kv_lora_rank"]
-        self.nope_dim = extra["qk_nope_head_dim"]
-        self.rope_dim = extra["qk_rope_head_dim"]
-        self.v_dim = extra["v_head_dim"]
-        self.rope_interleave = extra["rope_interleave"]
+        self.q_lora_rank = options.q_lora_rank
+        self.kv_lora_rank = options.kv_lora_rank
+        self.nope_dim = options.qk_nope_head_dim
+        self.rope_dim = options.qk_rope_head_dim
+        self.v_dim = options.v_head_dim
+        self.rope_interleave = options.rope_interleave
         qk_dim = self.nope_dim + self.rope_dim
         self.qk_dim = qk_dim
         hidden, heads, bias = cfg.hidden_size, self.num_heads, cfg.attention_bias

@@ -1,10 +1,12 @@
-"""Gated MLP (SwiGLU and friends): down(act(gate(x)) * up(x))."""
+"""MLPs: gated (SwiGLU and friends), down(act(gate(x)) * up(x)); and plain, down(act(up(x)))."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from molink.model.layers.stage_model import register_as
 
 _ACTIVATIONS = {
     "silu": F.silu,
@@ -26,13 +28,34 @@ def get_activation(name: str):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False):
+    """``names``: the checkpoint's names of the fused gate|up projection and the down one
+    (ChatGLM: ``dense_h_to_4h``, ``dense_4h_to_h``)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False,
+                 names: tuple[str, str] = ("gate_up_proj", "down_proj")) -> None:
         super().__init__()
-        # gate and up in one matmul; filled from the checkpoint's gate_proj and up_proj.
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        # gate and up in one matmul (Llama: filled from the checkpoint's gate_proj and up_proj).
+        register_as(self, names[0], "_gate_up",
+                    nn.Linear(hidden_size, 2 * intermediate_size, bias=bias))
+        register_as(self, names[1], "_down", nn.Linear(intermediate_size, hidden_size, bias=bias))
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # x: [T, hidden] -> 2 x [T, inter]
-        return self.down_proj(self.act(gate) * up)
+        gate, up = self._gate_up(x).chunk(2, dim=-1)  # x: [T, hidden] -> 2 x [T, inter]
+        return self._down(self.act(gate) * up)
+
+
+class DenseMLP(nn.Module):
+    """down(act(up(x))), no gate, under the checkpoint's names for the two projections
+    (GPT-2 ``c_fc``/``c_proj``, BLOOM and Falcon ``dense_h_to_4h``/``dense_4h_to_h``, Phi
+    ``fc1``/``fc2``). ``linear(in, out, bias=...)`` builds each projection."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str,
+                 names: tuple[str, str], bias: bool = True, linear=nn.Linear) -> None:
+        super().__init__()
+        register_as(self, names[0], "_up", linear(hidden_size, intermediate_size, bias=bias))
+        register_as(self, names[1], "_down", linear(intermediate_size, hidden_size, bias=bias))
+        self.act = get_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._down(self.act(self._up(x)))

@@ -19,11 +19,13 @@ floating-point sums match it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molink.model.arch_config import FamilyOptions
 from molink.model.layers.mlp import get_activation
 
 Glu = Callable[[torch.Tensor], torch.Tensor]  # [n, 2 * inter] -> [n, inter]
@@ -53,6 +55,14 @@ def clamped_swiglu(alpha: float, limit: float) -> Glu:
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
     return glu
+
+
+@dataclass(frozen=True)
+class MoeOptions(FamilyOptions):
+    """Settings every sparse-MoE family has (its options subclass this)."""
+
+    num_experts: int
+    num_experts_per_tok: int
 
 
 class TopKRouter(nn.Module):
@@ -171,6 +181,17 @@ class SparseMoeBlock(nn.Module):
         return out
 
 
+def router_and_experts(cfg, intermediate_size: int, **router_flags
+                       ) -> tuple[TopKRouter, FusedExperts]:
+    """The top-k router and the gated experts (``act(gate) * up``) of ``cfg.options``."""
+    options: MoeOptions = cfg.options
+    gate = TopKRouter(cfg.hidden_size, options.num_experts, options.num_experts_per_tok,
+                      **router_flags)
+    experts = FusedExperts(options.num_experts, cfg.hidden_size, intermediate_size,
+                           chunked_glu(cfg.hidden_act))
+    return gate, experts
+
+
 def per_expert_names(prefix: str, num_experts: int, parts: tuple[str, ...]) -> list[str]:
     """Per-expert checkpoint matrices that stack into one 3-D tensor, expert by expert.
 
@@ -222,7 +243,7 @@ class ExpertCheckpointMixin:
         block = f"{layer_prefix}.{self.per_expert_block}"
         fused = tail.removeprefix("experts.")
         if fused != tail and fused in self.per_expert_parts:
-            num_experts = self.cfg.extra["num_experts"]
+            num_experts = self.cfg.options.num_experts
             return per_expert_names(f"{block}.experts", num_experts, self.per_expert_parts[fused])
         if tail == "gate.weight" and self.per_expert_block != "mlp":
             return [f"{block}.gate.weight"]

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 exactly as Hugging Face does."""
+"""RMSNorm, computed in float32 exactly as Hugging Face does, and its variants."""
 
 from __future__ import annotations
 
@@ -18,3 +18,13 @@ class RMSNorm(nn.Module):
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(input_dtype)
+
+
+class Fp32WeightRMSNorm(RMSNorm):
+    """Normalise and scale by the weight in float32, cast once (ChatGLM, gpt-oss); differs
+    from ``RMSNorm`` only below float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * normed).to(x.dtype)

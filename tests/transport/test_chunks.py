@@ -1,4 +1,4 @@
-"""Cutting steps into parts and fragments keeps every token, row and piece of metadata."""
+"""Cutting steps into parts and chunks keeps every token, row and piece of metadata."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from molink.messages import BatchEntry, CachedRequest, NewRequest, RawTensor, StepPlan
 from molink.sampling_params import SamplingParams
-from molink.transport.fragments import fragment, slice_entries, split_parts, take_rows
+from molink.transport.chunks import cut_chunk, slice_entries, split_parts, take_rows
 
 WIDTH = 3  # float32 values per row
 
@@ -40,27 +40,27 @@ def test_split_parts_puts_running_single_tokens_first_and_keeps_rows():
     parts = split_parts(plan, _rows([0, 1, 2, 3, 4, 5, 6, 7, 8]), separate_prefill=True)
     decode, prefill = parts
     assert not decode.is_prefill and [e.request_id for e in decode.entries] == ["b", "d"]
-    assert _row_values(decode.rows) == [3, 8]
+    assert _row_values(decode.activations) == [3, 8]
     assert prefill.is_prefill and [e.request_id for e in prefill.entries] == ["a", "c"]
-    assert _row_values(prefill.rows) == [0, 1, 2, 4, 5, 6, 7]
+    assert _row_values(prefill.activations) == [0, 1, 2, 4, 5, 6, 7]
     whole = split_parts(plan, None, separate_prefill=False)
     assert len(whole) == 1 and whole[0].entries == plan.batch
     known = split_parts(plan, None, separate_prefill=True, is_prefill=True)
     assert len(known) == 1 and known[0].is_prefill  # a part stays one part on later hops
 
 
-def test_fragments_carry_metadata_once_and_freed_ids_first():
+def test_chunks_carry_metadata_once_and_freed_ids_first():
     plan = _plan()
     _, prefill = split_parts(plan, _rows(list(range(9))), separate_prefill=True)
-    first, rows = fragment(prefill, 0, 2)
+    first, rows = cut_chunk(prefill, 0, 2)
     assert first.batch == [BatchEntry("a", 0, 2, False)]  # cut: samples only in its last piece
     assert [r.request_id for r in first.new_requests] == ["a"] and first.freed_request_ids == ["gone"]
     assert _row_values(rows) == [0, 1]
-    second, rows = fragment(prefill, 2, 5)
+    second, rows = cut_chunk(prefill, 2, 5)
     assert second.batch == [BatchEntry("a", 2, 1, True), BatchEntry("c", 4, 2, False)]
     assert second.new_requests == [] and [c.request_id for c in second.cached_requests] == ["c"]
     assert second.freed_request_ids == [] and _row_values(rows) == [2, 4, 5]
-    third, rows = fragment(prefill, 5, 7)
+    third, rows = cut_chunk(prefill, 5, 7)
     assert third.batch == [BatchEntry("c", 6, 2, False)] and third.cached_requests == []
     assert _row_values(rows) == [6, 7]
 

@@ -4,15 +4,15 @@ A computed step leaves a stage as the activations of every token in its batch, r
 batch order. For the link it is split into *parts*: the decode part (one token per
 request, latency-critical) and the prefill part (prompt tokens, large). The link scheduler
 then sends a part whole or as consecutive token ranges; each range travels as a
-self-contained fragment message the next stage can compute on arrival::
+self-contained chunk message the next stage can compute on arrival::
 
     batch  [ a: 3 prompt tokens | b: decode | c: 4 prompt tokens ]
     parts  decode: [ b ]                 prefill: [ a0 a1 a2 c0 c1 c2 c3 ]
     range  prefill[2:5] -> entries a(start+2, 1 token, samples), c(start, 2 tokens, no sample)
 
 Per-request metadata (a new request's prompt and blocks, a running request's new blocks)
-goes with the first fragment that holds the request; freed requests go with the first
-fragment of each part (dropping a request twice is harmless).
+goes with the first chunk that holds the request; freed requests go with the first
+chunk of each part (dropping a request twice is harmless).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class Part:
 
     plan: StepPlan  # the step (its batch is not this part's; see ``entries``)
     entries: list[BatchEntry]  # this part's entries, in row order
-    rows: RawTensor | None  # activations of exactly these entries' tokens, or None
+    activations: RawTensor | None  # of exactly these entries' tokens, rows in order; or None
     is_prefill: bool
     sent_metadata: set[str] = field(default_factory=set)  # requests whose metadata went
     sent_any: bool = False
@@ -38,30 +38,30 @@ class Part:
         return sum(e.num_tokens for e in self.entries)
 
 
-def split_parts(plan: StepPlan, rows: RawTensor | None, *, separate_prefill: bool,
+def split_parts(plan: StepPlan, activations: RawTensor | None, *, separate_prefill: bool,
                 is_prefill: bool | None = None) -> list[Part]:
     """The decode part (running requests' single tokens), then the prefill part (the rest);
-    empty parts are left out. Without ``separate_prefill`` the step is one part. A fragment
+    empty parts are left out. Without ``separate_prefill`` the step is one part. A chunk
     that already is one part (``is_prefill`` known) stays one part of that kind, so a
     request's pieces never change queues (and never overtake each other) on later hops."""
     if is_prefill is not None:
-        return [Part(plan, list(plan.batch), rows, is_prefill=is_prefill)]
+        return [Part(plan, list(plan.batch), activations, is_prefill=is_prefill)]
     new_ids = {r.request_id for r in plan.new_requests}
     is_decode = [e.num_tokens == 1 and e.request_id not in new_ids for e in plan.batch]
     if not separate_prefill or all(is_decode) or not any(is_decode):
-        return [Part(plan, list(plan.batch), rows, is_prefill=not all(is_decode))]
+        return [Part(plan, list(plan.batch), activations, is_prefill=not all(is_decode))]
     offsets = _offsets(plan.batch)
     parts = []
     for want_decode in (True, False):
         picked = [i for i, d in enumerate(is_decode) if d == want_decode]
         entries = [plan.batch[i] for i in picked]
         ranges = [(offsets[i], offsets[i] + plan.batch[i].num_tokens) for i in picked]
-        parts.append(Part(plan, entries, take_rows(rows, ranges) if rows is not None else None,
-                          is_prefill=not want_decode))
+        picked_rows = None if activations is None else take_rows(activations, ranges)
+        parts.append(Part(plan, entries, picked_rows, is_prefill=not want_decode))
     return parts
 
 
-def fragment(part: Part, start: int, end: int) -> tuple[StepPlan, RawTensor | None]:
+def cut_chunk(part: Part, start: int, end: int) -> tuple[StepPlan, RawTensor | None]:
     """Tokens ``[start, end)`` of ``part`` as a plan (with the metadata not yet sent) and
     their activation rows."""
     entries = slice_entries(part.entries, start, end)
@@ -74,8 +74,9 @@ def fragment(part: Part, start: int, end: int) -> tuple[StepPlan, RawTensor | No
         cached_requests=[c for c in part.plan.cached_requests if c.request_id in fresh],
         freed_request_ids=[] if part.sent_any else list(part.plan.freed_request_ids))
     part.sent_any = True
-    rows = None if part.rows is None else take_rows(part.rows, [(start, end)])
-    return plan, rows
+    if part.activations is None:
+        return plan, None
+    return plan, take_rows(part.activations, [(start, end)])
 
 
 def slice_entries(entries: list[BatchEntry], start: int, end: int) -> list[BatchEntry]:

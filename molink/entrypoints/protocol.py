@@ -1,0 +1,131 @@
+"""The OpenAI request bodies this server accepts, as pydantic models (the API's schema).
+
+They check types only, strictly (``"2"`` is not an integer, ``true`` is not a number), so a
+wrong type is a 400 naming the field. Value ranges are checked where they are defined:
+``SamplingParams`` for the sampling fields, ``coordinator.prompts`` for prompts. Unknown
+fields are ignored, as real clients send extras (vLLM's ``extra_body`` fields, ``user``,
+``metadata``, ...); OpenAI fields this server cannot honour are accepted only at their "off"
+value and are a 400 otherwise. Every field may be ``null``, meaning "not given".
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from molink.sampling_params import MAX_LOGPROBS, MAX_N
+
+INT_LIMIT = 2**31 - 1
+MAX_LIST_ITEMS = 1024  # stop / stop_token_ids (SamplingParams checks the items)
+
+
+def _encodable(text: str) -> str:
+    """JSON allows lone surrogates; tokenizers choke on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+TokenIds = Annotated[list[int], Field(min_length=1)]
+Count = Annotated[int, Field(ge=1, le=INT_LIMIT)]
+NumTop = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class SamplingFields(_Strict):
+    """What both endpoints share: the model, n, streaming and the sampling fields."""
+
+    # Fields handed to SamplingParams as they are (it checks their ranges).
+    SAMPLING: ClassVar[tuple[str, ...]] = (
+        "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+        "frequency_penalty", "repetition_penalty", "min_tokens", "stop", "stop_token_ids",
+        "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+        "spaces_between_special_tokens")
+    # OpenAI fields this server does not implement -> the values that mean "off".
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {})}
+
+    model: str | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    max_tokens: Count | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_LIST_ITEMS)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_LIST_ITEMS)] | None = None
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    logit_bias: Any = None
+
+    def sampling_values(self) -> dict[str, Any]:
+        """The sampling fields that were given, for ``SamplingParams(**values)``."""
+        return {name: getattr(self, name) for name in self.SAMPLING
+                if getattr(self, name) is not None}
+
+
+def _off_only(cls, value, info):
+    if value not in cls.UNSUPPORTED[info.field_name]:
+        raise ValueError(f"{info.field_name} is not supported by this server")
+    return value
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions`` (and ``/generate``)."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {}), "echo": (None, False),
+                                               "suffix": (None, "")}
+
+    # A string, a token-id list, or a non-empty list of either.
+    prompt: Text | TokenIds | Annotated[list[Text | TokenIds], Field(min_length=1)]
+    logprobs: NumTop | None = None  # how many top logprobs per token
+    echo: Any = None
+    suffix: Any = None
+
+    _unsupported = field_validator("logit_bias", "echo", "suffix")(classmethod(_off_only))
+
+
+class ChatMessage(_Strict):
+    role: Text = Field(min_length=1)
+    content: Text
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {
+        "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+        "response_format": (None, {"type": "text"}), "audio": (None,), "prediction": (None,)}
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Count | None = None  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: NumTop | None = None
+    tools: Any = None
+    functions: Any = None
+    response_format: Any = None
+    audio: Any = None
+    prediction: Any = None
+
+    _unsupported = field_validator("logit_bias", "tools", "functions", "response_format",
+                                   "audio", "prediction")(classmethod(_off_only))

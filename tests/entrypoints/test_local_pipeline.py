@@ -1,0 +1,60 @@
+"""The local-pipeline launcher: ready from the head's health, a stage that dies ends the wait
+at once with its log, and every process it started is gone afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from molink.config import CacheConfig, ModelConfig, SchedulerConfig
+from molink.coordinator.head_config import HeadConfig
+from molink.coordinator.pipeline_head import PipelineHead
+from molink.entrypoints.local_pipeline import LocalPipeline, StageExited
+from molink.transport.peers import PeerSecurity
+
+TOKEN = "local-pipeline-test-token"
+OPTIONS = ["--dtype", "float32", "--device", "cpu"]
+
+
+def _head(model_dir, head_layers) -> PipelineHead:
+    return PipelineHead(ModelConfig(model=str(model_dir), dtype="float32", device="cpu"),
+                        CacheConfig(num_blocks=64), SchedulerConfig(),
+                        HeadConfig(head_layers=head_layers), security=PeerSecurity.create(TOKEN))
+
+
+def test_a_ready_pipeline_is_stopped_by_pid(tiny_model_dir):
+    model = tiny_model_dir("llama")
+
+    async def main():
+        async with LocalPipeline(_head(model, (0, 2)), TOKEN, model, [(2, 3), (3, 4)],
+                                 join_options=OPTIONS) as pipe:
+            assert pipe.head.health()[0]
+            described = pipe.head.describe()
+            assert "-> layers 2:3 at 127.0.0.1:" in described
+            assert "-> layers 3:4 at 127.0.0.1:" in described
+            assert len(set(pipe.pids)) == 2
+        return pipe.procs
+
+    procs = asyncio.run(main())
+    assert all(proc.returncode is not None for proc in procs)
+
+
+def test_a_stage_that_exits_ends_the_wait_with_its_log(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+
+    async def main():
+        # a wrong token: the head refuses the stage, which exits with the reason
+        pipe = LocalPipeline(_head(model, (0, 2)), "not-the-token", model, [(2, 4)],
+                             join_options=OPTIONS, log_dir=tmp_path)
+        started = time.monotonic()
+        with pytest.raises(StageExited, match="stage process 1 exited with code") as caught:
+            async with pipe:
+                raise AssertionError("the pipeline cannot become ready")
+        assert time.monotonic() - started < 60  # not the 300 s readiness timeout
+        return pipe.procs, str(caught.value)
+
+    procs, message = asyncio.run(main())
+    assert all(proc.returncode is not None for proc in procs)
+    assert (tmp_path / "stage0.log").read_text().strip().splitlines()[-1] in message
