@@ -5,6 +5,7 @@
     molink serve MODEL [--layers 0:K]            the head: HTTP API + the first layers
     molink join MODEL --head H:P --layers A:B    serve layers A:B as a stage of H's pipeline
     molink status --head HOST:HTTP_PORT          the live pipeline and its figures
+    molink plan MODEL --node rtx3090 --node cpu:64GB   which layers each node would serve
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from molink import envs
 from molink.config import DTYPES
 from molink.entrypoints import join as join_cli
+from molink.entrypoints import plan as plan_cli
 from molink.entrypoints import serve as serve_cli
 from molink.entrypoints.join import positive_int
 from molink.sampling_params import SamplingParams
@@ -30,6 +32,8 @@ SUBCOMMANDS = {  # name -> (one-line summary, default log level)
     "serve": ("run the head of a pipeline with its HTTP API", "info"),
     "join": ("serve a layer range as a stage of a head's pipeline", "info"),
     "status": ("show a running pipeline and its figures", "warning"),
+    "plan": ("show which layers each node would serve, its memory and the predicted speed",
+             "warning"),
 }
 
 
@@ -74,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, dest="command", metavar="COMMAND",
                                 help="one of these; 'molink COMMAND --help' lists its options")
     adders = {"generate": _add_generate, "demo": _add_demo, "serve": serve_cli.add_arguments,
-              "join": join_cli.add_arguments, "status": _add_status}
+              "join": join_cli.add_arguments, "status": _add_status,
+              "plan": plan_cli.add_arguments}
     handlers = {"generate": _generate, "demo": _demo, "serve": _serve, "join": _join,
-                "status": _status}
+                "status": _status, "plan": plan_cli.run}
     for name, (summary, level) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=summary, description=summary,
                                  formatter_class=HelpFormatter)
@@ -89,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_generate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Hugging Face-format model directory")
+    parser.add_argument("model", help="a Hugging Face-format model directory, or a Hub repo "
+                                      "id (org/name[@revision])")
     parser.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt to continue")
     _add_generation_options(parser)
 

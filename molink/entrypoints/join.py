@@ -13,6 +13,7 @@ import signal
 import sys
 
 from molink.config import DTYPES, CacheConfig, ModelConfig, parse_layer_range
+from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, load_config, resolve_dtype
 from molink.runtime.device_profile import DeviceProfile
 from molink.runtime.emulated_executor import EmulatedExecutor
@@ -28,7 +29,9 @@ FINISH_TIMEOUT_S = 2.0  # at exit: how long tasks still running may take to end
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="Hugging Face-format model directory (the head's model)")
+    parser.add_argument("model", help="the head's model: a Hugging Face-format model directory, "
+                             "or a Hub repo id (org/name[@revision]) of which this stage "
+                             "downloads only the shards holding its layers")
     parser.add_argument("--head", required=True, type=address, metavar="HOST:PORT",
                         help="the head's peer address: its host and --peer-port")
     parser.add_argument("--layers", required=True, type=layer_range, metavar="START:END",
@@ -170,9 +173,20 @@ def kv_cache_memory_bytes(args, start: int, end: int) -> int | None:
     return budget
 
 
+def stage_model(args) -> tuple[str, int, int]:
+    """The local model directory of a stage (a Hub repo id fetched: config only for an
+    emulated stage, else the shards of its layers) and its checked layer range."""
+    model_dir = resolve_model(args.model, weights=False)
+    start, end = check_layers(args.layers, load_config(model_dir).arch.num_layers)
+    if not args.emulate_device:
+        model_dir = resolve_model(args.model, start, end)
+    return model_dir, start, end
+
+
 def run(args, token: str) -> int:
+    model_dir, start, end = stage_model(args)
+    args = argparse.Namespace(**{**vars(args), "model": model_dir})
     arch = load_config(args.model).arch
-    start, end = check_layers(args.layers, arch.num_layers)
     if args.emulate_device:
         executor = EmulatedExecutor(args.model, start, end,
                                     DeviceProfile.load(args.emulate_device, arch),

@@ -1,7 +1,7 @@
 """``LLM``: the offline Python API, call-compatible with vLLM's.
 
     from molink import LLM, SamplingParams
-    llm = LLM(model="/path/to/hf-model", dtype="float32")
+    llm = LLM(model="/path/to/hf-model", dtype="float32")  # or a Hub repo id: "org/name"
     outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     print(outputs[0].outputs[0].text)
 """
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
 from molink.coordinator.llm_engine import LLMEngine
+from molink.model.hub import resolve_model
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 
@@ -29,6 +30,9 @@ class LLM:
                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
                  stage_layers: list[tuple[int, int]] | None = None, **unsupported) -> None:
         _ignore_vllm_only_options(unsupported)
+        model = resolve_model(model)  # a Hub repo id: fetched whole into the local cache
+        if tokenizer is not None:
+            tokenizer = resolve_model(tokenizer, weights=False)
         model_config = ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
                                    seed=seed, max_model_len=max_model_len)
         cache_config = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,

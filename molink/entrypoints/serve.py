@@ -22,6 +22,7 @@ from molink.entrypoints.join import (
     port,
     positive_int,
 )
+from molink.model.hub import resolve_model
 from molink.model.loader import load_config
 from molink.transport.peers import PeerSecurity
 
@@ -29,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="Hugging Face-format model directory")
+    parser.add_argument("model", help="Hugging Face-format model directory, or a Hub repo id "
+                             "(org/name[@revision]): the head downloads config, tokenizer and "
+                             "the shards of its own layers")
     parser.add_argument("--layers", default=None, type=_head_layers_arg, metavar="0:END",
                         help="layers the head computes itself (default: all of them; "
                              "'none': the head computes no layers)")
@@ -42,7 +45,7 @@ def add_arguments(parser) -> None:
                              "/generate (default: $MOLINK_API_KEY; unset: no key needed)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="model name the API answers to (default: the model directory's "
-                             "name)")
+                             "name, or the repo id)")
     parser.add_argument("--ssl-keyfile", default=None, metavar="PATH",
                         help="serve the HTTP API over HTTPS with this private key (PEM; "
                              "default: plain HTTP)")
@@ -113,8 +116,8 @@ def run(args, token: str | None) -> int:
     _check_ssl_files(args)
     generated = token is None
     token = token or secrets.token_hex(16)
+    name = args.served_model_name or served_name(args.model)
     head = _build_head(args, token)
-    name = args.served_model_name or Path(args.model).name
     max_waiting = args.max_waiting_requests
     app = create_app(head, name, api_key=args.api_key or envs.api_key(),
                      max_waiting_requests=args.max_num_seqs if max_waiting is None else max_waiting,
@@ -137,6 +140,23 @@ def run(args, token: str | None) -> int:
     return 0
 
 
+def served_name(model: str) -> str:
+    """A local directory's name, or the repo id (``org/name``, without ``@revision``)."""
+    if Path(model).expanduser().exists():
+        return Path(model).name
+    return model.partition("@")[0]
+
+
+def head_model(args) -> tuple[str, tuple[int, int] | None]:
+    """The head's local model directory and its own layers: a Hub repo id is fetched
+    (config and tokenizer; weights only for the layers the head computes itself)."""
+    model_dir = resolve_model(args.model, weights=False)
+    layers = head_layers(args.layers, load_config(model_dir).arch.num_layers)
+    if layers is not None:
+        model_dir = resolve_model(args.model, *layers)
+    return model_dir, layers
+
+
 def _check_ssl_files(args) -> None:
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")
@@ -146,11 +166,11 @@ def _check_ssl_files(args) -> None:
 
 
 def _build_head(args, token: str) -> PipelineHead:
-    arch = load_config(args.model).arch
-    layers = head_layers(args.layers, arch.num_layers)
+    model_dir, layers = head_model(args)
+    args = argparse.Namespace(**{**vars(args), "model": model_dir})
     kv_bytes = kv_cache_memory_bytes(args, *layers) if layers else None
     return PipelineHead(
-        ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+        ModelConfig(model=model_dir, dtype=args.dtype, device=args.device,
                     max_model_len=args.max_model_len, seed=args.seed),
         CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                     kv_cache_memory_bytes=kv_bytes),

@@ -19,7 +19,7 @@ from molink.entrypoints.cli import DEFAULT_MODEL_DIR, HelpFormatter, build_parse
 from molink.model.loader import load_model
 
 MODEL = str(DEFAULT_MODEL_DIR)  # 6 layers
-SUBCOMMANDS = ("generate", "demo", "serve", "join", "status")
+SUBCOMMANDS = ("generate", "demo", "serve", "join", "status", "plan")
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:

@@ -1,0 +1,101 @@
+"""ModelSize: a model's memory per layer from its config.json alone (for ``molink plan``).
+
+The model is built on the meta device (shapes, no memory, no weights read). Its layers
+live in the body's ``nn.ModuleDict`` keyed by absolute layer index (``StageBody``); what
+is outside it belongs to the first stage (embeddings) or the last (final norm, LM head),
+which the one-layer stages ``[0, 1)`` and ``[n - 1, n)`` tell apart. KV bytes per layer
+come from the layer's attention modules; recurrent state (Mamba) is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from molink.model.arch_config import ArchConfig
+from molink.model.layers.attention import PagedAttention
+from molink.model.loader import check_model_dir, load_config, resolve_dtype
+from molink.scheduler.placement import ModelFootprint
+
+QUANT_GROUP_SIZE = 128  # parameters per 16-bit scale in a quantized matrix
+_SCALE_BYTES = 2
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The model as a plan needs it: its footprint and what the speed models read."""
+
+    name: str
+    arch: ArchConfig
+    footprint: ModelFootprint
+    dtype_bytes: int  # activations, KV cache, unquantized weights
+    layer_bytes_per_param: float  # of the layers' weights (the roofline's input)
+
+
+def measure_model(path: str, dtype: str, bits: int | None, kv_tokens: int) -> ModelSize:
+    """Sizes for weights in ``dtype`` (layer matrices at ``bits`` when given) and a KV
+    cache of ``kv_tokens`` tokens (context x batch) in ``dtype``."""
+    loaded = load_config(path)
+    arch, n = loaded.arch, loaded.arch.num_layers
+    dtype_bytes = resolve_dtype(dtype, arch, torch.device("meta")).itemsize
+    sizer = _ParamBytes(dtype_bytes, bits)
+    full = _build(loaded.model_class, arch, 0, n)
+    layers = _layers(full)
+    layer_weights = tuple(math.ceil(sum(sizer.of(p, in_layer=True) for p in layer.parameters()))
+                          for layer in layers)
+    layer_kv = tuple(kv_tokens * _kv_bytes_per_token(layer, dtype_bytes) for layer in layers)
+    first = _outside_layers(_build(loaded.model_class, arch, 0, 1), sizer)
+    last = _outside_layers(_build(loaded.model_class, arch, n - 1, n), sizer) if n > 1 else 0
+    mean_layer = sum(layer_weights) / n
+    footprint = ModelFootprint(layer_weights, layer_kv, first, last,
+                               # decode reads every weight once: time ~ bytes
+                               last_stage_work=last / mean_layer if mean_layer else 0.0)
+    layer_params = sum(p.numel() for layer in layers for p in layer.parameters())
+    return ModelSize(check_model_dir(path).name, arch, footprint, dtype_bytes,
+                     sum(layer_weights) / layer_params if layer_params else dtype_bytes)
+
+
+class _ParamBytes:
+    """Bytes of a parameter: ``dtype_bytes`` each, or ``bits / 8`` plus a 16-bit scale per
+    ``QUANT_GROUP_SIZE`` for a layer's matrices when quantized (bits < 16)."""
+
+    def __init__(self, dtype_bytes: int, bits: int | None) -> None:
+        self.dtype_bytes, self.bits = dtype_bytes, bits
+
+    def of(self, param: nn.Parameter, in_layer: bool) -> float:
+        numel = param.numel()
+        if not in_layer or self.bits is None or param.dim() < 2:
+            return numel * self.dtype_bytes
+        if self.bits >= 16:
+            return numel * self.bits // 8
+        return numel * self.bits / 8 + -(-numel // QUANT_GROUP_SIZE) * _SCALE_BYTES
+
+
+def _build(model_class: type, arch: ArchConfig, start: int, end: int) -> nn.Module:
+    with torch.device("meta"):
+        return model_class(arch, start, end)
+
+
+def _layers(stage: nn.Module) -> list[nn.Module]:
+    """The stage's layers in order: its ModuleDict keyed by absolute layer index."""
+    keys = [str(i) for i in range(stage.start_layer, stage.end_layer)]
+    for module in stage.modules():
+        if isinstance(module, nn.ModuleDict) and list(module.keys()) == keys:
+            return [module[key] for key in keys]
+    raise ValueError(f"{type(stage).__name__} keeps no layer dict keyed by layer index: "
+                     "its layer sizes cannot be measured")
+
+
+def _outside_layers(stage: nn.Module, sizer: _ParamBytes) -> int:
+    """Bytes of a stage's parameters outside its layers (embeddings, final norm, LM head)."""
+    inside = {id(p) for layer in _layers(stage) for p in layer.parameters()}
+    return int(sum(sizer.of(p, in_layer=False) for p in stage.parameters()
+                   if id(p) not in inside))
+
+
+def _kv_bytes_per_token(layer: nn.Module, dtype_bytes: int) -> int:
+    return sum(2 * m.num_kv_heads * m.head_dim * dtype_bytes
+               for m in layer.modules() if isinstance(m, PagedAttention))
