@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from molink.model.loader import load_config
+from molink.model.loader import load_config, stored_name
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,6 @@ OPTIONAL_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.
                   "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                   "chat_template.json")
 TOKEN_HINT = "needs a token: set HF_TOKEN or run `huggingface-cli login`"
-# Checkpoints saved from a bare base model store ``h.0...`` where the model names
-# ``transformer.h.0...`` (the loader's ``CheckpointFiles`` accepts both, as here).
-_BASE_MODEL_PREFIXES = ("transformer.", "model.")
 
 
 def resolve_model(name_or_path: str, start_layer: int = 0, end_layer: int | None = None, *,
@@ -165,16 +162,7 @@ def needed_tensor_names(model_dir: str, start_layer: int, end_layer: int | None,
         select_layout(stored_names)
     wanted = {source for name, _ in model.named_parameters()
               for source in model.checkpoint_names(name)}
-    return {key for name in wanted if (key := _stored_name(name, stored_names)) is not None}
-
-
-def _stored_name(name: str, stored_names: frozenset[str]) -> str | None:
-    if name in stored_names:
-        return name
-    for prefix in _BASE_MODEL_PREFIXES:
-        if name.startswith(prefix) and name[len(prefix):] in stored_names:
-            return name[len(prefix):]
-    return None
+    return {key for name in wanted if (key := stored_name(name, stored_names)) is not None}
 
 
 @contextlib.contextmanager

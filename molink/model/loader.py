@@ -1,9 +1,11 @@
-"""Stage-aware loading of Hugging Face-format model directories.
+"""Stage-aware loading of Hugging Face-format model directories and GGUF files.
 
 A stage builds its model for ``[start_layer, end_layer)`` on the meta device (no memory,
 no random init), materialises it empty on the target device, then reads from the
 safetensors files exactly the tensors its parameters name, and nothing else. Sharded
-checkpoints (``model.safetensors.index.json``) are read shard by shard.
+checkpoints (``model.safetensors.index.json``) are read shard by shard. A GGUF file or split
+set (``molink.model.gguf``) gives the config from its metadata; its quantized weights stay
+quantized in memory (``molink.model.gguf_weights``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from safetensors import safe_open
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
+from molink.model.gguf import GGUFCheckpoint, gguf_files
+from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.registry import (
     get_model_class,
     registered_models,
@@ -54,7 +58,14 @@ def check_model_dir(path: str) -> Path:
 
 
 def load_config(path: str) -> LoadedConfig:
-    """Read ``config.json`` (never running remote code) and pick our model class."""
+    """Read ``config.json`` (never running remote code), or a GGUF file's metadata, and pick
+    our model class."""
+    files = gguf_files(path)
+    if files is not None:
+        hf_config = GGUFCheckpoint(files).hf_config()
+        model_class = get_model_class(resolve_architecture(hf_config.architectures))
+        return LoadedConfig(hf_config=hf_config, arch=model_class.arch_config(hf_config),
+                            model_class=model_class)
     directory = check_model_dir(path)
     try:
         raw = json.loads((directory / "config.json").read_text())
@@ -93,6 +104,18 @@ def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.d
     if chosen == torch.float16 and device.type == "cpu":
         return torch.bfloat16
     return chosen
+
+
+def stored_name(name: str, stored_names) -> str | None:
+    """The key holding ``name`` among ``stored_names`` (None: absent): checkpoints saved
+    from a bare base model (the original GPT-2 and BLOOM) store ``h.0...`` where the model
+    names ``transformer.h.0...``."""
+    if name in stored_names:
+        return name
+    for prefix in _BASE_MODEL_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):] in stored_names:
+            return name[len(prefix):]
+    return None
 
 
 class CheckpointFiles:
@@ -136,14 +159,7 @@ class CheckpointFiles:
         return tensors
 
     def _stored_name(self, name: str) -> str | None:
-        """The key holding ``name``: checkpoints saved from a bare base model (the original
-        GPT-2 and BLOOM) store ``h.0...`` where the model names ``transformer.h.0...``."""
-        if name in self.file_of:
-            return name
-        for prefix in _BASE_MODEL_PREFIXES:
-            if name.startswith(prefix) and name[len(prefix):] in self.file_of:
-                return name[len(prefix):]
-        return None
+        return stored_name(name, self.file_of)
 
 
 def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
@@ -157,10 +173,17 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
             f"layers {start_layer}:{end_layer} are outside the model's 0:{arch.num_layers}"
         )
     torch_dtype = resolve_dtype(dtype, arch, device)
+    files = gguf_files(path)
+    checkpoint = GGUFCheckpoint(files) if files is not None else None
     with torch.device("meta"):
         model = loaded.model_class(arch, start_layer, end_layer)
+        if checkpoint is not None:
+            swap_quantized_modules(model, checkpoint, torch_dtype)
     model = model.to(dtype=torch_dtype).to_empty(device=device)
-    _fill_parameters(model, CheckpointFiles(check_model_dir(path)), device)
+    if checkpoint is not None:
+        fill_from_gguf(model, checkpoint, device)
+    else:
+        _fill_parameters(model, CheckpointFiles(check_model_dir(path)), device)
     model.eval().requires_grad_(False)
     logger.info("loaded %s layers %d:%d (%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), device)
@@ -206,9 +229,13 @@ def config_fingerprint(path: str) -> str:
     """sha256 of config.json without keys that do not change the model's math.
 
     Two nodes agree on the model iff their fingerprints match (dtype is compared apart).
+    A GGUF model's covers its config and every tensor's name, type and shape.
     """
     import hashlib
 
+    files = gguf_files(path)
+    if files is not None:
+        return GGUFCheckpoint(files).fingerprint()
     raw = json.loads((check_model_dir(path) / "config.json").read_text())
     kept = {k: v for k, v in raw.items() if k not in _VOLATILE_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()

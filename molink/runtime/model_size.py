@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
 from molink.model.layers.attention import PagedAttention
-from molink.model.loader import check_model_dir, load_config, resolve_dtype
+from molink.model.loader import load_config, resolve_dtype
 from molink.scheduler.placement import ModelFootprint
 
 QUANT_GROUP_SIZE = 128  # parameters per 16-bit scale in a quantized matrix
@@ -54,7 +55,7 @@ def measure_model(path: str, dtype: str, bits: int | None, kv_tokens: int) -> Mo
                                # decode reads every weight once: time ~ bytes
                                last_stage_work=last / mean_layer if mean_layer else 0.0)
     layer_params = sum(p.numel() for layer in layers for p in layer.parameters())
-    return ModelSize(check_model_dir(path).name, arch, footprint, dtype_bytes,
+    return ModelSize(Path(path).expanduser().resolve().name, arch, footprint, dtype_bytes,
                      sum(layer_weights) / layer_params if layer_params else dtype_bytes)
 
 
