@@ -88,7 +88,6 @@ class HeadLoop:
         self._not_ready_reason = not_ready_reason
         self.stats = HeadStats()
         self.scheduler: Scheduler | None = None
-        self.max_model_len = 0
         self.output_processor = OutputProcessor(frontend.tokenizer)
         self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
         self.hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
@@ -119,8 +118,8 @@ class HeadLoop:
         size the scheduler on first use, start serving."""
         self.epoch, self.first_hop, self.num_stages = epoch, first_hop, num_stages
         if self.scheduler is None:
-            self.max_model_len = self.frontend.fit_kv_capacity(num_blocks * self.block_size)
-            config = dataclasses.replace(self.scheduler_config, max_model_len=self.max_model_len)
+            max_model_len = self.frontend.fit_kv_capacity(num_blocks * self.block_size)
+            config = dataclasses.replace(self.scheduler_config, max_model_len=max_model_len)
             self.scheduler = Scheduler(config, num_blocks, self.block_size)
         self.is_open = True
         self._pump()
@@ -188,6 +187,11 @@ class HeadLoop:
         for _ in aborted:
             for listener in self.listeners:
                 listener.on_request_aborted(request_id)
+
+    @property
+    def max_model_len(self) -> int:
+        """Tokens a request may hold (0 until the first route sizes the KV cache)."""
+        return self.frontend.max_model_len
 
     @property
     def num_in_flight(self) -> int:

@@ -42,6 +42,7 @@ class LoadedConfig:
     hf_config: object  # the transformers config object
     arch: ArchConfig
     model_class: type
+    gguf: GGUFCheckpoint | None = None  # the parsed GGUF header, when the model is one
 
 
 def check_model_dir(path: str) -> Path:
@@ -62,10 +63,11 @@ def load_config(path: str) -> LoadedConfig:
     our model class."""
     files = gguf_files(path)
     if files is not None:
-        hf_config = GGUFCheckpoint(files).hf_config()
+        checkpoint = GGUFCheckpoint(files)
+        hf_config = checkpoint.hf_config()
         model_class = get_model_class(resolve_architecture(hf_config.architectures))
         return LoadedConfig(hf_config=hf_config, arch=model_class.arch_config(hf_config),
-                            model_class=model_class)
+                            model_class=model_class, gguf=checkpoint)
     directory = check_model_dir(path)
     try:
         raw = json.loads((directory / "config.json").read_text())
@@ -173,8 +175,7 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
             f"layers {start_layer}:{end_layer} are outside the model's 0:{arch.num_layers}"
         )
     torch_dtype = resolve_dtype(dtype, arch, device)
-    files = gguf_files(path)
-    checkpoint = GGUFCheckpoint(files) if files is not None else None
+    checkpoint = loaded.gguf  # header parsed once, by load_config
     with torch.device("meta"):
         model = loaded.model_class(arch, start_layer, end_layer)
         if checkpoint is not None:
