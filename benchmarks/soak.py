@@ -206,8 +206,8 @@ def write_report(result: dict, args, path: Path) -> None:
     counts = result["counts"]
     lines = [(f"# Soak: {args.duration_s / 60:.0f} minutes under load, faults every "
              f"{args.period_s:.0f} s\n"),
-             f"Command: `sudo python -m benchmarks.soak "
-             f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`\n",
+             (f"Command: `sudo python -m benchmarks.soak "
+              f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`\n"),
              "Four network namespaces (head, stage 1, stage 2, client) on one switch, every "
              "link shaped to 100 Mbit/s with `tc tbf`; the bundled model (6 layers) in "
              f"float32 split 0:2 / 2:4 / 4:6; {args.concurrency} streaming clients at all "
