@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int8", "int4")  # weight-only, applied while a full-precision model loads
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "half": "float16"}
 
@@ -42,9 +43,17 @@ class CacheConfig:
     block_size: int = 16  # tokens per block
     num_blocks: int | None = None  # None: sized from kv_cache_memory_bytes
     kv_cache_memory_bytes: int | None = None  # None: a device-dependent default
+    # CUDA: the KV cache takes what keeps the device's use within this fraction of its total
+    # once the weights are loaded (vLLM's option); None or a CPU: the default budget.
+    gpu_memory_utilization: float | None = None
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
+        utilization = self.gpu_memory_utilization
+        if utilization is not None and (isinstance(utilization, bool) or not isinstance(
+                utilization, (int, float)) or not 0 < utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be a fraction in (0, 1], "
+                             f"got {utilization!r}")
         if self.block_size > 1024:
             raise ValueError(f"block_size must be <= 1024, got {self.block_size}")
         if self.num_blocks is not None:
@@ -65,6 +74,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None: from the model's config
     seed: int = 0
     tokenizer: str | None = None  # None: same directory as the model
+    quantization: str | None = None  # None | int8 | int4 (AWQ/GPTQ/GGUF models need none)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -86,6 +96,9 @@ class ModelConfig:
             )
         if self.max_model_len is not None:
             _positive("max_model_len", self.max_model_len)
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
+                             f"got {self.quantization!r}")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -17,6 +17,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 1024
 MAX_N = 128
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: [-100, 100]
 _SEED_MAX = 2**63 - 1
 
 
@@ -40,6 +42,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # token id -> a bias added to its logit before sampling (last stage); -100 bans it in
+    # practice, +100 all but forces it. Token ids are checked against the vocabulary where
+    # the vocabulary is known (``coordinator.prompts.validate_prompt``).
+    logit_bias: dict[int, float] | None = None
     # Normalised views, filled in __post_init__.
     stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False)
     stop_token_id_set: frozenset[int] = field(default=frozenset(), init=False, repr=False)
@@ -69,6 +75,7 @@ class SamplingParams:
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "stop_strings", _normalise_stop(self.stop))
         object.__setattr__(self, "stop_token_id_set", _normalise_stop_ids(self.stop_token_ids))
 
@@ -127,6 +134,22 @@ def _normalise_stop(stop) -> tuple[str, ...]:
         if len(item) > MAX_STOP_STRING_CHARS:
             raise ValueError(f"each stop string may be at most {MAX_STOP_STRING_CHARS} characters")
     return tuple(items)
+
+
+def _normalise_logit_bias(bias) -> dict[int, float] | None:
+    """A copy (the caller's dict may change), None when empty."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ValueError(  # noqa: TRY004 - a ValueError, as for every bad input here
+            f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+    for token, value in bias.items():
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+        _check_float("logit_bias", value, low=-MAX_LOGIT_BIAS_VALUE, high=MAX_LOGIT_BIAS_VALUE)
+    return {token: float(value) for token, value in sorted(bias.items())} or None
 
 
 def _normalise_stop_ids(ids) -> frozenset[int]:

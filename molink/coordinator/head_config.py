@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
+from molink.scheduler.placement import DEFAULT_HEADROOM
 from molink.transport.hop_sender import COMPRESSIONS, SCHEDULES
 
 
@@ -16,6 +18,13 @@ class HeadConfig:
     link_schedule: str = "molink"  # how every hop sends: molink | priority | fifo
     compression: str = "auto"  # activations on the wire: auto | none | float16 | ...
     max_chunk_tokens: int | None = None  # cap on a prefill chunk (None: just in time)
+    # Automatic placement (stages joining without --layers; the head too with auto_layers).
+    auto_layers: bool = False  # the head takes the first range the plan gives it
+    placement_settle_s: float = 10.0  # wait this long after the last new node, then plan
+    placement_headroom: float = DEFAULT_HEADROOM  # of each node's memory left unplanned
+    max_memory: int | None = None  # what the head offers (None: measured on its device)
+    gpu_memory_utilization: float | None = None
+    fetch_layers: Callable[[int, int], str] | None = None  # a Hub model: fetch a range's shards
 
     def __post_init__(self) -> None:
         if self.link_schedule not in SCHEDULES:
@@ -28,6 +37,10 @@ class HeadConfig:
             raise ValueError(f"num_microbatches must be at least 1, got {self.num_microbatches}")
         if self.max_chunk_tokens is not None and self.max_chunk_tokens < 1:
             raise ValueError(f"max_chunk_tokens must be at least 1, got {self.max_chunk_tokens}")
+        if self.auto_layers and self.head_layers is not None:
+            raise ValueError("auto_layers and head_layers exclude each other")
+        if self.placement_settle_s < 0 or not 0 <= self.placement_headroom < 1:
+            raise ValueError("placement_settle_s must be >= 0 and placement_headroom in [0, 1)")
         if self.head_layers is not None and not 0 <= self.head_layers[0] < self.head_layers[1]:
             raise ValueError(f"head_layers must be a non-empty range START:END, "
                              f"got {self.head_layers}")

@@ -78,8 +78,9 @@ class HeadLoop:
         requests are refused while the loop is closed. All three come from the node."""
         self.frontend = frontend  # tokenizer, EOS ids, model length, request building
         self.tokenizer = frontend.tokenizer
-        self.executor = executor  # the head's own layers, or None
-        self.compute = StageCompute(executor) if executor is not None else None
+        self.executor = self.compute = None  # the head's own layers, if any
+        if executor is not None:
+            self.attach_executor(executor)
         self.scheduler_config = scheduler_config
         self.block_size = block_size
         self.num_microbatches_option = num_microbatches
@@ -112,6 +113,11 @@ class HeadLoop:
         self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
 
     # ---- opening and closing ------------------------------------------------------------------
+
+    def attach_executor(self, executor) -> None:
+        """The head's own layers (loaded later under automatic placement, while closed)."""
+        executor.eos_token_ids = self.frontend.eos_token_ids
+        self.executor, self.compute = executor, StageCompute(executor)
 
     def open(self, epoch: int, first_hop, num_blocks: int, num_stages: int) -> None:
         """A route is set up (``first_hop``: None when the head computes every layer):

@@ -47,8 +47,24 @@ class Membership:
         self._next_id = 1
 
     def check_join(self, start: int, end: int, address: str, fingerprint: str, dtype: str,
-                   block_size: int, num_layers: int, min_blocks: int = 1) -> str | None:
+                   block_size: int, num_layers: int) -> str | None:
         """None if a stage with these properties may join, else the reason it may not."""
+        reason = self.check_identity(fingerprint, dtype, block_size, num_layers)
+        if reason is not None:
+            return reason
+        ident = self.identity
+        if not 0 <= start < end <= ident.num_layers:
+            return f"layers {start}:{end} are outside the model's 0:{ident.num_layers}"
+        if not address:
+            return "the stage did not say where it can be reached (--advertise HOST:PORT)"
+        for owner, (a, b) in self._served():
+            if start < b and a < end:
+                return f"layers {start}:{end} overlap layers {a}:{b} already served by {owner}"
+        return None
+
+    def check_identity(self, fingerprint: str, dtype: str, block_size: int,
+                       num_layers: int) -> str | None:
+        """None if a stage loads the head's model in the head's dtype and block size."""
         ident = self.identity
         if fingerprint != ident.fingerprint:
             return (f"model mismatch: the stage's config.json differs from the head's "
@@ -61,13 +77,6 @@ class Membership:
         if block_size != ident.block_size:
             return (f"block size mismatch: the stage uses {block_size}-token KV blocks, "
                     f"the head {ident.block_size}")
-        if not 0 <= start < end <= ident.num_layers:
-            return f"layers {start}:{end} are outside the model's 0:{ident.num_layers}"
-        if not address:
-            return "the stage did not say where it can be reached (--advertise HOST:PORT)"
-        for owner, (a, b) in self._served():
-            if start < b and a < end:
-                return f"layers {start}:{end} overlap layers {a}:{b} already served by {owner}"
         return None
 
     def add(self, start: int, end: int, address: str, num_blocks: int) -> StageMember:

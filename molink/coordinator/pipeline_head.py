@@ -33,11 +33,13 @@ from molink.coordinator.frontend import Frontend
 from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.head_loop import HeadLoop, PipelineNotReady, StageUnavailable
 from molink.coordinator.hop_stats import HopStats, label_hops
+from molink.coordinator.join_desk import JoinDesk, planning_footprint
 from molink.coordinator.membership import Membership, ModelIdentity, StageMember
+from molink.coordinator.own_layers import OwnLayers
 from molink.coordinator.route_wiring import RouteWiring
 from molink.coordinator.stage_peers import StagePeers, stage_address
 from molink.messages import LinkReport
-from molink.model.loader import config_fingerprint, load_config, resolve_dtype
+from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.outputs import RequestOutput
 from molink.runtime.host import cpu_cores, host_id
 from molink.runtime.stage_executor import StageExecutor, resolve_device
@@ -68,20 +70,21 @@ class PipelineHead(pb_grpc.HeadServicer):
                  security: PeerSecurity) -> None:
         self.config = config
         self.security = security
-        self.arch = load_config(model_config.model).arch
+        loaded = load_config(model_config.model)
+        self.arch = loaded.arch
         self.cache_config = cache_config
         executor = None
         if config.head_layers is not None:
             start, end = config.head_layers
             executor = StageExecutor(model_config.replace(start_layer=start, end_layer=end),
                                      cache_config, max_num_seqs=scheduler_config.max_num_seqs)
-        dtype = resolve_dtype(model_config.dtype, self.arch, resolve_device(model_config.device))
+        dtype = resolve_dtype(model_config.dtype, self.arch, resolve_device(model_config.device),
+                              holds_int4(loaded, model_config.quantization))
         self.membership = Membership(
             ModelIdentity(config_fingerprint(model_config.model), str(dtype).removeprefix("torch."),
                           cache_config.block_size, self.arch.num_layers), config.head_layers)
         self.frontend = Frontend(model_config, self.arch)
-        if executor is not None:
-            executor.eos_token_ids = self.frontend.eos_token_ids
+        self._own = OwnLayers(model_config, cache_config, scheduler_config.max_num_seqs, config)
         self.loop = HeadLoop(frontend=self.frontend, executor=executor,
                              scheduler_config=scheduler_config,
                              block_size=cache_config.block_size,
@@ -101,6 +104,15 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._ready_event: asyncio.Event | None = None
         self.peers = StagePeers(security, lambda stage_id: stage_id in self.membership.stages)
         self.route = RouteWiring(config, security, self.peers)
+        self.desk = JoinDesk(self.membership, self.peers,
+                             lambda: planning_footprint(
+                                 model_config.model, self.membership.identity.dtype,
+                                 model_config.max_model_len, self.arch.max_position_embeddings,
+                                 model_config.quantization),
+                             settle_s=config.placement_settle_s,
+                             headroom=config.placement_headroom,
+                             head_expected=config.auto_layers,
+                             on_dead=self._on_stage_failure)
         self._received = DuplicateFilter()
         self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
         self._server: grpc.aio.Server | None = None
@@ -190,6 +202,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.address = f"{host}:{port}"
         self.advertised_address = advertise or ""
         self._health_task = asyncio.create_task(self._health_loop())
+        if self.config.auto_layers:
+            self._spawn(self._take_own_layers())
         if self.membership.complete:  # the head serves every layer itself
             await self._on_complete()
         return port
@@ -210,6 +224,14 @@ class PipelineHead(pb_grpc.HeadServicer):
             await self._server.stop(grace=0.5)
         self.loop.shutdown()
 
+    async def _take_own_layers(self) -> None:
+        """``serve --layers auto``: load what the plan gives the head, then serve."""
+        layers = await self._own.take(self.desk, self.loop, lambda: self._stopping)
+        if layers is not None:
+            self.membership.head_range = layers
+            if self.membership.complete:
+                await self._on_complete()
+
     async def wait_ready(self, timeout_s: float) -> None:
         """Until every layer is served (TimeoutError naming the missing ones otherwise)."""
         try:
@@ -229,22 +251,12 @@ class PipelineHead(pb_grpc.HeadServicer):
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         info = request.stage
         address = info.address or stage_address(context.peer(), info.port)
-        await self._drop_dead_overlaps(info.start_layer, info.end_layer)
+        if info.auto_layers and info.end_layer == 0:
+            return self.desk.offer(info.node_id or address, info)
         min_blocks = self.scheduler.block_pool.num_blocks if self.scheduler else 1
-        reason = self.membership.check_join(info.start_layer, info.end_layer, address,
-                                            info.model_fingerprint, info.dtype, info.block_size,
-                                            info.num_layers)
-        if reason is None and info.num_blocks < min_blocks:
-            reason = (f"the stage holds {info.num_blocks} KV blocks; the running pipeline "
-                      f"uses {min_blocks}")
-        if reason is not None:
-            logger.warning("refused stage %s (layers %d:%d): %s", address, info.start_layer,
-                           info.end_layer, reason)
+        member, reason = await self.desk.join(info, address, min_blocks)
+        if member is None:
             return pb.JoinReply(accepted=False, reason=reason)
-        member = self.membership.add(info.start_layer, info.end_layer, address,
-                                     info.num_blocks)
-        member.host_id, member.device, member.cpu_cores = info.host_id, info.device, info.cpu_cores
-        member.fingerprint = info.fingerprint
         missing = self.membership.describe_missing()
         logger.info("stage joined: %s, %s KV blocks%s", member.label, f"{info.num_blocks:,}",
                     f" (still missing layers {missing})" if missing else "")
@@ -252,15 +264,6 @@ class PipelineHead(pb_grpc.HeadServicer):
             self._spawn(self._on_complete())
         return pb.JoinReply(accepted=True, stage_id=member.stage_id, head_instance=self.instance,
                             address=address)
-
-    async def _drop_dead_overlaps(self, start: int, end: int) -> None:
-        """A stage restarted before its old self was found dead would be refused for
-        overlapping it: check the overlapping members now and drop those that are gone."""
-        for member in list(self.membership.stages.values()):
-            overlaps = member.start_layer < end and start < member.end_layer
-            if overlaps and not await self.peers.answers(member):
-                self._on_stage_failure(member, "replaced by a new stage for its layers "
-                                               "(it no longer answers)")
 
     async def Results(self, request_iterator, context):
         """Results from the last stage; taken, then acknowledged (an acknowledged result

@@ -51,6 +51,10 @@ def validate_prompt(token_ids: list[int], params: SamplingParams, vocab_size: in
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
             raise RequestError(f"prompt_token_ids must be integers in [0, {vocab_size}), "
                                f"got {token!r}", "prompt")
+    for token in params.logit_bias or ():
+        if token >= vocab_size:
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab_size}), got {token}",
+                               "logit_bias")
     max_tokens = params.max_tokens
     if max_tokens_must_fit and max_tokens is not None \
             and len(token_ids) + max_tokens > max_model_len:

@@ -51,7 +51,7 @@ async def run_choices(head, admission: Admission, job: Job, request_id: str,
 async def _run(head, admission: Admission, job: Job,
                request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
     choices = job.choices()
-    unhanded = admission.admit(head, len(choices), job.n)
+    unhanded = admission.admit(head, len(choices), len(job.choice_params))
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
@@ -118,7 +118,7 @@ async def answer(runner: Runner, job: Job, fmt, request: Request):
         finals = collect.result()
     except (*SERVICE_ERRORS, ValueError) as exc:
         return failure(exc)
-    return fmt.answer([finals[i] for i in range(len(finals))])
+    return fmt.answer(job.best([finals[i] for i in range(len(finals))]))
 
 
 async def _collect(runner: Runner, job: Job, request_id: str) -> dict[int, RequestOutput]:

@@ -1,6 +1,7 @@
 """ApiKeyGuard: with ``--api-key``, the serving routes need ``Authorization: Bearer <key>``.
 
-Guarded: ``/v1/*`` and ``/generate`` (everything that runs or lists the model). Open:
+Guarded: ``/v1/*``, ``/generate``, ``/tokenize``, ``/detokenize`` and ``/version``
+(everything that runs, lists or describes the model). Open:
 ``/health`` and ``/metrics`` (for monitors and load balancers) and the API's description
 ``/docs`` and ``/openapi.json`` (the schema of the request bodies, nothing of the model or
 its traffic), as in vLLM. A wrong or missing key is a 401 in OpenAI's shape, answered before
@@ -32,5 +33,8 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+KEYED_PATHS = frozenset({"/generate", "/v1", "/tokenize", "/detokenize", "/version"})
+
+
 def guarded(path: str) -> bool:
-    return path == "/generate" or path == "/v1" or path.startswith("/v1/")
+    return path in KEYED_PATHS or path.startswith("/v1/")

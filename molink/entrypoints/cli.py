@@ -125,9 +125,11 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed (same seed, same text)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="precision (auto: the checkpoint's; float16 on CPU becomes bfloat16)")
+                        help="precision (auto: the checkpoint's on a GPU; on a CPU float32 unless it "
+                             "computes bfloat16 natively or the weights are int4)")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    join_cli.add_quantization_argument(parser)
 
 
 def _cluster_token(args) -> str:
@@ -181,7 +183,8 @@ def _sampling(args) -> SamplingParams:
 def _stream(model: str, args) -> int:
     from molink.entrypoints.llm import LLM
 
-    llm = LLM(model=model, dtype=args.dtype, device=args.device, seed=args.seed)
+    llm = LLM(model=model, dtype=args.dtype, device=args.device, seed=args.seed,
+              quantization=args.quantization)
     params = _sampling(args)
     engine = llm.llm_engine
     request_id = engine.add_request(None, args.prompt, params)

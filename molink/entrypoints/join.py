@@ -9,17 +9,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 
-from molink.config import DTYPES, CacheConfig, ModelConfig, parse_layer_range
+from molink.config import DTYPES, QUANTIZATIONS, CacheConfig, ModelConfig, parse_layer_range
 from molink.model.hub import resolve_model
-from molink.model.loader import config_fingerprint, load_config, resolve_dtype
-from molink.runtime.device_profile import DeviceProfile
+from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.host import cpu_cores, host_id
+from molink.runtime.model_size import emulated_profile
+from molink.runtime.node_budget import kv_budget_within
 from molink.runtime.stage_executor import StageExecutor, resolve_device
-from molink.stage.worker import StageRefused, StageWorker
+from molink.stage.head_client import StageRefused
+from molink.stage.worker import StageWorker
 from molink.transport import molink_pb2 as pb
 from molink.transport.peers import PeerSecurity
 
@@ -34,9 +37,10 @@ def add_arguments(parser) -> None:
                              "downloads only the shards holding its layers")
     parser.add_argument("--head", required=True, type=address, metavar="HOST:PORT",
                         help="the head's peer address: its host and --peer-port")
-    parser.add_argument("--layers", required=True, type=layer_range, metavar="START:END",
+    parser.add_argument("--layers", default=None, type=_layers_or_auto, metavar="START:END",
                         help="half-open layer range this stage serves (START: = to the last "
-                             "layer)")
+                             "layer), or auto: the head assigns a range from this node's "
+                             "memory (--max-memory) and measured speed (default: auto)")
     parser.add_argument("--host", default="0.0.0.0", help="interface the peer port listens on")
     add_node_arguments(parser, peer_port=0)
     parser.add_argument("--emulate-device", default=None, metavar="PROFILE",
@@ -64,13 +68,24 @@ def add_node_arguments(parser, peer_port: int) -> None:
     parser.add_argument("--dtype", default="auto",
                         choices=DTYPES,
                         help="precision of weights, KV cache and activations; every node must "
-                             "agree (auto: the checkpoint's; float16 on CPU becomes bfloat16)")
+                             "agree (auto: the checkpoint's on a GPU; on a CPU float32 unless it computes "
+                             "bfloat16 natively (AVX512-BF16, AMX) or the weights are int4, "
+                             "then bfloat16)")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    add_quantization_argument(parser)
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed of this node (the last stage samples: requests "
                              "without a seed of their own draw from it)")
     add_memory_arguments(parser)
+
+
+def add_quantization_argument(parser) -> None:
+    parser.add_argument("--quantization", default=None, choices=QUANTIZATIONS,
+                        help="keep the layers' linear weights as integers, quantized at load "
+                             "from a full-precision checkpoint: int8 (per channel) or int4 "
+                             "(groups of 128) (default: none; AWQ, GPTQ and GGUF checkpoints "
+                             "are read as stored)")
 
 
 def add_memory_arguments(parser) -> None:
@@ -88,6 +103,12 @@ def add_memory_arguments(parser) -> None:
                              "its weights and KV cache, as in vLLM; ignored on CPU, where the KV "
                              "cache takes min(2 GiB, 20%% of RAM) (default: the KV cache takes "
                              "90%% of the memory still free once the weights are loaded)")
+    parser.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                        help="memory this node offers for its weights and KV cache, e.g. 20GB: "
+                             "it sizes the KV cache (less 10%% headroom) and, under automatic "
+                             "placement, how many layers it gets (default: on CUDA "
+                             "--gpu-memory-utilization (0.9) x total less what other processes "
+                             "use; on CPU what the OS reports available)")
     parser.add_argument("--max-num-seqs", type=positive_int, default=256, metavar="N",
                         help="most requests running at once (the head's batch; a stage keeps "
                              "state for this many)")
@@ -109,6 +130,31 @@ def layer_range(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _layers_or_auto(text: str) -> str:
+    return "auto" if text.lower() == "auto" else layer_range(text)
+
+
+def memory_size(text: str) -> int:
+    """argparse type: a memory size with a unit (20GB, 512MB)."""
+    from molink.entrypoints.plan import parse_memory
+
+    try:
+        return parse_memory(text, "--max-memory")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def port(text: str) -> int:
@@ -149,6 +195,9 @@ def kv_cache_memory_bytes(args, start: int, end: int) -> int | None:
     """The KV budget ``--gpu-memory-utilization`` leaves this node on a CUDA device:
     ``utilization * total - (what others use now) - (this node's weights)``; None: the
     runtime's default budget."""
+    if args.max_memory is not None and args.num_kv_blocks is None:
+        weights = _weight_bytes(args, start, end, resolve_device(args.device))
+        return kv_budget_within(args.max_memory, weights, "--max-memory")
     if args.gpu_memory_utilization is None:
         return None
     device = resolve_device(args.device)
@@ -159,11 +208,7 @@ def kv_cache_memory_bytes(args, start: int, end: int) -> int | None:
     import torch
 
     free, total = torch.cuda.mem_get_info(device)
-    loaded = load_config(args.model)
-    with torch.device("meta"):  # sizes only: no memory is allocated
-        model = loaded.model_class(loaded.arch, start, end)
-    dtype = resolve_dtype(args.dtype, loaded.arch, device)
-    weight_bytes = sum(p.numel() for p in model.parameters()) * dtype.itemsize
+    weight_bytes = _weight_bytes(args, start, end, device)
     budget = int(args.gpu_memory_utilization * total) - (total - free) - weight_bytes
     if budget <= 0:
         raise ValueError(
@@ -171,6 +216,18 @@ def kv_cache_memory_bytes(args, start: int, end: int) -> int | None:
             f"KV cache: of {total / 2**30:.1f} GiB, others use {(total - free) / 2**30:.1f} GiB "
             f"and layers {start}:{end} take {weight_bytes / 2**30:.1f} GiB")
     return budget
+
+
+def _weight_bytes(args, start: int, end: int, device) -> int:
+    """Bytes of layers ``[start, end)`` as they will be held (quantized ones at their
+    stored size), with embeddings / LM head where they belong."""
+    from molink.runtime.model_size import measure_model  # sizes only: nothing is allocated
+
+    loaded = load_config(args.model)
+    dtype = resolve_dtype(args.dtype, loaded.arch, device, holds_int4(loaded, args.quantization))
+    sizes = measure_model(args.model, str(dtype).removeprefix("torch."), None, 0,
+                          args.quantization)
+    return sizes.footprint.weight_bytes(start, end)
 
 
 def stage_model(args) -> tuple[str, int, int]:
@@ -184,32 +241,61 @@ def stage_model(args) -> tuple[str, int, int]:
 
 
 def run(args, token: str) -> int:
+    from molink.entrypoints.join_auto import wants_layers_from_head
+
+    node_id = secrets.token_hex(8)
+    if not wants_layers_from_head(args):
+        args, executor = build_executor(args)
+        return asyncio.run(_serve(args, token, executor, node_id))
+    try:
+        return asyncio.run(_serve_placed(args, token, node_id))
+    except StageRefused as exc:
+        print(f"error: the head at {args.head} refused this node: {exc}", file=sys.stderr,
+              flush=True)
+        return 3
+
+
+async def _serve_placed(args, token: str, node_id: str) -> int:
+    """Without --layers: the range the head assigns, loaded while the offer is kept alive."""
+    from molink.entrypoints.join_auto import layers_from_head, with_layers
+    from molink.stage.head_client import keep_offering
+
+    (start, end), asking = await layers_from_head(args, token, node_id)
+    offering = asyncio.create_task(keep_offering(*asking))
+    try:
+        args, executor = await asyncio.to_thread(build_executor, with_layers(args, start, end))
+    finally:
+        offering.cancel()
+    return await _serve(args, token, executor, node_id)
+
+
+def build_executor(args):
+    """The stage's executor for ``args.layers`` (a Hub model fetched), and ``args`` with the
+    model's local directory."""
     model_dir, start, end = stage_model(args)
     args = argparse.Namespace(**{**vars(args), "model": model_dir})
-    arch = load_config(args.model).arch
     if args.emulate_device:
-        executor = EmulatedExecutor(args.model, start, end,
-                                    DeviceProfile.load(args.emulate_device, arch),
-                                    dtype=args.dtype, block_size=args.block_size,
-                                    num_blocks=args.num_kv_blocks or 65536)
-    else:
-        model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                   start_layer=start, end_layer=end,
-                                   max_model_len=args.max_model_len, seed=args.seed)
-        cache_config = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
-                                   kv_cache_memory_bytes=kv_cache_memory_bytes(args, start, end))
-        executor = StageExecutor(model_config, cache_config, max_num_seqs=args.max_num_seqs)
-    return asyncio.run(_serve(args, token, executor))
+        return args, EmulatedExecutor(
+            args.model, start, end,
+            emulated_profile(args.emulate_device, args.model, args.dtype, args.quantization),
+            dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_kv_blocks or 65536)
+    model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                               start_layer=start, end_layer=end,
+                               max_model_len=args.max_model_len, seed=args.seed,
+                               quantization=args.quantization)
+    cache_config = CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
+                               kv_cache_memory_bytes=kv_cache_memory_bytes(args, start, end))
+    return args, StageExecutor(model_config, cache_config, max_num_seqs=args.max_num_seqs)
 
 
-async def _serve(args, token: str, executor) -> int:
+async def _serve(args, token: str, executor, node_id: str = "") -> int:
     info = pb.StageInfo(start_layer=executor.start_layer, end_layer=executor.end_layer,
                         model_fingerprint=config_fingerprint(args.model),
                         dtype=str(executor.dtype).removeprefix("torch."),
                         block_size=executor.block_size, num_blocks=executor.num_blocks,
                         num_layers=executor.arch.num_layers, host_id=host_id(),
                         device="emulated" if args.emulate_device else executor.device.type,
-                        cpu_cores=cpu_cores())
+                        cpu_cores=cpu_cores(), node_id=node_id)
     security = PeerSecurity.create(token, insecure=args.insecure_peers)
     worker = StageWorker(executor, info, security, args.head)
     port = await worker.start(args.host, args.peer_port)

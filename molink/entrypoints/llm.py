@@ -25,18 +25,22 @@ class LLM:
 
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "auto",
                  device: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                 quantization: str | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory_bytes: int | None = None, max_num_seqs: int = 256,
+                 kv_cache_memory_bytes: int | None = None,
+                 gpu_memory_utilization: float | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
                  stage_layers: list[tuple[int, int]] | None = None, **unsupported) -> None:
-        _ignore_vllm_only_options(unsupported)
+        _check_vllm_options(unsupported)
         model = resolve_model(model)  # a Hub repo id: fetched whole into the local cache
         if tokenizer is not None:
             tokenizer = resolve_model(tokenizer, weights=False)
         model_config = ModelConfig(model=model, tokenizer=tokenizer, dtype=dtype, device=device,
-                                   seed=seed, max_model_len=max_model_len)
+                                   seed=seed, max_model_len=max_model_len,
+                                   quantization=quantization)
         cache_config = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks,
-                                   kv_cache_memory_bytes=kv_cache_memory_bytes)
+                                   kv_cache_memory_bytes=kv_cache_memory_bytes,
+                                   gpu_memory_utilization=gpu_memory_utilization)
         scheduler_config = SchedulerConfig(
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len or 10**9, enable_chunked_prefill=enable_chunked_prefill)
@@ -163,13 +167,33 @@ def _as_conversations(messages) -> list[list[dict]]:
     raise ValueError("messages must be a list of {'role', 'content'} dicts or a list of such lists")
 
 
-_VLLM_ONLY_OPTIONS = {"tensor_parallel_size", "gpu_memory_utilization", "trust_remote_code",
-                      "enforce_eager", "swap_space", "max_num_batched_tokens", "disable_log_stats"}
+# vLLM options that mean nothing here, or only what MoLink does anyway: accepted, logged.
+_VLLM_NO_OPS = {"trust_remote_code": ("no remote code ever runs; supported families load "
+                                      "without it"),
+                "enforce_eager": "MoLink runs eagerly", "disable_log_stats": "",
+                "disable_custom_all_reduce": "", "max_seq_len_to_capture": ""}
+# vLLM options MoLink does not implement: accepted only at the value that asks for nothing.
+_VLLM_UNSUPPORTED = {
+    "tensor_parallel_size": (1, ("MoLink splits a model by layers, not tensors: give "
+                                "stage_layers here, or run molink serve + molink join")),
+    "pipeline_parallel_size": (1, "give stage_layers=[(0, k), (k, n), ...] instead"),
+    "swap_space": (0, "KV blocks are never swapped to CPU memory"),
+    "cpu_offload_gb": (0, "weights are never offloaded; split the layers over more nodes"),
+    "enable_prefix_caching": (False, "prefix caching is not implemented"),
+    "speculative_config": (None, "speculative decoding is not implemented"),
+}
 
 
-def _ignore_vllm_only_options(options: dict) -> None:
-    unknown = set(options) - _VLLM_ONLY_OPTIONS
+def _check_vllm_options(options: dict) -> None:
+    """vLLM's options: a no-op is logged; an unsupported value raises (never ignored)."""
+    unknown = set(options) - set(_VLLM_NO_OPS) - set(_VLLM_UNSUPPORTED)
     if unknown:
         raise ValueError(f"unknown LLM option(s): {', '.join(sorted(unknown))}")
-    for name in options:
-        logger.info("LLM option %s is accepted for vLLM compatibility and ignored", name)
+    for name, value in options.items():
+        if name in _VLLM_NO_OPS:
+            logger.info("LLM option %s=%r has no effect: %s", name, value,
+                        _VLLM_NO_OPS[name] or "not applicable")
+            continue
+        accepted, why = _VLLM_UNSUPPORTED[name]
+        if value != accepted and not (accepted == 0 and value is None):
+            raise ValueError(f"{name}={value!r} is not supported: {why}")

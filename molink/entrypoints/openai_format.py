@@ -1,4 +1,5 @@
-"""OpenAI's JSON shapes of a ``Job``'s answers, whole or as chunks."""
+"""OpenAI's JSON shapes of a ``Job``'s answers, whole or as chunks (with ``echo``, the
+prompt's text first; with a reasoning parser, the thinking as ``reasoning_content``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 import uuid
 
 from molink.entrypoints.job import Job
+from molink.entrypoints.reasoning import ReasoningParser
 from molink.outputs import CompletionOutput, Logprob, RequestOutput
 
 # ---- formatting: outputs -> OpenAI JSON ----------------------------------------------------------
@@ -69,7 +71,7 @@ class CompletionFormat(Format):
         choices = []
         for index, output in enumerate(outputs):
             out = output.outputs[0]
-            choices.append({"index": index, "text": out.text,
+            choices.append({"index": index, "text": self._echo(index) + out.text,
                             "logprobs": self._logprobs(out, 0, len(out.logprobs or ()), 0),
                             "finish_reason": _finish_reason(out.finish_reason)})
         return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
@@ -77,13 +79,19 @@ class CompletionFormat(Format):
     def chunk(self, index: int, output: RequestOutput) -> dict | None:
         out = output.outputs[0]
         offset = self.sent_chars.get(index, 0)
+        echo = "" if index in self.sent_chars else self._echo(index)  # before the first part
         text, start, end = self._new_part(index, out)
+        text = echo + text
         if not text and start == end and out.finish_reason is None:
             return None
         choice = {"index": index, "text": text, "logprobs": self._logprobs(out, start, end, offset),
                   "finish_reason": _finish_reason(out.finish_reason)}
         extra = {"usage": None} if self.job.include_usage else {}
         return self._envelope(self.object_name, [choice], **extra)
+
+    def _echo(self, index: int) -> str:
+        texts = self.job.echo_texts
+        return "" if texts is None else texts[index // self.job.n]
 
     def _logprobs(self, out: CompletionOutput, start: int, end: int, offset: int) -> dict | None:
         """OpenAI's completions shape for tokens [start, end); offsets start at ``offset``."""
@@ -107,12 +115,20 @@ class ChatFormat(Format):
     chunk_object = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    def __init__(self, model: str, job: Job, reasoning: ReasoningParser | None = None) -> None:
+        super().__init__(model, job)
+        self.reasoning = reasoning
+        self.sent_split: dict[int, tuple[int, int]] = {}  # reasoning, content chars sent
+
     def answer(self, outputs: list[RequestOutput]) -> dict:
         choices = []
         for index, output in enumerate(outputs):
             out = output.outputs[0]
-            choices.append({"index": index,
-                            "message": {"role": "assistant", "content": out.text},
+            message = {"role": "assistant", "content": out.text}
+            if self.reasoning is not None:
+                reasoning, content = self.reasoning.split(out.text)
+                message |= {"reasoning_content": reasoning, "content": content}
+            choices.append({"index": index, "message": message,
                             "logprobs": self._logprobs(out, 0, len(out.logprobs or ())),
                             "finish_reason": _finish_reason(out.finish_reason)})
         return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
@@ -128,11 +144,22 @@ class ChatFormat(Format):
         text, start, end = self._new_part(index, out)
         if not text and start == end and out.finish_reason is None:
             return None
-        choice = {"index": index, "delta": {"content": text} if text else {},
+        choice = {"index": index, "delta": self._delta(index, out, text),
                   "logprobs": self._logprobs(out, start, end),
                   "finish_reason": _finish_reason(out.finish_reason)}
         extra = {"usage": None} if self.job.include_usage else {}
         return self._envelope(self.chunk_object, [choice], **extra)
+
+    def _delta(self, index: int, out: CompletionOutput, text: str) -> dict:
+        """The new text, as content or (with a reasoning parser) split from the thinking."""
+        if self.reasoning is None:
+            return {"content": text} if text else {}
+        reasoning, content = self.reasoning.split(out.text, out.finish_reason is not None)
+        reasoning, content = reasoning or "", content or ""
+        sent_reasoning, sent_content = self.sent_split.get(index, (0, 0))
+        self.sent_split[index] = len(reasoning), len(content)
+        delta = {"reasoning_content": reasoning[sent_reasoning:], "content": content[sent_content:]}
+        return {key: value for key, value in delta.items() if value}
 
     def _logprobs(self, out: CompletionOutput, start: int, end: int) -> dict | None:
         """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""

@@ -24,7 +24,6 @@ per parameter plus one 16-bit scale per group of 128 parameters (GPTQ / AWQ styl
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from molink.config import DTYPES
 from molink.entrypoints.join import positive_int
-from molink.runtime.device_profile import GPUS, DeviceProfile, GpuSpec, published_profile, roofline
+from molink.runtime.device_profile import GPUS, DeviceProfile, GpuSpec, published_profile
 from molink.scheduler.placement import (
     GB,
     DoesNotFit,
@@ -151,15 +150,11 @@ def node_budget(spec: NodeSpec, index: int, model: ModelSize, batch: int,
 
 
 def device_profile(kind: str, model: ModelSize) -> DeviceProfile:
+    from molink.runtime.model_size import roofline_for  # torch: only when planning
+
     if kind == "published":
         return published_profile()
-    arch = model.arch
-    profile = roofline(CPU if kind == "cpu" else GPUS[kind], arch.hidden_size,
-                       arch.intermediate_size, arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                       bytes_per_param=model.layer_bytes_per_param)
-    # The roofline reads the KV cache at the weights' bytes per parameter; it is in --dtype.
-    context = profile.context_ms_per_layer_per_1k * model.dtype_bytes / model.layer_bytes_per_param
-    return dataclasses.replace(profile, context_ms_per_layer_per_1k=context)
+    return roofline_for(CPU if kind == "cpu" else GPUS[kind], model)
 
 
 def describe(model: ModelSize, args) -> str:

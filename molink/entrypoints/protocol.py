@@ -6,6 +6,10 @@ wrong type is a 400 naming the field. Value ranges are checked where they are de
 fields are ignored, as real clients send extras (vLLM's ``extra_body`` fields, ``user``,
 ``metadata``, ...); OpenAI fields this server cannot honour are accepted only at their "off"
 value and are a 400 otherwise. Every field may be ``null``, meaning "not given".
+
+Chat messages are taken as clients send them (``content`` a string, a list of parts, or
+``null`` on an assistant turn with ``tool_calls``; ``tool`` messages with ``tool_call_id``);
+``chat_messages`` turns them into what chat templates expect.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from molink.sampling_params import MAX_LOGPROBS, MAX_N
+from molink.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N
 
 INT_LIMIT = 2**31 - 1
 MAX_LIST_ITEMS = 1024  # stop / stop_token_ids (SamplingParams checks the items)
@@ -39,6 +43,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
+def _logit_bias(value: dict[str, float] | None) -> dict[int, float] | None:
+    """JSON keys are strings: ``{"50256": -100}`` -> ``{50256: -100.0}`` (SamplingParams
+    checks the values, ``validate_prompt`` the ids against the vocabulary)."""
+    if value is None:
+        return None
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+    ids = {}
+    for key, bias in value.items():
+        if not key.isdigit() or not key.isascii() or len(key) > 10:
+            raise ValueError(f"logit_bias keys must be token ids (integers as strings), got {key!r}")
+        ids[int(key)] = bias
+    return ids
+
+
 class StreamOptions(_Strict):
     include_usage: bool | None = None
 
@@ -51,9 +70,9 @@ class SamplingFields(_Strict):
         "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
         "frequency_penalty", "repetition_penalty", "min_tokens", "stop", "stop_token_ids",
         "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-        "spaces_between_special_tokens")
-    # OpenAI fields this server does not implement -> the values that mean "off".
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {})}
+        "spaces_between_special_tokens", "logit_bias")
+    # Fields this server does not implement -> the values that mean "off".
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"prompt_logprobs": (None,)}
 
     model: str | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -76,7 +95,9 @@ class SamplingFields(_Strict):
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     spaces_between_special_tokens: bool | None = None
-    logit_bias: Any = None
+    logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # n <= best_of
+    prompt_logprobs: Any = None  # the last stage computes logits of sampled positions only
 
     def sampling_values(self) -> dict[str, Any]:
         """The sampling fields that were given, for ``SamplingParams(**values)``."""
@@ -93,31 +114,58 @@ def _off_only(cls, value, info):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions`` (and ``/generate``)."""
 
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {}), "echo": (None, False),
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"prompt_logprobs": (None,),
                                                "suffix": (None, "")}
 
     # A string, a token-id list, or a non-empty list of either.
     prompt: Text | TokenIds | Annotated[list[Text | TokenIds], Field(min_length=1)]
     logprobs: NumTop | None = None  # how many top logprobs per token
-    echo: Any = None
+    echo: bool | None = None  # the prompt's text before the completion's
     suffix: Any = None
 
-    _unsupported = field_validator("logit_bias", "echo", "suffix")(classmethod(_off_only))
+    _unsupported = field_validator("prompt_logprobs", "suffix")(classmethod(_off_only))
+
+
+class ContentPart(_Strict):
+    """One part of a message's content: ``{"type": "text", "text": ...}``; the other types
+    (``image_url``, ``input_audio``, ...) are read only to be refused by name."""
+
+    type: Text
+    text: Text | None = None
+
+
+class ToolCallFunction(_Strict):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: Text | None = None
+    type: Text | None = None  # "function"
+    function: ToolCallFunction
 
 
 class ChatMessage(_Strict):
     role: Text = Field(min_length=1)
-    content: Text
+    content: Text | Annotated[list[ContentPart], Field(max_length=MAX_LIST_ITEMS)] | None = None
+    name: Text | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_LIST_ITEMS)] | None = None
+    tool_call_id: Text | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
-        "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
-        "response_format": (None, {"type": "text"}), "audio": (None,), "prediction": (None,)}
+        "prompt_logprobs": (None,), "tools": (None, []), "functions": (None, []),
+        "response_format": (None, {"type": "text"}), "audio": (None,), "prediction": (None,),
+        "chat_template": (None,)}
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool | None = None  # default true
+    continue_final_message: bool | None = None  # default false
+    chat_template_kwargs: dict[str, Any] | None = None  # further template variables
+    chat_template: Any = None  # a per-request template: refused, as vLLM does by default
     max_completion_tokens: Count | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: NumTop | None = None
@@ -127,5 +175,26 @@ class ChatCompletionRequest(SamplingFields):
     audio: Any = None
     prediction: Any = None
 
-    _unsupported = field_validator("logit_bias", "tools", "functions", "response_format",
-                                   "audio", "prediction")(classmethod(_off_only))
+    _unsupported = field_validator("prompt_logprobs", "tools", "functions", "response_format",
+                                   "audio", "prediction", "chat_template")(classmethod(_off_only))
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` (vLLM's): a ``prompt``, or chat ``messages`` rendered as
+    ``/v1/chat/completions`` would render them."""
+
+    model: str | None = None
+    prompt: Text | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt, false for messages
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` (vLLM's)."""
+
+    model: str | None = None
+    tokens: Annotated[list[int], Field(max_length=1 << 20)]

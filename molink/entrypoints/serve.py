@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from pathlib import Path
@@ -13,6 +14,7 @@ from molink import envs
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
 from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.pipeline_head import PipelineHead
+from molink.entrypoints.api_options import add_api_arguments, api_options
 from molink.entrypoints.join import (
     add_node_arguments,
     check_layers,
@@ -21,6 +23,7 @@ from molink.entrypoints.join import (
     layer_range,
     port,
     positive_int,
+    seconds,
 )
 from molink.model.hub import resolve_model
 from molink.model.loader import load_config
@@ -35,7 +38,12 @@ def add_arguments(parser) -> None:
                              "the shards of its own layers")
     parser.add_argument("--layers", default=None, type=_head_layers_arg, metavar="0:END",
                         help="layers the head computes itself (default: all of them; "
-                             "'none': the head computes no layers)")
+                             "'none': the head computes no layers; 'auto': the head takes part "
+                             "in automatic placement like a stage joining without --layers, as "
+                             "the first node)")
+    parser.add_argument("--placement-wait", type=seconds, default=10.0, metavar="SECONDS",
+                        help="automatic placement: how long the head waits after the last new "
+                             "node offered itself before it places the layers (default: 10)")
     parser.add_argument("--host", default="0.0.0.0",
                         help="interface the HTTP API and the peer port listen on")
     parser.add_argument("--port", type=port, default=8000, metavar="PORT", help="HTTP API port")
@@ -56,6 +64,7 @@ def add_arguments(parser) -> None:
                         help="log level of the HTTP server (uvicorn)")
     parser.add_argument("--disable-log-requests", action="store_true",
                         help="do not log a line per request (logged at INFO by default)")
+    add_api_arguments(parser)
     _add_scheduling_arguments(parser)
 
 
@@ -84,7 +93,7 @@ def _add_scheduling_arguments(parser) -> None:
 
 
 def _head_layers_arg(text: str) -> str:
-    return text if text.lower() == "none" else layer_range(text)
+    return text.lower() if text.lower() in ("none", "auto") else layer_range(text)
 
 
 def _num_microbatches_arg(text: str) -> int | None:
@@ -99,7 +108,7 @@ def _num_microbatches_arg(text: str) -> int | None:
 def head_layers(text: str | None, num_layers: int) -> tuple[int, int] | None:
     if text is None:
         return 0, num_layers
-    if text.lower() == "none":
+    if text.lower() in ("none", "auto"):
         return None
     start, end = check_layers(text, num_layers)
     if start != 0:
@@ -114,6 +123,7 @@ def run(args, token: str | None) -> int:
     from molink.entrypoints.http_server import create_app
 
     _check_ssl_files(args)
+    options = api_options(args)  # a bad --chat-template stops here, before the model loads
     generated = token is None
     token = token or secrets.token_hex(16)
     name = args.served_model_name or served_name(args.model)
@@ -121,7 +131,7 @@ def run(args, token: str | None) -> int:
     max_waiting = args.max_waiting_requests
     app = create_app(head, name, api_key=args.api_key or envs.api_key(),
                      max_waiting_requests=args.max_num_seqs if max_waiting is None else max_waiting,
-                     log_requests=not args.disable_log_requests)
+                     log_requests=not args.disable_log_requests, options=options)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -157,6 +167,13 @@ def head_model(args) -> tuple[str, tuple[int, int] | None]:
     return model_dir, layers
 
 
+def _layer_fetcher(model: str):
+    """For a Hub repo id: fetch a layer range's shards (the head's own, once assigned)."""
+    if Path(model).expanduser().exists():
+        return None
+    return functools.partial(resolve_model, model)
+
+
 def _check_ssl_files(args) -> None:
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         raise ValueError("--ssl-keyfile and --ssl-certfile go together")
@@ -171,14 +188,18 @@ def _build_head(args, token: str) -> PipelineHead:
     kv_bytes = kv_cache_memory_bytes(args, *layers) if layers else None
     return PipelineHead(
         ModelConfig(model=model_dir, dtype=args.dtype, device=args.device,
-                    max_model_len=args.max_model_len, seed=args.seed),
+                    max_model_len=args.max_model_len, seed=args.seed,
+                    quantization=args.quantization),
         CacheConfig(block_size=args.block_size, num_blocks=args.num_kv_blocks,
                     kv_cache_memory_bytes=kv_bytes),
         SchedulerConfig(max_num_seqs=args.max_num_seqs,
                         max_num_batched_tokens=args.max_num_batched_tokens),
         HeadConfig(head_layers=layers, num_microbatches=args.num_microbatches,
                    link_schedule=args.link_schedule, compression=args.compression,
-                   max_chunk_tokens=args.max_chunk_tokens),
+                   max_chunk_tokens=args.max_chunk_tokens, auto_layers=args.layers == "auto",
+                   placement_settle_s=args.placement_wait, max_memory=args.max_memory,
+                   gpu_memory_utilization=args.gpu_memory_utilization,
+                   fetch_layers=_layer_fetcher(args.model)),
         security=PeerSecurity.create(token, insecure=args.insecure_peers))
 
 

@@ -39,10 +39,10 @@ def swap_quantized_modules(model: nn.Module, checkpoint: GGUFCheckpoint,
             if new.out_features != module.out_features:
                 raise ValueError(f"GGUF tensors for {name} have {new.out_features} rows, "
                                  f"the model expects {module.out_features}")
-        _replace(model, name, module, new)
+        replace_module(model, name, module, new)
 
 
-def _replace(root: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
+def replace_module(root: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
     """Register ``new`` at ``path``, and point the parent's plain handles on ``old`` to it."""
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path)

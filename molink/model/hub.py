@@ -25,6 +25,8 @@ from molink.model.loader import load_config, stored_name
 
 logger = logging.getLogger(__name__)
 
+PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # a packed AWQ / GPTQ linear
+
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -162,7 +164,14 @@ def needed_tensor_names(model_dir: str, start_layer: int, end_layer: int | None,
         select_layout(stored_names)
     wanted = {source for name, _ in model.named_parameters()
               for source in model.checkpoint_names(name)}
-    return {key for name in wanted if (key := stored_name(name, stored_names)) is not None}
+    names = set()
+    for name in wanted:
+        if (key := stored_name(name, stored_names)) is not None:
+            names.add(key)
+        elif name.endswith(".weight"):  # AWQ / GPTQ: the linear is stored packed
+            names.update(key for suffix in PACKED_SUFFIXES if (key := stored_name(
+                name.removesuffix("weight") + suffix, stored_names)) is not None)
+    return names
 
 
 @contextlib.contextmanager

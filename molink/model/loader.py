@@ -5,11 +5,15 @@ no random init), materialises it empty on the target device, then reads from the
 safetensors files exactly the tensors its parameters name, and nothing else. Sharded
 checkpoints (``model.safetensors.index.json``) are read shard by shard. A GGUF file or split
 set (``molink.model.gguf``) gives the config from its metadata; its quantized weights stay
-quantized in memory (``molink.model.gguf_weights``).
+quantized in memory (``molink.model.gguf_weights``). AWQ/GPTQ checkpoints (config.json's
+``quantization_config``) keep their linears as integers, and ``quantization="int8" | "int4"``
+quantizes a full-precision checkpoint's decoder linears as they are read
+(``molink.model.int_weights``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -22,13 +26,16 @@ from safetensors import safe_open
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
+from molink.model.awq_gptq import PackedScheme, packed_scheme
 from molink.model.gguf import GGUFCheckpoint, gguf_files
 from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
+from molink.model.int_weights import fill_int_linears, swap_int_linears
 from molink.model.registry import (
     get_model_class,
     registered_models,
     resolve_architecture,
 )
+from molink.model.weight_quant import QUANTIZATIONS
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ class LoadedConfig:
     arch: ArchConfig
     model_class: type
     gguf: GGUFCheckpoint | None = None  # the parsed GGUF header, when the model is one
+    packed: PackedScheme | None = None  # AWQ / GPTQ: how its linears are stored
 
 
 def check_model_dir(path: str) -> Path:
@@ -79,7 +87,8 @@ def load_config(path: str) -> LoadedConfig:
     hf_config = _hf_config(directory, raw, registered_models()[architecture].family)
     model_class = get_model_class(architecture)
     arch = model_class.arch_config(hf_config)
-    return LoadedConfig(hf_config=hf_config, arch=arch, model_class=model_class)
+    return LoadedConfig(hf_config=hf_config, arch=arch, model_class=model_class,
+                        packed=packed_scheme(raw))
 
 
 def _hf_config(directory: Path, raw: dict, family: str):
@@ -98,14 +107,43 @@ def _hf_config(directory: Path, raw: dict, family: str):
         raise ValueError(f"config.json in {str(directory)!r} could not be read: {exc}") from None
 
 
-def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device) -> torch.dtype:
-    """``auto`` means the checkpoint's dtype; fp16 on CPU becomes bf16 (same size, no overflow)."""
+def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device,
+                  int4_weights: bool = False) -> torch.dtype:
+    """``auto``: what computes fast on ``device``. The checkpoint's dtype, except on a CPU:
+    fp16 becomes bf16 there (same size, no overflow), and a CPU known to lack native bf16
+    arithmetic (x86 without AVX512-BF16 or AMX), where bf16 matrix products run several
+    times slower than float32, computes in float32, unless the layers hold int4 weights,
+    whose CPU kernel runs in bf16 (``int4_weights``)."""
     if dtype != "auto":
         return TORCH_DTYPES[dtype]
     chosen = TORCH_DTYPES.get(arch.dtype or "float32", torch.float32)
-    if chosen == torch.float16 and device.type == "cpu":
-        return torch.bfloat16
+    if device.type != "cpu":
+        return chosen
+    if chosen == torch.float16:
+        chosen = torch.bfloat16
+    if chosen == torch.bfloat16 and not int4_weights and cpu_lacks_native_bf16():
+        return torch.float32
     return chosen
+
+
+def holds_int4(loaded: LoadedConfig, quantization: str | None) -> bool:
+    """Whether the layers' linears will be int4 (an AWQ/GPTQ 4-bit checkpoint, or int4 at load)."""
+    return quantization == "int4" or (loaded.packed is not None and loaded.packed.bits == 4)
+
+
+@functools.cache
+def cpu_lacks_native_bf16() -> bool:
+    """True only when /proc/cpuinfo shows a CPU without bf16 instructions (unknown: False)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86 / ARM
+                    flags = set(value.split())
+                    return not flags & {"avx512_bf16", "amx_bf16", "bf16"}
+    except OSError:
+        pass
+    return False
 
 
 def stored_name(name: str, stored_names) -> str | None:
@@ -163,32 +201,60 @@ class CheckpointFiles:
     def _stored_name(self, name: str) -> str | None:
         return stored_name(name, self.file_of)
 
+    def __contains__(self, name: str) -> bool:
+        return self._stored_name(name) is not None
+
 
 def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
-               device: torch.device) -> tuple[nn.Module, LoadedConfig]:
-    """Build the model for ``[start_layer, end_layer)`` and fill it from the checkpoint."""
+               device: torch.device, quantization: str | None = None,
+               ) -> tuple[nn.Module, LoadedConfig]:
+    """Build the model for ``[start_layer, end_layer)`` and fill it from the checkpoint;
+    ``quantization`` ("int8" | "int4"): keep its decoder linears as integers."""
     loaded = load_config(path)
+    int_scheme = _int_scheme(path, loaded, quantization)
     arch = loaded.arch
     end_layer = arch.num_layers if end_layer is None else end_layer
     if not 0 <= start_layer < end_layer <= arch.num_layers:
         raise ValueError(
             f"layers {start_layer}:{end_layer} are outside the model's 0:{arch.num_layers}"
         )
-    torch_dtype = resolve_dtype(dtype, arch, device)
+    torch_dtype = resolve_dtype(dtype, arch, device, holds_int4(loaded, quantization))
     checkpoint = loaded.gguf  # header parsed once, by load_config
+    files = None if checkpoint is not None else CheckpointFiles(check_model_dir(path))
     with torch.device("meta"):
         model = loaded.model_class(arch, start_layer, end_layer)
         if checkpoint is not None:
             swap_quantized_modules(model, checkpoint, torch_dtype)
+        elif int_scheme is not None:
+            swap_int_linears(model, int_scheme, files)
     model = model.to(dtype=torch_dtype).to_empty(device=device)
     if checkpoint is not None:
         fill_from_gguf(model, checkpoint, device)
     else:
-        _fill_parameters(model, CheckpointFiles(check_model_dir(path)), device)
+        _fill_parameters(model, files, device)
+        if int_scheme is not None:
+            fill_int_linears(model, files, int_scheme, torch_dtype, device)
     model.eval().requires_grad_(False)
-    logger.info("loaded %s layers %d:%d (%s) on %s", arch.architecture, start_layer, end_layer,
-                str(torch_dtype).removeprefix("torch."), device)
+    held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
+    logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
+                str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",
+                device)
     return model, loaded
+
+
+def _int_scheme(path: str, loaded: LoadedConfig, quantization: str | None):
+    """How linears are kept as integers: the checkpoint's own format, ``quantization``, or
+    None (full precision); a ValueError for an unknown value or a double quantization."""
+    if quantization is None:
+        return loaded.packed
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or None, "
+                         f"got {quantization!r}")
+    already = "GGUF" if loaded.gguf is not None else (loaded.packed and loaded.packed.label)
+    if already:
+        raise ValueError(f"quantization={quantization!r} applies to full-precision checkpoints; "
+                         f"{path!r} is already quantized ({already})")
+    return quantization
 
 
 def _fill_parameters(model: nn.Module, files: CheckpointFiles, device: torch.device) -> None:

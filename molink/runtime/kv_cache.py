@@ -25,11 +25,18 @@ def bytes_per_block(layers: list[PagedAttention], block_size: int, dtype: torch.
     return per_token * block_size * torch.finfo(dtype).bits // 8
 
 
-def default_kv_budget_bytes(device: torch.device) -> int:
-    """How much memory the KV cache may take when the user did not say."""
+def default_kv_budget_bytes(device: torch.device, gpu_memory_utilization: float | None = None) -> int:
+    """How much memory the KV cache may take when the user did not give a size: on CUDA,
+    what keeps the device within ``gpu_memory_utilization`` of its total (call it once the
+    weights are loaded), else 90 % of what is free."""
     if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
+        if gpu_memory_utilization is not None:
+            return max(1, int(gpu_memory_utilization * total) - (total - free))
         return int(free * _GPU_MEMORY_FRACTION)
+    if gpu_memory_utilization is not None:
+        logger.warning("gpu_memory_utilization applies to CUDA devices; ignored on %s",
+                       device.type)
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     if physical <= 0:
         return _CPU_DEFAULT_BYTES

@@ -9,6 +9,7 @@ come from the layer's attention modules; recurrent state (Mamba) is not counted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 from torch import nn
 
 from molink.model.arch_config import ArchConfig
+from molink.model.gguf_quants import row_bytes
 from molink.model.layers.attention import PagedAttention
 from molink.model.loader import load_config, resolve_dtype
+from molink.runtime.device_profile import GPUS, DeviceProfile, GpuSpec, roofline
 from molink.scheduler.placement import ModelFootprint
 
 QUANT_GROUP_SIZE = 128  # parameters per 16-bit scale in a quantized matrix
@@ -36,17 +39,28 @@ class ModelSize:
     layer_bytes_per_param: float  # of the layers' weights (the roofline's input)
 
 
-def measure_model(path: str, dtype: str, bits: int | None, kv_tokens: int) -> ModelSize:
-    """Sizes for weights in ``dtype`` (layer matrices at ``bits`` when given) and a KV
-    cache of ``kv_tokens`` tokens (context x batch) in ``dtype``."""
+QUANTIZATION_BITS = {"int8": 8, "int4": 4}
+
+
+def measure_model(path: str, dtype: str, bits: int | None, kv_tokens: int,
+                  quantization: str | None = None) -> ModelSize:
+    """Sizes for weights in ``dtype`` and a KV cache of ``kv_tokens`` tokens (context x
+    batch) in ``dtype``. Layer matrices take ``bits`` when given, else as the model will be
+    held: an AWQ/GPTQ checkpoint's bits, ``quantization``'s (int8 / int4 at load), a GGUF
+    file's tensors the bytes the file stores them in."""
     loaded = load_config(path)
     arch, n = loaded.arch, loaded.arch.num_layers
+    if bits is None:
+        bits = QUANTIZATION_BITS.get(quantization or "") or (loaded.packed and loaded.packed.bits)
     dtype_bytes = resolve_dtype(dtype, arch, torch.device("meta")).itemsize
-    sizer = _ParamBytes(dtype_bytes, bits)
+    stored = _gguf_bytes(loaded.gguf) if loaded.gguf is not None and bits is None else None
+    sizer = _ParamBytes(dtype_bytes, bits, stored)
     full = _build(loaded.model_class, arch, 0, n)
     layers = _layers(full)
-    layer_weights = tuple(math.ceil(sum(sizer.of(p, in_layer=True) for p in layer.parameters()))
-                          for layer in layers)
+    names = {id(p): name for name, p in full.named_parameters()}
+    layer_weights = tuple(
+        math.ceil(sum(sizer.of(full, names[id(p)], p, in_layer=True) for p in layer.parameters()))
+        for layer in layers)
     layer_kv = tuple(kv_tokens * _kv_bytes_per_token(layer, dtype_bytes) for layer in layers)
     first = _outside_layers(_build(loaded.model_class, arch, 0, 1), sizer)
     last = _outside_layers(_build(loaded.model_class, arch, n - 1, n), sizer) if n > 1 else 0
@@ -59,15 +73,31 @@ def measure_model(path: str, dtype: str, bits: int | None, kv_tokens: int) -> Mo
                      sum(layer_weights) / layer_params if layer_params else dtype_bytes)
 
 
+def _gguf_bytes(checkpoint):
+    """``stored(model, name)``: the bytes a GGUF file keeps a parameter's tensors in, or
+    None for tensors stored unquantized (they load in the model dtype)."""
+    def stored(model: nn.Module, name: str) -> int | None:
+        infos = [checkpoint.info(source) for source in model.checkpoint_names(name)]
+        if not any(info.quantized for info in infos):
+            return None
+        return sum(info.rows * row_bytes(info.ggml_type, info.cols) for info in infos)
+    return stored
+
+
 class _ParamBytes:
-    """Bytes of a parameter: ``dtype_bytes`` each, or ``bits / 8`` plus a 16-bit scale per
-    ``QUANT_GROUP_SIZE`` for a layer's matrices when quantized (bits < 16)."""
+    """Bytes of a parameter: as stored quantized (``stored``), else ``dtype_bytes`` each, or
+    ``bits / 8`` plus a 16-bit scale per ``QUANT_GROUP_SIZE`` for a layer's matrices when
+    quantized (bits < 16)."""
 
-    def __init__(self, dtype_bytes: int, bits: int | None) -> None:
-        self.dtype_bytes, self.bits = dtype_bytes, bits
+    def __init__(self, dtype_bytes: int, bits: int | None, stored=None) -> None:
+        self.dtype_bytes, self.bits, self.stored = dtype_bytes, bits, stored
 
-    def of(self, param: nn.Parameter, in_layer: bool) -> float:
+    def of(self, model: nn.Module, name: str, param: nn.Parameter, in_layer: bool) -> float:
         numel = param.numel()
+        if self.stored is not None and param.dim() >= 2:
+            stored = self.stored(model, name)
+            if stored is not None:
+                return stored
         if not in_layer or self.bits is None or param.dim() < 2:
             return numel * self.dtype_bytes
         if self.bits >= 16:
@@ -93,10 +123,30 @@ def _layers(stage: nn.Module) -> list[nn.Module]:
 def _outside_layers(stage: nn.Module, sizer: _ParamBytes) -> int:
     """Bytes of a stage's parameters outside its layers (embeddings, final norm, LM head)."""
     inside = {id(p) for layer in _layers(stage) for p in layer.parameters()}
-    return int(sum(sizer.of(p, in_layer=False) for p in stage.parameters()
-                   if id(p) not in inside))
+    return int(sum(sizer.of(stage, name, p, in_layer=False)
+                   for name, p in stage.named_parameters() if id(p) not in inside))
 
 
 def _kv_bytes_per_token(layer: nn.Module, dtype_bytes: int) -> int:
     return sum(2 * m.num_kv_heads * m.head_dim * dtype_bytes
                for m in layer.modules() if isinstance(m, PagedAttention))
+
+
+def roofline_for(gpu: GpuSpec, model: ModelSize) -> DeviceProfile:
+    """A roofline device for ``model``: its layers read the bytes they are stored in (a
+    quantized layer reads fewer), its KV cache is read in the model dtype."""
+    arch = model.arch
+    profile = roofline(gpu, arch.hidden_size, arch.intermediate_size, arch.num_heads,
+                       arch.num_kv_heads, arch.head_dim, bytes_per_param=model.layer_bytes_per_param)
+    # The roofline reads the KV cache at the weights' bytes per parameter; it is in the dtype.
+    context = profile.context_ms_per_layer_per_1k * model.dtype_bytes / model.layer_bytes_per_param
+    return dataclasses.replace(profile, context_ms_per_layer_per_1k=context)
+
+
+def emulated_profile(source: str, model_path: str, dtype: str,
+                     quantization: str | None = None) -> DeviceProfile:
+    """``--emulate-device SOURCE`` for a stage of this model: a GPU name is its roofline at
+    the model's real bytes (``roofline_for``); ``published`` and JSON files as they are."""
+    if source not in GPUS:
+        return DeviceProfile.load(source)
+    return roofline_for(GPUS[source], measure_model(model_path, dtype, None, 0, quantization))

@@ -2,10 +2,10 @@
 
 Follows vLLM v1's sampler. Per row, in float32:
 
-    raw logits ──┬──────────────────────────────────────────────> logprobs (log_softmax)
-                 └─> min_tokens mask ─> penalties ─┬─> argmax                 (greedy rows)
-                                                   └─> / temperature ─> min_p
-                                                       ─> top_k ─> top_p ─> draw (other rows)
+    raw logits ──┬───────────────────────────────────────────────────────> logprobs
+                 └─> min_tokens mask ─> logit_bias ─> penalties ─┬─> argmax   (greedy rows)
+                                                                 └─> / temperature ─> min_p
+                                                        ─> top_k ─> top_p ─> draw (other rows)
 
 Every step is vectorised across rows; per-row differences live in small per-row tensors.
 The only per-row Python work is building those tensors and drawing one uniform per row.
@@ -107,7 +107,7 @@ class Sampler:
 def _is_plain_greedy(states: list[SamplingRequestState]) -> bool:
     return all(
         s.params.greedy and not s.params.has_penalties and s.params.logprobs is None
-        and not s.min_tokens_active
+        and not s.min_tokens_active and not s.params.logit_bias
         for s in states
     )
 
@@ -115,7 +115,8 @@ def _is_plain_greedy(states: list[SamplingRequestState]) -> bool:
 def _process(
     raw: torch.Tensor, states: list[SamplingRequestState]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Applies the argmax-changing steps (min_tokens, penalties); `raw` is left as it is.
+    """Applies the argmax-changing steps (min_tokens, logit_bias, penalties); `raw` is left
+    as it is.
 
     Returns the processed logits [num_rows, vocab_size] and, when min_tokens masked
     anything, a [num_rows] bool mask of rows left with no finite logit (they fall back to
@@ -123,7 +124,8 @@ def _process(
     """
     masked = apply_min_tokens(raw, states)
     dead = None if masked is raw else torch.isneginf(masked.max(dim=-1).values)
-    return _apply_penalties_to_rows(masked, states), dead
+    biased = apply_logit_bias(masked, states)  # a finite bias keeps finite logits finite
+    return _apply_penalties_to_rows(biased, states), dead
 
 
 # --- min_tokens -----------------------------------------------------------------------
@@ -150,6 +152,32 @@ def apply_min_tokens(logits: torch.Tensor, states: list[SamplingRequestState]) -
     masked[torch.tensor(rows, device=logits.device),
            torch.tensor(cols, device=logits.device)] = -math.inf
     return masked
+
+
+# --- logit_bias -----------------------------------------------------------------------
+
+
+def apply_logit_bias(logits: torch.Tensor, states: list[SamplingRequestState]) -> torch.Tensor:
+    """Adds each row's ``params.logit_bias`` (token id -> bias) to its logits.
+
+    Ids beyond this model's logits are ignored (the head rejects them; this stage trusts no
+    one). Returns `logits` itself when no row has a bias, else a biased copy.
+    """
+    vocab_size = logits.shape[1]
+    rows: list[int] = []
+    cols: list[int] = []
+    values: list[float] = []
+    for i, state in enumerate(states):
+        for token, bias in (state.params.logit_bias or {}).items():
+            if token < vocab_size:
+                rows.append(i)
+                cols.append(token)
+                values.append(bias)
+    if not rows:
+        return logits
+    device = logits.device
+    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                            _row_tensor(values, device), accumulate=True)  # [num_rows, vocab_size]
 
 
 # --- penalties ------------------------------------------------------------------------

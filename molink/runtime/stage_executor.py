@@ -61,7 +61,7 @@ class StageExecutor:
         torch.manual_seed(model_config.seed)
         self.model, self.loaded = load_model(model_config.model, model_config.start_layer,
                                              model_config.end_layer, model_config.dtype,
-                                             self.device)
+                                             self.device, model_config.quantization)
         self.dtype = next(self.model.parameters()).dtype
         self.block_size = cache_config.block_size
         layers = self.model.attention_layers()
@@ -88,7 +88,8 @@ class StageExecutor:
             # No attention layers (e.g. Mamba): a block costs no memory here and is only the
             # head scheduler's bookkeeping, so report enough for max_num_seqs requests.
             return useful
-        budget = cache_config.kv_cache_memory_bytes or default_kv_budget_bytes(self.device)
+        budget = (cache_config.kv_cache_memory_bytes
+                  or default_kv_budget_bytes(self.device, cache_config.gpu_memory_utilization))
         return min(useful, num_blocks_for_budget(layers, self.block_size, self.dtype, budget))
 
     @property

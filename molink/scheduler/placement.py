@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 GB = 2**30  # memory sizes are sold and printed in binary gigabytes
+DEFAULT_HEADROOM = 0.1  # of a node's memory left unplanned (CUDA context, fragmentation)
 
 
 class DoesNotFit(ValueError):
@@ -82,6 +83,12 @@ class ModelFootprint:
     @property
     def num_layers(self) -> int:
         return len(self.layer_weight_bytes)
+
+    def weight_bytes(self, start: int, end: int) -> int:
+        """Weights of a stage serving ``[start, end)``, embeddings / LM head included."""
+        return (sum(self.layer_weight_bytes[start:end])
+                + (self.first_stage_bytes if start == 0 else 0)
+                + (self.last_stage_bytes if end == self.num_layers else 0))
 
     def total_bytes(self) -> int:
         return (sum(self.layer_weight_bytes) + sum(self.layer_kv_bytes)

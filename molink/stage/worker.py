@@ -37,9 +37,9 @@ from molink.messages import StepOutput
 from molink.runtime.stage_executor import StageExecutor
 from molink.runtime.wire_tensor import from_raw
 from molink.stage.compute import StageCompute
+from molink.stage.head_client import HeadUnreachable, StageRefused, call_join
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
-from molink.transport.auth import REFUSAL
 from molink.transport.codec import decode_step, encode_result
 from molink.transport.dedup import DuplicateFilter, take_each
 from molink.transport.hop_sender import HopSender, OutgoingStep
@@ -54,7 +54,6 @@ from molink.transport.peers import (
 
 logger = logging.getLogger(__name__)
 
-JOIN_DEADLINE_S = 10.0
 JOIN_RETRY_MAX_S = 10.0  # backoff between join attempts while the head is unreachable
 HEAD_WATCH_INTERVAL_S = 2.0
 HEAD_WATCH_DEADLINE_S = 3.0
@@ -71,14 +70,6 @@ class _Gathering:
     tokens: int = 0
     error: str = ""
     timings: list[float] = dataclasses.field(default_factory=list)
-
-
-class StageRefused(Exception):
-    """The head refused this stage; the message says why."""
-
-
-class HeadUnreachable(Exception):
-    """The head did not answer (not up yet, restarting, or the network is down)."""
 
 
 class StageWorker(pb_grpc.StageServicer):
@@ -121,25 +112,10 @@ class StageWorker(pb_grpc.StageServicer):
     async def join(self) -> str:
         """Ask the head to admit this stage once; returns the stage id. Raises StageRefused
         (a real refusal: token, model, dtype, layers) or HeadUnreachable."""
-        try:
-            peer = await Peer.open(self.head_address, self.security)
-        except PeerUnreachable as exc:
-            if exc.retryable:
-                raise HeadUnreachable(str(exc)) from None
-            raise StageRefused(REFUSAL if "proof of the cluster token" in str(exc)
-                               else str(exc)) from None
-        try:
-            reply = await pb_grpc.HeadStub(peer.channel).Join(
-                pb.JoinRequest(stage=self.info), metadata=peer.metadata, timeout=JOIN_DEADLINE_S)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise StageRefused(REFUSAL) from None
-            raise HeadUnreachable(exc.details() or exc.code().name) from None
-        finally:
-            await peer.close()
+        reply, head_fingerprint = await call_join(self.head_address, self.security, self.info)
         if not reply.accepted:
             raise StageRefused(reply.reason)
-        self.head_fingerprint = peer.fingerprint
+        self.head_fingerprint = head_fingerprint
         self.stage_id, self.head_instance = reply.stage_id, reply.head_instance
         self.address = reply.address
         return reply.stage_id
@@ -245,6 +221,8 @@ class StageWorker(pb_grpc.StageServicer):
         target = request.next_address or request.head_address or self.head_address
         last = not request.next_address
         next_label = "the head" if last else (request.next_label or "the next stage")
+        if target not in next_label:
+            next_label = f"{next_label} at {target}"
         try:
             sender = HopSender(target, self.security, to_head=last,
                                expected_fingerprint=(self.head_fingerprint if last
@@ -261,12 +239,12 @@ class StageWorker(pb_grpc.StageServicer):
         except ConnectionError as exc:
             await sender.close()
             await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"{self.label} cannot reach {next_label} at {target}: {exc}")
+                                f"{self.label} cannot reach {next_label}: {exc}")
         sender.broken.add_done_callback(
             lambda f: logger.error("%s: stream to %s lost: %s", self.label, target, f.result()))
         self._sender = sender
-        logger.info("%s: output goes to %s at %s (link schedule %s, compression %s)",
-                    self.label, next_label, target, sender.schedule, sender.compression)
+        logger.info("%s: output goes to %s (link schedule %s, compression %s)",
+                    self.label, next_label, sender.schedule, sender.compression)
         return pb.Ack()
 
     async def Forward(self, request_iterator, context):

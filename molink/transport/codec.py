@@ -140,10 +140,13 @@ def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
         repetition_penalty=params.repetition_penalty, min_tokens=params.min_tokens,
         stop_token_ids=sorted(params.stop_token_id_set),
         has_logprobs=params.logprobs is not None, logprobs=params.logprobs or 0,
-        ignore_eos=params.ignore_eos)
+        ignore_eos=params.ignore_eos, logit_bias_token_ids=list(params.logit_bias or ()),
+        logit_bias_values=list((params.logit_bias or {}).values()))
 
 
 def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
+    if len(msg.logit_bias_token_ids) != len(msg.logit_bias_values):
+        raise WireFormatError("logit_bias: token ids and values differ in length")
     try:
         return SamplingParams(
             temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
@@ -151,6 +154,7 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
             frequency_penalty=msg.frequency_penalty, repetition_penalty=msg.repetition_penalty,
             min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids),
             logprobs=msg.logprobs if msg.has_logprobs else None, ignore_eos=msg.ignore_eos,
+            logit_bias=dict(zip(msg.logit_bias_token_ids, msg.logit_bias_values)) or None,
             max_tokens=None)
     except ValueError as exc:
         raise WireFormatError(f"invalid sampling parameters: {exc}") from None

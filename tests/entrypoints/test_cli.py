@@ -169,7 +169,8 @@ def test_serve_passes_log_options_to_the_app_and_uvicorn(monkeypatch):
 
 
 def _memory_args(**changes) -> SimpleNamespace:
-    values = {"model": MODEL, "device": "cuda", "dtype": "float32", "gpu_memory_utilization": 0.5}
+    values = {"model": MODEL, "device": "cuda", "dtype": "float32", "gpu_memory_utilization": 0.5,
+              "max_memory": None, "num_kv_blocks": None, "quantization": None}
     return SimpleNamespace(**{**values, **changes})
 
 

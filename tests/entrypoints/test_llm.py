@@ -189,3 +189,20 @@ def test_low_precision_runs(tiny_model_dir):
 def test_huge_integers_in_float_fields_are_value_errors():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=10**400)
+
+
+def test_vllm_options_that_would_change_nothing_are_accepted_and_the_rest_raise(tiny_model_dir,
+                                                                                caplog):
+    directory = str(tiny_model_dir("llama"))
+    for option, value, reason in [("tensor_parallel_size", 2, "by layers, not tensors"),
+                                  ("pipeline_parallel_size", 3, "stage_layers"),
+                                  ("swap_space", 4, "never swapped"),
+                                  ("enable_prefix_caching", True, "not implemented"),
+                                  ("gpu_memory_utilization", 1.5, "fraction")]:
+        with pytest.raises(ValueError, match=f"{option}.*{reason}|{reason}"):
+            LLM(model=directory, dtype="float32", **{option: value})
+    with caplog.at_level("INFO", logger="molink.entrypoints.llm"):
+        llm = LLM(model=directory, dtype="float32", tensor_parallel_size=1, swap_space=0,
+                  trust_remote_code=True, enforce_eager=True, gpu_memory_utilization=0.9)
+    assert "trust_remote_code=True has no effect" in caplog.text
+    assert llm.generate("hi", SamplingParams(max_tokens=2))[0].outputs[0].token_ids

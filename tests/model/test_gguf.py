@@ -25,6 +25,7 @@ from molink.model import gguf as gguf_module
 from molink.model.gguf_quants import FORMATS, dequantize
 from molink.model.layers.quant_linear import QuantEmbedding, QuantLinear
 from molink.model.loader import config_fingerprint, load_config
+from molink.runtime.model_size import measure_model
 from tests.model import hf_configs
 from tests.model.arch_checks import LOGIT_TOL, greedy_tokens, make_prompts
 from tests.model.gguf_factory import Q4_K_M, resident_weight_bytes, write_gguf
@@ -175,6 +176,17 @@ def test_four_bit_stage_holds_at_most_035_of_its_bf16_size(gguf_model):
         assert resident <= 0.35 * bf16_bytes, (start, end, resident, bf16_bytes)
 
 
+@pytest.mark.parametrize("name", ["llama256-q4_k_m", "llama-q4_0"])
+def test_planned_bytes_of_a_gguf_stage_are_the_bytes_it_holds(name, gguf_model):
+    """``molink plan`` and automatic placement size a GGUF model by the file's own types."""
+    path = gguf_model(name)
+    footprint = measure_model(str(path), "float32", None, kv_tokens=0).footprint
+    n = footprint.num_layers
+    for start, end in [(0, 1), (1, n - 1), (n - 1, n), (0, n)]:
+        (stage,) = load_stages(path, [(start, end)])
+        assert footprint.weight_bytes(start, end) == resident_weight_bytes(stage), (start, end)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading: only the stage's tensors; split sets; config, tokenizer, fingerprint.
 
@@ -244,3 +256,19 @@ def test_unsupported_inputs_are_value_errors(tmp_path):
         load_config(str(tmp_path / "m-00001-of-00002.gguf"))
     with pytest.raises(ValueError, match="not a GGUF file"):
         load_config(str(tmp_path / "a.gguf"))
+
+
+def test_an_emulated_gpu_reads_the_bytes_a_quantized_layer_is_stored_in(gguf_model):
+    from molink.runtime.device_profile import GPUS
+    from molink.runtime.model_size import emulated_profile
+
+    path = gguf_model("llama256-q4_k")
+    overhead = GPUS["rtx3090"].step_overhead_ms_per_layer
+    quantized = emulated_profile("rtx3090", str(path), "bfloat16").step_ms(1, 1, 0, 0)
+    dense = emulated_profile("rtx3090", str(path.parent / "hf"), "bfloat16").step_ms(1, 1, 0, 0)
+    stored = measure_model(str(path), "bfloat16", None, 0).footprint.layer_weight_bytes[0]
+    bf16 = measure_model(str(path.parent / "hf"), "bfloat16", None, 0).footprint.layer_weight_bytes[0]
+    assert stored < 0.35 * bf16
+    # A decode step of one token is memory-bound: its time beyond the fixed overhead
+    # scales with the bytes read.
+    assert (quantized - overhead) / (dense - overhead) == pytest.approx(stored / bf16, rel=1e-6)

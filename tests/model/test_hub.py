@@ -311,3 +311,31 @@ def test_serve_fetches_the_head_layers_only(fake_hub):
                               "model-layer-1.safetensors"}
     assert served_name(REPO) == served_name(f"{REPO}@v1") == REPO
     assert served_name(directory) == Path(directory).name
+
+
+def test_a_packed_awq_or_gptq_linear_counts_as_its_layers_tensors(tiny_model_dir):
+    """Shards are chosen by tensor name: a quantized linear is stored as qweight / qzeros /
+    scales (/ g_idx) instead of weight, and those are what its stage must download."""
+    from molink.model.hub import needed_tensor_names
+
+    directory = str(tiny_model_dir("llama"))
+    dense = needed_tensor_names(directory, 0, 4, frozenset(_all_names(directory)))
+    packed = set()
+    for name in dense:
+        if ".layers." in name and name.endswith("_proj.weight"):
+            base = name.removesuffix("weight")
+            packed.update(base + suffix for suffix in ("qweight", "qzeros", "scales", "g_idx"))
+        else:
+            packed.add(name)
+    wanted = needed_tensor_names(directory, 1, 2, frozenset(packed))
+    assert {n for n in wanted if n.endswith(".qweight")} == {
+        n for n in packed if n.startswith("model.layers.1.") and n.endswith(".qweight")}
+    assert "model.layers.1.self_attn.q_proj.g_idx" in wanted
+    assert not any(n.startswith(("model.layers.0.", "model.layers.2.")) for n in wanted)
+
+
+def _all_names(directory: str) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(f"{directory}/model.safetensors", framework="pt") as handle:
+        return list(handle.keys())

@@ -108,6 +108,42 @@ def test_dtype_option(tiny_model_dir, dtype, expected):
     assert {p.dtype for p in model.parameters()} == {expected}
 
 
+@pytest.mark.parametrize("checkpoint,native_bf16,int4,expected", [
+    ("bfloat16", True, False, torch.bfloat16),
+    ("bfloat16", False, False, torch.float32),  # AVX2 only: bf16 GEMMs crawl
+    ("float16", False, False, torch.float32),
+    ("float16", True, False, torch.bfloat16),  # fp16 on a CPU: bf16's range, same size
+    ("bfloat16", False, True, torch.bfloat16),  # the int4 CPU kernel runs in bf16
+    ("float32", True, True, torch.float32),
+])
+def test_auto_dtype_is_what_computes_fast_on_the_cpu(tiny_model_dir, monkeypatch, checkpoint,
+                                                     native_bf16, int4, expected):
+    import dataclasses
+
+    arch = dataclasses.replace(loader.load_config(str(tiny_model_dir("llama"))).arch,
+                               dtype=checkpoint)
+    monkeypatch.setattr(loader, "cpu_lacks_native_bf16", lambda: not native_bf16)
+    assert loader.resolve_dtype("auto", arch, CPU, int4_weights=int4) == expected
+    # Off the CPU, and for an explicit dtype, nothing is second-guessed.
+    assert loader.resolve_dtype("auto", arch, torch.device("meta"), int4) == getattr(
+        torch, checkpoint)
+    assert loader.resolve_dtype("bfloat16", arch, CPU, int4) == torch.bfloat16
+
+
+def test_the_cpu_bf16_check_reads_the_flags_of_this_machine():
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    if not flags:
+        assert loader.cpu_lacks_native_bf16() is False  # unknown: keep the checkpoint's dtype
+    else:
+        has = bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.partition(":")[2].split()))
+        assert loader.cpu_lacks_native_bf16() is (not has)
+
+
 def test_missing_directory_and_config_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         loader.load_config(str(tmp_path / "nope"))
