@@ -125,8 +125,8 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed (same seed, same text)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="precision (auto: the checkpoint's on a GPU; on a CPU float32 unless it "
-                             "computes bfloat16 natively or the weights are int4)")
+                        help="precision (auto: the checkpoint's; on a CPU float16 and int4 weights "
+                             "compute in bfloat16)")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
     join_cli.add_quantization_argument(parser)

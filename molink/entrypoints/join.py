@@ -68,9 +68,9 @@ def add_node_arguments(parser, peer_port: int) -> None:
     parser.add_argument("--dtype", default="auto",
                         choices=DTYPES,
                         help="precision of weights, KV cache and activations; every node must "
-                             "agree (auto: the checkpoint's on a GPU; on a CPU float32 unless it computes "
-                             "bfloat16 natively (AVX512-BF16, AMX) or the weights are int4, "
-                             "then bfloat16)")
+                             "agree (auto: the checkpoint's; on a CPU float16 and int4 weights compute in "
+                             "bfloat16; a CPU without native bfloat16 keeps 16-bit weights and "
+                             "computes prefill in float32)")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
     add_quantization_argument(parser)

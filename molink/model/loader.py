@@ -30,6 +30,7 @@ from molink.model.awq_gptq import PackedScheme, packed_scheme
 from molink.model.gguf import GGUFCheckpoint, gguf_files
 from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
+from molink.model.layers.half_linear import HALF_DTYPES, use_float32_prefill
 from molink.model.registry import (
     get_model_class,
     registered_models,
@@ -109,20 +110,20 @@ def _hf_config(directory: Path, raw: dict, family: str):
 
 def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device,
                   int4_weights: bool = False) -> torch.dtype:
-    """``auto``: what computes fast on ``device``. The checkpoint's dtype, except on a CPU:
-    fp16 becomes bf16 there (same size, no overflow), and a CPU known to lack native bf16
-    arithmetic (x86 without AVX512-BF16 or AMX), where bf16 matrix products run several
-    times slower than float32, computes in float32, unless the layers hold int4 weights,
-    whose CPU kernel runs in bf16 (``int4_weights``)."""
+    """``auto``: what computes fast on ``device``: the checkpoint's dtype, except on a CPU,
+    where fp16 becomes bf16 (same size, no overflow) and int4 weights (``int4_weights``)
+    compute in bf16 (PyTorch's int4 CPU kernel runs in bf16 only). A CPU without native bf16
+    arithmetic (x86 without AVX512-BF16 or AMX) keeps 16-bit weights, which decode reads at
+    half the bytes of float32, and computes products of many rows in float32
+    (``HalfWeightLinear``, applied by ``load_model``): there a plain bf16 prefill runs ~3.5x
+    slower than float32 (``benchmarks/results/cpu_dtypes.md``)."""
     if dtype != "auto":
         return TORCH_DTYPES[dtype]
     chosen = TORCH_DTYPES.get(arch.dtype or "float32", torch.float32)
     if device.type != "cpu":
         return chosen
-    if chosen == torch.float16:
-        chosen = torch.bfloat16
-    if chosen == torch.bfloat16 and not int4_weights and cpu_lacks_native_bf16():
-        return torch.float32
+    if int4_weights or chosen == torch.float16:
+        return torch.bfloat16
     return chosen
 
 
@@ -235,6 +236,8 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
         if int_scheme is not None:
             fill_int_linears(model, files, int_scheme, torch_dtype, device)
     model.eval().requires_grad_(False)
+    if device.type == "cpu" and torch_dtype in HALF_DTYPES and cpu_lacks_native_bf16():
+        use_float32_prefill(model)  # 16-bit weights, float32 products for many tokens
     held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",

@@ -108,26 +108,44 @@ def test_dtype_option(tiny_model_dir, dtype, expected):
     assert {p.dtype for p in model.parameters()} == {expected}
 
 
-@pytest.mark.parametrize("checkpoint,native_bf16,int4,expected", [
-    ("bfloat16", True, False, torch.bfloat16),
-    ("bfloat16", False, False, torch.float32),  # AVX2 only: bf16 GEMMs crawl
-    ("float16", False, False, torch.float32),
-    ("float16", True, False, torch.bfloat16),  # fp16 on a CPU: bf16's range, same size
-    ("bfloat16", False, True, torch.bfloat16),  # the int4 CPU kernel runs in bf16
-    ("float32", True, True, torch.float32),
+@pytest.mark.parametrize("checkpoint,int4,expected", [
+    ("bfloat16", False, torch.bfloat16),
+    ("float16", False, torch.bfloat16),  # fp16 on a CPU: bf16's range, same size
+    ("float32", False, torch.float32),
+    ("float32", True, torch.bfloat16),  # the int4 CPU kernel runs in bf16 only
 ])
-def test_auto_dtype_is_what_computes_fast_on_the_cpu(tiny_model_dir, monkeypatch, checkpoint,
-                                                     native_bf16, int4, expected):
+def test_auto_dtype_on_a_cpu(tiny_model_dir, checkpoint, int4, expected):
     import dataclasses
 
     arch = dataclasses.replace(loader.load_config(str(tiny_model_dir("llama"))).arch,
                                dtype=checkpoint)
-    monkeypatch.setattr(loader, "cpu_lacks_native_bf16", lambda: not native_bf16)
     assert loader.resolve_dtype("auto", arch, CPU, int4_weights=int4) == expected
     # Off the CPU, and for an explicit dtype, nothing is second-guessed.
     assert loader.resolve_dtype("auto", arch, torch.device("meta"), int4) == getattr(
         torch, checkpoint)
-    assert loader.resolve_dtype("bfloat16", arch, CPU, int4) == torch.bfloat16
+    assert loader.resolve_dtype("float16", arch, CPU, int4) == torch.float16
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_16_bit_linears_compute_prefill_in_float32_on_a_cpu_without_bf16(
+        tiny_model_dir, monkeypatch, native_bf16):
+    from molink.model.layers.half_linear import FLOAT32_FROM_TOKENS, HalfWeightLinear
+
+    monkeypatch.setattr(loader, "cpu_lacks_native_bf16", lambda: not native_bf16)
+    model, _ = loader.load_model(str(tiny_model_dir("llama")), 0, 4, "bfloat16", CPU)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, HalfWeightLinear) != native_bf16 for m in linears)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # weights stay 16-bit
+    if native_bf16:
+        return
+    layer = linears[0]
+    torch.manual_seed(0)
+    for rows in (1, FLOAT32_FROM_TOKENS - 1, FLOAT32_FROM_TOKENS, 64):
+        x = torch.randn(rows, layer.in_features).to(torch.bfloat16)
+        wide = torch.nn.functional.linear(x.float(), layer.weight.float())
+        narrow = torch.nn.functional.linear(x, layer.weight)
+        expected = wide.bfloat16() if rows >= FLOAT32_FROM_TOKENS else narrow
+        assert torch.equal(layer(x), expected), rows
 
 
 def test_the_cpu_bf16_check_reads_the_flags_of_this_machine():

@@ -1,0 +1,154 @@
+"""Single-process speed per dtype on this CPU: prefill, decode, and a batch of 16.
+
+The issue-18 model (random Llama: hidden 1024, 12 layers, GQA 16/4, vocab 8000, 151M
+parameters), one process, greedy, EOS ignored, 128-token prompts of random ids. Each mode
+runs in its own subprocess (a clean heap), side by side in one run:
+
+- ``float32``: weights and products in float32 (4 bytes a weight);
+- ``bfloat16 (plain)``: 16-bit weights and 16-bit products (what PyTorch does unaided);
+- ``bfloat16`` (MoLink's default on a CPU without native bf16): 16-bit weights, products of
+  8 rows or more widened to float32 (``model/layers/half_linear.py``);
+- ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference.
+
+Measured: prefill (128 tokens, one request: the time to the first token), decode time per
+token for one request (TPOT), and generated tokens/s for 16 requests at once (prefill
+included). The bound it is measured against: the float32 row of the same run.
+
+    python -m benchmarks.cpu_dtypes            # writes benchmarks/results/cpu_dtypes.md
+    python -m benchmarks.cpu_dtypes --quick    # fewer tokens, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("float32", "bfloat16 (plain)", "bfloat16", "transformers float32",
+         "transformers bfloat16")
+PROMPT_TOKENS = 128
+
+
+def measure(mode: str, directory: str, output_tokens: int) -> dict:
+    """One mode, in this process: {prefill_ms, tpot_ms, batch16_tok_s}."""
+    import torch
+
+    torch.manual_seed(0)
+    prompts = [torch.randint(10, 7990, (PROMPT_TOKENS,)).tolist() for _ in range(16)]
+    if mode.startswith("transformers"):
+        return _measure_transformers(mode.split()[1], directory, prompts, output_tokens)
+    import molink.model.loader as loader
+    from molink import LLM, SamplingParams
+
+    if mode == "bfloat16 (plain)":
+        loader.cpu_lacks_native_bf16 = lambda: False  # no float32 products: PyTorch unaided
+    llm = LLM(model=directory, dtype=mode.split()[0], device="cpu")
+
+    def run(batch, tokens):
+        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in batch], params)
+        return time.perf_counter() - start
+
+    run(prompts[:1], 2)  # warm-up
+    prefill = min(run(prompts[:1], 1) for _ in range(3))
+    one = run(prompts[:1], output_tokens + 1)
+    batch = run(prompts, output_tokens)
+    return {"prefill_ms": prefill * 1e3, "tpot_ms": (one - prefill) / output_tokens * 1e3,
+            "batch16_tok_s": 16 * output_tokens / batch}
+
+
+def _measure_transformers(dtype: str, directory: str, prompts, output_tokens: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype)).eval()
+
+    def run(batch, tokens):
+        ids = torch.tensor(batch)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                           min_new_tokens=tokens, do_sample=False, pad_token_id=3)
+        return time.perf_counter() - start
+
+    run(prompts[:1], 2)
+    prefill = min(run(prompts[:1], 1) for _ in range(3))
+    one = run(prompts[:1], output_tokens + 1)
+    batch = run(prompts, output_tokens)
+    return {"prefill_ms": prefill * 1e3, "tpot_ms": (one - prefill) / output_tokens * 1e3,
+            "batch16_tok_s": 16 * output_tokens / batch}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16 output tokens, prints only")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="OMP threads per run (default: every core)")
+    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # the subprocess
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(measure(args.mode, args.model, args.tokens)))
+        return 0
+    tokens = 16 if args.quick else 64
+    with tempfile.TemporaryDirectory() as tmp:
+        from benchmarks.random_llama import build_model
+
+        directory = str(build_model(Path(tmp) / "llama151m", hidden=1024, layers=12, vocab=8000))
+        rows = {mode: _run_mode(mode, directory, tokens, args.threads) for mode in MODES}
+    table = _table(rows)
+    print(table)
+    if not args.quick:
+        _write(table, args, tokens)
+    return 0
+
+
+def _run_mode(mode: str, directory: str, tokens: int, threads: int) -> dict:
+    print(f"measuring {mode} ...", file=sys.stderr, flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_dtypes", "--mode", mode,
+                           "--model", directory, "--tokens", str(tokens)], env=env,
+                          capture_output=True, text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: dict) -> str:
+    base = rows["float32"]
+    lines = ["| mode | prefill 128 tok (ms) | x float32 | TPOT (ms) | x float32 | "
+             "16 at once (tok/s) | x float32 |", "|---|---|---|---|---|---|---|"]
+    for mode, r in rows.items():
+        lines.append(f"| {mode} | {r['prefill_ms']:.0f} | {r['prefill_ms'] / base['prefill_ms']:.2f}"
+                     f" | {r['tpot_ms']:.1f} | {r['tpot_ms'] / base['tpot_ms']:.2f} | "
+                     f"{r['batch16_tok_s']:.1f} | {r['batch16_tok_s'] / base['batch16_tok_s']:.2f} |")
+    return "\n".join(lines)
+
+
+def _write(table: str, args, tokens: int) -> None:
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+    command = "python -m benchmarks.cpu_dtypes" + (f" --threads {args.threads}"
+                                                   if args.threads != os.cpu_count() else "")
+    text = "\n".join([
+        "# CPU dtypes: prefill, decode and batch speed per dtype, one process", "",
+        f"Command: `{command}` ({shlex.quote(sys.executable)}; {args.threads} threads)", "",
+        f"Model: random Llama 151M (hidden 1024, 12 layers, GQA 16/4, vocab 8000); prompts of "
+        f"{PROMPT_TOKENS} random token ids; {tokens} output tokens, greedy, EOS ignored. Each "
+        "row in its own process, side by side in one run; the bound: the float32 row.", "",
+        table, "", "Machine:", "", "```", lscpu.strip(), "```", ""])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu_dtypes.md").write_text(text)
+    print(f"wrote {RESULTS / 'cpu_dtypes.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
