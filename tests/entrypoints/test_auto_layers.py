@@ -102,6 +102,15 @@ def test_three_stages_without_layers_are_placed_by_their_memory(model_dir, proce
         assert weights + blocks * per_block <= usable < weights + (blocks + 1) * per_block
     _greedy(url, model_dir)
 
+    # A node that comes once every layer is served waits as a spare; when a stage dies,
+    # its range is placed on the spare, and the pipeline serves again.
+    spare = _join(model_dir, head, "0.6MB", processes)
+    assert "spare" in wait_for_line(spare, r"^head: .*").group(0)
+    stages["0.6MB"].kill()  # by pid
+    assert _assigned(spare) == (1, 4)
+    _wait_healthy(url)
+    _greedy(url, model_dir)
+
 
 def test_serve_with_layers_auto_takes_the_first_range_itself(model_dir, processes):
     url, head = _serve(model_dir, processes, "--layers", "auto", "--max-memory", "0.39MB")
