@@ -9,6 +9,7 @@ naming the offending field.
 from __future__ import annotations
 
 import dataclasses
+import json as _json
 import math
 from dataclasses import dataclass, field
 
@@ -20,6 +21,64 @@ MAX_N = 128
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_LOGIT_BIAS_VALUE = 100.0  # OpenAI's range: [-100, 100]
 _SEED_MAX = 2**63 - 1
+MAX_STRUCTURED_SPEC_CHARS = 1 << 20  # a schema, regex or choice list as text
+STRUCTURED_KINDS = ("json", "regex", "choice", "json_object")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What a request's output must match, enforced while decoding (the last stage masks
+    the logits with a grammar): vLLM's ``StructuredOutputsParams``, one constraint given.
+
+    ``json``: a JSON schema (a dict, or its JSON text); ``regex``: a regular expression;
+    ``choice``: the output is exactly one of these strings; ``json_object``: any JSON object.
+    Validated here for shape only; whether the schema or regex compiles is checked at the
+    head by the grammar library (``runtime.guided.check_structured``), before queueing.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    # Normalised: (kind, spec text), the wire form and the compile cache's key.
+    kind: str = field(default="", init=False)
+    spec: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        given = [name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs must give exactly one of json, regex, choice "
+                             f"or json_object, got {', '.join(given) or 'none'}")
+        spec = _structured_spec(given[0], getattr(self, given[0]))
+        if len(spec) > MAX_STRUCTURED_SPEC_CHARS:
+            raise ValueError(f"{given[0]} may be at most {MAX_STRUCTURED_SPEC_CHARS} characters")
+        object.__setattr__(self, "kind", given[0])
+        object.__setattr__(self, "spec", spec)
+
+    @classmethod
+    def from_wire(cls, kind: str, spec: str) -> StructuredOutputsParams:
+        if kind not in STRUCTURED_KINDS:
+            raise ValueError(f"unknown structured output kind {kind!r}")
+        value = {"json": spec, "regex": spec, "choice": None, "json_object": True}[kind]
+        if kind == "choice":
+            value = _json.loads(spec)
+        return cls(**{kind: value})
+
+
+def _structured_spec(kind: str, value) -> str:
+    if kind == "json_object":
+        return ""
+    if kind == "choice":
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(c, str) and c for c in value)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+        return _json.dumps(list(value))
+    if kind == "json" and isinstance(value, dict):
+        return _json.dumps(value, sort_keys=True)
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{kind} must be a non-empty string" +
+                         (" or a JSON schema object" if kind == "json" else ""))
+    return value
 
 
 @dataclass(frozen=True)
@@ -46,6 +105,8 @@ class SamplingParams:
     # practice, +100 all but forces it. Token ids are checked against the vocabulary where
     # the vocabulary is known (``coordinator.prompts.validate_prompt``).
     logit_bias: dict[int, float] | None = None
+    # Constrains the output to a schema, regex or choice (the last stage applies it).
+    structured_outputs: StructuredOutputsParams | None = None
     # Normalised views, filled in __post_init__.
     stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False)
     stop_token_id_set: frozenset[int] = field(default=frozenset(), init=False, repr=False)
@@ -75,6 +136,8 @@ class SamplingParams:
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        if not isinstance(self.structured_outputs, (StructuredOutputsParams, type(None))):
+            raise ValueError("structured_outputs must be a StructuredOutputsParams")  # noqa: TRY004
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "stop_strings", _normalise_stop(self.stop))
         object.__setattr__(self, "stop_token_id_set", _normalise_stop_ids(self.stop_token_ids))

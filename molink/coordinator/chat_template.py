@@ -67,9 +67,11 @@ def _compile(template: str) -> None:
 
 def render_chat(tokenizer, messages: list[dict[str, Any]], *, template: str | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                template_kwargs: dict[str, Any] | None = None) -> str:
-    """The prompt text of ``messages`` (dicts as templates expect them). RequestError naming
-    the field when the template, or these options, reject them."""
+                template_kwargs: dict[str, Any] | None = None,
+                tools: list[dict[str, Any]] | None = None) -> str:
+    """The prompt text of ``messages`` (dicts as templates expect them) and ``tools`` (the
+    request's, as OpenAI's JSON). RequestError naming the field when the template, or these
+    options, reject them."""
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template (start the server "
                            "with --chat-template)", "messages")
@@ -87,7 +89,7 @@ def render_chat(tokenizer, messages: list[dict[str, Any]], *, template: str | No
     try:
         return tokenizer.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message, tokenize=False, **kwargs)
+            continue_final_message=continue_final_message, tokenize=False, tools=tools, **kwargs)
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise RequestError(f"the chat template rejected these messages: {exc}",
                            "messages") from None

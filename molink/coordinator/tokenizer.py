@@ -1,8 +1,8 @@
-"""Loading the tokenizer and chat template of a model (never running remote code).
+"""The tokenizer of a model and its end-of-sequence ids.
 
-A model directory's tokenizer files, or, for a GGUF model (``molink.model.gguf``), the
-``tokenizer.*`` metadata of its (first) file: vocabulary, merges, special tokens and chat
-template, converted by ``transformers``.
+``load_tokenizer`` (``model.tokenizer_files``, shared with the last stage, which compiles
+grammars with it): a model directory's tokenizer files or a GGUF file's metadata, never
+remote code.
 """
 
 from __future__ import annotations
@@ -10,21 +10,11 @@ from __future__ import annotations
 import logging
 
 from molink.model.gguf import gguf_files
+from molink.model.tokenizer_files import load_tokenizer
+
+__all__ = ["eos_token_ids", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        files = gguf_files(path)
-        if files is not None:
-            return AutoTokenizer.from_pretrained(str(files[0].parent), gguf_file=files[0].name,
-                                                 trust_remote_code=False)
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"could not load a tokenizer from {path!r}: {exc}") from None
 
 
 def eos_token_ids(tokenizer, arch_eos: tuple[int, ...], model_dir: str) -> frozenset[int]:

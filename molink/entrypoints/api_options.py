@@ -12,6 +12,7 @@ import json
 
 from molink.coordinator.chat_template import load_chat_template
 from molink.entrypoints.reasoning import PARSERS
+from molink.entrypoints.tool_parsers import PARSERS as PARSERS_OF_TOOLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,8 @@ class ApiOptions:
     allowed_methods: tuple[str, ...] = ("*",)
     allowed_headers: tuple[str, ...] = ("*",)
     allow_credentials: bool = False
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": parse the model's tool calls
+    tool_call_parser: str | None = None  # one of tool_parsers.PARSERS
 
 
 def add_api_arguments(parser) -> None:
@@ -32,6 +35,13 @@ def add_api_arguments(parser) -> None:
                         help="return a reasoning model's <think>...</think> text as "
                              "reasoning_content, apart from content (default: none, all text "
                              "is content)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="tool_choice 'auto': read tool calls from the model's text with "
+                             "--tool-call-parser (default: off, 'auto' with tools is a 400)")
+    parser.add_argument("--tool-call-parser", default=None, choices=PARSERS_OF_TOOLS,
+                        help="how the model writes tool calls: hermes (<tool_call>{...}"
+                             "</tool_call>, Qwen2.5/Qwen3) or llama3_json (Llama 3.x JSON) "
+                             "(default: none)")
     parser.add_argument("--allowed-origins", default=None, type=_names, metavar="LIST",
                         help="browser origins allowed by CORS, comma-separated or a JSON list, "
                              "'*' for any (default: none, no CORS headers are sent)")
@@ -46,7 +56,12 @@ def add_api_arguments(parser) -> None:
 
 def api_options(args) -> ApiOptions:
     """The options of parsed ``args``; ValueError naming the option when one is bad."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser "
+                         f"({' or '.join(PARSERS_OF_TOOLS)})")
     return ApiOptions(
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
         chat_template=load_chat_template(args.chat_template),
         reasoning_parser=args.reasoning_parser,
         allowed_origins=_as_tuple(args.allowed_origins or ()),

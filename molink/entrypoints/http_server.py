@@ -112,7 +112,7 @@ def _add_openai_routes(app: FastAPI, runner: Runner, model: str, options: ApiOpt
         body = await _read(request, ChatCompletionRequest, model)
         if not isinstance(body, ChatCompletionRequest):
             return body
-        job = chat_job(body, head, options.chat_template)
+        job = chat_job(body, head, options)
         reasoning = reasoning_parser(options.reasoning_parser, body.chat_template_kwargs)
         return await _respond(runner, job, ChatFormat(model, job, reasoning), request)
 

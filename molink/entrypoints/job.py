@@ -20,10 +20,13 @@ import sys
 
 from molink.coordinator.chat_template import render_chat
 from molink.coordinator.prompts import RequestError, tokenize_prompt, validate_prompt
+from molink.entrypoints.api_options import ApiOptions
 from molink.entrypoints.chat_messages import template_messages
 from molink.entrypoints.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from molink.entrypoints.structured import structured_outputs
+from molink.entrypoints.tool_calls import ToolCalls, tool_calls_of
 from molink.outputs import RequestOutput
-from molink.sampling_params import MAX_N, SamplingParams
+from molink.sampling_params import MAX_N, SamplingParams, StructuredOutputsParams
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -37,6 +40,7 @@ class Job:
     num_top_logprobs: int | None  # None: no logprobs reported
     best_n: int | None = None  # best_of > n: how many of each prompt's choices are answered
     echo_texts: list[str] | None = None  # /v1/completions with echo: each prompt's text
+    tool_calls: ToolCalls | None = None  # chat with tools: how calls are forced and read
 
     @property
     def n(self) -> int:
@@ -78,18 +82,25 @@ def completion_job(request: CompletionRequest, head) -> Job:
     return dataclasses.replace(job, echo_texts=texts)
 
 
-def chat_job(request: ChatCompletionRequest, head, chat_template: str | None = None) -> Job:
-    text = chat_prompt(request, head.tokenizer, chat_template)
+def chat_job(request: ChatCompletionRequest, head, options: ApiOptions | None = None) -> Job:
+    options = options or ApiOptions()
+    tools = tool_calls_of(request, options.enable_auto_tool_choice, options.tool_call_parser)
+    forced = tools.structured if tools is not None else None
+    if forced is not None and structured_outputs(request) is not None:
+        raise RequestError("a forced tool_choice cannot be combined with response_format or "
+                           "guided_* fields", "tool_choice")
+    text = chat_prompt(request, head.tokenizer, options.chat_template)
     prompts = [head.tokenizer.encode(text, add_special_tokens=False)]
     if request.top_logprobs is not None and not request.logprobs:
         raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
     num_top = (request.top_logprobs or 0) if request.logprobs else None
-    return _job(request, head, prompts, request.max_completion_tokens or request.max_tokens,
-                num_top)
+    job = _job(request, head, prompts, request.max_completion_tokens or request.max_tokens,
+               num_top, forced)
+    return dataclasses.replace(job, tool_calls=tools)
 
 
 def _job(request: SamplingFields, head, prompts: list[list[int]], max_tokens: int | None,
-         num_top: int | None) -> Job:
+         num_top: int | None, structured: StructuredOutputsParams | None = None) -> Job:
     n, best_of = _choice_counts(request, len(prompts))
     stream = bool(request.stream)
     if request.stream_options is not None and not stream:
@@ -98,6 +109,7 @@ def _job(request: SamplingFields, head, prompts: list[list[int]], max_tokens: in
     # best_of ranks choices by their cumulative logprob: the sampler computes it with logprobs.
     logprobs = num_top if best_of == n or num_top is not None else 0
     params = SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                            structured_outputs=structured or structured_outputs(request),
                             **request.sampling_values())
     # Before the pipeline is ready the model length is unknown (0): the length checks
     # wait, and the head answers "not ready".
@@ -142,4 +154,6 @@ def chat_prompt(request, tokenizer, chat_template: str | None = None) -> str:
         tokenizer, template_messages(request.messages), template=chat_template,
         add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
         continue_final_message=bool(request.continue_final_message),
-        template_kwargs=request.chat_template_kwargs)
+        template_kwargs=request.chat_template_kwargs,
+        tools=[tool.model_dump(exclude_none=True) for tool in getattr(request, "tools", None) or []]
+        or None)

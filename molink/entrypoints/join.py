@@ -346,10 +346,21 @@ async def finish_pending_tasks(timeout_s: float = FINISH_TIMEOUT_S,
 
 
 def on_signal(callback) -> None:
-    """Call ``callback`` on the event loop at SIGINT / SIGTERM, on every platform."""
+    """Call ``callback`` on the event loop at SIGINT / SIGTERM, on every platform.
+
+    Where the loop cannot watch signals itself (Windows' proactor loop raises
+    NotImplementedError), a ``signal.signal`` handler hands ``callback`` to the loop; once
+    that loop has closed, the handler does what Python does by default (KeyboardInterrupt)
+    instead of failing on the closed loop."""
     loop = asyncio.get_running_loop()
+
+    def fallback(signum, frame) -> None:
+        if loop.is_closed():
+            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
+        loop.call_soon_threadsafe(callback)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, callback)
         except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
-            signal.signal(sig, lambda *_: loop.call_soon_threadsafe(callback))
+            signal.signal(sig, fallback)

@@ -1,5 +1,6 @@
 """OpenAI's JSON shapes of a ``Job``'s answers, whole or as chunks (with ``echo``, the
-prompt's text first; with a reasoning parser, the thinking as ``reasoning_content``)."""
+prompt's text first; with a reasoning parser, the thinking as ``reasoning_content``; with
+tools, the calls as ``tool_calls``, read from the whole text by ``tool_calls``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 
 from molink.entrypoints.job import Job
 from molink.entrypoints.reasoning import ReasoningParser
+from molink.entrypoints.tool_calls import ToolCallStream
 from molink.outputs import CompletionOutput, Logprob, RequestOutput
 
 # ---- formatting: outputs -> OpenAI JSON ----------------------------------------------------------
@@ -119,18 +121,23 @@ class ChatFormat(Format):
         super().__init__(model, job)
         self.reasoning = reasoning
         self.sent_split: dict[int, tuple[int, int]] = {}  # reasoning, content chars sent
+        self.tool_streams: dict[int, ToolCallStream] = {}  # with tools: calls sent so far
 
     def answer(self, outputs: list[RequestOutput]) -> dict:
         choices = []
         for index, output in enumerate(outputs):
             out = output.outputs[0]
             message = {"role": "assistant", "content": out.text}
-            if self.reasoning is not None:
+            finish_reason = _finish_reason(out.finish_reason)
+            if self.job.tool_calls is not None:
+                fields, finish_reason = self.job.tool_calls.answer_fields(out.text, finish_reason)
+                message |= fields
+            elif self.reasoning is not None:
                 reasoning, content = self.reasoning.split(out.text)
                 message |= {"reasoning_content": reasoning, "content": content}
             choices.append({"index": index, "message": message,
                             "logprobs": self._logprobs(out, 0, len(out.logprobs or ())),
-                            "finish_reason": _finish_reason(out.finish_reason)})
+                            "finish_reason": finish_reason})
         return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
 
     def opening_chunks(self) -> list[dict]:
@@ -144,9 +151,16 @@ class ChatFormat(Format):
         text, start, end = self._new_part(index, out)
         if not text and start == end and out.finish_reason is None:
             return None
-        choice = {"index": index, "delta": self._delta(index, out, text),
-                  "logprobs": self._logprobs(out, start, end),
-                  "finish_reason": _finish_reason(out.finish_reason)}
+        finish_reason = _finish_reason(out.finish_reason)
+        if self.job.tool_calls is not None:
+            stream = self.tool_streams.setdefault(index, ToolCallStream(self.job.tool_calls))
+            delta = stream.delta(out.text, out.finish_reason is not None)
+            if stream.called and finish_reason == "stop":
+                finish_reason = "tool_calls"
+        else:
+            delta = self._delta(index, out, text)
+        choice = {"index": index, "delta": delta, "logprobs": self._logprobs(out, start, end),
+                  "finish_reason": finish_reason}
         extra = {"usage": None} if self.job.include_usage else {}
         return self._envelope(self.chunk_object, [choice], **extra)
 

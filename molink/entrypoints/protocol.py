@@ -62,6 +62,29 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    name: Text | None = None
+    description: Text | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}``."""
+
+    type: Text
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs`` body field (one constraint)."""
+
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(_Strict):
     """What both endpoints share: the model, n, streaming and the sampling fields."""
 
@@ -98,6 +121,12 @@ class SamplingFields(_Strict):
     logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # n <= best_of
     prompt_logprobs: Any = None  # the last stage computes logits of sampled positions only
+    # Structured output (``structured.py``): OpenAI's field, and vLLM's extra ones.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: Annotated[list[Text], Field(max_length=MAX_LIST_ITEMS)] | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def sampling_values(self) -> dict[str, Any]:
         """The sampling fields that were given, for ``SamplingParams(**values)``."""
@@ -145,6 +174,27 @@ class ToolCall(_Strict):
     function: ToolCallFunction
 
 
+class FunctionDefinition(_Strict):
+    name: Text = Field(min_length=1)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Text  # "function"
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Strict):
+    name: Text
+
+
+class NamedToolChoice(_Strict):
+    type: Text  # "function"
+    function: ToolChoiceFunction
+
+
 class ChatMessage(_Strict):
     role: Text = Field(min_length=1)
     content: Text | Annotated[list[ContentPart], Field(max_length=MAX_LIST_ITEMS)] | None = None
@@ -157,9 +207,8 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
-        "prompt_logprobs": (None,), "tools": (None, []), "functions": (None, []),
-        "response_format": (None, {"type": "text"}), "audio": (None,), "prediction": (None,),
-        "chat_template": (None,)}
+        "prompt_logprobs": (None,), "functions": (None, []), "audio": (None,),
+        "prediction": (None,), "chat_template": (None,)}
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool | None = None  # default true
@@ -169,14 +218,15 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Count | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: NumTop | None = None
-    tools: Any = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_LIST_ITEMS)] | None = None
+    tool_choice: Text | NamedToolChoice | None = None  # "none", "auto", "required" or named
+    parallel_tool_calls: bool | None = None  # default true
     functions: Any = None
-    response_format: Any = None
     audio: Any = None
     prediction: Any = None
 
-    _unsupported = field_validator("prompt_logprobs", "tools", "functions", "response_format",
-                                   "audio", "prediction", "chat_template")(classmethod(_off_only))
+    _unsupported = field_validator("prompt_logprobs", "functions", "audio", "prediction",
+                                   "chat_template")(classmethod(_off_only))
 
 
 class TokenizeRequest(_Strict):

@@ -37,10 +37,19 @@ def default_kv_budget_bytes(device: torch.device, gpu_memory_utilization: float 
     if gpu_memory_utilization is not None:
         logger.warning("gpu_memory_utilization applies to CUDA devices; ignored on %s",
                        device.type)
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    physical = _physical_memory_bytes()
     if physical <= 0:
         return _CPU_DEFAULT_BYTES
     return int(min(_CPU_DEFAULT_BYTES, physical * _CPU_MAX_FRACTION))
+
+
+def _physical_memory_bytes() -> int:
+    """This machine's RAM (0: unknown). ``os.sysconf`` is POSIX only (absent on Windows), and
+    a platform may lack one of its names (ValueError)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def num_blocks_for_budget(layers: list[PagedAttention], block_size: int, dtype: torch.dtype,

@@ -1,6 +1,7 @@
 """Sampler: turns one step's logits into one token per request.
 
-Follows vLLM v1's sampler. Per row, in float32:
+Follows vLLM v1's sampler. Per row, in float32, after a guided row's grammar mask
+(``guided.apply_guided_masks``: disallowed tokens at -inf):
 
     raw logits ──┬───────────────────────────────────────────────────────> logprobs
                  └─> min_tokens mask ─> logit_bias ─> penalties ─┬─> argmax   (greedy rows)
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from molink.messages import TokenLogprobs
+from molink.runtime.guided import GuidedMatcher, apply_guided_masks
 from molink.sampling_params import SamplingParams
 
 
@@ -37,6 +39,7 @@ class SamplingRequestState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens generated so far (before this step's token)
     eos_token_ids: frozenset[int]
+    guided: GuidedMatcher | None = None  # structured output: the request's grammar matcher
 
     @property
     def min_tokens_active(self) -> bool:
@@ -62,6 +65,9 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, states: list[SamplingRequestState]) -> SamplerOutput:
         """logits: [num_rows, vocab_size], any float dtype, any device. One row per request."""
         assert logits.dim() == 2 and logits.shape[0] == len(states), (logits.shape, len(states))
+        # Grammar masks first (as vLLM applies its bitmask): every later step, and the
+        # logprobs, see only the tokens the grammar allows.
+        logits = apply_guided_masks(logits, [state.guided for state in states])
         if _is_plain_greedy(states):
             # Fast path: nothing changes the argmax, so no copy, no float32, no softmax.
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(states))

@@ -16,6 +16,7 @@ import torch
 from molink.config import CacheConfig, ModelConfig
 from molink.messages import StepOutput, StepPlan
 from molink.model.loader import load_model
+from molink.runtime.guided import GuidedDecoding, GuidedMatcher
 from molink.runtime.kv_cache import (
     allocate_kv_cache,
     default_kv_budget_bytes,
@@ -36,6 +37,7 @@ class _RequestState:
     sampling_params: SamplingParams
     block_ids: list[int]
     eos_token_ids: frozenset[int]
+    guided: GuidedMatcher | None = None  # last stage, structured output: made on first sample
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,6 +76,8 @@ class StageExecutor:
         self.is_first, self.is_last = self.model.is_first, self.model.is_last
         self.eos_token_ids = frozenset(eos_token_ids)
         self.sampler = Sampler(seed=model_config.seed) if self.is_last else None
+        self.guided = (GuidedDecoding(model_config.tokenizer or model_config.model,
+                                      self.arch.vocab_size) if self.is_last else None)
         self.requests: dict[str, _RequestState] = {}
 
     def _choose_num_blocks(self, layers, model_config: ModelConfig, cache_config: CacheConfig,
@@ -167,9 +171,16 @@ class StageExecutor:
 
     def _sampling_state(self, request_id: str) -> SamplingRequestState:
         state = self.requests[request_id]
+        output_token_ids = state.token_ids[state.num_prompt_tokens:]
+        structured = state.sampling_params.structured_outputs
+        if structured is not None and state.guided is None:
+            state.guided = self.guided.matcher(structured, state.eos_token_ids)
+        if state.guided is not None:
+            state.guided.advance(output_token_ids)
         return SamplingRequestState(
             params=state.sampling_params,
             prompt_token_ids=state.token_ids[:state.num_prompt_tokens],
-            output_token_ids=state.token_ids[state.num_prompt_tokens:],
+            output_token_ids=output_token_ids,
             eos_token_ids=state.eos_token_ids,
+            guided=state.guided,
         )

@@ -21,7 +21,7 @@ from molink.messages import (
     StepPlan,
     TokenLogprobs,
 )
-from molink.sampling_params import SamplingParams
+from molink.sampling_params import SamplingParams, StructuredOutputsParams
 from molink.transport import molink_pb2 as pb
 
 # Bytes per element of every dtype allowed on the wire.
@@ -141,7 +141,9 @@ def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
         stop_token_ids=sorted(params.stop_token_id_set),
         has_logprobs=params.logprobs is not None, logprobs=params.logprobs or 0,
         ignore_eos=params.ignore_eos, logit_bias_token_ids=list(params.logit_bias or ()),
-        logit_bias_values=list((params.logit_bias or {}).values()))
+        logit_bias_values=list((params.logit_bias or {}).values()),
+        structured_kind=params.structured_outputs.kind if params.structured_outputs else "",
+        structured_spec=params.structured_outputs.spec if params.structured_outputs else "")
 
 
 def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
@@ -155,7 +157,8 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
             min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids),
             logprobs=msg.logprobs if msg.has_logprobs else None, ignore_eos=msg.ignore_eos,
             logit_bias=dict(zip(msg.logit_bias_token_ids, msg.logit_bias_values)) or None,
-            max_tokens=None)
+            max_tokens=None, structured_outputs=StructuredOutputsParams.from_wire(
+                msg.structured_kind, msg.structured_spec) if msg.structured_kind else None)
     except ValueError as exc:
         raise WireFormatError(f"invalid sampling parameters: {exc}") from None
 

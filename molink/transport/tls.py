@@ -50,8 +50,12 @@ from molink.transport.auth import _refusal_handler
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks; nodes there start one process per state dir
+except ImportError:  # Windows: msvcrt's byte-range lock instead
     fcntl = None
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +131,8 @@ class NodeIdentity:
         state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         cert_path, key_path = state_dir / CERT_FILE, state_dir / KEY_FILE
-        with open(state_dir / ".identity.lock", "a") as lock:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        with open(state_dir / ".identity.lock", "a+") as lock:
+            _lock_exclusively(lock)
             # The certificate is written last: its presence means the pair is complete.
             if not cert_path.exists():
                 identity = cls.ephemeral()
@@ -140,7 +143,7 @@ class NodeIdentity:
         if not key_path.exists():
             raise PeerSecurityError(f"{cert_path} has no private key {key_path}: remove the "
                                     "certificate to make a new identity")
-        if key_path.stat().st_mode & 0o077:
+        if os.name != "nt" and key_path.stat().st_mode & 0o077:  # Windows: ACLs, not modes
             logger.warning("%s is readable by other users; run chmod 600 on it", key_path)
         identity = cls(cert_path.read_bytes(), key_path.read_bytes())
         spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -152,7 +155,29 @@ class NodeIdentity:
 
 
 def default_state_dir() -> Path:
-    return Path(envs.state_dir() or Path.home() / ".local" / "state" / "molink")
+    """``$MOLINK_STATE_DIR``, else ``%LOCALAPPDATA%\\molink`` on Windows, else
+    ``~/.local/state/molink``."""
+    if envs.state_dir():
+        return Path(envs.state_dir())
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "molink"
+    return Path.home() / ".local" / "state" / "molink"
+
+
+def _lock_exclusively(handle) -> None:
+    """Hold an exclusive lock on ``handle`` until it is closed (POSIX flock; Windows: a lock
+    on its first byte, retried while another process holds it)."""
+    if fcntl is not None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return
+    if msvcrt is not None:
+        handle.seek(0)
+        while True:
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # tries for ~10 s
+                return
+            except OSError:
+                continue
 
 
 def _write_atomically(path: Path, data: bytes, mode: int) -> None:
