@@ -88,7 +88,12 @@ class JoinDesk:
         if reason is not None:
             logger.warning("refused stage %s (asking for layers): %s", key, reason)
             return pb.JoinReply(accepted=False, reason=reason)
-        answer = self.place(key, info.memory_bytes, info.seconds_per_layer)
+        try:
+            answer = self.place(key, info.memory_bytes, info.seconds_per_layer)
+        except ValueError as exc:  # the model's sizes cannot be worked out for a plan
+            logger.error("automatic placement is not possible: %s", exc)
+            return pb.JoinReply(accepted=False, reason=f"automatic placement is not possible "
+                                                       f"for this model ({exc}); give --layers")
         if answer is None:
             return pb.JoinReply(accepted=False, wait=True, reason=self._answers[key])
         return pb.JoinReply(accepted=False, assigned_start=answer[0], assigned_end=answer[1])

@@ -52,7 +52,11 @@ class OwnLayers:
         offer = await asyncio.to_thread(self.measure)
         layers = None
         while not stopping():
-            layers = desk.place(HEAD, offer.memory_bytes, offer.seconds_per_layer)
+            try:
+                layers = desk.place(HEAD, offer.memory_bytes, offer.seconds_per_layer)
+            except ValueError as exc:  # the model's sizes cannot be worked out for a plan
+                logger.error("automatic placement is not possible: %s; give --layers", exc)
+                return None
             if layers is not None or HEAD not in desk.placement.offers:
                 break
             await asyncio.sleep(OFFER_INTERVAL_S)

@@ -109,3 +109,28 @@ def test_a_loading_node_keeps_its_range_while_it_renews_its_offer_and_loses_it_w
         assert auto.offer("a", 100 * LAYER, 1.0, ALL, now=float(now)).layers == (0, 8)
         assert auto.offer("b", 100 * LAYER, 1.0, ALL, now=float(now)).layers is None
     assert auto.offer("b", 100 * LAYER, 1.0, ALL, now=75.0).layers == (0, 8)  # a went silent
+
+
+def test_the_join_desk_answers_offers_and_refuses_when_a_model_cannot_be_sized():
+    from molink.coordinator.join_desk import JoinDesk
+    from molink.coordinator.membership import Membership, ModelIdentity
+    from molink.transport import molink_pb2 as pb
+
+    def desk(footprint):
+        membership = Membership(ModelIdentity("fp", "float32", 8, 8), None)
+        return JoinDesk(membership, None, footprint, settle_s=0.0, headroom=0.0,
+                        head_expected=False, on_dead=lambda member, why: None)
+
+    info = pb.StageInfo(model_fingerprint="fp", dtype="float32", block_size=8, num_layers=8,
+                        memory_bytes=100 * LAYER, seconds_per_layer=1.0, auto_layers=True)
+    reply = desk(lambda: FOOTPRINT).offer("node", info)
+    assert (reply.accepted, reply.assigned_start, reply.assigned_end) == (False, 0, 8)
+
+    def unsizable():
+        raise ValueError("keeps no layer dict")
+
+    reply = desk(unsizable).offer("node", info)
+    assert not reply.wait and "give --layers" in reply.reason and "layer dict" in reply.reason
+    info.dtype = "bfloat16"
+    reply = desk(lambda: FOOTPRINT).offer("node", info)
+    assert not reply.wait and "dtype mismatch" in reply.reason
