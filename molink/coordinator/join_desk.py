@@ -109,6 +109,8 @@ class JoinDesk:
             logger.info("automatic placement: %s", placement.last_plan)
         text = (f"load layers {answer.layers[0]}:{answer.layers[1]}" if answer.layers
                 else answer.reason)
+        for gone in [k for k in self._answers if k != key and k not in placement.offers]:
+            del self._answers[gone]  # joined or forgotten: nothing more to tell it
         if self._answers.get(key) != text:
             self._answers[key] = text
             logger.info("node %s (%s, %.2f ms per layer): %s", key, human_bytes(memory_bytes),

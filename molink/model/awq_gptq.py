@@ -26,6 +26,8 @@ from molink.model.layers.int_linear import IntWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) held by nibble i of a word
 AWQ_UNDO_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding column c
+REQUIRED_TENSORS = ("qweight", "qzeros", "scales")  # what every packed linear X stores as X.<name>
+PACKED_TENSORS = (*REQUIRED_TENSORS, "g_idx")  # g_idx: GPTQ only, and optional
 _SUPPORTED = "awq (version gemm, 4-bit) and gptq (checkpoint_format gptq or gptq_v2, 4 or 8 bits)"
 
 
@@ -47,7 +49,7 @@ class PackedScheme:
         """What one quantized linear stores; ``is_stored(suffix)``: whether an optional one
         is there (GPTQ's ``g_idx`` may be absent: groups in input order)."""
         optional = ["g_idx"] if self.method == "gptq" and is_stored("g_idx") else []
-        return ["qweight", "qzeros", "scales", *optional]
+        return [*REQUIRED_TENSORS, *optional]
 
     def skips(self, module_name: str) -> bool:
         return any(entry in module_name for entry in self.not_converted)

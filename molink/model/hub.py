@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
+from molink.model.awq_gptq import PACKED_TENSORS
 from molink.model.loader import load_config, stored_name
 
 logger = logging.getLogger(__name__)
-
-PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # a packed AWQ / GPTQ linear
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -169,7 +168,7 @@ def needed_tensor_names(model_dir: str, start_layer: int, end_layer: int | None,
         if (key := stored_name(name, stored_names)) is not None:
             names.add(key)
         elif name.endswith(".weight"):  # AWQ / GPTQ: the linear is stored packed
-            names.update(key for suffix in PACKED_SUFFIXES if (key := stored_name(
+            names.update(key for suffix in PACKED_TENSORS if (key := stored_name(
                 name.removesuffix("weight") + suffix, stored_names)) is not None)
     return names
 

@@ -33,15 +33,6 @@ def model_dir(tmp_path_factory):
     return str(build_model("llama", tmp_path_factory.mktemp("auto8"), num_hidden_layers=8))
 
 
-@pytest.fixture
-def processes():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        proc.kill()  # by pid
-        proc.wait()
-
-
 def _serve(model_dir: str, processes: list, *extra: str) -> tuple[str, str]:
     http_port = free_port()
     head = spawn("serve", model_dir, "--host", "127.0.0.1", "--port", str(http_port),

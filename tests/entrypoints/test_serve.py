@@ -28,15 +28,6 @@ def _health(url: str) -> httpx.Response:
     return httpx.get(f"{url}/health", timeout=10)
 
 
-@pytest.fixture
-def processes():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        proc.kill()  # by pid
-        proc.wait()
-
-
 def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     directory = str(tiny_model_dir("llama"))
     http_port = free_port()
