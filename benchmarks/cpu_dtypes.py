@@ -4,15 +4,18 @@ The issue-18 model (random Llama: hidden 1024, 12 layers, GQA 16/4, vocab 8000, 
 parameters), one process, greedy, EOS ignored, 128-token prompts of random ids. Each mode
 runs in its own subprocess (a clean heap), side by side in one run:
 
-- ``float32``: weights and products in float32 (4 bytes a weight);
+- ``float32``: weights and products in float32 (4 bytes a weight), a decode batch's products
+  in the orientation MKL is fast at (``model/layers/cpu_linear.py``);
+- ``float32 (plain linears)``: the same with PyTorch's ``nn.Linear`` (what that change buys);
 - ``bfloat16 (plain)``: 16-bit weights and 16-bit products (what PyTorch does unaided);
 - ``bfloat16`` (MoLink's default on a CPU without native bf16): 16-bit weights, products of
-  8 rows or more widened to float32 (``model/layers/half_linear.py``);
+  4 rows or more widened to float32 (``model/layers/cpu_linear.py``);
 - ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference.
 
 Measured: prefill (128 tokens, one request: the time to the first token), decode time per
-token for one request (TPOT), and generated tokens/s for 16 requests at once (prefill
-included). The bound it is measured against: the float32 row of the same run.
+token for one request (TPOT), generated tokens/s for 16 requests at once (prefill included),
+and the decode rate of those 16 (tokens after the first over the time after the 16
+prefills). The bound it is measured against: the float32 row of the same run.
 
     python -m benchmarks.cpu_dtypes            # writes benchmarks/results/cpu_dtypes.md
     python -m benchmarks.cpu_dtypes --quick    # fewer tokens, prints only
@@ -31,17 +34,14 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("float32", "bfloat16 (plain)", "bfloat16", "transformers float32",
-         "transformers bfloat16")
+MODES = ("float32", "float32 (plain linears)", "bfloat16 (plain)", "bfloat16",
+         "transformers float32", "transformers bfloat16")
 PROMPT_TOKENS = 128
 
 
 def measure(mode: str, directory: str, output_tokens: int) -> dict:
-    """One mode, in this process: {prefill_ms, tpot_ms, batch16_tok_s}."""
-    import torch
-
-    torch.manual_seed(0)
-    prompts = [torch.randint(10, 7990, (PROMPT_TOKENS,)).tolist() for _ in range(16)]
+    """One mode, in this process: see ``_rates``."""
+    prompts = prompts_of(16)
     if mode.startswith("transformers"):
         return _measure_transformers(mode.split()[1], directory, prompts, output_tokens)
     import molink.model.loader as loader
@@ -49,6 +49,8 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
 
     if mode == "bfloat16 (plain)":
         loader.cpu_lacks_native_bf16 = lambda: False  # no float32 products: PyTorch unaided
+    if mode == "float32 (plain linears)":
+        loader.use_cpu_linears = lambda model: 0
     llm = LLM(model=directory, dtype=mode.split()[0], device="cpu")
 
     def run(batch, tokens):
@@ -59,10 +61,26 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
 
     run(prompts[:1], 2)  # warm-up
     prefill = min(run(prompts[:1], 1) for _ in range(3))
+    return _rates(run, prompts, prefill, output_tokens)
+
+
+def _rates(run, prompts: list[list[int]], prefill: float, output_tokens: int) -> dict:
+    """``run(prompts, tokens)`` -> seconds: one stream's TPOT, 16 at once with and without
+    their prefills."""
     one = run(prompts[:1], output_tokens + 1)
     batch = run(prompts, output_tokens)
+    batch_prefill = min(run(prompts, 1) for _ in range(2))
     return {"prefill_ms": prefill * 1e3, "tpot_ms": (one - prefill) / output_tokens * 1e3,
-            "batch16_tok_s": 16 * output_tokens / batch}
+            "batch16_tok_s": 16 * output_tokens / batch,
+            "batch16_decode_tok_s": 16 * (output_tokens - 1) / (batch - batch_prefill)}
+
+
+def prompts_of(count: int) -> list[list[int]]:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(10, 7990, (PROMPT_TOKENS,), generator=generator).tolist()
+            for _ in range(count)]
 
 
 def _measure_transformers(dtype: str, directory: str, prompts, output_tokens: int) -> dict:
@@ -81,10 +99,7 @@ def _measure_transformers(dtype: str, directory: str, prompts, output_tokens: in
 
     run(prompts[:1], 2)
     prefill = min(run(prompts[:1], 1) for _ in range(3))
-    one = run(prompts[:1], output_tokens + 1)
-    batch = run(prompts, output_tokens)
-    return {"prefill_ms": prefill * 1e3, "tpot_ms": (one - prefill) / output_tokens * 1e3,
-            "batch16_tok_s": 16 * output_tokens / batch}
+    return _rates(run, prompts, prefill, output_tokens)
 
 
 def main() -> int:
@@ -125,12 +140,31 @@ def _run_mode(mode: str, directory: str, tokens: int, threads: int) -> dict:
 
 def _table(rows: dict) -> str:
     base = rows["float32"]
-    lines = ["| mode | prefill 128 tok (ms) | x float32 | TPOT (ms) | x float32 | "
-             "16 at once (tok/s) | x float32 |", "|---|---|---|---|---|---|---|"]
+    columns = (("prefill 128 tok (ms)", "prefill_ms", 0), ("TPOT (ms)", "tpot_ms", 1),
+               ("16 at once (tok/s)", "batch16_tok_s", 1),
+               ("16 at once, decode (tok/s)", "batch16_decode_tok_s", 1))
+    lines = ["| mode | " + " | ".join(f"{title} | x float32" for title, _, _ in columns) + " |",
+             "|---|" + "---|---|" * len(columns)]
     for mode, r in rows.items():
-        lines.append(f"| {mode} | {r['prefill_ms']:.0f} | {r['prefill_ms'] / base['prefill_ms']:.2f}"
-                     f" | {r['tpot_ms']:.1f} | {r['tpot_ms'] / base['tpot_ms']:.2f} | "
-                     f"{r['batch16_tok_s']:.1f} | {r['batch16_tok_s'] / base['batch16_tok_s']:.2f} |")
+        cells = [f"{r[key]:.{digits}f} | {r[key] / base[key]:.2f}" for _, key, digits in columns]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + _against_transformers(rows)
+
+
+def _against_transformers(rows: dict) -> str:
+    """Each side in the dtype it is fastest in on this machine, per measure."""
+    ours = {m: r for m, r in rows.items() if not m.startswith("transformers")}
+    theirs = {m: r for m, r in rows.items() if m.startswith("transformers")}
+    lines = ["| decode, best dtype each | MoLink | transformers | MoLink speed-up |",
+             "|---|---|---|---|"]
+    for title, key, lower_is_better in (("one stream, TPOT (ms)", "tpot_ms", True),
+                                        ("16 at once (tok/s)", "batch16_decode_tok_s", False)):
+        pick = min if lower_is_better else max
+        a = pick(ours.items(), key=lambda item: item[1][key])
+        b = pick(theirs.items(), key=lambda item: item[1][key])
+        ratio = b[1][key] / a[1][key] if lower_is_better else a[1][key] / b[1][key]
+        lines.append(f"| {title} | {a[1][key]:.1f} ({a[0]}) | {b[1][key]:.1f} ({b[0]}) | "
+                     f"{ratio:.2f}x |")
     return "\n".join(lines)
 
 

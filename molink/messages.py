@@ -121,3 +121,6 @@ class LinkReport:
     messages_sent: int = 0
     tokens_sent: int = 0  # activation rows
     compression: str = "none"
+    # Of the one message that carries this report: how long its step waited in the sender's
+    # process between the end of its compute and its write (0 in a hop's running report).
+    send_wait_s: float = 0.0

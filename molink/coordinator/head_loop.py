@@ -29,13 +29,14 @@ from molink.config import SchedulerConfig
 from molink.coordinator.frontend import Frontend
 from molink.coordinator.microbatch_tuner import MicrobatchTuner
 from molink.coordinator.output_processor import OutputProcessor
+from molink.coordinator.step_breakdown import StepBreakdown, StepTimes
 from molink.ewma import ewma
 from molink.messages import LinkReport, StepOutput, StepPlan
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
 from molink.stage.compute import StageCompute
-from molink.transport.hop_sender import OutgoingStep
+from molink.transport.outgoing import OutgoingStep
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class HeadLoop:
         self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
         self.hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
         self.tuner = MicrobatchTuner()  # auto: the measured choice
+        self.breakdown = StepBreakdown()  # where each step's time went (/metrics)
         # Observers (metrics): on_request_added(request_id), on_output(RequestOutput),
         # on_request_failed(request_id), on_request_aborted(request_id). Called on the event
         # loop; must be cheap.
@@ -141,6 +143,7 @@ class HeadLoop:
         self._in_flight_requests.clear()
         self.hops = ()
         self.tuner.reset()
+        self.breakdown.reset()
         if self.scheduler is not None:
             self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
                                        self.scheduler.block_size)
@@ -244,25 +247,31 @@ class HeadLoop:
                                                     len(self._in_flight))
         self._dispatched_at[plan.step_id] = time.monotonic()
         reset, self._reset_pending = self._reset_pending, False
-        self._spawn(self._run_first_hop(plan, reset, self.epoch))
+        computing = None
+        if self.executor is not None:  # queued for the compute thread now, not when a task runs
+            computing = asyncio.get_running_loop().run_in_executor(self._compute_pool,
+                                                                   self._compute_own, plan)
+        self._spawn(self._run_first_hop(plan, reset, self.epoch, computing))
 
-    async def _run_first_hop(self, plan: StepPlan, reset: bool, epoch: int) -> None:
-        """The head's own layers (if any), then the step leaves on the first hop. A step
-        whose route changed meanwhile is void (the close already failed its requests)."""
-        activations, timings = None, ()
+    async def _run_first_hop(self, plan: StepPlan, reset: bool, epoch: int,
+                             computing: asyncio.Future | None) -> None:
+        """The head's own layers (if any: ``computing``), then the step leaves on the first
+        hop. A step whose route changed meanwhile is void (the close already failed its
+        requests)."""
+        activations, timings, waits, computed_at = None, (), (), 0.0
         loop = asyncio.get_running_loop()
-        if self.executor is not None:
+        if computing is not None:
+            dispatched_at = self._dispatched_at.get(plan.step_id, time.monotonic())
             try:
-                out, seconds = await loop.run_in_executor(self._compute_pool, self.compute.run,
-                                                          plan)
-                timings = (seconds,)
+                out, seconds, began, computed_at = await computing
             except Exception as exc:  # the head's own layers failed this step
                 logger.exception("head layers failed step %d", plan.step_id)
                 self.on_result(StepOutput(plan.step_id), f"head failed step {plan.step_id}: {exc}",
                                epoch=epoch)
                 return
+            timings, waits = (seconds,), (max(0.0, began - dispatched_at),)
             if isinstance(out, StepOutput):  # the head serves every layer
-                self.on_result(out, "", timings, epoch=epoch)
+                self.on_result(out, "", timings, epoch=epoch, waits=waits)
                 return
         if epoch != self.epoch or self.first_hop is None:
             return
@@ -275,18 +284,27 @@ class HeadLoop:
         if epoch != self.epoch or self.first_hop is None:
             return
         self.first_hop.submit(OutgoingStep(plan, activations, plan.num_tokens, reset=reset,
-                                           stage_compute_s=timings, epoch=epoch))
+                                           stage_compute_s=timings, epoch=epoch,
+                                           stage_wait_s=waits, computed_at=computed_at))
+
+    def _compute_own(self, plan: StepPlan):
+        """On the compute thread: (output, seconds, when the compute began and ended)."""
+        began = time.monotonic()
+        output, seconds = self.compute.run(plan)
+        return output, seconds, began, time.monotonic()
 
     def on_result(self, output: StepOutput, error: str, timings: tuple[float, ...] = (),
-                  hops: tuple[LinkReport, ...] = (), *, epoch: int) -> None:
+                  hops: tuple[LinkReport, ...] = (), *, epoch: int,
+                  waits: tuple[float, ...] = ()) -> None:
         """A step's result (or its error) from the last stage, in any order."""
         if epoch != self.epoch or not self.is_open:
             return  # of an older route, whose requests were failed when it closed
+        arrived_at = time.monotonic()
         plan = self._in_flight.pop(output.step_id, None)
         if plan is None:
             logger.warning("ignoring result of step %d (not in flight)", output.step_id)
             return
-        self._dispatched_at.pop(output.step_id, None)
+        dispatched_at = self._dispatched_at.pop(output.step_id, arrived_at)
         if self._in_flight and next(iter(self._in_flight)) < plan.step_id:
             self.stats.num_results_out_of_order += 1
         self._record_timings(plan, timings)
@@ -310,6 +328,10 @@ class HeadLoop:
                                                      self.scheduler_config.max_num_seqs),
                               self._shared_cores())
         self._pump()
+        if not error:
+            self.breakdown.record(plan, StepTimes(arrived_at - dispatched_at, waits, timings,
+                                                  tuple(h.send_wait_s for h in hops),
+                                                  time.monotonic() - arrived_at))
 
     def _record_timings(self, plan: StepPlan, timings: tuple[float, ...]) -> None:
         """Per-stage compute seconds per step: smoothed (EWMA) for display, and fitted

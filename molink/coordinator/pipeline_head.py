@@ -140,6 +140,7 @@ class PipelineHead(pb_grpc.HeadServicer):
     listeners = _loop_attribute("listeners")
     max_model_len = _loop_attribute("max_model_len")
     stage_compute_s = _loop_attribute("stage_compute_s")
+    breakdown = _loop_attribute("breakdown", "Where steps' time went (StepBreakdown).")
     num_microbatches = _loop_attribute("num_microbatches")
     num_in_flight = _loop_attribute("num_in_flight", "Plans in the pipeline now.")
 
@@ -271,7 +272,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         route are dropped by the loop."""
         def take(result) -> None:
             self.loop.on_result(result.output, result.error, result.stage_compute_s,
-                                result.hops, epoch=result.epoch)
+                                result.hops, epoch=result.epoch, waits=result.stage_wait_s)
 
         async for ack in take_each(request_iterator, context, decode_result, self._received,
                                    take, "result"):

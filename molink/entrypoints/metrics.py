@@ -13,6 +13,13 @@ last one is the results link back to the head)::
     molink_hop_bandwidth_bits_per_second                           gauge, measured (0: unknown)
     molink_hop_latency_seconds                                     gauge, one way (0: unknown)
     molink_hop_info{hop=..., compression="..."} 1                  the hop's wire compression
+
+Where a step's time goes (``StepBreakdown``), as summaries (``_count`` steps, ``_sum``
+seconds) per step ``kind`` (decode: one token per request; prefill: any other step)::
+
+    molink_step_seconds{kind, part="round_trip|wire|head"}    wire: all hops together
+    molink_stage_step_seconds{kind, stage, part="wait|compute"}
+    molink_hop_send_wait_seconds{kind, hop}                    compute end -> on the wire
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    SummaryMetricFamily,
+)
 
 from molink.coordinator.pipeline_head import HopStats, PipelineHead
 
@@ -111,7 +123,10 @@ class _HeadCollector:
                                 "Activation bytes the head sent on its outgoing hop", labels=["hop"])
         hop.add_metric(["head"], head.stats.activation_bytes_sent)
         yield hop
-        yield from _hop_families(head.hop_stats())
+        hops = head.hop_stats()
+        yield from _hop_families(hops)
+        yield from _breakdown_families(head.breakdown.totals, head.stage_labels(),
+                                       [h.label for h in hops])
         if scheduler is not None:
             yield _gauge("molink_queue_length", "Requests waiting", scheduler.num_waiting)
             yield _gauge("molink_running_requests", "Requests holding KV", scheduler.num_running)
@@ -142,6 +157,29 @@ def _hop_families(hops: list[HopStats]) -> list:
             family.add_metric([hop.label], getattr(hop, field))
         info.add_metric([hop.label], {"compression": hop.compression})
     return [family for family, _ in families] + [info]
+
+
+def _breakdown_families(totals: dict, stages: list[str], hops: list[str]) -> list:
+    """The per-step time breakdown of ``StepBreakdown.totals`` (kind -> Totals)."""
+    step = SummaryMetricFamily("molink_step_seconds", "Each step's round trip from the head "
+                               "and back, its time on the wire (every hop together), and the "
+                               "head's time delivering it and dispatching the next",
+                               labels=["kind", "part"])
+    stage = SummaryMetricFamily("molink_stage_step_seconds", "Each step's time in each stage: "
+                                "waiting for the compute, computing", labels=["kind", "stage",
+                                                                                "part"])
+    send = SummaryMetricFamily("molink_hop_send_wait_seconds", "Each step's time between its "
+                               "compute and its write on each hop (encoding, scheduling, "
+                               "pacing)", labels=["kind", "hop"])
+    for kind, t in totals.items():
+        for part in ("round_trip", "wire", "head"):
+            step.add_metric([kind, part], t.count, getattr(t, f"{part}_s"))
+        for label, wait, compute in zip(stages, t.wait_s, t.compute_s):
+            stage.add_metric([kind, label, "wait"], t.count, wait)
+            stage.add_metric([kind, label, "compute"], t.count, compute)
+        for label, seconds in zip(hops, t.send_wait_s):
+            send.add_metric([kind, label], t.count, seconds)
+    return [step, stage, send]
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -47,7 +47,40 @@ def render(head: str) -> str:
         for _, value in samples.get(name, []):
             lines.append(f"  {title:<48} {value:,.0f}")
     lines.extend(_hop_lines(samples))
+    lines.extend(_breakdown_lines(samples))
     return "\n".join(lines)
+
+
+def _breakdown_lines(samples: dict[str, list[tuple[dict, float]]]) -> list[str]:
+    """A decode step's trip, mean ms per step since the route was set up: each stage's wait
+    and compute, the wire (all hops), the head and the round trip (each hop's send wait is
+    in the hop table)."""
+    step = _decode_mean_ms(samples, "molink_step_seconds")
+    if not step:
+        return []
+    waits = _decode_mean_ms(samples, "molink_stage_step_seconds", part="wait")
+    rows = [("decode step", "wait", "compute")]
+    rows += [(stage, f"{waits.get(stage, 0.0):.2f} ms", f"{compute:.2f} ms")
+             for stage, compute in _decode_mean_ms(samples, "molink_stage_step_seconds",
+                                                   part="compute").items()]
+    steps = next((value for labels, value in samples.get("molink_step_seconds_count", [])
+                  if labels.get("kind") == "decode"), 0.0)
+    summary = (f"  wire (all hops) {step.get('wire', 0.0):.2f} ms, head "
+               f"{step.get('head', 0.0):.2f} ms, round trip {step.get('round_trip', 0.0):.2f} "
+               f"ms (mean of {steps:,.0f} decode steps)")
+    return [*_table(rows), summary]
+
+
+def _decode_mean_ms(samples: dict[str, list[tuple[dict, float]]], name: str,
+                    **match: str) -> dict[str, float]:
+    """Mean ms per decode step of summary ``name``, by stage, hop or part."""
+    sums, counts = {}, {}
+    for suffix, into in (("_sum", sums), ("_count", counts)):
+        for labels, value in samples.get(name + suffix, []):
+            if labels.get("kind") == "decode" and all(labels.get(k) == v
+                                                      for k, v in match.items()):
+                into[labels.get("stage") or labels.get("hop") or labels.get("part")] = value
+    return {key: 1e3 * sums[key] / counts[key] for key in sums if counts.get(key)}
 
 
 def _hop_lines(samples: dict[str, list[tuple[dict, float]]]) -> list[str]:
@@ -63,16 +96,25 @@ def _hop_lines(samples: dict[str, list[tuple[dict, float]]]) -> list[str]:
     messages = by_hop("molink_hop_messages_sent_total")
     compression = {labels.get("hop", "?"): labels.get("compression", "")
                    for labels, _ in samples.get("molink_hop_info", [])}
-    rows = [("hop", "bandwidth", "latency", "messages", "sent", "compression")]
+    send_wait = _decode_mean_ms(samples, "molink_hop_send_wait_seconds")
+    rows = [("hop", "bandwidth", "latency", "send wait", "messages", "sent", "compression")]
     for hop, num_bytes in bytes_sent.items():
         rows.append((hop, _measured(bandwidth.get(hop, 0.0) / 1e6, 1, "Mbit/s"),
                      _measured(latency.get(hop, 0.0) * 1e3, 2, "ms"),
+                     f"{send_wait[hop]:.2f} ms" if hop in send_wait else "-",
                      f"{messages.get(hop, 0.0):,.0f}", f"{num_bytes / 1e6:,.3f} MB",
                      compression.get(hop) or "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return _table(rows, last_left=True)
+
+
+def _table(rows: list[tuple[str, ...]], last_left: bool = False) -> list[str]:
+    """Aligned rows: the first column to the left, the others to the right (the last one to
+    the left with ``last_left``)."""
+    right = len(rows[0]) - 1 - last_left
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join([row[0].ljust(widths[0])]
-                             + [cell.rjust(width) for cell, width in zip(row[1:5], widths[1:])]
-                             + [row[5]]) for row in rows]
+                             + [c.rjust(w) for c, w in zip(row[1:1 + right], widths[1:])]
+                             + list(row[1 + right:])).rstrip() for row in rows]
 
 
 def _measured(value: float, decimals: int, unit: str) -> str:

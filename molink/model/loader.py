@@ -30,7 +30,7 @@ from molink.model.awq_gptq import PackedScheme, packed_scheme
 from molink.model.gguf import GGUFCheckpoint, gguf_files
 from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
-from molink.model.layers.half_linear import HALF_DTYPES, use_float32_prefill
+from molink.model.layers.cpu_linear import HALF_DTYPES, use_cpu_linears
 from molink.model.registry import (
     get_model_class,
     registered_models,
@@ -115,7 +115,7 @@ def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device,
     compute in bf16 (PyTorch's int4 CPU kernel runs in bf16 only). A CPU without native bf16
     arithmetic (x86 without AVX512-BF16 or AMX) keeps 16-bit weights, which decode reads at
     half the bytes of float32, and computes products of many rows in float32
-    (``HalfWeightLinear``, applied by ``load_model``): there a plain bf16 prefill runs ~3.5x
+    (``CpuLinear``, applied by ``load_model``): there a plain bf16 prefill runs ~3.5x
     slower than float32 (``benchmarks/results/cpu_dtypes.md``)."""
     if dtype != "auto":
         return TORCH_DTYPES[dtype]
@@ -236,8 +236,9 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
         if int_scheme is not None:
             fill_int_linears(model, files, int_scheme, torch_dtype, device)
     model.eval().requires_grad_(False)
-    if device.type == "cpu" and torch_dtype in HALF_DTYPES and cpu_lacks_native_bf16():
-        use_float32_prefill(model)  # 16-bit weights, float32 products for many tokens
+    if device.type == "cpu" and (torch_dtype == torch.float32 or (
+            torch_dtype in HALF_DTYPES and cpu_lacks_native_bf16())):
+        use_cpu_linears(model)  # fast orientations; 16-bit weights: float32 products
     held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",

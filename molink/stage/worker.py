@@ -42,7 +42,8 @@ from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import decode_step, encode_result
 from molink.transport.dedup import DuplicateFilter, take_each
-from molink.transport.hop_sender import HopSender, OutgoingStep
+from molink.transport.hop_sender import HopSender
+from molink.transport.outgoing import OutgoingStep
 from molink.transport.peers import (
     Peer,
     PeerSecurity,
@@ -69,7 +70,17 @@ class _Gathering:
     output: StepOutput
     tokens: int = 0
     error: str = ""
-    timings: list[float] = dataclasses.field(default_factory=list)
+    timings: list[float] = dataclasses.field(default_factory=list)  # compute, per stage
+    waits: list[float] = dataclasses.field(default_factory=list)  # arrival -> compute start
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timings:
+    """Where a computed step spent its time so far (seconds per stage, pipeline order)."""
+
+    compute_s: tuple[float, ...]
+    wait_s: tuple[float, ...]
+    computed_at: float  # time.monotonic() when this stage's compute ended
 
 
 class StageWorker(pb_grpc.StageServicer):
@@ -258,7 +269,7 @@ class StageWorker(pb_grpc.StageServicer):
             hidden = None
             if step.hidden is not None and not step.error:
                 hidden = from_raw(step.hidden, self.executor.device, self.executor.dtype)
-            self._inbox.put((step, hidden))
+            self._inbox.put((step, hidden, time.monotonic()))
 
         async for ack in take_each(request_iterator, context, decode_step, self._received,
                                    take, "step"):
@@ -280,9 +291,12 @@ class StageWorker(pb_grpc.StageServicer):
                 self.executor.reset()
                 self._wire.put(_RESET)
                 continue
-            step, hidden = item
+            step, hidden, arrived_at = item
+            waited = time.monotonic() - arrived_at
             output, error, seconds = self._compute(step, hidden)
-            self._wire.put((step, output, error, (*step.stage_compute_s, seconds)))
+            self._wire.put((step, output, error, _Timings((*step.stage_compute_s, seconds),
+                                                          (*step.stage_wait_s, waited),
+                                                          time.monotonic())))
         self._wire.put(_STOP)
 
     def _compute(self, step, hidden):
@@ -306,7 +320,7 @@ class StageWorker(pb_grpc.StageServicer):
             if item is _RESET:
                 self._gathering.clear()
                 continue
-            step, output, error, timings = item
+            step, output, error, times = item
             sender = self._sender
             if sender is None:
                 logger.error("%s: step %d computed before a route was configured; dropped",
@@ -315,17 +329,19 @@ class StageWorker(pb_grpc.StageServicer):
             if self.executor.is_last:
                 if step.reset:
                     self._gathering.clear()
-                message = self._gather(step, output, error, timings)
+                message = self._gather(step, output, error, times)
                 if message is not None:
-                    self._loop.call_soon_threadsafe(sender.submit_result, message)
+                    self._loop.call_soon_threadsafe(sender.submit_result, message,
+                                                    times.computed_at)
                 continue
             activations = None if error else self.compute.encode(output, sender)
             outgoing = OutgoingStep(step.plan, activations, step.step_num_tokens, reset=step.reset,
-                                    error=error, stage_compute_s=timings, hops=step.hops,
-                                    part=step.part, epoch=step.epoch)
+                                    error=error, stage_compute_s=times.compute_s, hops=step.hops,
+                                    part=step.part, epoch=step.epoch, stage_wait_s=times.wait_s,
+                                    computed_at=times.computed_at)
             self._loop.call_soon_threadsafe(sender.submit, outgoing)
 
-    def _gather(self, step, output, error: str, timings: tuple[float, ...]):
+    def _gather(self, step, output, error: str, times: _Timings):
         """Last stage: add one computed chunk; the step's result once all tokens are in."""
         plan = step.plan
         key = (step.epoch, plan.step_id)
@@ -336,14 +352,20 @@ class StageWorker(pb_grpc.StageServicer):
         if output is not None:
             gathering.output.sampled_token_ids.update(output.sampled_token_ids)
             gathering.output.logprobs.update(output.logprobs)
-        if len(gathering.timings) < len(timings):
-            gathering.timings.extend([0.0] * (len(timings) - len(gathering.timings)))
-        for i, seconds in enumerate(timings):
-            gathering.timings[i] += seconds
+        _add_into(gathering.timings, times.compute_s)
+        _add_into(gathering.waits, times.wait_s)
         if gathering.tokens < step.step_num_tokens:
             return None
         del self._gathering[key]
         return encode_result(gathering.output, error=gathering.error,
                              stage_compute_s=tuple(gathering.timings),
                              hops=step.hops,  # the sender adds its own hop's report
-                             epoch=step.epoch)
+                             epoch=step.epoch, stage_wait_s=tuple(gathering.waits))
+
+
+def _add_into(totals: list[float], values: tuple[float, ...]) -> None:
+    """Per-stage sums over a step's chunks."""
+    if len(totals) < len(values):
+        totals.extend([0.0] * (len(values) - len(totals)))
+    for i, seconds in enumerate(values):
+        totals[i] += seconds

@@ -58,16 +58,18 @@ class WireStep:
     epoch: int = 0  # the route epoch the step was planned in
     sender_id: str = ""  # who sent it on this hop, and its number there (0: a probe)
     seq: int = 0
+    stage_wait_s: tuple[float, ...] = ()  # arrival -> compute start, each earlier stage
 
 
 def encode_step(plan: StepPlan, hidden: RawTensor | None = None, reset: bool = False,
                 error: str = "", stage_compute_s: tuple[float, ...] = (),
                 step_num_tokens: int | None = None,
                 hops: tuple[LinkReport, ...] = (), part: int = PART_WHOLE,
-                epoch: int = 0) -> pb.StepMessage:
+                epoch: int = 0, stage_wait_s: tuple[float, ...] = ()) -> pb.StepMessage:
     msg = pb.StepMessage(step_id=plan.step_id, microbatch_id=plan.microbatch_id,
                          freed_request_ids=plan.freed_request_ids, reset=reset, error=error,
                          stage_compute_s=stage_compute_s, part=part, epoch=epoch,
+                         stage_wait_s=stage_wait_s,
                          step_num_tokens=plan.num_tokens if step_num_tokens is None
                          else step_num_tokens)
     msg.hops.extend(encode_link(h) for h in hops)
@@ -108,7 +110,7 @@ def decode_step(msg: pb.StepMessage) -> WireStep:
     return WireStep(plan, hidden, bool(msg.reset), msg.error[:4096],
                     _timings(msg.stage_compute_s), msg.step_num_tokens or plan.num_tokens,
                     _links(msg.hops), bool(msg.probe), msg.part, msg.epoch,
-                    _sender_id(msg.sender_id), msg.seq)
+                    _sender_id(msg.sender_id), msg.seq, _timings(msg.stage_wait_s))
 
 
 def _encode_new(request: NewRequest) -> pb.NewRequest:
@@ -167,9 +169,11 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
 
 def encode_result(output: StepOutput, error: str = "",
                   stage_compute_s: tuple[float, ...] = (),
-                  hops: tuple[LinkReport, ...] = (), epoch: int = 0) -> pb.StepResult:
+                  hops: tuple[LinkReport, ...] = (), epoch: int = 0,
+                  stage_wait_s: tuple[float, ...] = ()) -> pb.StepResult:
     msg = pb.StepResult(step_id=output.step_id, microbatch_id=output.microbatch_id, error=error,
-                        stage_compute_s=stage_compute_s, epoch=epoch)
+                        stage_compute_s=stage_compute_s, epoch=epoch,
+                        stage_wait_s=stage_wait_s)
     msg.hops.extend(encode_link(h) for h in hops)
     for request_id, token in output.sampled_token_ids.items():
         msg.sampled_token_ids[request_id] = token
@@ -192,6 +196,7 @@ class WireResult:
     epoch: int = 0  # the route epoch of the step
     sender_id: str = ""  # the last stage's sender on its hop to the head, and the number
     seq: int = 0
+    stage_wait_s: tuple[float, ...] = ()  # arrival -> compute start, every stage
 
 
 def decode_result(msg: pb.StepResult) -> WireResult:
@@ -204,7 +209,7 @@ def decode_result(msg: pb.StepResult) -> WireResult:
         output.logprobs[_request_id(request_id)] = TokenLogprobs(
             lp.token_id, lp.logprob, lp.rank, list(zip(lp.top_token_ids, lp.top_logprobs)))
     return WireResult(output, msg.error[:4096], _timings(msg.stage_compute_s), _links(msg.hops),
-                      msg.epoch, _sender_id(msg.sender_id), msg.seq)
+                      msg.epoch, _sender_id(msg.sender_id), msg.seq, _timings(msg.stage_wait_s))
 
 
 # ---- link reports -------------------------------------------------------------------------------
@@ -212,7 +217,8 @@ def decode_result(msg: pb.StepResult) -> WireResult:
 def encode_link(link: LinkReport) -> pb.HopLink:
     return pb.HopLink(bandwidth_bps=link.bandwidth_bps, latency_s=link.latency_s,
                       bytes_sent=link.bytes_sent, messages_sent=link.messages_sent,
-                      tokens_sent=link.tokens_sent, compression=link.compression)
+                      tokens_sent=link.tokens_sent, compression=link.compression,
+                      send_wait_s=link.send_wait_s)
 
 
 def _links(values) -> tuple[LinkReport, ...]:
@@ -221,10 +227,11 @@ def _links(values) -> tuple[LinkReport, ...]:
     links = []
     for h in values:
         if not (math.isfinite(h.bandwidth_bps) and math.isfinite(h.latency_s)
-                and h.bandwidth_bps >= 0 and 0 <= h.latency_s < 3600 and len(h.compression) <= 16):
+                and h.bandwidth_bps >= 0 and 0 <= h.latency_s < 3600 and len(h.compression) <= 16
+                and 0 <= h.send_wait_s < 3600):
             raise WireFormatError("hop report out of range")
         links.append(LinkReport(h.bandwidth_bps, h.latency_s, h.bytes_sent, h.messages_sent,
-                                h.tokens_sent, h.compression))
+                                h.tokens_sent, h.compression, h.send_wait_s))
     return tuple(links)
 
 
@@ -263,7 +270,7 @@ MAX_STAGES = 256
 def _timings(values) -> tuple[float, ...]:
     timings = tuple(values)
     if len(timings) > MAX_STAGES or any(not 0.0 <= t < 3600.0 for t in timings):
-        raise WireFormatError("stage compute times are out of range")
+        raise WireFormatError("stage times are out of range")
     return timings
 
 

@@ -33,7 +33,7 @@ import time
 
 import grpc
 
-from molink.messages import WIRE_COMPRESSIONS, LinkReport, RawTensor, StepPlan
+from molink.messages import WIRE_COMPRESSIONS, LinkReport
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.chunks import Part, cut_chunk, split_parts
@@ -46,6 +46,7 @@ from molink.transport.codec import (
 )
 from molink.transport.link_meter import INITIAL_BANDWIDTH_BPS, LinkMeter
 from molink.transport.link_scheduler import LinkScheduler, Payload
+from molink.transport.outgoing import OutgoingStep
 from molink.transport.peers import Peer, PeerSecurity, error_detail
 
 logger = logging.getLogger(__name__)
@@ -56,21 +57,6 @@ PROBE_BYTES = 256 * 1024
 _MIN_CHUNK_TOKENS = 32
 REOPEN_TIMEOUT_S = 10.0  # a broken hop that cannot be re-opened this long is lost
 CONNECT_TIMEOUT_S = 10.0  # the first connection (and its link probe)
-
-
-@dataclasses.dataclass
-class OutgoingStep:
-    """A computed step (or a chunk of one) leaving this process."""
-
-    plan: StepPlan
-    activations: RawTensor | None  # of plan.batch's tokens, rows in order; or None
-    step_num_tokens: int
-    reset: bool = False
-    error: str = ""
-    stage_compute_s: tuple[float, ...] = ()
-    hops: tuple[LinkReport, ...] = ()  # upstream hops; this hop's report is appended
-    part: int = PART_WHOLE  # the part of the step this is, when it is one already
-    epoch: int = 0  # the route epoch the step was planned in
 
 
 @dataclasses.dataclass
@@ -275,12 +261,19 @@ class HopSender:
                                                 max(1, part.num_tokens), max(1, bytes_per_token)))
         self._wakeup.set()
 
-    def submit_result(self, message: pb.StepResult) -> None:
-        self._fifo.append(message)
+    def submit_result(self, message: pb.StepResult, computed_at: float = 0.0) -> None:
+        """Queue the last stage's result; ``computed_at``: when its compute ended."""
+        self._fifo.append((message, computed_at))
         self._wakeup.set()
 
     def report(self) -> LinkReport:
         return dataclasses.replace(self.link)
+
+    def _report_for(self, computed_at: float) -> LinkReport:
+        """The report a message carries: the link's, and how long the message's step waited
+        here since its compute ended (written just after this)."""
+        waited = time.monotonic() - computed_at if computed_at else 0.0
+        return dataclasses.replace(self.link, send_wait_s=max(0.0, waited))
 
     # ---- sending -----------------------------------------------------------------------------
 
@@ -299,9 +292,11 @@ class HopSender:
             if isinstance(entry, _Item):
                 return self._message(entry, entry.parts[0], 0, entry.parts[0].num_tokens,
                                      entry.step.part)
+            message, computed_at = entry
             self.link.messages_sent += 1
-            entry.hops.append(encode_link(self.report()))  # results carry every hop's report
-            return entry, 0
+            # results carry every hop's report
+            message.hops.append(encode_link(self._report_for(computed_at)))
+            return message, 0
         if self._scheduler.idle:
             self._wakeup.clear()
             return None, 0
@@ -321,15 +316,17 @@ class HopSender:
     def _message(self, item: _Item, part: Part, start: int, end: int, kind: int):
         step = item.step
         plan, activations = cut_chunk(part, start, end)
-        timings = step.stage_compute_s if not item.timings_sent else (0.0,) * len(
-            step.stage_compute_s)
+        timings, waits = step.stage_compute_s, step.stage_wait_s
+        if item.timings_sent:  # the later chunks of a step add no compute time of their own
+            timings, waits = (0.0,) * len(timings), (0.0,) * len(waits)
         item.timings_sent = True
         tokens = plan.num_tokens if activations is not None else 0
         self.link.messages_sent += 1  # counted before the report, which includes this message
         self.link.tokens_sent += tokens
         message = encode_step(plan, activations, reset=step.reset, error=step.error,
                               stage_compute_s=timings, step_num_tokens=step.step_num_tokens,
-                              hops=(*step.hops, self.report()), part=kind, epoch=step.epoch)
+                              hops=(*step.hops, self._report_for(step.computed_at)), part=kind,
+                              epoch=step.epoch, stage_wait_s=waits)
         return message, tokens
 
     async def _write(self, message, tokens: int) -> None:

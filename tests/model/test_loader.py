@@ -129,20 +129,24 @@ def test_auto_dtype_on_a_cpu(tiny_model_dir, checkpoint, int4, expected):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_16_bit_linears_compute_prefill_in_float32_on_a_cpu_without_bf16(
         tiny_model_dir, monkeypatch, native_bf16):
-    from molink.model.layers.half_linear import FLOAT32_FROM_TOKENS, HalfWeightLinear
+    from molink.model.layers.cpu_linear import FLOAT32_FROM_TOKENS, CpuLinear
 
     monkeypatch.setattr(loader, "cpu_lacks_native_bf16", lambda: not native_bf16)
     model, _ = loader.load_model(str(tiny_model_dir("llama")), 0, 4, "bfloat16", CPU)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(isinstance(m, HalfWeightLinear) != native_bf16 for m in linears)
+    assert linears and all(isinstance(m, CpuLinear) != native_bf16 for m in linears)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # weights stay 16-bit
     if native_bf16:
         return
     layer = linears[0]
     torch.manual_seed(0)
-    for rows in (1, FLOAT32_FROM_TOKENS - 1, FLOAT32_FROM_TOKENS, 64):
+    for rows in (1, FLOAT32_FROM_TOKENS - 1, FLOAT32_FROM_TOKENS, 64, 65):
         x = torch.randn(rows, layer.in_features).to(torch.bfloat16)
-        wide = torch.nn.functional.linear(x.float(), layer.weight.float())
+        # float32 products of the widened weight, in the orientation CpuLinear takes for
+        # this many rows (see test_cpu_linear.py), rounded back to bf16
+        wide32 = layer.weight.float()
+        wide = (wide32 @ x.float().T).T if rows <= 64 else torch.nn.functional.linear(
+            x.float(), wide32)
         narrow = torch.nn.functional.linear(x, layer.weight)
         expected = wide.bfloat16() if rows >= FLOAT32_FROM_TOKENS else narrow
         assert torch.equal(layer(x), expected), rows

@@ -22,6 +22,7 @@ from torch import nn
 
 from molink.config import ModelConfig
 from molink.model import loader
+from molink.model.layers.cpu_linear import CpuLinear
 from molink.model.layers.int_linear import IntLinear
 from molink.model.loader import load_model
 from molink.model.weight_quant import quantize, quantize_int4, quantize_int8
@@ -115,7 +116,8 @@ def test_loader_quantizes_each_decoder_linear_and_logits_equal_the_dequantized_m
     linears = {n: m for n, m in model.named_modules() if isinstance(m, IntLinear)}
     assert len(linears) == 4 * 4  # qkv, o, gate_up, down per layer
     assert isinstance(model.model.embed_tokens, nn.Embedding)
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    # the head stays a dense float32 linear (CpuLinear: nn.Linear with CPU-fast products)
+    assert type(model.lm_head) is CpuLinear and model.lm_head.weight.dtype == torch.float32
     dense, _ = load_model(str(directory), 0, None, "float32", CPU)
     for name, module in linears.items():
         leaf = name.rpartition(".")[2]

@@ -14,8 +14,9 @@ from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import PART_DECODE, PART_PREFILL, decode_step
-from molink.transport.hop_sender import HopSender, OutgoingStep
+from molink.transport.hop_sender import HopSender
 from molink.transport.link_emulator import LinkEmulator, LinkSpec
+from molink.transport.outgoing import OutgoingStep
 from molink.transport.peers import PeerSecurity, bind, make_server
 
 SECURITY = PeerSecurity("hop-test-token", None)  # plain TCP: the relay emulates the link

@@ -13,7 +13,8 @@ from molink.transport import hop_sender
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.dedup import DuplicateFilter
-from molink.transport.hop_sender import HopSender, OutgoingStep
+from molink.transport.hop_sender import HopSender
+from molink.transport.outgoing import OutgoingStep
 from molink.transport.peers import PeerSecurity, bind, make_server
 
 SECURITY = PeerSecurity("delivery-test-token", None)  # plain TCP: the relay can cut it
