@@ -11,8 +11,10 @@ synchronised clocks; each hop's measured latency is reported next to it)::
     head       = result arrived -> tokens delivered and the next step dispatched
 
 Steps whose every request adds one token are ``decode`` steps (a token's trip); the others
-(any prefill) are ``prefill`` steps. Sums and counts since the route was set up go to
-``/metrics`` as summaries; ``recent_means`` averages the latest steps of a kind.
+(any prefill) are ``prefill`` steps. A prefill cut into chunks is computed chunk by chunk
+on every stage at once, so its parts (summed over the chunks) can add up to more than its
+round trip; its wire time is then counted as 0. Sums and counts since the route was set up
+go to ``/metrics`` as summaries; ``recent_means`` averages the latest steps of a kind.
 """
 
 from __future__ import annotations

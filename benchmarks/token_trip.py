@@ -1,0 +1,156 @@
+"""A token's trip: MoLink's 3-stage pipeline against MoLink in one process, same model, same
+dtype, same client, and where the pipeline's extra time goes.
+
+Issue 18's first acceptance point, measured on this machine: with zero-latency links a
+3-stage pipeline's single-stream TPOT within single-process TPOT + 3 ms per hop; with 20 ms
+links within that + the three one-way latencies; 16 requests at once at >= 0.8x the
+single-process tokens/s. The pipeline is ``molink serve --layers 0:4`` + two ``molink join``
+on this machine, every hop through a LinkEmulator relay (``benchmarks.weak_links.relay``),
+as in ``benchmarks.peers`` (whose clusters, client and ``/metrics`` tables this reuses). The
+bound it is measured against: the single-process row of the same run.
+
+    python -m benchmarks.token_trip            # writes benchmarks/results/token_trip.md
+    python -m benchmarks.token_trip --quick    # 32 tokens, prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.peers import breakdown
+from benchmarks.peers.__main__ import PRECISIONS, model_dir
+from benchmarks.peers.clusters import MolinkPipeline, Setup
+from benchmarks.peers.llama_cpp import DEFAULT_CACHE
+from benchmarks.peers.report import lscpu
+from benchmarks.peers.run import Row, Workload, run_row
+from molink.transport.link_emulator import LinkSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LINKS = ["10gbit:0ms", "10gbit:20ms"]
+HOPS = 3
+PER_HOP_BUDGET_MS = 3.0
+CONCURRENT_FLOOR = 0.8
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.token_trip",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="32 output tokens, 1 single request, prints only (default: off)")
+    parser.add_argument("--links", nargs="+", default=LINKS,
+                        help=f"link regimes, bandwidth:latency (default: {' '.join(LINKS)})")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="16bit",
+                        help="MoLink's weights (default: 16bit, bfloat16)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per node (default: 1)")
+    parser.add_argument("--concurrency", type=int, default=16, help="default: 16")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="output tokens (default: 128; --quick 32)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results page (default: benchmarks/results/token_trip.md; "
+                             "--quick: none)")
+    args = parser.parse_args(argv)
+    args.max_tokens = args.max_tokens or (32 if args.quick else 128)
+    if args.out is None and not args.quick:
+        args.out = RESULTS / "token_trip.md"
+    for link in args.links:
+        LinkSpec.parse(link)
+    args.hidden, args.layers, args.vocab, args.cache_dir = 1024, 12, 8000, DEFAULT_CACHE
+    return args
+
+
+async def run(args) -> tuple[Row, list[Row]]:
+    setup = Setup(model_dir(args), None, args.threads, args.concurrency,
+                  128 + args.max_tokens + 64, Path(tempfile.mkdtemp(prefix="molink-trip-")))
+    workload = Workload(128, args.max_tokens, 1 if args.quick else 3, args.concurrency)
+    precision = PRECISIONS[args.precision]
+    alone = await run_row(setup, Row(None, precision, MolinkPipeline.label), workload, {},
+                          args.layers)
+    rows = [await run_row(setup, Row(link, precision, MolinkPipeline.label), workload, {},
+                          args.layers) for link in args.links]
+    return alone, rows
+
+
+def verdicts(alone: Row, rows: list[Row]) -> list[str]:
+    """The acceptance table: each pipeline row against the single process."""
+    base_tpot = 1e3 * alone.single.p50("tpot_s")
+    base_rate = alone.concurrent.tokens_per_s
+    lines = [("| links | TPOT (ms) | allowed (ms) | extra per hop (ms) | "
+             f"{args_concurrency(alone)} at once (tok/s) | x one process | met |"),
+             "|---|---|---|---|---|---|---|",
+             f"| one process | {base_tpot:.1f} | - | - | {base_rate:.1f} | 1.00 | - |"]
+    for row in rows:
+        if row.error or row.single is None:
+            lines.append(f"| {row.link} | failed: {row.error} | | | | | no |")
+            continue
+        latency_ms = 1e3 * LinkSpec.parse(row.link).latency_s
+        tpot = 1e3 * row.single.p50("tpot_s")
+        allowed = base_tpot + HOPS * (latency_ms + PER_HOP_BUDGET_MS)
+        per_hop = (tpot - base_tpot - HOPS * latency_ms) / HOPS
+        ratio = row.concurrent.tokens_per_s / base_rate if row.concurrent else float("nan")
+        met = tpot <= allowed and (latency_ms > 0 or ratio >= CONCURRENT_FLOOR)
+        lines.append(f"| {row.link} | {tpot:.1f} | {allowed:.1f} | {per_hop:.1f} | "
+                     f"{row.concurrent.tokens_per_s:.1f} | {ratio:.2f} | "
+                     f"{'yes' if met else '**no**'} |")
+    return lines
+
+
+def args_concurrency(row: Row) -> int:
+    return row.concurrent.concurrency if row.concurrent else 0
+
+
+def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str:
+    options = " ".join(PRECISIONS[args.precision].molink_options)
+    lines = ["# A token's trip: 3 stages against one process", "",
+             (f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+             f"{seconds / 60:.0f} minutes)"), "",
+             (f"Model: the benchmarks' random Llama (hidden 1024, 12 layers, GQA 16/4, vocab "
+             f"8000, 151M parameters), MoLink `{options}`"
+             f", {args.threads} thread(s) per process (OMP_NUM_THREADS). One process: `molink "
+             "serve` with every layer. Pipeline: `molink serve --layers 0:4` + `molink join` "
+             "4:8 and 8:12, a LinkEmulator relay in front of stage 2, stage 3 and the head's "
+             "result port. Workload: prompts of 128 random token ids, "
+             f"{args.max_tokens} output tokens, greedy, `ignore_eos`, streamed "
+             "`/v1/completions`; single stream = requests one after another (TPOT p50), "
+             f"{args.concurrency} at once = one wave (output tokens / first submission to last "
+             "token)."), "",
+             (f"Bound: the one-process row. Allowed single-stream TPOT = one process + {HOPS} x "
+             f"(link latency + {PER_HOP_BUDGET_MS:.0f} ms); with zero-latency links "
+             f"{args.concurrency} at once must reach {CONCURRENT_FLOOR}x one process."), "",
+             *verdicts(alone, rows), ""]
+    for row in rows:
+        if row.error:
+            continue
+        lines += [f"## Where the time goes: {row.link}", "", "Single stream:", "",
+                  *breakdown.stage_table(row.metrics_single), "",
+                  *breakdown.hop_table(row.metrics_single), "",
+                  f"{args.concurrency} at once:", "",
+                  *breakdown.stage_table(breakdown.since(row.metrics, row.metrics_single)), "",
+                  *breakdown.hop_table(breakdown.since(row.metrics, row.metrics_single)), ""]
+    lines += ["Machine:", "", "```", lscpu().strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = "python -m benchmarks.token_trip " + " ".join(sys.argv[1:] if argv is None
+                                                             else argv)
+    started = time.perf_counter()
+    alone, rows = asyncio.run(run(args))
+    if alone.error:
+        print(f"the one-process run failed: {alone.error}", file=sys.stderr)
+        return 1
+    text = page(command.strip(), args, alone, rows, time.perf_counter() - started)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
