@@ -63,3 +63,15 @@ def test_few_rows_of_16_bit_weights_stay_16_bit():
     layer = _layer(96, 160, torch.bfloat16, bias=False)
     x = torch.randn(cpu_linear.FLOAT32_FROM_TOKENS - 1, 96).bfloat16()
     assert torch.equal(layer(x), F.linear(x, layer.weight))
+
+
+def test_the_scratch_serves_inside_and_outside_inference_mode(monkeypatch):
+    """A scratch first allocated under inference mode (a served step) is written again by a
+    call outside it (an ordinary forward in the same thread)."""
+    monkeypatch.setattr(cpu_linear, "_scratch", type(cpu_linear._scratch)())
+    layer = _layer(96, 160, torch.bfloat16, bias=False).requires_grad_(False)
+    x = torch.randn(8, 96).bfloat16()
+    with torch.inference_mode():
+        inside = layer(x)
+    outside = layer(x)
+    assert torch.equal(inside, outside)

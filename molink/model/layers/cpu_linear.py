@@ -83,7 +83,10 @@ def _scratch_for(in_features: int, rows: int) -> torch.Tensor:
         buffers = _scratch.buffers = {}
     buffer = buffers.get(in_features)
     if buffer is None or buffer.shape[0] < rows:
-        buffer = buffers[in_features] = torch.empty(rows, in_features)
+        # a normal tensor even when first needed under inference mode, so that a later call
+        # outside it may still write into it
+        with torch.inference_mode(False):
+            buffer = buffers[in_features] = torch.empty(rows, in_features)
     return buffer
 
 
