@@ -75,12 +75,12 @@ async def run(args) -> tuple[Row, list[Row]]:
     return alone, rows
 
 
-def verdicts(alone: Row, rows: list[Row]) -> list[str]:
+def verdicts(alone: Row, rows: list[Row], concurrency: int) -> list[str]:
     """The acceptance table: each pipeline row against the single process."""
     base_tpot = 1e3 * alone.single.p50("tpot_s")
     base_rate = alone.concurrent.tokens_per_s
     lines = [("| links | TPOT (ms) | allowed (ms) | extra per hop (ms) | "
-             f"{args_concurrency(alone)} at once (tok/s) | x one process | met |"),
+             f"{concurrency} at once (tok/s) | x one process | met |"),
              "|---|---|---|---|---|---|---|",
              f"| one process | {base_tpot:.1f} | - | - | {base_rate:.1f} | 1.00 | - |"]
     for row in rows:
@@ -97,10 +97,6 @@ def verdicts(alone: Row, rows: list[Row]) -> list[str]:
                      f"{row.concurrent.tokens_per_s:.1f} | {ratio:.2f} | "
                      f"{'yes' if met else '**no**'} |")
     return lines
-
-
-def args_concurrency(row: Row) -> int:
-    return row.concurrent.concurrency if row.concurrent else 0
 
 
 def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str:
@@ -121,7 +117,7 @@ def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str
              (f"Bound: the one-process row. Allowed single-stream TPOT = one process + {HOPS} x "
              f"(link latency + {PER_HOP_BUDGET_MS:.0f} ms); with zero-latency links "
              f"{args.concurrency} at once must reach {CONCURRENT_FLOOR}x one process."), "",
-             *verdicts(alone, rows), ""]
+             *verdicts(alone, rows, args.concurrency), ""]
     for row in rows:
         if row.error:
             continue

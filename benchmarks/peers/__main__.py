@@ -27,7 +27,6 @@ PRECISIONS = {
                       "Q8_0 GGUF", "int8 (bfloat16 activations)"),
 }
 SYSTEMS = [LlamaCppRpc.label, MolinkPipeline.label]
-HEAVY_FLAG = Path("/tmp/peers_heavy")  # tells others on this shared machine: busy
 
 
 def parse_args(argv=None):
@@ -162,7 +161,6 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     command = "python -m benchmarks.peers " + " ".join(sys.argv[1:] if argv is None else argv)
     num_clusters = len(args.precisions) * len(args.systems) * (1 + len(args.links))
-    HEAVY_FLAG.touch()
     try:
         model, llama, ggufs = prepare_inputs(args)
         if args.prepare_only:
@@ -187,8 +185,6 @@ def main(argv=None) -> int:
         print(f"interrupted; every process started was stopped; {args.out or 'no page'} has "
               "the clusters finished so far", file=sys.stderr)
         return 130
-    finally:
-        HEAVY_FLAG.unlink(missing_ok=True)
     report = write(bounds, rows)
     print("\n" + report.split("## Bound", 1)[0], flush=True)
     if args.out is not None:
