@@ -8,8 +8,11 @@ runs in its own subprocess (a clean heap), side by side in one run:
   in the orientation MKL is fast at (``model/layers/cpu_linear.py``);
 - ``float32 (plain linears)``: the same with PyTorch's ``nn.Linear`` (what that change buys);
 - ``bfloat16 (plain)``: 16-bit weights and 16-bit products (what PyTorch does unaided);
-- ``bfloat16`` (MoLink's default on a CPU without native bf16): 16-bit weights, products of
-  4 rows or more widened to float32 (``model/layers/cpu_linear.py``);
+- ``bfloat16 (no fused kernels)``: 16-bit weights, products of 4 rows or more widened to
+  float32 in PyTorch (``model/layers/cpu_linear.py``), fewer rows in bf16;
+- ``bfloat16`` and ``float16`` (MoLink's default on a CPU without native bf16): 16-bit
+  weights widened in registers by MoLink's compiled kernel up to 32 rows
+  (``model/layers/fused16.py``), as above for more;
 - ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference.
 
 Measured: prefill (128 tokens, one request: the time to the first token), decode time per
@@ -34,8 +37,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("float32", "float32 (plain linears)", "bfloat16 (plain)", "bfloat16",
-         "transformers float32", "transformers bfloat16")
+MODES = ("float32", "float32 (plain linears)", "bfloat16 (plain)",
+         "bfloat16 (no fused kernels)", "bfloat16", "float16", "transformers float32",
+         "transformers bfloat16")
 PROMPT_TOKENS = 128
 
 
@@ -51,6 +55,8 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
         loader.cpu_lacks_native_bf16 = lambda: False  # no float32 products: PyTorch unaided
     if mode == "float32 (plain linears)":
         loader.use_cpu_linears = lambda model: 0
+    if mode == "bfloat16 (no fused kernels)":
+        os.environ["MOLINK_CPU_KERNELS"] = "0"
     llm = LLM(model=directory, dtype=mode.split()[0], device="cpu")
 
     def run(batch, tokens):
@@ -107,6 +113,8 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="16 output tokens, prints only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="OMP threads per run (default: every core)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        metavar="MODE", help="which rows (default: all; float32 always)")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # the subprocess
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
@@ -119,7 +127,8 @@ def main() -> int:
         from benchmarks.random_llama import build_model
 
         directory = str(build_model(Path(tmp) / "llama151m", hidden=1024, layers=12, vocab=8000))
-        rows = {mode: _run_mode(mode, directory, tokens, args.threads) for mode in MODES}
+        modes = ["float32", *(m for m in MODES if m in args.modes and m != "float32")]
+        rows = {mode: _run_mode(mode, directory, tokens, args.threads) for mode in modes}
     table = _table(rows)
     print(table)
     if not args.quick:
@@ -135,7 +144,10 @@ def _run_mode(mode: str, directory: str, tokens: int, threads: int) -> dict:
                           capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr,
+          flush=True)
+    return row
 
 
 def _table(rows: dict) -> str:
@@ -155,6 +167,8 @@ def _against_transformers(rows: dict) -> str:
     """Each side in the dtype it is fastest in on this machine, per measure."""
     ours = {m: r for m, r in rows.items() if not m.startswith("transformers")}
     theirs = {m: r for m, r in rows.items() if m.startswith("transformers")}
+    if not theirs:
+        return ""
     lines = ["| decode, best dtype each | MoLink | transformers | MoLink speed-up |",
              "|---|---|---|---|"]
     for title, key, lower_is_better in (("one stream, TPOT (ms)", "tpot_ms", True),
@@ -172,6 +186,8 @@ def _write(table: str, args, tokens: int) -> None:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     command = "python -m benchmarks.cpu_dtypes" + (f" --threads {args.threads}"
                                                    if args.threads != os.cpu_count() else "")
+    if set(args.modes) != set(MODES):
+        command += " --modes " + " ".join(shlex.quote(m) for m in args.modes)
     text = "\n".join([
         "# CPU dtypes: prefill, decode and batch speed per dtype, one process", "",
         f"Command: `{command}` ({shlex.quote(sys.executable)}; {args.threads} threads)", "",

@@ -41,3 +41,19 @@ def keepalive_s() -> float:
 def state_dir() -> str | None:
     """Where a node keeps what must outlive a restart (its TLS identity)."""
     return os.environ.get(STATE_DIR_VAR) or None
+
+
+CPU_KERNELS_VAR = "MOLINK_CPU_KERNELS"
+KERNEL_DIR_VAR = "MOLINK_KERNEL_DIR"
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether 16-bit weights on CPU may use MoLink's compiled kernels (``0`` turns them
+    off; default on)."""
+    return os.environ.get(CPU_KERNELS_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def kernel_dir() -> str:
+    """Where compiled kernels are kept between runs."""
+    return os.environ.get(KERNEL_DIR_VAR) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "molink", "kernels")

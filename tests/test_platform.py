@@ -67,8 +67,9 @@ ALLOWED: dict[tuple[str, str], str] = {
         "/proc/meminfo read under try/except OSError, then sysconf, then a stated guess",
     ("runtime/node_budget.py", "os.sysconf"):
         "under `if hasattr(os, 'sysconf')` and try/except ValueError/OSError",
-    ("model/loader.py", "/proc/"):
-        "/proc/cpuinfo read under try/except OSError: unknown CPU flags mean 'has bf16'",
+    ("runtime/host.py", "/proc/"):
+        "/proc/cpuinfo read under try/except OSError: unknown CPU flags mean 'has bf16' and "
+        "'try the fused kernels' (their self-check decides)",
     ("entrypoints/join.py", "add_signal_handler"):
         "try/except NotImplementedError/RuntimeError: signal.signal fallback (Windows), "
         "run by test_signal_fallback_calls_back_without_loop_signal_handlers",

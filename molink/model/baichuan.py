@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molink.model.arch_config import ArchConfig, FamilyOptions
+from molink.model.layers.cpu_linear import set_linear_weight
 from molink.model.layers.decoder import (
     DecoderLayer,
     DecoderLM,
@@ -80,9 +81,8 @@ class BaichuanForCausalLM(DecoderLM):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32 (through the normalised head on Baichuan2)."""
         if self.cfg.options.norm_head and not self._head_normalized:
-            with torch.no_grad():
-                weight = self.lm_head.weight
-                weight.copy_(F.normalize(weight, dim=-1))  # [vocab, hidden], unit rows
+            # [vocab, hidden], unit rows; the head may be packed (cpu_linear.TiledCpuLinear)
+            set_linear_weight(self.lm_head, F.normalize(self.lm_head.weight, dim=-1))
             self._head_normalized = True
         return super().compute_logits(hidden_states)
 

@@ -13,7 +13,6 @@ quantizes a full-precision checkpoint's decoder linears as they are read
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -30,6 +29,7 @@ from molink.model.awq_gptq import PackedScheme, packed_scheme
 from molink.model.gguf import GGUFCheckpoint, gguf_files
 from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
+from molink.model.layers.attention import attend_in_float32
 from molink.model.layers.cpu_linear import HALF_DTYPES, use_cpu_linears
 from molink.model.registry import (
     get_model_class,
@@ -37,6 +37,7 @@ from molink.model.registry import (
     resolve_architecture,
 )
 from molink.model.weight_quant import QUANTIZATIONS
+from molink.runtime.host import cpu_flags
 
 logger = logging.getLogger(__name__)
 
@@ -132,19 +133,10 @@ def holds_int4(loaded: LoadedConfig, quantization: str | None) -> bool:
     return quantization == "int4" or (loaded.packed is not None and loaded.packed.bits == 4)
 
 
-@functools.cache
 def cpu_lacks_native_bf16() -> bool:
-    """True only when /proc/cpuinfo shows a CPU without bf16 instructions (unknown: False)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):  # x86 / ARM
-                    flags = set(value.split())
-                    return not flags & {"avx512_bf16", "amx_bf16", "bf16"}
-    except OSError:
-        pass
-    return False
+    """True only when the CPU's flags are known and show no bf16 instructions."""
+    flags = cpu_flags()
+    return flags is not None and not flags & {"avx512_bf16", "amx_bf16", "bf16"}
 
 
 def stored_name(name: str, stored_names) -> str | None:
@@ -239,6 +231,8 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
     if device.type == "cpu" and (torch_dtype == torch.float32 or (
             torch_dtype in HALF_DTYPES and cpu_lacks_native_bf16())):
         use_cpu_linears(model)  # fast orientations; 16-bit weights: float32 products
+        if torch_dtype in HALF_DTYPES:
+            attend_in_float32(model)
     held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",

@@ -1,5 +1,6 @@
 """CpuLinear computes exactly the float32 products of ``F.linear``, in another orientation
-for a few rows and block by block for widened 16-bit weights."""
+for a few rows and block by block for widened 16-bit weights. These tests cover the PyTorch
+path (the fused 16-bit kernels off); ``test_fused16.py`` covers the kernels."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from molink.model.layers import cpu_linear
+from molink.model.layers import cpu_linear, fused16
 from molink.model.layers.cpu_linear import CpuLinear, use_cpu_linears
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_path_only(monkeypatch):
+    monkeypatch.setattr(fused16, "kernels", lambda: None)
 
 
 def _layer(in_features: int, out_features: int, dtype: torch.dtype, bias: bool) -> CpuLinear:

@@ -129,9 +129,11 @@ def test_auto_dtype_on_a_cpu(tiny_model_dir, checkpoint, int4, expected):
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_16_bit_linears_compute_prefill_in_float32_on_a_cpu_without_bf16(
         tiny_model_dir, monkeypatch, native_bf16):
+    from molink.model.layers import fused16
     from molink.model.layers.cpu_linear import FLOAT32_FROM_TOKENS, CpuLinear
 
     monkeypatch.setattr(loader, "cpu_lacks_native_bf16", lambda: not native_bf16)
+    monkeypatch.setattr(fused16, "kernels", lambda: None)  # the PyTorch path (kernels: below)
     model, _ = loader.load_model(str(tiny_model_dir("llama")), 0, 4, "bfloat16", CPU)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, CpuLinear) != native_bf16 for m in linears)
@@ -164,6 +166,32 @@ def test_the_cpu_bf16_check_reads_the_flags_of_this_machine():
     else:
         has = bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.partition(":")[2].split()))
         assert loader.cpu_lacks_native_bf16() is (not has)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_16_bit_models_on_a_cpu_without_bf16_use_the_fused_kernels_and_float32_attention(
+        tiny_model_dir, monkeypatch, native_bf16):
+    from molink.model.layers import fused16
+    from molink.model.layers.attention import PagedAttention
+    from molink.model.layers.cpu_linear import TiledCpuLinear
+
+    if fused16.kernels() is None:
+        pytest.skip(f"no fused kernels here: {fused16.unsupported_reason()}")
+    monkeypatch.setattr(loader, "cpu_lacks_native_bf16", lambda: not native_bf16)
+    path = str(tiny_model_dir("llama"))
+    model, _ = loader.load_model(path, 0, 4, "bfloat16", CPU)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    attentions = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    assert linears and attentions
+    assert all(isinstance(m, TiledCpuLinear) != native_bf16 for m in linears)
+    assert {m.compute_dtype for m in attentions} == ({None} if native_bf16 else {torch.float32})
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # weights stay 16-bit
+    if not native_bf16:  # the packed weights read back as the checkpoint's
+        monkeypatch.setattr(fused16, "kernels", lambda: None)
+        plain = loader.load_model(path, 0, 4, "bfloat16", CPU)[0].state_dict()
+        packed = model.state_dict()
+        assert set(packed) == set(plain)
+        assert all(torch.equal(packed[name], plain[name]) for name in plain)
 
 
 def test_missing_directory_and_config_are_clear_errors(tmp_path):
