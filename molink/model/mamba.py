@@ -200,4 +200,5 @@ class MambaForCausalLM(StageModel):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32."""
-        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+        dtype = next(self.lm_head.parameters()).dtype  # not .weight: a packed head unpacks
+        return self.lm_head(hidden_states.to(dtype)).float()
