@@ -121,6 +121,20 @@ def test_tiled_linear_computes_float32_products(dtype, rows, bias):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tiled_linear_takes_no_rows_and_float32_input(dtype):
+    """Shapes the model rarely sends: an empty batch, float32 activations, and an output
+    width the tiles pad (100 -> 104)."""
+    layer, weight = _tiled(100, 72, torch.bfloat16, bias=True)
+    assert layer(torch.randn(0, 72).to(dtype)).shape == (0, 100)
+    x = torch.randn(3, 2, 72).to(dtype)
+    out = layer(x)
+    assert out.shape == (3, 2, 100) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), x.float() @ weight.float().T + layer.bias.float(),
+                               rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
 def test_tiled_widening_block_by_block_is_exact(monkeypatch):
     """More rows than the kernel takes: a scratch of one tile row (8 weights) at a time, each
     block exactly the float32 product of its rows."""

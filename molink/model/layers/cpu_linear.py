@@ -61,7 +61,7 @@ class CpuLinear(nn.Linear):
         """The float32 product [rows, out]: bias added, in x's dtype and leading shape."""
         if self.bias is not None:
             out += self.bias.float()
-        return out.to(x.dtype).view(*x.shape[:-1], -1)
+        return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
 class TiledCpuLinear(CpuLinear):
@@ -79,7 +79,7 @@ class TiledCpuLinear(CpuLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        flat = x.reshape(rows, -1).float()
+        flat = x.reshape(rows, x.shape[-1]).float()
         if rows <= fused16.MAX_ROWS:
             return self._finish(fused16.kernels().matmul(flat, self.tiles, self.out_features), x)
         tiles = self.tiles
