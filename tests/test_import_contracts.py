@@ -10,9 +10,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_import_linter_contracts_hold():
+    import logging
+
     from importlinter.cli import lint_imports
 
-    exit_code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
+    # import-linter configures logging and so disables every logger that exists already;
+    # give them back, or later tests in this process lose the log lines they check
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)]
+    disabled = {id(logger): logger.disabled for logger in loggers}
+    try:
+        exit_code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), no_cache=True)
+    finally:
+        for logger in loggers:
+            logger.disabled = disabled[id(logger)]
     assert exit_code == 0, "import-linter contracts broken (run `lint-imports` for details)"
 
 

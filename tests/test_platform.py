@@ -67,7 +67,7 @@ ALLOWED: dict[tuple[str, str], str] = {
         "/proc/meminfo read under try/except OSError, then sysconf, then a stated guess",
     ("runtime/node_budget.py", "os.sysconf"):
         "under `if hasattr(os, 'sysconf')` and try/except ValueError/OSError",
-    ("runtime/host.py", "/proc/"):
+    ("model/cpu_features.py", "/proc/"):
         "/proc/cpuinfo read under try/except OSError: unknown CPU flags mean 'has bf16' and "
         "'try the fused kernels' (their self-check decides)",
     ("entrypoints/join.py", "add_signal_handler"):

@@ -26,6 +26,7 @@ from torch import nn
 
 from molink.model.arch_config import ArchConfig
 from molink.model.awq_gptq import PackedScheme, packed_scheme
+from molink.model.cpu_features import cpu_flags
 from molink.model.gguf import GGUFCheckpoint, gguf_files
 from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
@@ -37,7 +38,6 @@ from molink.model.registry import (
     resolve_architecture,
 )
 from molink.model.weight_quant import QUANTIZATIONS
-from molink.runtime.host import cpu_flags
 
 logger = logging.getLogger(__name__)
 

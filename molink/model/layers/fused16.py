@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from molink import envs
-from molink.runtime.host import cpu_flags
+from molink.model.cpu_features import cpu_flags
 
 logger = logging.getLogger(__name__)
 
