@@ -25,6 +25,9 @@ class HeadConfig:
     max_memory: int | None = None  # what the head offers (None: measured on its device)
     gpu_memory_utilization: float | None = None
     fetch_layers: Callable[[int, int], str] | None = None  # a Hub model: fetch a range's shards
+    # A lost stage: requests wait this long for a standby or a new join to take over its
+    # layers, then are replayed; 0: they fail at once.
+    failover_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.link_schedule not in SCHEDULES:
@@ -41,6 +44,9 @@ class HeadConfig:
             raise ValueError("auto_layers and head_layers exclude each other")
         if self.placement_settle_s < 0 or not 0 <= self.placement_headroom < 1:
             raise ValueError("placement_settle_s must be >= 0 and placement_headroom in [0, 1)")
+        if not 0 <= self.failover_timeout_s < float("inf"):
+            raise ValueError(f"failover_timeout_s must be a number of seconds >= 0, "
+                             f"got {self.failover_timeout_s}")
         if self.head_layers is not None and not 0 <= self.head_layers[0] < self.head_layers[1]:
             raise ValueError(f"head_layers must be a non-empty range START:END, "
                              f"got {self.head_layers}")

@@ -8,11 +8,16 @@ It keeps up to ``num_microbatches`` plans in flight::
 
 A request is never in two in-flight plans (the scheduler guarantees it; ``_dispatch``
 checks it). Results may come back in any order. The node (``PipelineHead``) opens the loop
-when a route is set up (``open``), closes it with a reason when the pipeline breaks
-(``close``: every request in it fails with that reason and the next route starts clean),
-feeds it results (``on_result``), and asks it, every second, for a step that is overdue
-(``overdue_step``). Route epochs tie both together: a step planned under one route is
-never matched to a result of another.
+when a route is set up (``open``), feeds it results (``on_result``), and asks it, every
+second, for a step that is overdue (``overdue_step``). When the pipeline breaks it either
+suspends the loop (``suspend``: failover; every request is kept, its stream open, and
+replayed when the next route opens) or closes it (``close``: every request fails with the
+reason). Route epochs tie both together: a step planned under one route is never matched
+to a result of another.
+
+Replay: a request's state is its prompt and the tokens it generated; the next route
+re-prefills both (chunked like any prefill) and generation goes on with the same tokens,
+greedy or seeded (the sampler draws from the request's seed and position).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ from collections.abc import AsyncIterator, Callable
 
 from molink.config import SchedulerConfig
 from molink.coordinator.frontend import Frontend
+from molink.coordinator.head_stats import HeadStats, Replays
 from molink.coordinator.microbatch_tuner import MicrobatchTuner
 from molink.coordinator.output_processor import OutputProcessor
 from molink.coordinator.step_breakdown import StepBreakdown, StepTimes
+from molink.coordinator.step_deadlines import overdue_step, step_deadline_s
 from molink.ewma import ewma
 from molink.messages import LinkReport, StepOutput, StepPlan
 from molink.outputs import RequestOutput
@@ -40,9 +47,7 @@ from molink.transport.outgoing import OutgoingStep
 
 logger = logging.getLogger(__name__)
 
-STEP_DEADLINE_MIN_S = 10.0
-STEP_DEADLINE_FACTOR = 10.0
-FIRST_STEPS_DEADLINE_S = 120.0  # before any step time is measured (warm-up, loading)
+MAX_REPLAYS = 3  # a request replayed this often fails on the next loss (it may be the cause)
 
 
 class PipelineNotReady(Exception):
@@ -51,20 +56,6 @@ class PipelineNotReady(Exception):
 
 class StageUnavailable(Exception):
     """A stage died or became unreachable while a request was in the pipeline."""
-
-
-@dataclasses.dataclass
-class HeadStats:
-    num_steps_dispatched: int = 0
-    num_steps_completed: int = 0
-    max_microbatches_in_flight: int = 0
-    num_requests_in_two_microbatches: int = 0  # must stay 0
-    num_stage_failures: int = 0
-    num_steps_timed_out: int = 0
-    num_route_failures: int = 0  # routes that could not be set up (then retried)
-    activation_bytes_sent: int = 0  # on the head's outgoing hop
-    activation_tokens_sent: int = 0
-    num_results_out_of_order: int = 0  # a later micro-batch finished first
 
 
 class HeadLoop:
@@ -103,11 +94,13 @@ class HeadLoop:
         self.first_hop = None  # the HopSender to the first stage, while open
         self.epoch = 0  # the route's epoch, while open
         self.is_open = False
+        self.suspended_since: float | None = None  # failing over: requests wait for a route
         self._streams: dict[str, asyncio.Queue] = {}
         self._in_flight: dict[int, StepPlan] = {}  # step id -> plan, oldest first
         self._in_flight_requests: set[str] = set()
         self._dispatched_at: dict[int, float] = {}  # step id -> when it left
         self._reset_pending = False
+        self.replays = Replays(self.stats)
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
         # Serialization on its own thread, so the next step's compute need not wait for it.
         self._serialize_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-serialize")
@@ -130,28 +123,66 @@ class HeadLoop:
             config = dataclasses.replace(self.scheduler_config, max_model_len=max_model_len)
             self.scheduler = Scheduler(config, num_blocks, self.block_size)
         self.is_open = True
+        self.suspended_since = None
+        self.scheduler.admitting = True
         self._pump()
+
+    def suspend(self, message: str) -> None:
+        """The pipeline broke; a replacement is expected: keep every request and its stream,
+        forget the steps in flight, and requeue the requests to be replayed (prompt + the
+        tokens generated so far) on the next route. New requests queue meanwhile. A request
+        replayed MAX_REPLAYS times already fails with ``message`` instead."""
+        if self.scheduler is None or not self.is_open and self.suspended_since is None:
+            self.close(message)  # never opened, or already closed: nothing to keep
+            return
+        if self.suspended_since is None:
+            self.stats.num_failovers += 1
+            self.suspended_since = time.monotonic()
+        self._forget_route()
+        for request in self.scheduler.requeue_all():
+            if request.num_replays > MAX_REPLAYS:
+                self._fail_requests([request.request_id], StageUnavailable(
+                    f"{message} (the request was replayed {MAX_REPLAYS} times already)"))
+            else:
+                self.replays.lost(request.request_id)
 
     def close(self, message: str) -> None:
         """The pipeline broke: fail every request in it with ``message`` (each may have lost
         KV somewhere) and start the next route from a clean state on every node."""
+        self._fail_requests(list(self._streams), StageUnavailable(message))
+        self._forget_route()
+        self.suspended_since = None
+        if self.scheduler is not None:
+            self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
+                                       self.scheduler.block_size)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.replays.clear()
+
+    def _forget_route(self) -> None:
+        """Steps in flight and measurements of the route that broke are void; every node
+        drops its request state before the next route's first step."""
         self.is_open = False
         self.first_hop = None
-        self._fail_requests(list(self._streams), StageUnavailable(message))
         self._in_flight.clear()
         self._dispatched_at.clear()
         self._in_flight_requests.clear()
         self.hops = ()
         self.tuner.reset()
         self.breakdown.reset()
-        if self.scheduler is not None:
-            self.scheduler = Scheduler(self.scheduler.config, self.scheduler.block_pool.num_blocks,
-                                       self.scheduler.block_size)
-        self.output_processor = OutputProcessor(self.tokenizer)
         self._reset_pending = True  # surviving stages drop their request state
         self.stage_compute_s = []
         if self.executor is not None:
             self._compute_pool.submit(self.executor.reset)
+
+    def drain(self, draining: bool) -> None:
+        """While a stage drains before it leaves, waiting requests are not started."""
+        if self.scheduler is not None:
+            self.scheduler.admitting = not draining
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new requests are taken (open, or failing over: they wait for the route)."""
+        return self.is_open or self.suspended_since is not None
 
     def shutdown(self) -> None:
         self._compute_pool.shutdown(wait=False, cancel_futures=True)
@@ -163,7 +194,7 @@ class HeadLoop:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; raises PipelineNotReady / StageUnavailable /
         ValueError. The request is queued before the first await."""
-        if not self.is_open:
+        if not self.accepting:
             raise PipelineNotReady(f"pipeline not ready: {self._not_ready_reason()}")
         request_id = request_id or f"req-{next(self._ids)}"
         text, request = self.frontend.make_request(request_id, prompt, params)
@@ -193,6 +224,7 @@ class HeadLoop:
             for request in aborted:
                 self.output_processor.discard(request.request_id)
         self._streams.pop(request_id, None)
+        self.replays.forget(request_id)
         for _ in aborted:
             for listener in self.listeners:
                 listener.on_request_aborted(request_id)
@@ -317,6 +349,7 @@ class HeadLoop:
             output = StepOutput(plan.step_id, microbatch_id=plan.microbatch_id)
             output.sampled_token_ids = {e.request_id: 0 for e in plan.batch if e.sample}
         changed = self.scheduler.update_from_output(plan, output)
+        self.replays.delivered(changed)
         for result in self.output_processor.process(changed, output, self.scheduler):
             stream = self._streams.get(result.request_id)
             if stream is not None:
@@ -345,6 +378,7 @@ class HeadLoop:
 
     def _fail_requests(self, request_ids, exc: Exception) -> None:
         for request_id in list(request_ids):
+            self.replays.forget(request_id)
             stream = self._streams.pop(request_id, None)
             if self.scheduler is not None:
                 self.scheduler.abort_requests([request_id])
@@ -357,22 +391,10 @@ class HeadLoop:
     # ---- deadlines ------------------------------------------------------------------------------
 
     def step_deadline_s(self, num_tokens: int) -> float:
-        """How long a step of ``num_tokens`` may take before it counts as lost: a multiple
-        of what it is expected to take behind the other micro-batches in flight, plus the
-        links' latency."""
-        compute = self.tuner.predict_step_s(num_tokens)
-        if compute is None:
-            return FIRST_STEPS_DEADLINE_S
-        links = sum(2 * hop.latency_s for hop in self._hop_links())
-        expected = compute * max(1, len(self._in_flight)) + links
-        return max(STEP_DEADLINE_MIN_S, STEP_DEADLINE_FACTOR * expected)
+        """How long a step of ``num_tokens`` may take before it counts as lost."""
+        return step_deadline_s(self.tuner.predict_step_s(num_tokens), self._hop_links(),
+                               len(self._in_flight))
 
     def overdue_step(self) -> str:
         """Describes the oldest step past its deadline ("" when none is)."""
-        now = time.monotonic()
-        for step_id, plan in self._in_flight.items():
-            waited = now - self._dispatched_at.get(step_id, now)
-            deadline = self.step_deadline_s(plan.num_tokens)
-            if waited > deadline:
-                return f"step {step_id} got no result within {deadline:.0f} s"
-        return ""
+        return overdue_step(self._in_flight, self._dispatched_at, self.step_deadline_s)

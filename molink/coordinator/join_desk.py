@@ -57,13 +57,14 @@ class JoinDesk:
                                             head_expected=self._head_expected)
         return self._placement
 
-    async def join(self, info: pb.StageInfo, address: str, min_blocks: int) -> tuple[
-            StageMember | None, str]:
-        """Admit a stage with a range: (the member, "") or (None, the reason)."""
+    async def join(self, info: pb.StageInfo, address: str, min_blocks: int,
+                   standby: bool = False) -> tuple[StageMember | None, str]:
+        """Admit a stage with a range (``standby``: as a standby): (the member, "") or
+        (None, the reason)."""
         await self._drop_dead_overlaps(info.start_layer, info.end_layer)
         reason = self.membership.check_join(info.start_layer, info.end_layer, address,
                                             info.model_fingerprint, info.dtype, info.block_size,
-                                            info.num_layers)
+                                            info.num_layers, standby=standby)
         if reason is None and info.num_blocks < min_blocks:
             reason = (f"the stage holds {info.num_blocks} KV blocks; the running pipeline "
                       f"uses {min_blocks}")
@@ -72,9 +73,9 @@ class JoinDesk:
                            info.end_layer, reason)
             return None, reason
         member = self.membership.add(info.start_layer, info.end_layer, address,
-                                     info.num_blocks)
+                                     info.num_blocks, standby=standby)
         member.host_id, member.device, member.cpu_cores = info.host_id, info.device, info.cpu_cores
-        member.fingerprint = info.fingerprint
+        member.fingerprint, member.node_id = info.fingerprint, info.node_id
         if self._placement is not None:
             self._placement.joined(info.node_id or address, info.start_layer, info.end_layer)
         return member, ""
@@ -120,8 +121,7 @@ class JoinDesk:
     async def _drop_dead_overlaps(self, start: int, end: int) -> None:
         """A stage restarted before its old self was found dead would be refused for
         overlapping it: check the overlapping members now and drop those that are gone."""
-        for member in list(self.membership.stages.values()):
-            overlaps = member.start_layer < end and start < member.end_layer
-            if overlaps and not await self.peers.answers(member):
+        for member in self.membership.ordered():
+            if member.overlaps(start, end) and not await self.peers.answers(member):
                 self._on_dead(member, "replaced by a new stage for its layers "
                                       "(it no longer answers)")

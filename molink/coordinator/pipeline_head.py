@@ -5,11 +5,12 @@ knows no sockets; this node wraps it the way vLLM's EngineCoreProc wraps EngineC
 serves the stages' RPCs (join, results, health), keeps the membership, sets up the route,
 watches every stage, and opens or closes the loop as the pipeline comes and goes.
 
-A stage that stops answering health checks, whose outgoing hop is lost, or whose compute
-is stuck closes the loop: the requests in the pipeline fail with ``StageUnavailable``
-naming it; the head stays up and reports the missing range, and the stage (which re-joins
-by itself when it can) or a replacement restores service. Nothing waits forever: a step
-without a result within ``max(10 s, 10 x expected)`` closes it too.
+A stage that is lost (health checks, a lost hop, a stuck compute, an overdue step) or
+leaves is replaced and its requests replayed, the streams kept open (``StageWatch``: standby
+stages, ``failover_timeout_s``, draining). When the head shuts down it tells every stage to
+free its requests' state (``Release``); a head that dies without a word is noticed by the
+stages' health watch (a new head instance, or none for 30 s) with the same effect: request
+state lives in the head, and its clients' streams end with it.
 
 Addresses: a stage that does not advertise one is reached at the IP address its join came
 from and the port it listens on; results come back to the address the stages dialed to
@@ -38,6 +39,7 @@ from molink.coordinator.membership import Membership, ModelIdentity, StageMember
 from molink.coordinator.own_layers import OwnLayers
 from molink.coordinator.route_wiring import RouteWiring
 from molink.coordinator.stage_peers import StagePeers, stage_address
+from molink.coordinator.stage_watch import ROUTE_RETRY_S, StageWatch
 from molink.messages import LinkReport
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.outputs import RequestOutput
@@ -48,15 +50,19 @@ from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import decode_result
 from molink.transport.dedup import DuplicateFilter, take_each
-from molink.transport.peers import PeerSecurity, PeerUnreachable, bind, make_server
+from molink.transport.peers import (
+    PeerSecurity,
+    PeerUnreachable,
+    bind,
+    error_detail,
+    make_server,
+)
 
 __all__ = ["HopStats", "PipelineHead", "PipelineNotReady", "StageUnavailable"]
 
 logger = logging.getLogger(__name__)
 
-HEALTH_INTERVAL_S = 1.0
-HEALTH_FAILURES_BEFORE_DOWN = 2
-ROUTE_RETRY_S = 3.0  # a route that could not be set up is tried again this often
+RELEASE_DEADLINE_S = 2.0
 
 
 def _loop_attribute(name: str, doc: str = "") -> property:
@@ -102,7 +108,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         self._stopping = False
         self._configuring = False
         self._ready_event: asyncio.Event | None = None
-        self.peers = StagePeers(security, lambda stage_id: stage_id in self.membership.stages)
+        self.peers = StagePeers(security, lambda stage_id: self.membership.get(stage_id) is not None)
         self.route = RouteWiring(config, security, self.peers)
         self.desk = JoinDesk(self.membership, self.peers,
                              lambda: planning_footprint(
@@ -112,11 +118,12 @@ class PipelineHead(pb_grpc.HeadServicer):
                              settle_s=config.placement_settle_s,
                              headroom=config.placement_headroom,
                              head_expected=config.auto_layers,
-                             on_dead=self._on_stage_failure)
+                             on_dead=lambda member, why: self.watch.on_stage_failure(member, why))
         self._received = DuplicateFilter()
         self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task | None = None
+        self.watch = StageWatch(self)  # health checks, failover, leaving stages
         self.address = ""  # where this head listens for stages (host:port)
         self.advertised_address = ""  # where stages send results ("": where they dialed)
 
@@ -151,6 +158,8 @@ class PipelineHead(pb_grpc.HeadServicer):
     def health(self) -> tuple[bool, str]:
         if self._ready:
             return True, "serving all layers"
+        if failing_over := self.watch.describe():
+            return False, failing_over
         if self.membership.complete:
             return False, f"setting up the route: {self.route_error or 'connecting the stages'}"
         return False, f"layers {self.membership.describe_missing()} are not served"
@@ -174,9 +183,16 @@ class PipelineHead(pb_grpc.HeadServicer):
             labels.append(f"head layers {a}:{b}")
         return labels + [m.label for m in self.membership.ordered()]
 
+    def stage_roles(self) -> list[tuple[str, str]]:
+        """(label, role) of every stage: active ones in pipeline order ("active" or
+        "draining"), then the standbys."""
+        return [(m.label, m.role) for m in self.membership.all_members()]
+
     def describe(self) -> str:
+        standbys = [m.label for m in self.membership.standbys.values()]
         return (" -> ".join(self.stage_labels())
-                + f"; {self.num_microbatches} micro-batches in flight")
+                + f"; {self.num_microbatches} micro-batches in flight"
+                + (f"; standby: {', '.join(standbys)}" if standbys else ""))
 
     def _shared_cores(self) -> int | None:
         """Cores of the one machine whose CPUs compute every stage, if that is the case (the
@@ -202,9 +218,9 @@ class PipelineHead(pb_grpc.HeadServicer):
         await self._server.start()
         self.address = f"{host}:{port}"
         self.advertised_address = advertise or ""
-        self._health_task = asyncio.create_task(self._health_loop())
+        self._health_task = asyncio.create_task(self.watch.run())
         if self.config.auto_layers:
-            self._spawn(self._take_own_layers())
+            self.spawn(self._take_own_layers())
         if self.membership.complete:  # the head serves every layer itself
             await self._on_complete()
         return port
@@ -213,13 +229,16 @@ class PipelineHead(pb_grpc.HeadServicer):
         """From now on, stages going away is expected: no failure handling, no alarms (the
         first hop is closed, so it does not try to re-open a stream to a stopped stage)."""
         self._stopping = True
-        self._spawn(self.route.close_first_hop())
+        self.spawn(self.route.close_first_hop())
 
     async def stop(self) -> None:
+        """Stop; every stage is told to free its requests' state (it joins again when a
+        head is back)."""
         self._stopping = True
         if self._health_task is not None:
             self._health_task.cancel()
         await self.route.close_first_hop()
+        await asyncio.gather(*(self._release(m) for m in self.membership.all_members()))
         await self.peers.close_all()
         if self._server is not None:
             await self._server.stop(grace=0.5)
@@ -241,28 +260,68 @@ class PipelineHead(pb_grpc.HeadServicer):
             raise TimeoutError(f"pipeline not ready after {timeout_s} s: "
                                f"{self.health()[1]}") from None
 
-    def _spawn(self, coroutine) -> None:
+    @property
+    def configuring(self) -> bool:
+        """A route is being set up now."""
+        return self._configuring
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def mark_unready(self) -> None:
+        """The route broke: not ready, and whatever the old route still delivers is void
+        (a new epoch)."""
+        self._ready = False
+        self._ready_event.clear()
+        self._epoch += 1
+
+    def set_up_route(self) -> None:
+        """Wire the route now, in the background, unless that is under way."""
+        if not self._configuring:
+            self.spawn(self._on_complete())
+
+    def spawn(self, coroutine) -> None:
         """Run a background task, holding a reference so it is not collected mid-flight."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _release(self, member: StageMember) -> None:
+        try:
+            peer = await self.peers.get(member)
+            await pb_grpc.StageStub(peer.channel).Release(
+                pb.ReleaseRequest(head_instance=self.instance, reason="the head shut down"),
+                metadata=peer.metadata, timeout=RELEASE_DEADLINE_S)
+        except (grpc.aio.AioRpcError, PeerUnreachable) as exc:
+            logger.info("could not tell %s to free its requests (%s); it will notice the head "
+                        "is gone", member.label, error_detail(exc))
+
     # ---- RPCs from stages ---------------------------------------------------------------------
 
     async def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        if self._stopping:  # a stage released at shutdown: it retries until a head is back
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the head is shutting down")
         info = request.stage
         address = info.address or stage_address(context.peer(), info.port)
         if info.auto_layers and info.end_layer == 0:
             return self.desk.offer(info.node_id or address, info)
         min_blocks = self.scheduler.block_pool.num_blocks if self.scheduler else 1
-        member, reason = await self.desk.join(info, address, min_blocks)
+        # A stage that was routed through, lost, and is back while others serve its layers
+        # (a standby took over) waits as a standby instead of being refused.
+        standby = info.standby or (info.node_id in self.watch.lost_nodes and any(
+            m.overlaps(info.start_layer, info.end_layer) for m in self.membership.ordered()))
+        member, reason = await self.desk.join(info, address, min_blocks, standby=standby)
         if member is None:
             return pb.JoinReply(accepted=False, reason=reason)
+        promoted = member.role == "standby" and member in self.membership.promote()
         missing = self.membership.describe_missing()
-        logger.info("stage joined: %s, %s KV blocks%s", member.label, f"{info.num_blocks:,}",
+        logger.info("stage joined: %s, %s KV blocks%s%s", member.label, f"{info.num_blocks:,}",
+                    " as a standby" + (" (active at once: its layers were not served)"
+                                       if promoted else "") if standby else "",
                     f" (still missing layers {missing})" if missing else "")
         if self.membership.complete:
-            self._spawn(self._on_complete())
+            self.spawn(self._on_complete())
         return pb.JoinReply(accepted=True, stage_id=member.stage_id, head_instance=self.instance,
                             address=address)
 
@@ -282,7 +341,11 @@ class PipelineHead(pb_grpc.HeadServicer):
         """For monitors, and for stages asking whether they are still members."""
         ready, detail = self.health()
         return pb.HealthReply(ready=ready, detail=detail, head_instance=self.instance,
-                              member=request.stage_id in self.membership.stages)
+                              member=self.membership.get(request.stage_id) is not None)
+
+    async def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
+        """A stage leaves on purpose; answered when it may exit (``StageWatch.leave``)."""
+        return await self.watch.leave(request.stage_id, request.drain_timeout_s)
 
     # ---- the route ------------------------------------------------------------------------------
 
@@ -306,7 +369,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         try:
             await self.route.wire(stages, epoch=epoch, source=source,
                                   head_address=self.advertised_address,
-                                  on_lost=self._on_stage_failure)
+                                  on_lost=self.watch.on_stage_failure)
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
             detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             self.route_error = detail
@@ -322,67 +385,10 @@ class PipelineHead(pb_grpc.HeadServicer):
         if self.executor is not None:
             counts.append(self.executor.num_blocks)
         self._ready = True
+        self.watch.route_ready()
         self.loop.open(epoch, self.route.first_hop, min(counts),
                        num_stages=len(stages) + (self.executor is not None))
         self._ready_event.set()
         for callback in self.ready_callbacks:
             callback()
         logger.info("pipeline ready: %s", self.describe())
-
-    # ---- watching the stages --------------------------------------------------------------
-
-    async def _health_loop(self) -> None:
-        """Every second: stages answer and are not stuck, no step is overdue, and a route
-        that could not be set up is tried again."""
-        last_route_attempt = 0.0
-        while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
-            members = list(self.membership.stages.values())
-            await asyncio.gather(*(self._check_health(m) for m in members))
-            if self._ready and (overdue := self.loop.overdue_step()):
-                self.stats.num_steps_timed_out += 1
-                self._close(f"{overdue} on the route {' -> '.join(self.stage_labels())}")
-            now = time.monotonic()
-            if (self.membership.complete and not self._ready and not self._configuring
-                    and now - last_route_attempt > ROUTE_RETRY_S):
-                last_route_attempt = now
-                self._spawn(self._on_complete())
-
-    async def _check_health(self, member: StageMember) -> None:
-        try:
-            reply = await self.peers.health(member)
-            member.consecutive_health_failures = 0
-        except (grpc.aio.AioRpcError, PeerUnreachable) as exc:
-            member.consecutive_health_failures += 1
-            if member.consecutive_health_failures >= HEALTH_FAILURES_BEFORE_DOWN:
-                detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc
-                self._on_stage_failure(member, f"no answer to health checks ({detail})")
-            return
-        if self._ready and reply.lost_hop:
-            self._on_stage_failure(member, reply.lost_hop)
-        elif reply.compute_busy_s > self.loop.step_deadline_s(
-                self.loop.scheduler_config.max_num_batched_tokens):
-            self._on_stage_failure(member, f"its compute has been stuck on one step for "
-                                           f"{reply.compute_busy_s:.0f} s")
-
-    def _on_stage_failure(self, member: StageMember, why: str) -> None:
-        if self._stopping or self.membership.remove(member.stage_id) is None:
-            return  # already handled
-        self.stats.num_stage_failures += 1
-        peer = self.peers.drop(member.stage_id)
-        if peer is not None:
-            self._spawn(peer.close())
-        message = f"stage {member.label} became unavailable: {why}"
-        logger.error("%s; layers %s are no longer served", message,
-                     self.membership.describe_missing())
-        self._close(message)
-
-    def _close(self, message: str) -> None:
-        """Fail every request in the pipeline with ``message``; the route is set up again
-        (with a new epoch, so whatever the old one still delivers is void) before traffic
-        flows."""
-        self._ready = False
-        self._ready_event.clear()
-        self._epoch += 1
-        self.loop.close(message)
-        self._spawn(self.route.close_first_hop())

@@ -42,6 +42,16 @@ def add_arguments(parser) -> None:
                              "layer), or auto: the head assigns a range from this node's "
                              "memory (--max-memory) and measured speed (default: auto)")
     parser.add_argument("--host", default="0.0.0.0", help="interface the peer port listens on")
+    parser.add_argument("--standby", action="store_true",
+                        help="join as a hot spare for --layers: loaded and health-checked, "
+                             "routed through only when those layers are no longer served (a "
+                             "stage was lost or left), then its requests are replayed here "
+                             "(default: serve the layers; refused if another stage does)")
+    parser.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C with no standby for this stage's layers: "
+                             "how long running requests may take to finish before the stage "
+                             "exits (the rest are replayed on a replacement); a second "
+                             "Ctrl-C exits at once (default: 30)")
     add_node_arguments(parser, peer_port=0)
     parser.add_argument("--emulate-device", default=None, metavar="PROFILE",
                         help="run an emulated stage: wait what PROFILE predicts instead of "
@@ -295,7 +305,8 @@ async def _serve(args, token: str, executor, node_id: str = "") -> int:
                         block_size=executor.block_size, num_blocks=executor.num_blocks,
                         num_layers=executor.arch.num_layers, host_id=host_id(),
                         device="emulated" if args.emulate_device else executor.device.type,
-                        cpu_cores=cpu_cores(), node_id=node_id)
+                        cpu_cores=cpu_cores(), node_id=node_id,
+                        standby=getattr(args, "standby", False))
     security = PeerSecurity.create(token, insecure=args.insecure_peers)
     worker = StageWorker(executor, info, security, args.head)
     port = await worker.start(args.host, args.peer_port)
@@ -304,7 +315,8 @@ async def _serve(args, token: str, executor, node_id: str = "") -> int:
           f"joining the head at {args.head}", flush=True)
 
     def joined(w: StageWorker) -> None:
-        print(f"joined the head at {args.head} as {w.stage_id}; reached at {w.address}",
+        role = " (standby)" if info.standby else ""
+        print(f"joined the head at {args.head} as {w.stage_id}{role}; reached at {w.address}",
               flush=True)
 
     stop = asyncio.Event()
@@ -317,11 +329,32 @@ async def _serve(args, token: str, executor, node_id: str = "") -> int:
         print(f"error: the head at {args.head} refused this stage: {membership.exception()}",
               file=sys.stderr, flush=True)
         code = 3
+    elif stop.is_set():
+        await _leave(worker, getattr(args, "drain_timeout", 30.0), stop)
     for task in (membership, stopping):
         task.cancel()
     await worker.stop()
     await finish_pending_tasks()
     return code
+
+
+async def _leave(worker: StageWorker, drain_timeout_s: float, stop: asyncio.Event) -> None:
+    """A stop signal: leave gracefully (the head moves or drains this stage's requests);
+    a second signal exits at once."""
+    if not worker.stage_id:
+        return
+    print(f"{worker.label}: leaving; the head moves this stage's requests (draining up to "
+          f"{drain_timeout_s:.0f} s); interrupt again to exit at once", flush=True)
+    stop.clear()
+    leaving = asyncio.create_task(worker.leave(drain_timeout_s))
+    again = asyncio.create_task(stop.wait())
+    await asyncio.wait({leaving, again}, return_when=asyncio.FIRST_COMPLETED)
+    again.cancel()
+    if leaving.done():
+        print(f"{worker.label}: left ({leaving.result()})", flush=True)
+    else:
+        leaving.cancel()
+        print(f"{worker.label}: exiting without waiting for the head", flush=True)
 
 
 async def finish_pending_tasks(timeout_s: float = FINISH_TIMEOUT_S,

@@ -14,6 +14,14 @@ last one is the results link back to the head)::
     molink_hop_latency_seconds                                     gauge, one way (0: unknown)
     molink_hop_info{hop=..., compression="..."} 1                  the hop's wire compression
 
+Failover (a stage lost or leaving; its requests replayed on a standby or a new join)::
+
+    molink_failovers_total                       counter
+    molink_requests_replayed_total               counter: running requests whose KV was rebuilt
+    molink_replay_pause_seconds                  summary: loss -> each replayed request's next token
+    molink_replay_pause_max_seconds              gauge
+    molink_stage_role{stage, role="active|draining|standby"} 1
+
 Where a step's time goes (``StepBreakdown``), as summaries (``_count`` steps, ``_sum``
 seconds) per step ``kind`` (decode: one token per request; prefill: any other step)::
 
@@ -114,6 +122,7 @@ class _HeadCollector:
                      "(each failed the requests in the pipeline)", head.stats.num_steps_timed_out)
         yield _gauge("molink_route_failures", "Routes that could not be set up (then retried)",
                      head.stats.num_route_failures)
+        yield from _failover_families(head)
         compute = GaugeMetricFamily("molink_stage_compute_seconds",
                                     "Compute time per step of each stage (EWMA)", labels=["stage"])
         for label, seconds in zip(head.stage_labels(), head.stage_compute_s):
@@ -132,6 +141,24 @@ class _HeadCollector:
             yield _gauge("molink_running_requests", "Requests holding KV", scheduler.num_running)
             yield _gauge("molink_kv_blocks_used", "KV blocks in use", scheduler.num_used_blocks)
             yield _gauge("molink_kv_blocks_free", "KV blocks free", scheduler.num_free_blocks)
+
+
+def _failover_families(head: PipelineHead) -> list:
+    stats = head.stats
+    pause = SummaryMetricFamily("molink_replay_pause_seconds", "Each replayed request's pause: "
+                                "from the loss of its stage to its next token",
+                                count_value=stats.num_replays_done,
+                                sum_value=stats.replay_pause_s_total)
+    roles = GaugeMetricFamily("molink_stage_role", "Each stage's role: active, draining "
+                              "(leaving once its requests end) or standby", labels=["stage", "role"])
+    for label, role in head.stage_roles():
+        roles.add_metric([label, role], 1)
+    return [CounterMetricFamily("molink_failovers", "Failovers: a stage lost or leaving, its "
+                                "requests kept for replay", value=stats.num_failovers),
+            CounterMetricFamily("molink_requests_replayed", "Running requests whose KV was "
+                                "rebuilt on a new route", value=stats.num_requests_replayed),
+            pause, _gauge("molink_replay_pause_max_seconds", "Longest replay pause",
+                          stats.replay_pause_s_max), roles]
 
 
 def _hop_families(hops: list[HopStats]) -> list:

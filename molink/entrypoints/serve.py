@@ -90,6 +90,15 @@ def _add_scheduling_arguments(parser) -> None:
                              "bandwidth against compute (int8 = per-token scales)")
     parser.add_argument("--max-chunk-tokens", type=positive_int, default=None, metavar="N",
                         help="cap on a prefill chunk's tokens (default: just in time)")
+    parser.add_argument("--failover-timeout", type=seconds, default=60.0, metavar="SECONDS",
+                        help="when a stage is lost or leaves: how long its requests (streams "
+                             "kept open) wait for a standby or a new join to serve its layers; "
+                             "they are then replayed there and go on. 0: fail them at once "
+                             "(default: 60)")
+    parser.add_argument("--shutdown-timeout", type=seconds, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM or Ctrl-C: stop taking requests and let running "
+                             "streams finish for up to this long, then tell the stages to free "
+                             "everything; a second Ctrl-C exits at once (default: 30)")
 
 
 def _head_layers_arg(text: str) -> str:
@@ -146,7 +155,8 @@ def run(args, token: str | None) -> int:
 
     app.router.lifespan_context = lifespan
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                timeout_graceful_shutdown=args.shutdown_timeout)
     return 0
 
 
@@ -199,7 +209,8 @@ def _build_head(args, token: str) -> PipelineHead:
                    max_chunk_tokens=args.max_chunk_tokens, auto_layers=args.layers == "auto",
                    placement_settle_s=args.placement_wait, max_memory=args.max_memory,
                    gpu_memory_utilization=args.gpu_memory_utilization,
-                   fetch_layers=_layer_fetcher(args.model)),
+                   fetch_layers=_layer_fetcher(args.model),
+                   failover_timeout_s=args.failover_timeout),
         security=PeerSecurity.create(token, insecure=args.insecure_peers))
 
 

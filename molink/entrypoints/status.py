@@ -35,14 +35,21 @@ def render(head: str) -> str:
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    for labels, seconds in samples.get("molink_stage_compute_seconds", []):
-        lines.append(f"  {labels.get('stage', '?'):<48} {seconds * 1e3:8.1f} ms/step")
+    compute = {labels.get("stage", "?"): seconds
+               for labels, seconds in samples.get("molink_stage_compute_seconds", [])}
+    roles = {labels.get("stage", "?"): labels.get("role", "")
+             for labels, _ in samples.get("molink_stage_role", [])}
+    for stage in [*compute, *(s for s in roles if s not in compute)]:
+        timing = f"{compute[stage] * 1e3:8.1f} ms/step" if stage in compute else f"{'-':>16}"
+        lines.append(f"  {stage:<48} {timing}  {roles.get(stage, 'active')}")
     for name, title in (("molink_running_requests", "running requests"),
                         ("molink_queue_length", "waiting requests"),
                         ("molink_kv_blocks_used", "KV blocks used"),
                         ("molink_kv_blocks_free", "KV blocks free"),
                         ("molink_microbatches_in_flight", "micro-batches in flight"),
                         ("molink_generated_tokens_total", "tokens generated"),
+                        ("molink_failovers_total", "failovers"),
+                        ("molink_requests_replayed_total", "requests replayed"),
                         ("molink_hop_activation_bytes_sent", "activation bytes sent by the head")):
         for _, value in samples.get(name, []):
             lines.append(f"  {title:<48} {value:,.0f}")

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Container
 
+from molink.messages import CachedRequest, NewRequest
 from molink.sampling_params import SamplingParams
 
 
@@ -77,6 +79,7 @@ class Request:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None  # stop token id or stop string
         self.num_preemptions = 0
+        self.num_replays = 0  # times its KV was lost with a stage and rebuilt (requeue_all)
 
         # Scheduler bookkeeping: FCFS order and what the executors already hold.
         self.arrival_index = -1  # set by Scheduler.add_request
@@ -109,3 +112,38 @@ class Request:
         return (f"Request(id={self.request_id!r}, status={self.status.name}, "
                 f"num_tokens={self.num_tokens}, num_computed={self.num_computed_tokens}, "
                 f"in_flight={self.in_flight})")
+
+
+def check_new_request(request: Request, in_use: Container[str], max_model_len: int,
+                      num_blocks: int, block_size: int) -> None:
+    """ValueError unless ``request`` may be queued: a fresh request with an unused id whose
+    prompt fits the model and, with one generated token, the whole KV cache."""
+    if not isinstance(request.request_id, str) or not request.request_id:
+        raise ValueError(f"request_id must be a non-empty string, got {request.request_id!r}")
+    if request.request_id in in_use:
+        raise ValueError(f"request_id {request.request_id!r} is already in use")
+    if request.status is not RequestStatus.WAITING or request.output_token_ids:
+        raise ValueError(f"request {request.request_id!r} was already scheduled")
+    num_prompt = request.num_prompt_tokens
+    check_prompt_length(num_prompt, max_model_len)
+    if -(-(num_prompt + 1) // block_size) > num_blocks:
+        raise ValueError(
+            f"prompt_token_ids has {num_prompt} tokens, more than the KV cache can ever hold "
+            f"({num_blocks} blocks of {block_size} tokens)")
+
+
+def new_request_message(request: Request) -> NewRequest:
+    """What the executors get the first time ``request`` runs (after a reset: again)."""
+    request.known_to_executors = True
+    return NewRequest(request.request_id, request.all_token_ids, request.num_prompt_tokens,
+                      request.sampling_params, list(request.block_ids),
+                      tuple(sorted(request.eos_token_ids)))
+
+
+def cached_request_message(request: Request) -> CachedRequest:
+    """What the executors lack of a request they hold: its new tokens and blocks."""
+    # Executors hold all_token_ids[:num_tokens_sent]; that always covers the prompt.
+    first_new_output = request.num_tokens_sent - request.num_prompt_tokens
+    assert first_new_output >= 0, request
+    return CachedRequest(request.request_id, request.output_token_ids[first_new_output:],
+                         request.block_ids[request.num_blocks_sent:])

@@ -26,13 +26,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from molink.config import SchedulerConfig
-from molink.messages import BatchEntry, CachedRequest, NewRequest, StepOutput, StepPlan
+from molink.messages import BatchEntry, StepOutput, StepPlan
 from molink.scheduler.block_pool import BlockPool
 from molink.scheduler.request import (
     FINISH_REASON_TO_STATUS,
     Request,
     RequestStatus,
-    check_prompt_length,
+    cached_request_message,
+    check_new_request,
+    new_request_message,
 )
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Scheduler:
         self._next_arrival_index = 0
 
         self._request_cap = config.max_num_seqs  # per plan; set by schedule()
+        self.admitting = True  # False: waiting requests stay waiting (a stage drains)
         self.num_preemptions = 0  # total over the scheduler's life
         self.num_steps_scheduled = 0
         self.max_in_flight_plans = 0  # most plans ever in flight at once
@@ -78,7 +81,8 @@ class Scheduler:
         Raises ValueError for an empty or too-long prompt, a prompt that can never fit in
         the KV cache, or a ``request_id`` already in use.
         """
-        self._validate_new_request(request)
+        check_new_request(request, self._requests, self.config.max_model_len,
+                          self.block_pool.num_blocks, self.block_size)
         request.arrival_index = self._next_arrival_index
         self._next_arrival_index += 1
         self._requests[request.request_id] = request
@@ -153,6 +157,35 @@ class Scheduler:
                 updated.append(request)
         return updated
 
+    def requeue_all(self) -> list[Request]:
+        """The executors lost every request's state (a stage was lost): forget the plans in
+        flight, free every block and put every unfinished request back in the waiting queue,
+        in arrival order, to be recomputed from its prompt and the tokens it generated so far
+        (as a preemption does). Tokens of the forgotten plans never count. -> the requests
+        that were running (their KV is rebuilt: a replay)."""
+        for in_flight in self._in_flight:
+            for request in in_flight.requests:
+                request.in_flight = False
+                if request.is_finished:
+                    self._release(request)
+        self._in_flight.clear()
+        running = list(self._running)
+        for request in running:
+            self.block_pool.free(request.block_ids)
+            request.block_ids = []
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            request.num_replays += 1
+        for request in [*running, *self._waiting]:
+            request.known_to_executors = False
+            request.num_tokens_sent = request.num_blocks_sent = 0
+        self._running = []
+        self._waiting = collections.deque(sorted([*running, *self._waiting],
+                                                 key=lambda r: r.arrival_index))
+        self._freed_request_ids = []  # the executors start from nothing
+        assert self.block_pool.num_used_blocks == 0, self.block_pool
+        return running
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._waiting or self._running)
 
@@ -208,7 +241,8 @@ class Scheduler:
     def _schedule_waiting(self, scheduled: list[Request], batch: list[BatchEntry],
                           budget: int) -> None:
         """Admit waiting requests FCFS until one does not fit (no skipping ahead)."""
-        while (self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs
+        while (self.admitting and self._waiting and budget > 0
+               and len(self._running) < self.config.max_num_seqs
                and len(batch) < self._request_cap):
             request = self._waiting[0]
             assert request.num_computed_tokens == 0 and not request.block_ids, request
@@ -285,28 +319,12 @@ class Scheduler:
         self._freed_request_ids = []
         for request in scheduled:
             if request.known_to_executors:
-                plan.cached_requests.append(self._cached_delta(request))
+                plan.cached_requests.append(cached_request_message(request))
             else:
-                plan.new_requests.append(self._new_request(request))
+                plan.new_requests.append(new_request_message(request))
             request.num_tokens_sent = request.num_tokens
             request.num_blocks_sent = len(request.block_ids)
         return plan
-
-    @staticmethod
-    def _new_request(request: Request) -> NewRequest:
-        request.known_to_executors = True
-        return NewRequest(request.request_id, request.all_token_ids, request.num_prompt_tokens,
-                          request.sampling_params, list(request.block_ids),
-                          tuple(sorted(request.eos_token_ids)))
-
-    @staticmethod
-    def _cached_delta(request: Request) -> CachedRequest:
-        # Executors hold all_token_ids[:num_tokens_sent]; that always covers the prompt.
-        first_new_output = request.num_tokens_sent - request.num_prompt_tokens
-        assert first_new_output >= 0, request
-        return CachedRequest(request.request_id,
-                             request.output_token_ids[first_new_output:],
-                             request.block_ids[request.num_blocks_sent:])
 
     def _num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -379,17 +397,3 @@ class Scheduler:
         request.known_to_executors = False
         request.num_tokens_sent = 0
         request.num_blocks_sent = 0
-
-    def _validate_new_request(self, request: Request) -> None:
-        if not isinstance(request.request_id, str) or not request.request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request.request_id!r}")
-        if request.request_id in self._requests:
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
-        if request.status is not RequestStatus.WAITING or request.output_token_ids:
-            raise ValueError(f"request {request.request_id!r} was already scheduled")
-        num_prompt = request.num_prompt_tokens
-        check_prompt_length(num_prompt, self.config.max_model_len)
-        if self._num_blocks_for(num_prompt + 1) > self.block_pool.num_blocks:
-            raise ValueError(
-                f"prompt_token_ids has {num_prompt} tokens, more than the KV cache can ever hold "
-                f"({self.block_pool.num_blocks} blocks of {self.block_size} tokens)")

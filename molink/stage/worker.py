@@ -19,13 +19,16 @@ head restart::
 
     join (retry with backoff while the head is unreachable; exit only on a real refusal)
       -> watch the head (Health with our stage id every few seconds)
-      -> the head restarted or forgot us: drop every request's state, join again
+      -> the head restarted, forgot us, or shut down (Release): drop every request's
+         state, join again
+
+A stage leaving on purpose (``leave``: SIGTERM, Ctrl-C) asks the head first; the head
+answers once its requests are moved to a standby or drained.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -33,14 +36,14 @@ import time
 
 import grpc
 
-from molink.messages import StepOutput
 from molink.runtime.stage_executor import StageExecutor
 from molink.runtime.wire_tensor import from_raw
 from molink.stage.compute import StageCompute
+from molink.stage.gathering import Gatherer, Timings
 from molink.stage.head_client import HeadUnreachable, StageRefused, call_join
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
-from molink.transport.codec import decode_step, encode_result
+from molink.transport.codec import decode_step
 from molink.transport.dedup import DuplicateFilter, take_each
 from molink.transport.hop_sender import HopSender
 from molink.transport.outgoing import OutgoingStep
@@ -59,28 +62,10 @@ JOIN_RETRY_MAX_S = 10.0  # backoff between join attempts while the head is unrea
 HEAD_WATCH_INTERVAL_S = 2.0
 HEAD_WATCH_DEADLINE_S = 3.0
 HEAD_LOST_AFTER_S = 30.0  # unreachable this long: its requests are gone, free their state
+THREAD_STOP_S = 10.0  # at stop: how long the current step may take to end
+LEAVE_MARGIN_S = 15.0  # a leave is answered within the drain timeout plus this
 _STOP = object()
 _RESET = object()  # drop every request's state (a new head, or the head is gone)
-
-
-@dataclasses.dataclass
-class _Gathering:
-    """The chunks of one step the last stage has computed so far."""
-
-    output: StepOutput
-    tokens: int = 0
-    error: str = ""
-    timings: list[float] = dataclasses.field(default_factory=list)  # compute, per stage
-    waits: list[float] = dataclasses.field(default_factory=list)  # arrival -> compute start
-
-
-@dataclasses.dataclass(frozen=True)
-class _Timings:
-    """Where a computed step spent its time so far (seconds per stage, pipeline order)."""
-
-    compute_s: tuple[float, ...]
-    wait_s: tuple[float, ...]
-    computed_at: float  # time.monotonic() when this stage's compute ended
 
 
 class StageWorker(pb_grpc.StageServicer):
@@ -97,8 +82,7 @@ class StageWorker(pb_grpc.StageServicer):
         self._inbox: queue.Queue = queue.Queue()
         self._sender: HopSender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Last stage: (epoch, step id) -> the chunks computed so far.
-        self._gathering: dict[tuple[int, int], _Gathering] = {}
+        self._gathering = Gatherer()  # last stage: steps whose chunks are not all in
         self._server: grpc.aio.Server | None = None
         self._wire: queue.Queue = queue.Queue()  # computed steps waiting to be serialized
         self._received = DuplicateFilter()
@@ -106,18 +90,24 @@ class StageWorker(pb_grpc.StageServicer):
         self.stage_id = ""
         self.head_instance = ""
         self.address = ""  # where the head reaches this stage (learnt at join)
+        self._released: asyncio.Event | None = None  # set by the head's Release
+        self._threads: list[threading.Thread] = []
+        self._stopping = False  # the compute thread skips what is still queued
 
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
         self._loop = asyncio.get_running_loop()
+        self._released = asyncio.Event()
         self._server = make_server(self.security)
         pb_grpc.add_StageServicer_to_server(self, self._server)
         bound = bind(self._server, host, port, self.security)
         await self._server.start()
         for target, name in ((self._compute_loop, "molink-compute"),
                              (self._serialize_loop, "molink-serialize")):
-            threading.Thread(target=target, daemon=True, name=name).start()
+            thread = threading.Thread(target=target, daemon=True, name=name)
+            thread.start()
+            self._threads.append(thread)
         return bound
 
     async def join(self) -> str:
@@ -162,9 +152,14 @@ class StageWorker(pb_grpc.StageServicer):
         member; a head unreachable for HEAD_LOST_AFTER_S frees every request's state."""
         peer = None
         unreachable_since = None
+        self._released.clear()
         try:
             while True:
-                await asyncio.sleep(HEAD_WATCH_INTERVAL_S)
+                try:
+                    await asyncio.wait_for(self._released.wait(), HEAD_WATCH_INTERVAL_S)
+                    return  # the head shut down and said so
+                except TimeoutError:
+                    pass
                 try:
                     peer = peer or await Peer.open(self.head_address, self.security,
                                                    timeout_s=HEAD_WATCH_DEADLINE_S)
@@ -207,12 +202,36 @@ class StageWorker(pb_grpc.StageServicer):
         if sender is not None:
             await sender.close()
 
+    async def leave(self, drain_timeout_s: float) -> str:
+        """Tell the head this stage is leaving; returns when the head let it go (its requests
+        moved to a standby, or drained), with what the head did."""
+        if not self.stage_id:
+            return "not joined"
+        try:
+            peer = await Peer.open(self.head_address, self.security, timeout_s=HEAD_WATCH_DEADLINE_S)
+        except PeerUnreachable as exc:
+            return f"the head is unreachable ({exc})"
+        try:
+            reply = await pb_grpc.HeadStub(peer.channel).Leave(
+                pb.LeaveRequest(stage_id=self.stage_id, drain_timeout_s=drain_timeout_s),
+                metadata=peer.metadata, timeout=drain_timeout_s + LEAVE_MARGIN_S)
+            return reply.detail
+        except grpc.aio.AioRpcError as exc:
+            return f"the head did not answer ({error_detail(exc)})"
+        finally:
+            await peer.close()
+
     async def stop(self) -> None:
+        """Stop serving; returns once the compute and serializer threads ended (a process
+        that exits while a thread is inside a kernel may abort)."""
+        self._stopping = True
         self._inbox.put(_STOP)
         if self._sender is not None:
             await self._sender.close()
         if self._server is not None:
             await self._server.stop(grace=0.5)
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join, THREAD_STOP_S)
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -275,6 +294,14 @@ class StageWorker(pb_grpc.StageServicer):
                                    take, "step"):
             yield ack
 
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.Ack:
+        """The head shuts down: free every request's state and join again when it is back."""
+        if request.head_instance == self.head_instance and self._released is not None:
+            logger.info("%s: %s; freeing every request's state", self.label,
+                        request.reason or "the head released this stage")
+            self._released.set()
+        return pb.Ack()
+
     async def Health(self, request, context) -> pb.HealthReply:
         """Ready once routed; not ready, with the reason, when the output hop is lost."""
         sender, busy_s = self._sender, self.compute.busy_s()
@@ -287,6 +314,8 @@ class StageWorker(pb_grpc.StageServicer):
 
     def _compute_loop(self) -> None:
         while (item := self._inbox.get()) is not _STOP:
+            if self._stopping:
+                continue  # stopping: what is queued is not computed
             if item is _RESET:
                 self.executor.reset()
                 self._wire.put(_RESET)
@@ -294,7 +323,7 @@ class StageWorker(pb_grpc.StageServicer):
             step, hidden, arrived_at = item
             waited = time.monotonic() - arrived_at
             output, error, seconds = self._compute(step, hidden)
-            self._wire.put((step, output, error, _Timings((*step.stage_compute_s, seconds),
+            self._wire.put((step, output, error, Timings((*step.stage_compute_s, seconds),
                                                           (*step.stage_wait_s, waited),
                                                           time.monotonic())))
         self._wire.put(_STOP)
@@ -322,14 +351,15 @@ class StageWorker(pb_grpc.StageServicer):
                 continue
             step, output, error, times = item
             sender = self._sender
-            if sender is None:
-                logger.error("%s: step %d computed before a route was configured; dropped",
-                             self.label, step.plan.step_id)
-                continue
+            if sender is None or step.epoch < self.epoch:
+                if step.epoch >= self.epoch and not self._stopping:
+                    logger.error("%s: step %d computed before a route was configured; "
+                                 "dropped", self.label, step.plan.step_id)
+                continue  # else: planned for a route that is gone
             if self.executor.is_last:
                 if step.reset:
                     self._gathering.clear()
-                message = self._gather(step, output, error, times)
+                message = self._gathering.add(step, output, error, times)
                 if message is not None:
                     self._loop.call_soon_threadsafe(sender.submit_result, message,
                                                     times.computed_at)
@@ -340,32 +370,3 @@ class StageWorker(pb_grpc.StageServicer):
                                     part=step.part, epoch=step.epoch, stage_wait_s=times.wait_s,
                                     computed_at=times.computed_at)
             self._loop.call_soon_threadsafe(sender.submit, outgoing)
-
-    def _gather(self, step, output, error: str, times: _Timings):
-        """Last stage: add one computed chunk; the step's result once all tokens are in."""
-        plan = step.plan
-        key = (step.epoch, plan.step_id)
-        gathering = self._gathering.setdefault(
-            key, _Gathering(StepOutput(plan.step_id, microbatch_id=plan.microbatch_id)))
-        gathering.tokens += plan.num_tokens
-        gathering.error = gathering.error or error
-        if output is not None:
-            gathering.output.sampled_token_ids.update(output.sampled_token_ids)
-            gathering.output.logprobs.update(output.logprobs)
-        _add_into(gathering.timings, times.compute_s)
-        _add_into(gathering.waits, times.wait_s)
-        if gathering.tokens < step.step_num_tokens:
-            return None
-        del self._gathering[key]
-        return encode_result(gathering.output, error=gathering.error,
-                             stage_compute_s=tuple(gathering.timings),
-                             hops=step.hops,  # the sender adds its own hop's report
-                             epoch=step.epoch, stage_wait_s=tuple(gathering.waits))
-
-
-def _add_into(totals: list[float], values: tuple[float, ...]) -> None:
-    """Per-stage sums over a step's chunks."""
-    if len(totals) < len(values):
-        totals.extend([0.0] * (len(values) - len(totals)))
-    for i, seconds in enumerate(values):
-        totals[i] += seconds

@@ -50,6 +50,11 @@ class HeadStub:
                 request_serializer=molink_dot_transport_dot_molink__pb2.HealthRequest.SerializeToString,
                 response_deserializer=molink_dot_transport_dot_molink__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/molink.Head/Leave',
+                request_serializer=molink_dot_transport_dot_molink__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=molink_dot_transport_dot_molink__pb2.LeaveReply.FromString,
+                _registered_method=True)
 
 
 class HeadServicer:
@@ -74,6 +79,12 @@ class HeadServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HeadServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -91,6 +102,11 @@ def add_HeadServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=molink_dot_transport_dot_molink__pb2.HealthRequest.FromString,
                     response_serializer=molink_dot_transport_dot_molink__pb2.HealthReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=molink_dot_transport_dot_molink__pb2.LeaveRequest.FromString,
+                    response_serializer=molink_dot_transport_dot_molink__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +201,33 @@ class Head:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/molink.Head/Leave',
+            molink_dot_transport_dot_molink__pb2.LeaveRequest.SerializeToString,
+            molink_dot_transport_dot_molink__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class StageStub:
     """Served by every stage.
@@ -211,6 +254,11 @@ class StageStub:
                 request_serializer=molink_dot_transport_dot_molink__pb2.HealthRequest.SerializeToString,
                 response_deserializer=molink_dot_transport_dot_molink__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/molink.Stage/Release',
+                request_serializer=molink_dot_transport_dot_molink__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=molink_dot_transport_dot_molink__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -235,6 +283,12 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +306,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=molink_dot_transport_dot_molink__pb2.HealthRequest.FromString,
                     response_serializer=molink_dot_transport_dot_molink__pb2.HealthReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=molink_dot_transport_dot_molink__pb2.ReleaseRequest.FromString,
+                    response_serializer=molink_dot_transport_dot_molink__pb2.Ack.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -336,6 +395,33 @@ class Stage:
             '/molink.Stage/Health',
             molink_dot_transport_dot_molink__pb2.HealthRequest.SerializeToString,
             molink_dot_transport_dot_molink__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/molink.Stage/Release',
+            molink_dot_transport_dot_molink__pb2.ReleaseRequest.SerializeToString,
+            molink_dot_transport_dot_molink__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,7 +43,8 @@ async def stop_process(proc) -> None:
 
 
 def make_head(model_dir, head_layers, num_microbatches=None, compression="none",
-              link_schedule="molink", max_chunk_tokens=None, **scheduler) -> PipelineHead:
+              link_schedule="molink", max_chunk_tokens=None, failover_timeout_s=60.0,
+              **scheduler) -> PipelineHead:
     """Uncompressed by default: these tests compare tokens exactly with transformers (the
     accuracy of lossy compression is measured by its own tests and report)."""
     return PipelineHead(
@@ -51,7 +52,7 @@ def make_head(model_dir, head_layers, num_microbatches=None, compression="none",
         CacheConfig(block_size=8, num_blocks=256), SchedulerConfig(**scheduler),
         HeadConfig(head_layers=head_layers, num_microbatches=num_microbatches,
                    compression=compression, link_schedule=link_schedule,
-                   max_chunk_tokens=max_chunk_tokens),
+                   max_chunk_tokens=max_chunk_tokens, failover_timeout_s=failover_timeout_s),
         security=PeerSecurity.create(TOKEN))
 
 

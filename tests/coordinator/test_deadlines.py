@@ -1,6 +1,7 @@
 """Nothing waits forever: a stage whose compute is stuck (its event loop still answering
 health checks) fails the requests in the pipeline within the step deadline, with a clear
-error, and service resumes when the stage recovers."""
+error (failover off: with it, they would wait for a replacement), and service resumes when
+the stage recovers."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 from molink import SamplingParams
 from molink.config import CacheConfig, ModelConfig
-from molink.coordinator.head_loop import STEP_DEADLINE_MIN_S
 from molink.coordinator.pipeline_head import StageUnavailable
+from molink.coordinator.step_deadlines import STEP_DEADLINE_MIN_S
 from molink.runtime.stage_executor import StageExecutor
 from molink.stage.worker import StageWorker
 from molink.transport import molink_pb2 as pb
@@ -43,7 +44,7 @@ def test_a_stuck_stage_fails_its_requests_within_the_deadline(tiny_model_dir):
     directory = tiny_model_dir("llama")
 
     async def scenario():
-        head = make_head(directory, (0, 2))
+        head = make_head(directory, (0, 2), failover_timeout_s=0)
         await head.start("127.0.0.1", 0)
         executor = StallingExecutor(StageExecutor(
             ModelConfig(model=str(directory), dtype="float32", device="cpu", start_layer=2),

@@ -98,11 +98,12 @@ def test_crafted_bytes_are_refused_without_unpickling(tiny_model_dir, tmp_path):
 
 
 def test_dead_stage_fails_requests_then_a_replacement_restores_service(tiny_model_dir):
+    """With failover off (--failover-timeout 0), the requests fail at once."""
     directory = tiny_model_dir("llama")
     long_params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 
     async def scenario():
-        async with pipeline(directory, (0, 2), ["2:4"]) as (head, procs):
+        async with pipeline(directory, (0, 2), ["2:4"], failover_timeout_s=0) as (head, procs):
             async def consume():
                 async for _ in head.generate([5, 6, 7, 8], long_params):
                     pass

@@ -11,7 +11,7 @@ import types
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from molink.coordinator.head_loop import HeadStats
+from molink.coordinator.head_stats import HeadStats
 from molink.coordinator.pipeline_head import HopStats
 from molink.coordinator.step_breakdown import StepBreakdown, StepTimes
 from molink.entrypoints import status
@@ -46,6 +46,7 @@ def _fake_head(hops: list[HopStats]):
     return types.SimpleNamespace(
         ready=True, num_in_flight=0, stats=HeadStats(activation_bytes_sent=123_456),
         stage_labels=lambda: list(STAGES), stage_compute_s=[0.001, 0.002, 0.003],
+        stage_roles=lambda: [(label, "active") for label in STAGES],
         scheduler=None, listeners=[], hop_stats=lambda: list(hops), breakdown=breakdown)
 
 

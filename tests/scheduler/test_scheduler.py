@@ -680,6 +680,19 @@ class _World:
             self.scheduler.finish_request(rid, "stop", stop_reason="</s>")
         self.cut_short.add(rid)
 
+    def lose_a_stage(self) -> None:
+        """A stage was lost: the plans in flight never return, every executor starts empty,
+        and the scheduler requeues everything for replay."""
+        running = {r.request_id for r in self.requests.values()
+                   if r.status is RequestStatus.RUNNING}
+        replayed = self.scheduler.requeue_all()
+        assert {r.request_id for r in replayed} == running
+        self.pending.clear()
+        self.executor = MirrorExecutor(block_size=self.executor.block_size)
+        assert self.scheduler.num_used_blocks == 0 and self.scheduler.num_in_flight_plans == 0
+        waiting = [r for r in self.requests.values() if not r.is_finished]
+        assert all(r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) for r in waiting)
+
     def _check_plan(self, plan: StepPlan) -> None:
         assert plan.num_tokens <= self.config.max_num_batched_tokens
         in_flight_ids = {rid for p, _, _ in self.pending for rid in p.request_ids}
@@ -743,7 +756,7 @@ def _setups(draw):
     return config, num_blocks, block_size
 
 
-_OPS = st.sampled_from(["add", "add", "schedule", "schedule", "complete", "cut"])
+_OPS = st.sampled_from(["add", "add", "schedule", "schedule", "complete", "cut", "lose"])
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -764,9 +777,57 @@ def test_random_interleavings_keep_invariants(setup, data):
             world.complete(data.draw(st.integers(0, 2)))
         elif op == "cut":
             world.cut(data.draw(st.integers(0, 50)), data.draw(st.sampled_from(["abort", "stop"])))
+        elif op == "lose":
+            world.lose_a_stage()
         world.check_invariants()
     world.drain()
     world.check_outputs()
+
+
+def test_requeue_all_replays_every_request_to_the_same_tokens():
+    """Lose every executor's state in the middle of generation, twice: every request is
+    recomputed from its prompt and the tokens it had, arrival order is kept, and the outputs
+    equal an uninterrupted run."""
+    scheduler = new_scheduler(num_blocks=32, block_size=4, max_num_batched_tokens=16)
+    executor = MirrorExecutor(block_size=4)
+    requests = [make_request(f"r{i}", prompt_len=5 + i, max_tokens=10) for i in range(4)]
+    for request in requests:
+        scheduler.add_request(request)
+    for _ in range(3):
+        step(scheduler, executor)
+    in_flight = scheduler.schedule()  # never returns: its tokens must not count
+    assert in_flight is not None
+    running = [r for r in requests if r.status is RequestStatus.RUNNING]
+    assert running and any(r.num_output_tokens for r in running)
+    assert scheduler.requeue_all() == running
+    assert scheduler.num_used_blocks == 0 and not any(r.in_flight for r in requests)
+    executor = MirrorExecutor(block_size=4)  # the stages start empty
+    plan = scheduler.schedule()
+    assert [n.request_id for n in plan.new_requests] == [e.request_id for e in plan.batch]
+    assert plan.freed_request_ids == []  # nothing to free on empty executors
+    assert plan.batch[0].request_id == "r0" and plan.batch[0].start == 0
+    scheduler.update_from_output(plan, executor.run(plan))
+    scheduler.requeue_all()  # a second loss, right after the first replay step
+    run_to_completion(scheduler, MirrorExecutor(block_size=4), max_in_flight=2)
+    for request in requests:
+        assert request.output_token_ids == reference_output(request, max_len=64)
+    assert scheduler.num_preemptions == 0
+
+
+def test_a_draining_scheduler_admits_no_waiting_request():
+    scheduler = new_scheduler()
+    executor = MirrorExecutor(block_size=4)
+    scheduler.add_request(make_request("a", max_tokens=3))
+    step(scheduler, executor)
+    scheduler.admitting = False
+    scheduler.add_request(make_request("b", max_tokens=3))
+    plan = step(scheduler, executor)
+    assert plan.request_ids == ["a"]
+    while (plan := scheduler.schedule()) is not None:
+        scheduler.update_from_output(plan, executor.run(plan))
+    assert scheduler.num_waiting == 1 and scheduler.num_running == 0
+    scheduler.admitting = True
+    run_to_completion(scheduler, executor)
 
 
 def test_schedule_caps_requests_per_plan_for_balanced_microbatches():
