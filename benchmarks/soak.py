@@ -12,6 +12,13 @@ seconds the next fault of the cycle strikes:
   themselves; the clients' open connections to the killed head are lost with it);
 - hop cut: reset the hop head -> stage 1.
 
+``--failover``: a fifth host runs a standby for stage 2's layers (``molink join --standby``),
+and the faults are stage 2 going away with the standby present, in turn SIGKILL and SIGTERM
+(a graceful leave) on whichever process serves layers 4: now; 5 s later the lost one is
+started again as the next standby. Requests must not notice but for a pause: reported are
+requests completed / replayed / failed / hung / lost, and the pause each failover put into
+the streams it crossed (each stream's longest gap between two tokens).
+
 Before the load, the ready pipeline is left idle for ``--idle-s`` seconds (200 with
 ``--quick``) at the real keepalive (10 s pings) and must then answer at once: the long-lived
 links idle for minutes, as a pipeline waiting for its first user would.
@@ -23,6 +30,8 @@ model is float16; on CPUs without native half arithmetic, float32 is the fast ch
 
     sudo python -m benchmarks.soak            # 30 minutes; writes benchmarks/results/soak.md
     sudo python -m benchmarks.soak --quick    # 3 minutes; writes benchmarks/results/soak_quick.md
+    sudo python -m benchmarks.soak --failover # 30 minutes, a failover every 2 minutes;
+                                              # writes benchmarks/results/soak_failover.md
 
 Needs root (network namespaces); run from the repository root. Every process it starts
 is stopped by pid, also when it fails or is interrupted.
@@ -50,14 +59,20 @@ RESULTS = ROOT / "benchmarks" / "results"
 TOKEN = "soak-benchmark-token-0123456789ab"
 HTTP_PORT, HEAD_PORT, STAGE_PORT = 8000, 50051, 50052
 FAULTS = ("stage kill", "hop cut 1->2", "head restart", "hop cut head->1")
+FAILOVER_FAULTS = ("stage kill, standby present", "stage leave, standby present")
+LEAVE_WAIT_S = 45.0  # a leaving stage exits by itself within this (else it is killed)
 SAMPLE_S = 10.0
 WARM_S = 30.0  # a process loads its model in this; memory growth is measured from there
 
 
 class Soak:
-    def __init__(self, net: Network, logs: Path) -> None:
+    def __init__(self, net: Network, logs: Path, failover: bool = False) -> None:
         self.net = net
-        self.head_host, self.stage1_host, self.stage2_host, self.client_host = net.hosts
+        self.head_host, self.stage1_host, self.stage2_host, *spare, self.client_host = net.hosts
+        self.hosts = {"head": self.head_host, "stage1": self.stage1_host,
+                      "stage2": self.stage2_host, "spare": spare[0] if spare else None}
+        self.failover = failover
+        self.active = "stage2"  # failover: which of stage2 / spare serves layers 4: now
         self.logs = logs
         self.env = {**os.environ, "MOLINK_CLUSTER_TOKEN": TOKEN, "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": str(ROOT)}
@@ -67,7 +82,7 @@ class Soak:
         self.events: list[tuple[float, str]] = []
         self._num_logs = 0
 
-    def argv(self, role: str) -> list[str]:
+    def argv(self, role: str, standby: bool = False) -> list[str]:
         model = str(DEFAULT_MODEL_DIR)
         common = ["--dtype", "float32"]
         if role == "head":
@@ -77,16 +92,16 @@ class Soak:
             layers = "2:4" if role == "stage1" else "4:"
             words = ["join", model, "--head", f"{self.head_host.ip}:{HEAD_PORT}",
                      "--layers", layers, "--peer-port", str(STAGE_PORT)]
+            words += ["--standby"] if standby else []
         return [sys.executable, "-m", "molink.entrypoints.cli", *words, *common]
 
-    def start(self, role: str) -> None:
-        host = {"head": self.head_host, "stage1": self.stage1_host,
-                "stage2": self.stage2_host}[role]
+    def start(self, role: str, standby: bool = False) -> None:
+        host = self.hosts[role]
         self._num_logs += 1
         env = dict(self.env, MOLINK_STATE_DIR=str(self.logs / f"state-{role}"))
         log_path = self.logs / f"{self._num_logs:03d}-{role}.log"
         with log_path.open("w") as log:  # the child keeps its own copy
-            self.procs[role] = host.popen(self.argv(role), env=env, stdout=log,
+            self.procs[role] = host.popen(self.argv(role, standby), env=env, stdout=log,
                                           stderr=subprocess.STDOUT, cwd=ROOT)
 
     def kill(self, role: str) -> None:
@@ -126,7 +141,9 @@ class Soak:
         now = time.time()
         self.events.append((now, name))
         print(f"[{time.strftime('%H:%M:%S')}] fault: {name}", flush=True)
-        if name == "stage kill":
+        if name in FAILOVER_FAULTS:
+            self.lose_active(leave=name.startswith("stage leave"))
+        elif name == "stage kill":
             self.kill("stage2")
             time.sleep(5)
             self.start("stage2")
@@ -138,6 +155,34 @@ class Soak:
             self.stage1_host.cut_connections(port=STAGE_PORT, peer_ip=self.stage2_host.ip)
         else:
             self.head_host.cut_connections(port=STAGE_PORT, peer_ip=self.stage1_host.ip)
+
+    def lose_active(self, leave: bool) -> None:
+        """The process serving layers 4: goes (SIGTERM: it leaves; else SIGKILL); the
+        standby takes over; 5 s later the lost one comes back as the next standby."""
+        lost, self.active = self.active, "spare" if self.active == "stage2" else "stage2"
+        proc = self.procs[lost]
+        if leave:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(LEAVE_WAIT_S)
+            except subprocess.TimeoutExpired:
+                print(f"{lost} did not leave within {LEAVE_WAIT_S:.0f} s: killed", flush=True)
+                self.kill(lost)
+        else:
+            self.kill(lost)
+        time.sleep(5)
+        self.start(lost, standby=True)
+
+    def head_metrics(self) -> dict[str, float]:
+        reply = self.client_host.run(["curl", "-s", "-m", "10",
+                                      f"http://{self.head_host.ip}:{HTTP_PORT}/metrics"],
+                                     timeout=30)
+        values = {}
+        for line in reply.stdout.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
 
     def sample_memory(self, t0: float) -> None:
         for role, proc in self.procs.items():
@@ -152,11 +197,14 @@ class Soak:
 
 def run(args) -> dict:
     logs = Path(tempfile.mkdtemp(prefix="molink-soak-"))
-    with Network(num_hosts=4, bandwidth_mbit=100) as net:
-        soak = Soak(net, logs)
+    faults = FAILOVER_FAULTS if args.failover else FAULTS
+    with Network(num_hosts=5 if args.failover else 4, bandwidth_mbit=100) as net:
+        soak = Soak(net, logs, args.failover)
         for role in ("stage1", "stage2", "head"):
             soak.start(role)
         soak.wait_ready(180)
+        if args.failover:
+            soak.start("spare", standby=True)
         idle = soak.idle_check(args.idle_s) if args.idle_s else None
         if idle:
             print(f"idle check: {idle}", flush=True)
@@ -175,12 +223,17 @@ def run(args) -> dict:
                 soak.sample_memory(t0)
                 next_sample += SAMPLE_S
             if now >= next_fault and now - t0 < args.duration_s - 20:
-                soak.fault(FAULTS[index % len(FAULTS)])
+                soak.fault(faults[index % len(faults)])
                 index += 1
                 next_fault += args.period_s
             time.sleep(0.5)
         requests = json.loads(out.read_text())
-        return summarize(requests, soak, t0, logs) | {"idle": idle}
+        metrics = soak.head_metrics()
+        return summarize(requests, soak, t0, logs) | {"idle": idle, "metrics": {
+            name: metrics.get(name, 0.0) for name in (
+                "molink_failovers_total", "molink_requests_replayed_total",
+                "molink_replay_pause_seconds_count", "molink_replay_pause_seconds_sum",
+                "molink_replay_pause_max_seconds")}}
 
 
 def summarize(requests: list[dict], soak: Soak, t0: float, logs: Path) -> dict:
@@ -194,7 +247,8 @@ def summarize(requests: list[dict], soak: Soak, t0: float, logs: Path) -> dict:
         if r["kind"] == "failed_clear":
             key = " ".join(r["detail"].split()[:8])
             reasons[key] = reasons.get(key, 0) + 1
-    return {"counts": counts, "lost_at_head_kill": len(at_head_kill),
+    return {"counts": counts, "lost_at_head_kill": len(at_head_kill), "t0": t0,
+            "pauses": _pauses(requests, soak.events),
             "lost_other": [r["detail"] for r in lost if r not in at_head_kill][:20],
             "hung": [r["detail"] for r in requests if r["kind"] == "hung"][:20],
             "failure_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:12]),
@@ -202,17 +256,43 @@ def summarize(requests: list[dict], soak: Soak, t0: float, logs: Path) -> dict:
             "memory": soak.memory, "logs": str(logs)}
 
 
+def _mean(metrics: dict[str, float], summary: str) -> float:
+    count = metrics.get(f"{summary}_count", 0.0)
+    return metrics.get(f"{summary}_sum", 0.0) / count if count else 0.0
+
+
+def _pauses(requests: list[dict], events: list[tuple[float, str]]) -> list[dict]:
+    """Per fault: the longest pause of each completed stream that was under way when it
+    struck and whose longest pause ended after it (the pause it put into that stream)."""
+    rows = []
+    for when, name in events:
+        pauses = sorted(r["longest_pause_s"] for r in requests
+                        if r["kind"] == "completed" and r["start"] < when < r["end"]
+                        and r.get("pause_ended_at", 0) >= when)
+        if pauses:
+            p99 = pauses[min(len(pauses) - 1, int(0.99 * len(pauses)))]
+            rows.append({"t": when, "fault": name, "streams": len(pauses),
+                         "median_s": pauses[len(pauses) // 2], "p99_s": p99,
+                         "max_s": pauses[-1]})
+    return rows
+
+
 def write_report(result: dict, args, path: Path) -> None:
     counts = result["counts"]
-    lines = [(f"# Soak: {args.duration_s / 60:.0f} minutes under load, faults every "
-             f"{args.period_s:.0f} s\n"),
+    faults = FAILOVER_FAULTS if args.failover else FAULTS
+    lines = [(f"# Soak{' (failover)' if args.failover else ''}: {args.duration_s / 60:.0f} "
+              f"minutes under load, faults every {args.period_s:.0f} s\n"),
              (f"Command: `sudo python -m benchmarks.soak "
               f"{' '.join(shlex.quote(a) for a in sys.argv[1:])}`\n"),
-             "Four network namespaces (head, stage 1, stage 2, client) on one switch, every "
-             "link shaped to 100 Mbit/s with `tc tbf`; the bundled model (6 layers) in "
-             f"float32 split 0:2 / 2:4 / 4:6; {args.concurrency} streaming clients at all "
-             "times (16-64 tokens, temperature 0.8). Faults, in a cycle: "
-             + ", ".join(FAULTS) + ".\n",
+             ("Five network namespaces (head, stage 1, stage 2, a standby for stage 2's "
+              "layers, client)" if args.failover else
+              "Four network namespaces (head, stage 1, stage 2, client)")
+             + " on one switch, every link shaped to 100 Mbit/s with `tc tbf`; the bundled "
+             f"model (6 layers) in float32 split 0:2 / 2:4 / 4:6; {args.concurrency} "
+             "streaming clients at all times (16-64 tokens, temperature 0.8, a seed each). "
+             "Faults, in a cycle: " + ", ".join(faults)
+             + (" (on whichever process serves layers 4:6; 5 s later it is started again "
+                "as the next standby)" if args.failover else "") + ".\n",
              ("The bound: every request must end completed or with a clear error; hung must "
              "be 0; refused (nothing listening) only while the head process is down, and "
              "lost only where it was killed (its open connections die with it).\n"),
@@ -229,7 +309,22 @@ def write_report(result: dict, args, path: Path) -> None:
                      f"{'served' if idle['after']['ok'] else 'FAILED'} in "
                      f"{idle['after']['seconds']} s; links that broke while idle: "
                      f"{idle['links_broke']}; too_many_pings: {idle['too_many_pings']}.\n")
-    lines += [f"| of which lost within 2 s of a head kill | {result['lost_at_head_kill']} |", "",
+    metrics = result.get("metrics", {})
+    lines += [f"| of which lost within 2 s of a head kill | {result['lost_at_head_kill']} |",
+              (f"| replayed (running requests whose KV was rebuilt; the head's count) | "
+               f"{metrics.get('molink_requests_replayed_total', 0):.0f} |"), "",
+              (f"Failovers (the head's count): {metrics.get('molink_failovers_total', 0):.0f}; "
+               f"the head's replay pause (loss detected -> the request's next token): mean "
+               f"{_mean(metrics, 'molink_replay_pause_seconds'):.2f} s, max "
+               f"{metrics.get('molink_replay_pause_max_seconds', 0):.2f} s.\n"),
+              ("Pause per fault, seen by the streams it crossed (each stream's longest gap "
+               "between two tokens):\n"),
+              "| t (s) | fault | streams | median (s) | p99 (s) | max (s) |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for row in result.get("pauses", []):
+        lines.append(f"| {row['t'] - result['t0']:.0f} | {row['fault']} | {row['streams']} | "
+                     f"{row['median_s']:.2f} | {row['p99_s']:.2f} | {row['max_s']:.2f} |")
+    lines += ["",
               f"Faults injected: {len(result['faults'])}: "
               + ", ".join(f"{t:.0f} s {name}" for t, name in result["faults"]) + "\n",
               "Clear errors, by message (first words):\n", "| message | count |", "|---|---:|"]
@@ -265,7 +360,7 @@ def plot(result: dict, path: Path) -> bool:
         print("matplotlib missing (pip install -e '.[bench]'): no plot", flush=True)
         return False
     fig, ax = plt.subplots(figsize=(8, 4))
-    for role in ("head", "stage1", "stage2"):
+    for role in ("head", "stage1", "stage2", "spare"):
         points = [(t, mib) for t, r, _, mib in result["memory"] if r == role]
         if points:
             ax.plot(*zip(*points), label=role)
@@ -282,6 +377,9 @@ def plot(result: dict, path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 minutes instead of 30")
+    parser.add_argument("--failover", action="store_true",
+                        help="a standby for stage 2's layers; the faults take stage 2 away "
+                             "(SIGKILL, SIGTERM) with the standby present")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--idle-s", type=float, default=None,
                         help="idle seconds before the load (default 200 with --quick, else 0)")
@@ -289,12 +387,12 @@ def main() -> None:
                         help="seconds between faults (default 60; 30 with --quick)")
     args = parser.parse_args()
     args.duration_s = 180.0 if args.quick else 1800.0
-    args.period_s = args.period_s or (30.0 if args.quick else 60.0)
+    args.period_s = args.period_s or (30.0 if args.quick else 120.0 if args.failover else 60.0)
     if args.idle_s is None:
         args.idle_s = 200.0 if args.quick else 0.0
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "memory"}, indent=1))
-    name = "soak_quick.md" if args.quick else "soak.md"
+    name = f"soak{'_failover' * args.failover}{'_quick' * args.quick}.md"
     write_report(result, args, RESULTS / name)
     print(f"wrote {RESULTS / name}")
     idle = result["idle"]

@@ -14,7 +14,8 @@ Every request is a streamed ``/v1/completions``; its outcome is one of
 - ``lost``: the connection closed without an error message (what a client sees when the
   head process it talks to is killed).
 Each outcome is logged with its time, so the benchmark can attribute losses to the moments
-it killed the head.
+it killed the head, and with the longest pause between two events of its stream (and when
+that pause ended), so it can measure what a failover costs a stream.
 """
 
 from __future__ import annotations
@@ -32,7 +33,23 @@ PROMPTS = ["In Python, a list is", "The json module", "A generator function", "T
            "Exceptions in Python", "The asyncio event loop", "A dictionary maps", "Unicode"]
 
 
-async def one_request(host: str, port: int, body: dict) -> tuple[str, str]:
+class Pauses:
+    """The longest gap between two events of one stream, and when it ended."""
+
+    def __init__(self) -> None:
+        self.last = time.time()
+        self.longest = 0.0
+        self.ended_at = 0.0
+
+    def event(self) -> None:
+        now = time.time()
+        if now - self.last > self.longest:
+            self.longest, self.ended_at = now - self.last, now
+        self.last = now
+
+
+async def one_request(host: str, port: int, body: dict,
+                      pauses: Pauses | None = None) -> tuple[str, str]:
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
     except ConnectionRefusedError:
@@ -73,6 +90,10 @@ async def one_request(host: str, port: int, body: dict) -> tuple[str, str]:
             if "error" in event:
                 return "failed_clear", f"{event.get('status')} {event['error']['message'][:200]}"
             tokens += 1
+            if pauses is not None and tokens > 1:  # between tokens, not before the first
+                pauses.event()
+            elif pauses is not None:
+                pauses.last = time.time()
     except TimeoutError:
         return "hung", f"nothing for {HANG_S:.0f} s"
     except (OSError, ValueError, IndexError) as exc:
@@ -87,8 +108,11 @@ async def worker(index: int, host: str, port: int, stop_at: float, log: list) ->
         body = {"prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(16, 64),
                 "temperature": 0.8, "seed": rng.randint(0, 1 << 30), "stream": True}
         started = time.time()
-        kind, detail = await one_request(host, port, body)
-        log.append({"start": started, "end": time.time(), "kind": kind, "detail": detail})
+        pauses = Pauses()
+        kind, detail = await one_request(host, port, body, pauses)
+        log.append({"start": started, "end": time.time(), "kind": kind, "detail": detail,
+                    "longest_pause_s": round(pauses.longest, 3),
+                    "pause_ended_at": pauses.ended_at})
         if kind != "completed":
             await asyncio.sleep(0.5)  # a client backs off after an error
 

@@ -70,7 +70,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("model/cpu_features.py", "/proc/"):
         "/proc/cpuinfo read under try/except OSError: unknown CPU flags mean 'has bf16' and "
         "'try the fused kernels' (their self-check decides)",
-    ("entrypoints/join.py", "add_signal_handler"):
+    ("entrypoints/signals.py", "add_signal_handler"):
         "try/except NotImplementedError/RuntimeError: signal.signal fallback (Windows), "
         "run by test_signal_fallback_calls_back_without_loop_signal_handlers",
 }
@@ -214,7 +214,7 @@ def test_every_allowlist_entry_is_still_needed():
 def test_signal_fallback_calls_back_without_loop_signal_handlers():
     """Windows' event loop raises NotImplementedError from add_signal_handler: the stage
     still stops at SIGINT / SIGTERM, through signal.signal."""
-    from molink.entrypoints.join import on_signal
+    from molink.entrypoints.signals import on_signal
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     tried, called = [], []
@@ -249,7 +249,7 @@ def test_signal_fallback_calls_back_without_loop_signal_handlers():
 def test_loop_signal_handlers_are_used_where_they_exist():
     """On Linux and macOS the loop's own handlers, as before (remove_signal_handler is True
     only for a handler the loop holds)."""
-    from molink.entrypoints.join import on_signal
+    from molink.entrypoints.signals import on_signal
 
     async def main() -> None:
         on_signal(lambda: None)

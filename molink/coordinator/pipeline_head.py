@@ -307,10 +307,14 @@ class PipelineHead(pb_grpc.HeadServicer):
         if info.auto_layers and info.end_layer == 0:
             return self.desk.offer(info.node_id or address, info)
         min_blocks = self.scheduler.block_pool.num_blocks if self.scheduler else 1
-        # A stage that was routed through, lost, and is back while others serve its layers
-        # (a standby took over) waits as a standby instead of being refused.
-        standby = info.standby or (info.node_id in self.watch.lost_nodes and any(
-            m.overlaps(info.start_layer, info.end_layer) for m in self.membership.ordered()))
+        # A stage whose exact range is served already (by a standby promoted before it came),
+        # or that was lost and is back while others serve its layers, waits as a standby
+        # instead of being refused.
+        served = [(m.start_layer, m.end_layer) for m in self.membership.ordered()
+                  if m.overlaps(info.start_layer, info.end_layer)]
+        standby = info.standby or bool(served) and (
+            info.node_id in self.watch.lost_nodes
+            or set(served) == {(info.start_layer, info.end_layer)})
         member, reason = await self.desk.join(info, address, min_blocks, standby=standby)
         if member is None:
             return pb.JoinReply(accepted=False, reason=reason)

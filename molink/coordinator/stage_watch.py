@@ -22,7 +22,7 @@ import grpc
 
 from molink.coordinator.membership import StageMember
 from molink.transport import molink_pb2 as pb
-from molink.transport.peers import PeerUnreachable
+from molink.transport.peers import PeerUnreachable, error_detail
 
 if TYPE_CHECKING:
     from molink.coordinator.pipeline_head import PipelineHead
@@ -188,8 +188,12 @@ class StageWatch:
             member.consecutive_health_failures = 0
         except (grpc.aio.AioRpcError, PeerUnreachable) as exc:
             member.consecutive_health_failures += 1
-            if member.consecutive_health_failures >= HEALTH_FAILURES_BEFORE_DOWN:
-                detail = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc
+            # Refused: the machine answered that nothing listens there (the process is gone),
+            # unlike a timeout, which a busy network may cause once.
+            refused = "refused" in error_detail(exc).lower()
+            if refused or member.consecutive_health_failures >= HEALTH_FAILURES_BEFORE_DOWN:
+                detail = ("connection refused" if refused else exc.code().name
+                          if isinstance(exc, grpc.aio.AioRpcError) else exc)
                 self.on_stage_failure(member, f"no answer to health checks ({detail})")
             return
         if member.role == "standby":

@@ -41,6 +41,7 @@ class Job:
     best_n: int | None = None  # best_of > n: how many of each prompt's choices are answered
     echo_texts: list[str] | None = None  # /v1/completions with echo: each prompt's text
     tool_calls: ToolCalls | None = None  # chat with tools: how calls are forced and read
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:N" (return_tokens_as_token_ids)
 
     @property
     def n(self) -> int:
@@ -121,7 +122,8 @@ def _job(request: SamplingFields, head, prompts: list[list[int]], max_tokens: in
     choice_params = [params if seed is None else params.replace(seed=seed + j)
                      for j in range(best_of)]
     return Job(prompts, choice_params, stream, include_usage, num_top,
-               best_n=n if best_of > n else None)
+               best_n=n if best_of > n else None,
+               tokens_as_ids=bool(request.return_tokens_as_token_ids))
 
 
 def _choice_counts(request: SamplingFields, num_prompts: int) -> tuple[int, int]:

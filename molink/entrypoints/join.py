@@ -10,10 +10,10 @@ import argparse
 import asyncio
 import logging
 import secrets
-import signal
 import sys
 
 from molink.config import DTYPES, QUANTIZATIONS, CacheConfig, ModelConfig, parse_layer_range
+from molink.entrypoints.signals import finish_pending_tasks, on_signal
 from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.emulated_executor import EmulatedExecutor
@@ -28,7 +28,6 @@ from molink.transport.peers import PeerSecurity
 
 logger = logging.getLogger(__name__)
 
-FINISH_TIMEOUT_S = 2.0  # at exit: how long tasks still running may take to end
 
 
 def add_arguments(parser) -> None:
@@ -254,6 +253,9 @@ def run(args, token: str) -> int:
     from molink.entrypoints.join_auto import wants_layers_from_head
 
     node_id = secrets.token_hex(8)
+    if getattr(args, "standby", False) and wants_layers_from_head(args):
+        raise ValueError("--standby needs --layers START:END: the range this stage stands by "
+                         "for (automatic placement assigns only layers no stage serves)")
     if not wants_layers_from_head(args):
         args, executor = build_executor(args)
         return asyncio.run(_serve(args, token, executor, node_id))
@@ -355,45 +357,3 @@ async def _leave(worker: StageWorker, drain_timeout_s: float, stop: asyncio.Even
     else:
         leaving.cancel()
         print(f"{worker.label}: exiting without waiting for the head", flush=True)
-
-
-async def finish_pending_tasks(timeout_s: float = FINISH_TIMEOUT_S,
-                               ignore: frozenset = frozenset()) -> None:
-    """Let the tasks still running end on their own before the event loop ends.
-
-    grpc.aio's ``server.stop()`` returns before the tasks that ran the server's RPCs have
-    ended: a stream still open at stop is cancelled, and its task then sends the final
-    status. If the loop ended now (``asyncio.run`` returning), those tasks would be
-    cancelled, and grpc logs each as "Exception not handled by _handle_exceptions in
-    servicer method" followed by two ``CancelledError`` tracebacks. They end in a few loop
-    iterations; whatever still runs after ``timeout_s`` is left to ``asyncio.run``.
-    ``ignore``: tasks that end later on purpose (a web server's own main task)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        pending = asyncio.all_tasks() - {asyncio.current_task()} - ignore
-        remaining = deadline - loop.time()
-        if not pending or remaining <= 0:
-            return
-        await asyncio.wait(pending, timeout=remaining)
-
-
-def on_signal(callback) -> None:
-    """Call ``callback`` on the event loop at SIGINT / SIGTERM, on every platform.
-
-    Where the loop cannot watch signals itself (Windows' proactor loop raises
-    NotImplementedError), a ``signal.signal`` handler hands ``callback`` to the loop; once
-    that loop has closed, the handler does what Python does by default (KeyboardInterrupt)
-    instead of failing on the closed loop."""
-    loop = asyncio.get_running_loop()
-
-    def fallback(signum, frame) -> None:
-        if loop.is_closed():
-            signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt
-        loop.call_soon_threadsafe(callback)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, callback)
-        except (NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
-            signal.signal(sig, fallback)

@@ -24,7 +24,7 @@ from typing import Self
 
 from molink import envs
 from molink.coordinator.pipeline_head import PipelineHead
-from molink.entrypoints.join import finish_pending_tasks
+from molink.entrypoints.signals import finish_pending_tasks
 
 READY_TIMEOUT_S = 300.0
 STOP_GRACE_S = 10.0  # after SIGTERM, how long a stage may take before it is killed

@@ -58,6 +58,11 @@ class Format:
         self.sent_tokens[index] = end_tokens
         return out.text[start_chars:], start_tokens, end_tokens
 
+    def _token(self, token_id: int, lp: Logprob) -> str:
+        """A token as logprobs name it: its text, or ``token_id:N`` when the request asked
+        for ids (``return_tokens_as_token_ids``, as in vLLM)."""
+        return f"token_id:{token_id}" if self.job.tokens_as_ids else lp.decoded_token or ""
+
     def opening_chunks(self) -> list[dict]:
         return []
 
@@ -103,9 +108,10 @@ class CompletionFormat(Format):
         for position in range(start, end):
             entry = out.logprobs[position]
             chosen = entry[out.token_ids[position]]
-            shape["tokens"].append(chosen.decoded_token)
+            shape["tokens"].append(self._token(out.token_ids[position], chosen))
             shape["token_logprobs"].append(chosen.logprob)
-            shape["top_logprobs"].append({lp.decoded_token: lp.logprob for _, lp in
+            shape["top_logprobs"].append({self._token(token_id, lp): lp.logprob
+                                          for token_id, lp in
                                           _top(entry, self.job.num_top_logprobs)})
             shape["text_offset"].append(offset)
             offset += len(chosen.decoded_token or "")
@@ -139,6 +145,11 @@ class ChatFormat(Format):
                             "logprobs": self._logprobs(out, 0, len(out.logprobs or ())),
                             "finish_reason": finish_reason})
         return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
+
+    def _token(self, token_id: int, lp: Logprob) -> str:
+        """A token as logprobs name it: its text, or ``token_id:N`` when the request asked
+        for ids (``return_tokens_as_token_ids``, as in vLLM)."""
+        return f"token_id:{token_id}" if self.job.tokens_as_ids else lp.decoded_token or ""
 
     def opening_chunks(self) -> list[dict]:
         extra = {"usage": None} if self.job.include_usage else {}
@@ -183,14 +194,13 @@ class ChatFormat(Format):
         for position in range(start, end):
             entry = out.logprobs[position]
             chosen = entry[out.token_ids[position]]
-            item = _chat_token(chosen)
-            item["top_logprobs"] = [_chat_token(lp) for _, lp in
-                                    _top(entry, self.job.num_top_logprobs)]
+            item = _chat_token(self._token(out.token_ids[position], chosen), chosen)
+            item["top_logprobs"] = [_chat_token(self._token(token_id, lp), lp) for token_id, lp
+                                    in _top(entry, self.job.num_top_logprobs)]
             content.append(item)
         return {"content": content}
 
 
-def _chat_token(lp: Logprob) -> dict:
-    token = lp.decoded_token or ""
+def _chat_token(token: str, lp: Logprob) -> dict:
     return {"token": token, "logprob": lp.logprob,
             "bytes": list(token.encode("utf-8", errors="replace"))}

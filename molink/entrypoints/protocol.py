@@ -121,6 +121,7 @@ class SamplingFields(_Strict):
     logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # n <= best_of
     prompt_logprobs: Any = None  # the last stage computes logits of sampled positions only
+    return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs say "token_id:N"
     # Structured output (``structured.py``): OpenAI's field, and vLLM's extra ones.
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | Text | None = None

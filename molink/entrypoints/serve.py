@@ -18,13 +18,13 @@ from molink.entrypoints.api_options import add_api_arguments, api_options
 from molink.entrypoints.join import (
     add_node_arguments,
     check_layers,
-    finish_pending_tasks,
     kv_cache_memory_bytes,
     layer_range,
     port,
     positive_int,
     seconds,
 )
+from molink.entrypoints.signals import finish_pending_tasks
 from molink.model.hub import resolve_model
 from molink.model.loader import load_config
 from molink.transport.peers import PeerSecurity

@@ -128,6 +128,7 @@ def test_bad_flags_are_one_line_and_exit_2(argv, message, capsys):
     (["generate", "/no/such/model", "--prompt", "hi"], "is not a directory"),
     (["join", MODEL, "--head", "h:1", "--layers", "2:9"], "--layers 2:9 is outside the model's 6"),
     (["join", MODEL, "--head", "h:1", "--layers", "6:"], "--layers 6: is outside the model's 6"),
+    (["join", MODEL, "--head", "h:1", "--standby"], "--standby needs --layers START:END"),
     (["serve", MODEL, "--layers", "0:9"], "--layers 0:9 is outside the model's 6 layers"),
     (["serve", MODEL, "--layers", "2:4"], "--layers for the head must start at 0"),
     (["serve", MODEL, "--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-certfile go together"),

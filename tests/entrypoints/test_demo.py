@@ -55,7 +55,7 @@ def test_a_stage_stopped_with_a_stream_open_exits_without_a_traceback(capfd, cap
     ended; ``finish_pending_tasks`` lets it end before ``asyncio.run`` would cancel it."""
     import grpc
 
-    from molink.entrypoints.join import finish_pending_tasks
+    from molink.entrypoints.signals import finish_pending_tasks
 
     async def echo(requests, context):
         try:

@@ -190,6 +190,24 @@ def test_completions_logprobs(server, llm):
         [entry[t].logprob for entry, t in zip(offline.logprobs, offline.token_ids)], abs=1e-4)
 
 
+def test_tokens_as_token_ids(server, llm):
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N" (completions and
+    chat), N the generated ids."""
+    offline = llm.generate(PROMPTS[0], greedy(4, logprobs=2))[0].outputs[0]
+    answer = server.client().completions.create(
+        model=server.model, prompt=PROMPTS[0], max_tokens=4, logprobs=2, temperature=0,
+        extra_body={**GREEDY["extra_body"], "return_tokens_as_token_ids": True})
+    logprobs = answer.choices[0].logprobs
+    assert logprobs.tokens == [f"token_id:{t}" for t in offline.token_ids]
+    assert all(key.startswith("token_id:") for top in logprobs.top_logprobs for key in top)
+    chat = server.client().chat.completions.create(
+        model=server.model, messages=CHAT, max_tokens=3, logprobs=True, top_logprobs=1,
+        temperature=0, extra_body={**GREEDY["extra_body"], "return_tokens_as_token_ids": True})
+    for item in chat.choices[0].logprobs.content:
+        assert item.token.startswith("token_id:") and int(item.token.removeprefix("token_id:")) >= 0
+        assert item.top_logprobs[0].token.startswith("token_id:")
+
+
 def test_stop_strings(server, llm):
     text = llm.generate(PROMPTS[1], greedy(16))[0].outputs[0].text
     stop = text[6:8]

@@ -6,6 +6,9 @@ served), never from sleeping. Every process started here is stopped here, by pid
 
 from __future__ import annotations
 
+import json
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,9 +47,10 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
                          timeout=10)
     assert refused.status_code == 503 and "layers 2:4" in refused.json()["error"]["message"]
 
-    processes.append(_spawn("join", directory, "--head", f"127.0.0.1:{peer}", "--layers", "2:",
-                            "--host", "127.0.0.1", "--dtype", "float32", "--device", "cpu",
-                            "--block-size", "8"))
+    stage = _spawn("join", directory, "--head", f"127.0.0.1:{peer}", "--layers", "2:",
+                   "--host", "127.0.0.1", "--dtype", "float32", "--device", "cpu",
+                   "--block-size", "8")
+    processes.append(stage)
     deadline = time.monotonic() + DEADLINE_S
     while _health(url).status_code != 200:
         assert time.monotonic() < deadline, "pipeline never became healthy"
@@ -87,6 +91,26 @@ def test_serve_and_join_answer_openai_requests(tiny_model_dir, processes):
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("ready: head layers 0:2 -> layers 2:4 at 127.0.0.1:")
     assert "ms/step" in status.stdout and "KV blocks free" in status.stdout
+    assert re.search(r"layers 2:4 at 127\.0\.0\.1:\d+ +[\d.]+ ms/step  active", status.stdout)
+
+    # SIGTERM on the head: it takes no new request, lets the running stream finish, then
+    # tells the stage to free its requests, and exits.
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+            "prompt": "Hello there", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}) as stream:
+        lines = stream.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))
+        head.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in rest
+              if line.startswith("data: {")]
+    assert not any("error" in event for event in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"  # all 200 tokens came
+    # uvicorn ends its graceful shutdown by re-raising the signal (exit status 143, as
+    # service managers expect from a process stopped by SIGTERM).
+    assert head.wait(30) in (0, -signal.SIGTERM)
+    wait_for_line(stage, r"the head shut down; freeing every request's state")
 
 
 

@@ -5,7 +5,8 @@
     python client.py complete URL BODY_JSON TIMEOUT_S
 
 ``complete`` streams ``/v1/completions`` and prints one JSON line per event as it arrives
-(``{"t": seconds since start, "text": ...}``), then ``{"t": ..., "done": true}`` or
+(``{"t": seconds since start, "text": ...}``, plus ``"tokens"`` when the body asks for
+logprobs), then ``{"t": ..., "done": true}`` or
 ``{"t": ..., "status": CODE, "error": ...}``. Every wait is bounded: a request that hangs
 prints ``{"hung": true}`` at TIMEOUT_S and exits, so the test sees a hang as a hang.
 """
@@ -82,7 +83,9 @@ def complete(url: str, body: dict, timeout_s: float) -> int:
             if "error" in event:
                 emit(status=event.get("status", 500), error=event["error"]["message"])
                 return 0
-            emit(text=event["choices"][0]["text"])
+            choice = event["choices"][0]
+            tokens = (choice.get("logprobs") or {}).get("tokens")
+            emit(text=choice["text"], **({"tokens": tokens} if tokens is not None else {}))
         emit(status=0, error="the stream ended without [DONE]")
     except TimeoutError:
         emit(hung=True)
