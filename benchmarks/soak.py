@@ -381,12 +381,14 @@ def main() -> None:
                         help="a standby for stage 2's layers; the faults take stage 2 away "
                              "(SIGKILL, SIGTERM) with the standby present")
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="how long the load runs (default 30; 3 with --quick)")
     parser.add_argument("--idle-s", type=float, default=None,
                         help="idle seconds before the load (default 200 with --quick, else 0)")
     parser.add_argument("--period-s", type=float, default=None,
                         help="seconds between faults (default 60; 30 with --quick)")
     args = parser.parse_args()
-    args.duration_s = 180.0 if args.quick else 1800.0
+    args.duration_s = 60.0 * (args.minutes or (3.0 if args.quick else 30.0))
     args.period_s = args.period_s or (30.0 if args.quick else 120.0 if args.failover else 60.0)
     if args.idle_s is None:
         args.idle_s = 200.0 if args.quick else 0.0
