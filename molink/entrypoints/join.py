@@ -45,7 +45,8 @@ def add_arguments(parser) -> None:
                         help="join as a hot spare for --layers: loaded and health-checked, "
                              "routed through only when those layers are no longer served (a "
                              "stage was lost or left), then its requests are replayed here "
-                             "(default: serve the layers; refused if another stage does)")
+                             "(default: serve the layers; when another stage serves exactly "
+                             "them, wait as a standby anyway; an overlap is refused)")
     parser.add_argument("--drain-timeout", type=seconds, default=30.0, metavar="SECONDS",
                         help="on SIGTERM or Ctrl-C with no standby for this stage's layers: "
                              "how long running requests may take to finish before the stage "
