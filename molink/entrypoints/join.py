@@ -254,7 +254,7 @@ def run(args, token: str) -> int:
     from molink.entrypoints.join_auto import wants_layers_from_head
 
     node_id = secrets.token_hex(8)
-    if getattr(args, "standby", False) and wants_layers_from_head(args):
+    if args.standby and wants_layers_from_head(args):
         raise ValueError("--standby needs --layers START:END: the range this stage stands by "
                          "for (automatic placement assigns only layers no stage serves)")
     if not wants_layers_from_head(args):
@@ -309,7 +309,7 @@ async def _serve(args, token: str, executor, node_id: str = "") -> int:
                         num_layers=executor.arch.num_layers, host_id=host_id(),
                         device="emulated" if args.emulate_device else executor.device.type,
                         cpu_cores=cpu_cores(), node_id=node_id,
-                        standby=getattr(args, "standby", False))
+                        standby=args.standby)
     security = PeerSecurity.create(token, insecure=args.insecure_peers)
     worker = StageWorker(executor, info, security, args.head)
     port = await worker.start(args.host, args.peer_port)
@@ -333,7 +333,7 @@ async def _serve(args, token: str, executor, node_id: str = "") -> int:
               file=sys.stderr, flush=True)
         code = 3
     elif stop.is_set():
-        await _leave(worker, getattr(args, "drain_timeout", 30.0), stop)
+        await _leave(worker, args.drain_timeout, stop)
     for task in (membership, stopping):
         task.cancel()
     await worker.stop()

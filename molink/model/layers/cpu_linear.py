@@ -83,9 +83,7 @@ class TiledCpuLinear(CpuLinear):
         if rows <= fused16.MAX_ROWS:
             return self._finish(fused16.kernels().matmul(flat, self.tiles, self.out_features), x)
         tiles = self.tiles
-        out8, in16 = tiles.shape[0] * fused16.TILE_ROWS, tiles.shape[1] * fused16.TILE_COLUMNS
-        if in16 != self.in_features:
-            flat = F.pad(flat, (0, in16 - self.in_features))
+        flat, out8 = fused16.pad_input(flat, tiles)
 
         def widen(scratch: torch.Tensor, start: int) -> torch.Tensor:
             first, count = start // fused16.TILE_ROWS, scratch.shape[0] // fused16.TILE_ROWS
@@ -94,7 +92,7 @@ class TiledCpuLinear(CpuLinear):
             return scratch
 
         out = _widened(flat, out8, widen, row_multiple=fused16.TILE_ROWS)
-        return self._finish(out if out8 == self.out_features else out[:, :self.out_features], x)
+        return self._finish(out[:, :self.out_features], x)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight

@@ -66,20 +66,27 @@ class Fused16:
 
     def matmul(self, x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x`` float32 [rows, in], ``tiles`` from ``pack``: float32 [rows, out_features]."""
-        rows, in_features = x.shape
-        out8, in16 = tiles.shape[0] * TILE_ROWS, tiles.shape[1] * TILE_COLUMNS
-        if not in16 - TILE_COLUMNS < in_features <= in16 or tiles.dtype not in _ENTRY_POINTS:
-            raise ValueError(f"x of {in_features} columns against {in16}-column "
-                             f"{tiles.dtype} tiles")
-        if in_features != in16:
-            x = F.pad(x, (0, in16 - in_features))
+        if tiles.dtype not in _ENTRY_POINTS:
+            raise ValueError(f"no fused kernel for {tiles.dtype} tiles")
+        x, out8 = pad_input(x, tiles)
+        rows, in16 = x.shape
         x = x.contiguous()
         out = torch.empty(rows, out8)
         split = torch.empty(rows * in16) if tiles.dtype == torch.bfloat16 else None
         self._functions[tiles.dtype](x.data_ptr(), rows, tiles.data_ptr(), in16, out8,
                                      out.data_ptr(), None if split is None else split.data_ptr(),
                                      torch.get_num_threads())
-        return out if out8 == out_features else out[:, :out_features]
+        return out[:, :out_features]
+
+
+def pad_input(x: torch.Tensor, tiles: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` [rows, in] with zero columns up to the tiles' padded width, and the tiles'
+    padded number of outputs (``out_features`` rounded up to whole tiles)."""
+    out8, in16 = tiles.shape[0] * TILE_ROWS, tiles.shape[1] * TILE_COLUMNS
+    in_features = x.shape[-1]
+    if not in16 - TILE_COLUMNS < in_features <= in16:
+        raise ValueError(f"x of {in_features} columns against {in16}-column tiles")
+    return (x if in_features == in16 else F.pad(x, (0, in16 - in_features))), out8
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
