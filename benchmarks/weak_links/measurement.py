@@ -40,7 +40,8 @@ class RunResult:
     hop_bytes_per_token: list[float] = field(default_factory=list)  # relay-counted, per link
     library_hops: list[str] = field(default_factory=list)  # head.hop_stats(), described
     num_microbatches: str = ""
-    stage_step_ms: list[float] = field(default_factory=list)  # the head's EWMA per stage
+    stage_step_ms: list[float] = field(default_factory=list)  # per stage, decode steps in window
+    num_rounds: int = 0  # decode steps in the window (each request's token count is in traces)
     cpu_percent: dict[str, float] = field(default_factory=dict)  # % of one core in the window
     notes: list[str] = field(default_factory=list)
 

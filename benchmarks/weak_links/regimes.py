@@ -36,11 +36,15 @@ class Regime:
     cpu_context: int = 0
     num_kv_blocks: int | None = None
     description: str = ""
+    quantization: str | None = None  # the stages' weights (emulated: the bytes they read)
 
     def step_s(self, layers: tuple[int, int], batch: int, context: float) -> float:
-        """One decode step of ``batch`` requests with ``context`` tokens each."""
+        """One decode step of ``batch`` requests with ``context`` tokens each (the last
+        stage samples each one: its LM head counts)."""
         if self.profile is not None:
-            return self.profile.step_ms(layers[1] - layers[0], batch, 0, batch * context) / 1e3
+            sampled = batch if layers[1] == self.num_layers else 0
+            return self.profile.step_ms(layers[1] - layers[0], batch, 0, batch * context,
+                                        sampled) / 1e3
         return self.cpu_steps[layers].decode_s(batch)
 
     def prefill_tokens_per_s(self, layers: tuple[int, int], chunk: int) -> float:
@@ -50,33 +54,35 @@ class Regime:
 
 
 def emulated_regime(config_name: str, work: Path, profile_name: str,
-                    concurrency: int) -> Regime:
-    """A model directory with the real config (vocab replaced) and the bundled tokenizer."""
+                    concurrency: int, quantization: str | None = None) -> Regime:
+    """A model directory with the real config (vocab replaced) and the bundled tokenizer;
+    the stages' profile as ``molink join --emulate-device`` builds it."""
     from molink.model.loader import load_config
-    from molink.runtime.device_profile import DeviceProfile
+    from molink.runtime.model_size import emulated_profile
 
     directory = work / f"emulated-{config_name}"
     directory.mkdir(parents=True, exist_ok=True)
     config = json.loads((CONFIGS / f"{config_name}.json").read_text())
     tokenizer_vocab = json.loads((TOKENIZER_DIR / "config.json").read_text())["vocab_size"]
-    original_vocab = config["vocab_size"]
-    # The head detokenizes the stages' pseudo tokens with the bundled tokenizer; only the
-    # vocabulary (sampling, which emulation does not compute) changes, not the layers.
-    config.update(vocab_size=tokenizer_vocab, bos_token_id=0, eos_token_id=1)
+    # The real config, vocabulary included: the stages' LM head and embeddings take their
+    # real time and memory. The head streams the stages' pseudo tokens through the bundled
+    # tokenizer, which decodes ids past its own vocabulary as nothing: text is not measured.
+    config.update(bos_token_id=0, eos_token_id=1)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_DIR / name, directory / name)
     arch = load_config(str(directory)).arch
-    profile = DeviceProfile.load(profile_name, arch)
+    profile = emulated_profile(profile_name, str(directory), "bfloat16", quantization)
+    weights = f"{quantization} weights" if quantization else "bfloat16 weights"
     return Regime("emulated", directory, "bfloat16", tokenizer_vocab, arch.hidden_size,
                   arch.num_layers, 2, concurrency, emulate=profile_name, profile=profile,
-                  description=(
+                  quantization=quantization, description=(
                       f"{config_name} (hidden {arch.hidden_size}, {arch.num_layers} layers, "
                       f"{arch.num_heads} heads, {arch.num_kv_heads} KV heads, intermediate "
-                      f"{arch.intermediate_size}), bfloat16 activations, stages emulate "
-                      f"`{profile_name}` ({profile.name}); vocab_size {original_vocab} replaced "
-                      f"by the bundled tokenizer's {tokenizer_vocab} so pseudo tokens "
-                      "detokenize (affects only sampling, which emulation does not compute)"))
+                      f"{arch.intermediate_size}), {weights}, bfloat16 activations, stages "
+                      f"emulate `{profile_name}` ({profile.name}), LM head of the real "
+                      f"{arch.vocab_size:,}-token vocabulary on the last stage; prompts are "
+                      f"ids of the bundled {tokenizer_vocab:,}-token tokenizer"))
 
 
 def build_cpu_model(hidden: int, layers: int, vocab: int) -> Path:
@@ -173,3 +179,30 @@ def cpu_regime(args, stage_counts: list[int]) -> Regime:
             f"b={b} {t * 1e3:.1f} ms" for b, t in sorted(times.decode.items()))
             + f"; prefill {times.prefill_tokens_per_s:.0f} tokens/s", flush=True)
     return regime
+
+
+def check_fits(regime: Regime, num_stages: int, kv_tokens: int) -> list[str]:
+    """Each emulated stage's weights and a KV cache of ``kv_tokens`` tokens against its
+    GPU's memory: one line per stage; a ValueError for the first that does not fit (a CPU
+    regime or a profile without memory: nothing to check)."""
+    from molink.runtime.device_profile import GPUS
+    from molink.runtime.model_size import kv_blocks_that_fit, measure_model
+
+    gpu = GPUS.get(regime.emulate or "")
+    if gpu is None:
+        return []
+    model = measure_model(str(regime.model_dir), regime.dtype, None, 1, regime.quantization)
+    needed = -(-kv_tokens // BLOCK_SIZE)
+    lines = []
+    for start, end in split_layers(regime.num_layers, num_stages):
+        room = kv_blocks_that_fit(gpu, model, (start, end), BLOCK_SIZE)
+        weights = model.footprint.weight_bytes(start, end)
+        kv = needed * BLOCK_SIZE * sum(model.footprint.layer_kv_bytes[start:end])
+        line = (f"layers {start}:{end}: {weights / 2**30:.1f} GiB of weights + "
+                f"{kv / 2**30:.1f} GiB of KV cache for {kv_tokens:,} tokens, of "
+                f"{gpu.usable_bytes / 2**30:.1f} GiB usable on a {gpu.memory_gib:g} GiB "
+                f"{gpu.name}")
+        if needed > room:
+            raise ValueError(f"does not fit: {line} (room for {room * BLOCK_SIZE:,} tokens)")
+        lines.append(line)
+    return lines

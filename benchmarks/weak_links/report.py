@@ -13,7 +13,6 @@ import torch
 from benchmarks.weak_links.bound import Bound, compute_bound
 from benchmarks.weak_links.measurement import RunResult
 from benchmarks.weak_links.systems import (
-    MIN_WINDOW_TOKENS,
     TARGET_LINK,
     TARGET_STAGES,
     Setting,
@@ -65,7 +64,7 @@ def setting_section(setting: Setting, results: list[RunResult], bound: Bound) ->
 TABLE_HEADER = ("| system | output tok/s | fraction of bound | TTFT p50 / p99 s "
                 "| TPOT p50 / p99 ms | ITL p50 / p99 ms | e2e p50 / p99 s | requests (unfinished) "
                 "| micro-batches "
-                "| stage step ms (head's EWMA) | bytes/token per link "
+                "| stage decode step ms (in window) | bytes/token per link "
                 "| CPU % head / stages / relays / other |")
 TABLE_RULE = "|---|---:|---:|---|---|---|---|---|---|---|---|---|"
 
@@ -141,7 +140,7 @@ def write_report(args, timing: Timing, results, regimes, bounds, headline, elaps
     for regime in regimes.values():
         lines.append(f"- **{regime.name}** model: {regime.description}; decode-heavy: "
                      f"{regime.concurrency} concurrent requests, {args.prompt_len}-token prompts.")
-    lines += ["", METHOD.format(t=timing, min_tokens=MIN_WINDOW_TOKENS), "",
+    lines += ["", METHOD.format(t=timing, min_tokens=timing.min_window_tokens), "",
               "## Headline (emulated and CPU at 3 stages, 100 Mbit/20 ms)", "",
               "```json", json.dumps(headline, indent=2), "```", ""]
     for setting, bound in bounds.items():
@@ -150,9 +149,10 @@ def write_report(args, timing: Timing, results, regimes, bounds, headline, elaps
 
 
 METHOD = """\
-Systems: (a) one micro-batch at a time, FIFO sends, no compression; (b) micro-batches = stages,
-FIFO, no chunking, no compression; (c) measured micro-batching, `molink` link schedule, `auto`
-compression; ablations turn one of these off. Every pipeline is started fresh: a headless head
+Systems: (a) one micro-batch at a time, FIFO sends; (b) micro-batches = stages, FIFO, no
+chunking; (c) measured micro-batching, `molink` link schedule; ablations turn one of these
+off. Every system sends the model's own dtype (lossless, `--compression auto`) except
+"(c) + int8 activations", the lossy compression row. Every pipeline is started fresh: a headless head
 in the benchmark process, one `molink join` process per stage, one relay process per emulated
 link (stage 1 shares the head's host: no link there).
 

@@ -14,29 +14,37 @@ MIN_WINDOW_TOKENS = 4  # per request in the decode-heavy window: three gaps for 
 class System:
     key: str
     label: str
-    microbatches: str  # "one" | "stages" | "auto" (the measured chooser)
+    microbatches: str  # "one" | "stages" | "auto" (the measured chooser) | a number
     link_schedule: str  # "molink" | "priority" | "fifo"
-    compression: str  # "auto" | "none" | ...
+    compression: str  # "auto" (lossless: the model's dtype) | "int8" | ...
 
     def head_options(self, num_stages: int) -> dict:
         """HeadConfig keyword arguments that make the head run this system."""
-        count = {"one": 1, "stages": num_stages, "auto": None}[self.microbatches]
+        fixed = {"one": 1, "stages": num_stages, "auto": None}
+        count = fixed[self.microbatches] if self.microbatches in fixed else int(self.microbatches)
         return {"num_microbatches": count, "link_schedule": self.link_schedule,
                 "compression": self.compression}
 
 
+# Every system sends the model's own dtype (lossless) except the compression row, c-int8.
 SYSTEMS = {s.key: s for s in (
-    System("a", "(a) sequential", "one", "fifo", "none"),
-    System("b", "(b) FIFO pipeline", "stages", "fifo", "none"),
+    System("a", "(a) sequential", "one", "fifo", "auto"),
+    System("b", "(b) FIFO pipeline", "stages", "fifo", "auto"),
     System("c", "(c) MoLink", "auto", "molink", "auto"),
     System("c-stages-mb", "(c) w/o measured micro-batching (= stages)", "stages", "molink", "auto"),
     System("c-priority", "(c) w/o just-in-time chunking (decode-first only)", "auto", "priority",
            "auto"),
     System("c-fifo", "(c) w/o link scheduling (FIFO)", "auto", "fifo", "auto"),
-    System("c-no-compression", "(c) w/o compression", "auto", "molink", "none"),
+    System("c-int8", "(c) + int8 activations (lossy)", "auto", "molink", "int8"),
 )}
 MAIN_SYSTEMS = ("a", "b", "c")
-ABLATIONS = ("c-stages-mb", "c-priority", "c-fifo", "c-no-compression")
+ABLATIONS = ("c-stages-mb", "c-priority", "c-fifo", "c-int8")
+
+
+def fifo_with(count: int) -> System:
+    """(b) with a given number of micro-batches in flight (for tuning it)."""
+    return System(f"b{count}", f"(b) FIFO pipeline, {count} micro-batches", str(count), "fifo",
+                  "auto")
 
 
 @dataclass(frozen=True)
@@ -74,3 +82,4 @@ class Timing:
     mixed_requests: int
     mixed_drain_s: float
     mixed_output_cap: int
+    min_window_tokens: int = MIN_WINDOW_TOKENS  # per request in a decode-heavy window

@@ -21,7 +21,7 @@ from benchmarks.weak_links.measurement import (
     percentiles,
 )
 from benchmarks.weak_links.regimes import FIRST_TOKEN_ID, Regime
-from benchmarks.weak_links.systems import MIN_WINDOW_TOKENS, Setting, Timing
+from benchmarks.weak_links.systems import Setting, Timing
 from molink import SamplingParams
 from molink.coordinator.pipeline_head import PipelineNotReady, StageUnavailable
 from molink.scheduler.placement import split_layers
@@ -76,6 +76,7 @@ async def run_decode_heavy(pipe: Pipeline, result: RunResult, timing: Timing,
             await asyncio.sleep(0.05)
         await asyncio.sleep(timing.settle_s)
         start, cpu0 = time.perf_counter(), pipe.cpu_snapshot()
+        steps0 = pipe.decode_step_totals()
         samples = [pipe.link_sample()]
         # At least the window, and long enough for every request to decode a few tokens in
         # it (a sequential round over 20 Mbit takes seconds), within a limit.
@@ -85,7 +86,7 @@ async def run_decode_heavy(pipe: Pipeline, result: RunResult, timing: Timing,
         end, cpu1 = time.perf_counter(), pipe.cpu_snapshot()
         result.library_hops = pipe.describe_hops()
         result.num_microbatches = pipe.microbatches()
-        result.stage_step_ms = pipe.stage_step_ms()
+        result.stage_step_ms, result.num_rounds = pipe.window_step_ms(steps0)
     finally:
         for task in tasks:
             task.cancel()
@@ -128,8 +129,8 @@ def _record_decode_window(pipe: Pipeline, result: RunResult, traces: list[Trace]
         predicted = [regime.step_s(r, batch, result.mean_context) * 1e3 for r in pipe.ranges]
         result.notes.append(
             f"{result.system.label}: emulated step at batch {batch}: profile predicts "
-            + "/".join(f"{x:.0f}" for x in predicted) + " ms, stages took (head's EWMA) "
-            + "/".join(f"{x:.0f}" for x in result.stage_step_ms) + " ms")
+            + "/".join(f"{x:.0f}" for x in predicted) + " ms, stages took (decode steps in the "
+            "window) " + "/".join(f"{x:.0f}" for x in result.stage_step_ms) + " ms")
 
 
 def window_done(traces: list[Trace], start: float, timing: Timing) -> bool:
@@ -138,8 +139,8 @@ def window_done(traces: list[Trace], start: float, timing: Timing) -> bool:
         return False
     if elapsed >= timing.decode_window_max_s:
         return True
-    return all(len(t.token_times) - bisect.bisect_left(t.token_times, start) >= MIN_WINDOW_TOKENS
-               for t in traces if not t.error)
+    return all(len(t.token_times) - bisect.bisect_left(t.token_times, start)
+               >= timing.min_window_tokens for t in traces if not t.error)
 
 
 def mixed_lengths(num: int, output_cap: int, seed: int = 2) -> list[tuple[int, int]]:
@@ -188,6 +189,7 @@ async def run_mixed(pipe: Pipeline, result: RunResult, timing: Timing, rate: flo
     traces = [Trace(p) for p, _ in lengths]
     start = time.perf_counter()
     sample0, cpu0 = pipe.link_sample(), pipe.cpu_snapshot()
+    steps0 = pipe.decode_step_totals()
 
     async def one(i: int) -> None:
         await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
@@ -205,7 +207,7 @@ async def run_mixed(pipe: Pipeline, result: RunResult, timing: Timing, rate: flo
     sample1, cpu1 = pipe.link_sample(), pipe.cpu_snapshot()
     result.library_hops = pipe.describe_hops()
     result.num_microbatches = pipe.microbatches()
-    result.stage_step_ms = pipe.stage_step_ms()
+    result.stage_step_ms, _ = pipe.window_step_ms(steps0)
     errors = [t.error for t in traces if t.error]
     if errors:
         result.notes.append(f"{len(errors)} requests failed, e.g. {errors[0]}")

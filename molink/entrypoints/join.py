@@ -18,7 +18,7 @@ from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.host import cpu_cores, host_id
-from molink.runtime.model_size import emulated_profile
+from molink.runtime.model_size import emulated_stage
 from molink.runtime.node_budget import kv_budget_within
 from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.stage.head_client import StageRefused
@@ -288,10 +288,12 @@ def build_executor(args):
     model_dir, start, end = stage_model(args)
     args = argparse.Namespace(**{**vars(args), "model": model_dir})
     if args.emulate_device:
-        return args, EmulatedExecutor(
-            args.model, start, end,
-            emulated_profile(args.emulate_device, args.model, args.dtype, args.quantization),
-            dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_kv_blocks or 65536)
+        profile, num_blocks = emulated_stage(
+            args.emulate_device, args.model, args.dtype, args.quantization,
+            (start, end), args.block_size,
+            args.num_kv_blocks)
+        return args, EmulatedExecutor(args.model, start, end, profile, dtype=args.dtype,
+                                      block_size=args.block_size, num_blocks=num_blocks)
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
                                start_layer=start, end_layer=end,
                                max_model_len=args.max_model_len, seed=args.seed,

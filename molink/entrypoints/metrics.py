@@ -12,7 +12,7 @@ last one is the results link back to the head)::
     molink_hop_messages_sent_total / molink_hop_tokens_sent_total  counters
     molink_hop_bandwidth_bits_per_second                           gauge, measured (0: unknown)
     molink_hop_latency_seconds                                     gauge, one way (0: unknown)
-    molink_hop_info{hop=..., compression="..."} 1                  the hop's wire compression
+    molink_hop_info{hop=..., compression="...", lossy="yes|no"} 1  the hop's wire compression
 
 Failover (a stage lost or leaving; its requests replayed on a standby or a new join)::
 
@@ -43,6 +43,7 @@ from prometheus_client.core import (
 )
 
 from molink.coordinator.pipeline_head import HopStats, PipelineHead
+from molink.messages import is_lossy
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -182,7 +183,8 @@ def _hop_families(hops: list[HopStats]) -> list:
     for hop in hops:
         for family, field in families:
             family.add_metric([hop.label], getattr(hop, field))
-        info.add_metric([hop.label], {"compression": hop.compression})
+        info.add_metric([hop.label], {"compression": hop.compression,
+                                      "lossy": "yes" if is_lossy(hop.compression) else "no"})
     return [family for family, _ in families] + [info]
 
 

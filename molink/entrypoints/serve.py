@@ -25,6 +25,7 @@ from molink.entrypoints.join import (
     seconds,
 )
 from molink.entrypoints.signals import finish_pending_tasks
+from molink.messages import is_lossy
 from molink.model.hub import resolve_model
 from molink.model.loader import load_config
 from molink.transport.peers import PeerSecurity
@@ -86,8 +87,10 @@ def _add_scheduling_arguments(parser) -> None:
                              "decode first, prefill whole; fifo = in order, whole")
     parser.add_argument("--compression", default="auto",
                         choices=["auto", "none", "float16", "bfloat16", "int8"],
-                        help="activations on the wire: auto chooses per hop from measured "
-                             "bandwidth against compute (int8 = per-token scales)")
+                        help="activations on the wire: auto (default) = lossless, the model's "
+                             "own dtype; the others are lossy opt-ins that can change answers "
+                             "(int8 = per-token scales, about half of 16-bit bytes; accuracy: "
+                             "benchmarks/results/compression_accuracy.md)")
     parser.add_argument("--max-chunk-tokens", type=positive_int, default=None, metavar="N",
                         help="cap on a prefill chunk's tokens (default: just in time)")
     parser.add_argument("--failover-timeout", type=seconds, default=60.0, metavar="SECONDS",
@@ -223,6 +226,9 @@ def _print_banner(args, head: PipelineHead, peer_port: int, generated_token: str
           flush=True)
     if generated_token:
         print(f"cluster token (pass it to every stage): {generated_token}", flush=True)
+    if is_lossy(args.compression):
+        print(f"wire compression {args.compression} is lossy: the activations between stages "
+              "lose precision on the wire, so answers can differ from the model's own (named per hop in /metrics and molink status)", flush=True)
     ready, detail = head.health()
     if not ready:
         print(f"waiting for stages: {detail}; on each stage machine run", flush=True)

@@ -101,8 +101,9 @@ def _hop_lines(samples: dict[str, list[tuple[dict, float]]]) -> list[str]:
     bandwidth = by_hop("molink_hop_bandwidth_bits_per_second")
     latency = by_hop("molink_hop_latency_seconds")
     messages = by_hop("molink_hop_messages_sent_total")
-    compression = {labels.get("hop", "?"): labels.get("compression", "")
-                   for labels, _ in samples.get("molink_hop_info", [])}
+    compression = {labels.get("hop", "?"): labels.get("compression", "") + (
+        " (lossy)" if labels.get("lossy") == "yes" else "")
+        for labels, _ in samples.get("molink_hop_info", [])}
     send_wait = _decode_mean_ms(samples, "molink_hop_send_wait_seconds")
     rows = [("hop", "bandwidth", "latency", "send wait", "messages", "sent", "compression")]
     for hop, num_bytes in bytes_sent.items():

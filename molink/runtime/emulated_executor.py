@@ -18,13 +18,15 @@ from molink.messages import StepOutput, StepPlan
 from molink.model.loader import load_config, resolve_dtype
 from molink.runtime.device_profile import DeviceProfile
 
+DEFAULT_EMULATED_BLOCKS = 65536  # a profile that says nothing of memory
+
 _SPIN_S = 0.002  # sleep until this close to the deadline, then spin: millisecond precision
 
 
 class EmulatedExecutor:
     def __init__(self, model_dir: str, start_layer: int, end_layer: int | None,
                  profile: DeviceProfile, *, dtype: str = "auto", block_size: int = 16,
-                 num_blocks: int = 65536) -> None:
+                 num_blocks: int = DEFAULT_EMULATED_BLOCKS) -> None:
         self.arch = load_config(model_dir).arch
         self.start_layer = start_layer
         self.end_layer = self.arch.num_layers if end_layer is None else end_layer
@@ -45,10 +47,14 @@ class EmulatedExecutor:
         self.stop_ids.clear()
 
     def predicted_ms(self, plan: StepPlan) -> float:
+        """The profile's time for the plan: its layers, and the LM head for every token it
+        samples when this stage is the last."""
         decode = [e for e in plan.batch if e.num_tokens == 1]
         prefill_tokens = sum(e.num_tokens for e in plan.batch if e.num_tokens > 1)
         context = sum(e.start + 1 for e in decode)
-        return self.profile.step_ms(self.num_layers, len(decode), prefill_tokens, context)
+        sampled = sum(e.sample for e in plan.batch) if self.is_last else 0
+        return self.profile.step_ms(self.num_layers, len(decode), prefill_tokens, context,
+                                    sampled)
 
     def execute(self, plan: StepPlan, hidden_states=None):
         for request_id in plan.freed_request_ids:

@@ -22,6 +22,7 @@ from molink.model.gguf_quants import row_bytes
 from molink.model.layers.attention import PagedAttention
 from molink.model.loader import load_config, resolve_dtype
 from molink.runtime.device_profile import GPUS, DeviceProfile, GpuSpec, roofline
+from molink.runtime.emulated_executor import DEFAULT_EMULATED_BLOCKS
 from molink.scheduler.placement import ModelFootprint
 
 QUANT_GROUP_SIZE = 128  # parameters per 16-bit scale in a quantized matrix
@@ -134,10 +135,13 @@ def _kv_bytes_per_token(layer: nn.Module, dtype_bytes: int) -> int:
 
 def roofline_for(gpu: GpuSpec, model: ModelSize) -> DeviceProfile:
     """A roofline device for ``model``: its layers read the bytes they are stored in (a
-    quantized layer reads fewer), its KV cache is read in the model dtype."""
+    quantized layer reads fewer), its KV cache is read in the model dtype, and the last
+    stage reads its LM head (and final norm) for every step that samples."""
     arch = model.arch
     profile = roofline(gpu, arch.hidden_size, arch.intermediate_size, arch.num_heads,
-                       arch.num_kv_heads, arch.head_dim, bytes_per_param=model.layer_bytes_per_param)
+                       arch.num_kv_heads, arch.head_dim, bytes_per_param=model.layer_bytes_per_param,
+                       lm_head_params=arch.vocab_size * arch.hidden_size,
+                       lm_head_bytes=model.footprint.last_stage_bytes)
     # The roofline reads the KV cache at the weights' bytes per parameter; it is in the dtype.
     context = profile.context_ms_per_layer_per_1k * model.dtype_bytes / model.layer_bytes_per_param
     return dataclasses.replace(profile, context_ms_per_layer_per_1k=context)
@@ -150,3 +154,43 @@ def emulated_profile(source: str, model_path: str, dtype: str,
     if source not in GPUS:
         return DeviceProfile.load(source)
     return roofline_for(GPUS[source], measure_model(model_path, dtype, None, 0, quantization))
+
+
+def emulated_stage(source: str, model_path: str, dtype: str, quantization: str | None,
+                   layers: tuple[int, int], block_size: int,
+                   num_blocks: int | None) -> tuple[DeviceProfile, int]:
+    """The profile and KV blocks of an emulated stage serving ``layers``: on a GPU, its
+    weights must fit the GPU and the KV cache gets what is left (``num_blocks`` when given,
+    if it fits); a profile without a GPU (``published``, JSON) keeps what it is given."""
+    if source not in GPUS:
+        return DeviceProfile.load(source), num_blocks or DEFAULT_EMULATED_BLOCKS
+    gpu = GPUS[source]
+    model = measure_model(model_path, dtype, None, 1, quantization)  # KV bytes per token
+    return roofline_for(gpu, model), kv_blocks_that_fit(gpu, model, layers, block_size,
+                                                        num_blocks)
+
+
+def kv_blocks_that_fit(gpu: GpuSpec, model: ModelSize, layers: tuple[int, int],
+                       block_size: int, num_blocks: int | None = None) -> int:
+    """KV blocks a stage serving ``layers`` of ``model`` (measured with ``kv_tokens=1``)
+    has room for on ``gpu`` next to its weights (embeddings / LM head included at the
+    ends): ``num_blocks`` when given and it fits, else all. Raises ValueError when the
+    weights and one block do not fit, or ``num_blocks`` do not."""
+    start, end = layers
+    footprint = model.footprint
+    weights = footprint.weight_bytes(start, end)
+    per_block = sum(footprint.layer_kv_bytes[start:end]) * block_size
+    usable = gpu.usable_bytes
+    where = (f"layers {start}:{end} of {model.name} on an emulated {gpu.name} "
+             f"({usable / 2**30:.1f} GiB usable of {gpu.memory_gib:g} GiB)")
+    if weights + per_block > usable:
+        raise ValueError(f"{where} do not fit: {weights / 2**30:.1f} GiB of weights; serve "
+                         "fewer layers on it or quantize them (--quantization int8|int4)")
+    if not per_block:
+        return num_blocks or DEFAULT_EMULATED_BLOCKS
+    room = int((usable - weights) // per_block)
+    if num_blocks and num_blocks > room:
+        raise ValueError(f"{where}: {num_blocks:,} KV blocks ({num_blocks * per_block / 2**30:.1f}"
+                         f" GiB) and {weights / 2**30:.1f} GiB of weights do not fit; at most "
+                         f"{room:,} blocks")
+    return num_blocks or room

@@ -4,7 +4,7 @@ A stage and the head (whose own layers are the pipeline's first stage) take the 
 for every step::
 
     plan (+ hidden states) -> executor.execute -> timed -> activations -> wire encoding
-                                                  (EWMA per token)        (compression chosen
+                                                                          (compression named
                                                                            by the next hop)
 
 ``run`` is called on the compute thread, ``encode`` on the serializer thread (so the next
@@ -18,7 +18,6 @@ import time
 
 import torch
 
-from molink.ewma import ewma
 from molink.messages import RawTensor, StepOutput, StepPlan
 from molink.runtime.wire_tensor import to_raw
 from molink.transport.hop_sender import HopSender
@@ -27,7 +26,6 @@ from molink.transport.hop_sender import HopSender
 class StageCompute:
     def __init__(self, executor) -> None:
         self.executor = executor  # StageExecutor or EmulatedExecutor
-        self.compute_s_per_token: float | None = None  # EWMA; None before the first step
         self.busy_since = 0.0  # when the current step started (monotonic); 0: idle
         self.num_steps_computed = 0
 
@@ -43,10 +41,6 @@ class StageCompute:
             self.busy_since = 0.0
         seconds = time.perf_counter() - start
         self.num_steps_computed += 1
-        if plan.num_tokens:
-            per_token = seconds / plan.num_tokens
-            self.compute_s_per_token = per_token if self.compute_s_per_token is None else (
-                ewma(self.compute_s_per_token, per_token))
         return output, seconds
 
     def busy_s(self) -> float:
@@ -56,7 +50,5 @@ class StageCompute:
 
     def encode(self, activations: torch.Tensor, sender: HopSender) -> RawTensor:
         """``activations`` [T, hidden] in the wire format the next hop asks for now."""
-        compression = sender.wire_compression(str(activations.dtype).removeprefix("torch."),
-                                              activations.shape[-1],
-                                              self.compute_s_per_token or 0.0)
+        compression = sender.wire_compression(str(activations.dtype).removeprefix("torch."))
         return to_raw(activations, compression)

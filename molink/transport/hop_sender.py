@@ -229,11 +229,9 @@ class HopSender:
 
     # ---- what goes out -----------------------------------------------------------------------
 
-    def wire_compression(self, native_dtype: str, hidden_size: int,
-                         compute_s_per_token: float) -> str:
+    def wire_compression(self, native_dtype: str) -> str:
         """The compression to apply to the next step (see ``LinkMeter.wire_compression``)."""
-        return self.meter.wire_compression(self.compression, native_dtype, hidden_size,
-                                           compute_s_per_token)
+        return self.meter.wire_compression(self.compression, native_dtype)
 
     def submit(self, step: OutgoingStep) -> None:
         """Queue a step (event-loop thread only)."""

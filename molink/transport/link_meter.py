@@ -8,15 +8,14 @@ time), then kept current from the acknowledgements of real traffic::
 
 Only messages written onto an idle link count: one that waited behind earlier bytes says
 nothing clean about either. The meter also keeps the rhythm of decode traffic (when the
-next decode part is due), which the link scheduler uses to leave room for it, and picks the
-wire compression for ``auto`` from the measured link against the stage's compute.
+next decode part is due), which the link scheduler uses to leave room for it, and names the
+wire compression it applies (``auto`` is lossless: the model's own dtype).
 """
 
 from __future__ import annotations
 
 from molink.ewma import ewma
 from molink.messages import LinkReport
-from molink.transport.codec import DTYPE_SIZES
 
 INITIAL_BANDWIDTH_BPS = 1e9  # assumed until the first measurement
 MAX_BANDWIDTH_BPS = 1e11  # beyond this, measurements on one machine are noise
@@ -73,20 +72,11 @@ class LinkMeter:
             return None
         return max(0.0, self._decode_interval_s - since)
 
-    def wire_compression(self, configured: str, native_dtype: str, hidden_size: int,
-                         compute_s_per_token: float) -> str:
-        """The compression to apply now: as configured, or for ``auto`` from the measured
-        link against the stage's compute: int8 when the link's time per token is more than a
-        tenth of the compute's, float16 for a float32 model when it is more than 2 %
-        (benchmarks/results/compression_accuracy.md: float16 changed no greedy token)."""
-        choice = configured
-        if choice == "auto":
-            link_s = hidden_size * DTYPE_SIZES.get(native_dtype, 4) * 8 / self.bandwidth_bps
-            share = link_s / (link_s + max(compute_s_per_token, 1e-9))
-            choice = "none"
-            if share > 0.10:
-                choice = "int8"
-            elif share > 0.02 and native_dtype == "float32":
-                choice = "float16"  # 8x more precise than bfloat16; out-of-range goes bf16
+    def wire_compression(self, configured: str, native_dtype: str) -> str:
+        """The encoding to apply now, reported as the hop's compression: ``auto`` is lossless
+        (the model's own dtype on the wire; see ``molink.messages.is_lossy``), a lossy
+        encoding is used only when configured, and a cast to the activations' own dtype is
+        reported as ``none`` (it changes nothing)."""
+        choice = "none" if configured == "auto" or configured == native_dtype else configured
         self.link.compression = choice
         return choice

@@ -42,11 +42,11 @@ async def stop_process(proc) -> None:
     await proc.wait()
 
 
-def make_head(model_dir, head_layers, num_microbatches=None, compression="none",
+def make_head(model_dir, head_layers, num_microbatches=None, compression="auto",
               link_schedule="molink", max_chunk_tokens=None, failover_timeout_s=60.0,
               **scheduler) -> PipelineHead:
-    """Uncompressed by default: these tests compare tokens exactly with transformers (the
-    accuracy of lossy compression is measured by its own tests and report)."""
+    """The default wire compression (lossless), so every pipeline test that compares tokens
+    exactly with transformers also checks that the default changes nothing on the wire."""
     return PipelineHead(
         ModelConfig(model=str(model_dir), dtype="float32", device="cpu"),
         CacheConfig(block_size=8, num_blocks=256), SchedulerConfig(**scheduler),

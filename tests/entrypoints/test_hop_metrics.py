@@ -20,7 +20,7 @@ from molink.messages import BatchEntry, StepPlan
 
 HOPS = [
     HopStats(label="head -> layers 2:4", bandwidth_bps=940e6, latency_s=0.00021,
-             bytes_sent=123_456, messages_sent=17, tokens_sent=170, compression="fp16"),
+             bytes_sent=123_456, messages_sent=17, tokens_sent=170, compression="float16"),
     HopStats(label="layers 2:4 -> layers 4:6", bandwidth_bps=0.0, latency_s=0.0,
              bytes_sent=0, messages_sent=0, tokens_sent=0, compression="none"),
     HopStats(label="layers 4:6 -> head", bandwidth_bps=1.5e9, latency_s=0.0125,
@@ -74,8 +74,8 @@ def test_every_hop_figure_is_exported_with_its_type_and_value():
     info = families["molink_hop_info"]  # an info metric: a gauge of 1 in the text format
     assert info.type == "gauge"
     assert [(s.name, s.labels, s.value) for s in info.samples] == [
-        ("molink_hop_info", {"hop": hop.label, "compression": hop.compression}, 1.0)
-        for hop in HOPS]
+        ("molink_hop_info", {"hop": hop.label, "compression": hop.compression, "lossy": lossy},
+         1.0) for hop, lossy in zip(HOPS, ["yes", "no", "yes"])]
     # What was there before stays.
     head_hop = families["molink_hop_activation_bytes_sent"].samples
     assert [(s.labels, s.value) for s in head_hop] == [({"hop": "head"}, 123_456.0)]
@@ -99,12 +99,13 @@ def test_status_prints_one_row_per_hop_in_pipeline_order(monkeypatch):
     assert [row.strip().startswith(hop.label) for row, hop in zip(rows, HOPS)] == [True] * 3
     # send wait: the decode steps' mean (1.0 ms on every hop of STEPS)
     first = rows[0].strip().removeprefix(HOPS[0].label).split()
-    assert first == ["940.0", "Mbit/s", "0.21", "ms", "1.00", "ms", "17", "0.123", "MB", "fp16"]
+    assert first == ["940.0", "Mbit/s", "0.21", "ms", "1.00", "ms", "17", "0.123", "MB", "float16",
+                     "(lossy)"]
     unmeasured = rows[1].strip().removeprefix(HOPS[1].label).split()
     assert unmeasured == ["-", "-", "1.00", "ms", "0", "0.000", "MB", "none"]
     last = rows[2].strip().removeprefix(HOPS[2].label).split()
     assert last == ["1,500.0", "Mbit/s", "12.50", "ms", "1.00", "ms", "16", "9.877", "MB",
-                    "int8"]
+                    "int8", "(lossy)"]
 
 
 def test_the_step_breakdown_is_exported_per_kind_stage_and_hop():

@@ -130,9 +130,9 @@ def network():
 
 def test_streams_survive_a_lost_or_leaving_stage(network, model, tmp_path):
     cluster = FailoverCluster(network, model[0], tmp_path)
-    # Lossless activations: lossy int8 (what "auto" may pick) can flip a near-tie when a
-    # replay computes a prefix as one prefill instead of token by token.
-    cluster.start_head("--failover-timeout", str(FAILOVER_TIMEOUT_S), "--compression", "none")
+    # The default wire compression (lossless; lossy int8 could flip a near-tie when a replay
+    # computes a prefix as one prefill instead of token by token).
+    cluster.start_head("--failover-timeout", str(FAILOVER_TIMEOUT_S))
     cluster.middle = cluster.start_middle(on_spare=False)
     cluster.start_stage(1)
     cluster.wait_ready()

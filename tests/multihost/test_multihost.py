@@ -307,7 +307,7 @@ def test_links_are_encrypted_and_an_impostor_is_refused(network, model, tmp_path
                                           str(record)], stdout=subprocess.PIPE, text=True,
                                          env={**os.environ, "PYTHONPATH": str(REPO)})
         assert relay.stdout.readline().strip() == "listening"
-        cluster.start_head("--compression", "none", *extra)
+        cluster.start_head(*extra)  # default compression: lossless, exact text
         cluster.start_stage(0, *extra)
         cluster.start_stage(1, "--advertise", f"{relay_host.ip}:6000", *extra)
         cluster.wait_ready()
