@@ -42,6 +42,9 @@ def parse_args(argv=None):
                              "target (CPU), CPU only at 3 stages")
     parser.add_argument("--model", default="qwen2.5-32b", choices=["qwen2.5-32b", "llama-2-70b"],
                         help="emulated model (config under benchmarks/configs/)")
+    parser.add_argument("--quantization", default="int4", choices=["int4", "int8", "none"],
+                        help="emulated stages' weights (in bf16 a third of Qwen2.5-32B and "
+                             "its embeddings leave a 24 GiB card no room for the KV cache)")
     parser.add_argument("--device-profile", default="rtx3090",
                         help="emulated stages' profile: rtx3090 | rtx4090 | a100-80gb | "
                              "published | file.json")

@@ -128,8 +128,9 @@ async def run_all(args, timing: Timing) -> tuple[list[RunResult], dict[str, Regi
         relays = Relays(work)
         try:
             if any(j.setting.regime == "emulated" for j in jobs):
-                regimes["emulated"] = emulated_regime(args.model, work, args.device_profile,
-                                                      args.concurrency)
+                regimes["emulated"] = emulated_regime(
+                    args.model, work, args.device_profile, args.concurrency,
+                    None if args.quantization == "none" else args.quantization)
             if any(j.setting.regime == "cpu" for j in jobs):
                 counts = sorted({j.setting.num_stages for j in jobs if j.setting.regime == "cpu"})
                 regimes["cpu"] = cpu_regime(args, counts)

@@ -393,7 +393,7 @@ class HeadLoop:
     def step_deadline_s(self, num_tokens: int) -> float:
         """How long a step of ``num_tokens`` may take before it counts as lost."""
         return step_deadline_s(self.tuner.predict_step_s(num_tokens), self._hop_links(),
-                               len(self._in_flight))
+                               self._in_flight.values())
 
     def overdue_step(self) -> str:
         """Describes the oldest step past its deadline ("" when none is)."""

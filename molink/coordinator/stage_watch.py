@@ -99,6 +99,7 @@ class StageWatch:
         head.loop.suspend(message)
         head.spawn(head.route.close_first_hop())
         if self._failover is None:
+            logger.warning("failing over: %s", message)
             self.failover_started = time.monotonic()
             self._failover = (self.failover_started + head.config.failover_timeout_s, message)
         for member in head.membership.promote():
