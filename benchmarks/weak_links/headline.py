@@ -335,7 +335,7 @@ def plain_section(cells, labels) -> list[str]:
         if min(c_runs) > max(runs):
             verdict = f"adds {statistics.median(c_runs) / statistics.median(runs) - 1:+.1%}"
         elif max(c_runs) < min(runs):
-            verdict = f"costs {statistics.median(c_runs) / statistics.median(runs) - 1:+.1%}"
+            verdict = f"costs {1 - statistics.median(c_runs) / statistics.median(runs):.1%}"
         else:
             verdict = "adds nothing measurable (the runs' ranges overlap)"
         lines.append(f"- decode-heavy, {technique} ({labels[key]} vs (c)): {verdict}.")

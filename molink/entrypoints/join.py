@@ -289,9 +289,8 @@ def build_executor(args):
     args = argparse.Namespace(**{**vars(args), "model": model_dir})
     if args.emulate_device:
         profile, num_blocks = emulated_stage(
-            args.emulate_device, args.model, args.dtype, args.quantization,
-            (start, end), args.block_size,
-            args.num_kv_blocks)
+            args.emulate_device, args.model, args.dtype, args.quantization, (start, end),
+            args.block_size, args.num_kv_blocks)
         return args, EmulatedExecutor(args.model, start, end, profile, dtype=args.dtype,
                                       block_size=args.block_size, num_blocks=num_blocks)
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,

@@ -228,7 +228,8 @@ def _print_banner(args, head: PipelineHead, peer_port: int, generated_token: str
         print(f"cluster token (pass it to every stage): {generated_token}", flush=True)
     if is_lossy(args.compression):
         print(f"wire compression {args.compression} is lossy: the activations between stages "
-              "lose precision on the wire, so answers can differ from the model's own (named per hop in /metrics and molink status)", flush=True)
+              "lose precision on the wire, so answers can differ from the model's own (named "
+              "per hop in /metrics and molink status)", flush=True)
     ready, detail = head.health()
     if not ready:
         print(f"waiting for stages: {detail}; on each stage machine run", flush=True)

@@ -19,8 +19,8 @@ of two curves (each of which includes the weight read).
 A roofline generator derives a profile for a model from a GPU's memory bandwidth and peak
 FLOP/s *as achieved*: each ``GpuSpec`` carries the fraction of its datasheet bandwidth and
 compute that measured step times reach and a per-layer launch overhead, fitted to the
-published measurements it cites, and its memory (``fits`` refuses a stage whose weights
-and KV cache would not fit). The profile measured by the system MoLink re-implements ships
+published measurements it cites, and its memory (``model_size.kv_blocks_that_fit``
+refuses a stage whose weights and KV cache would not fit). The profile measured by the system MoLink re-implements ships
 for comparison with its regime.
 """
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from molink.scheduler.microbatch_chooser import (HopTiming, StageTiming,
-                                                 choose_num_microbatches, round_time_s)
+from molink.scheduler.microbatch_chooser import (
+    HopTiming,
+    StageTiming,
+    choose_num_microbatches,
+    round_time_s,
+)
 
 GPU_STAGE = StageTiming(fixed_s=0.012, per_token_s=0.0001)  # decode on a consumer GPU
 BYTES = 8192 * 2
