@@ -146,11 +146,6 @@ class ChatFormat(Format):
                             "finish_reason": finish_reason})
         return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
 
-    def _token(self, token_id: int, lp: Logprob) -> str:
-        """A token as logprobs name it: its text, or ``token_id:N`` when the request asked
-        for ids (``return_tokens_as_token_ids``, as in vLLM)."""
-        return f"token_id:{token_id}" if self.job.tokens_as_ids else lp.decoded_token or ""
-
     def opening_chunks(self) -> list[dict]:
         extra = {"usage": None} if self.job.include_usage else {}
         return [self._envelope(self.chunk_object, [{

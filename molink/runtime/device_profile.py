@@ -113,14 +113,11 @@ class DeviceProfile:
         return per_layer * num_layers + head
 
     @classmethod
-    def load(cls, source: str, arch=None) -> DeviceProfile:
-        """``published``, a GPU name (a roofline for ``arch``, the model's ArchConfig) or a
-        JSON file path."""
+    def load(cls, source: str) -> DeviceProfile:
+        """``published`` or a JSON file path (a GPU name is a roofline for a model:
+        ``model_size.emulated_profile``)."""
         if source == "published":
             return published_profile()
-        if source in GPUS and arch is not None:
-            return roofline(GPUS[source], arch.hidden_size, arch.intermediate_size,
-                            arch.num_heads, arch.num_kv_heads, arch.head_dim)
         path = Path(source)
         if not path.is_file():
             raise ValueError(f"device profile {source!r} is neither 'published' nor a JSON file "
