@@ -32,6 +32,7 @@ class Trace:
     num_tokens: int = 0
     num_chunks: int = 0  # events carrying a choice: fewer than tokens when text is held back
     error: str | None = None
+    chunk_times: list[float] = field(default_factory=list)  # when each such event arrived
 
     @property
     def ttft_s(self) -> float:
@@ -101,6 +102,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, trace: Tra
                     trace.last = time.perf_counter()
                     trace.first = trace.first or trace.last
                     trace.num_chunks += 1
+                    trace.chunk_times.append(trace.last)
                 usage = (event.get("usage") or {}).get("completion_tokens") or usage
     except (httpx.HTTPError, ValueError) as exc:
         trace.error = f"{type(exc).__name__}: {exc}"

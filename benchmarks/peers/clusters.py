@@ -141,9 +141,11 @@ class MolinkPipeline(Cluster):
     front = "head"
 
     def __init__(self, setup: Setup, link: str | None, log_dir: Path, options: list[str],
-                 num_layers: int) -> None:
+                 num_layers: int, head_options: list[str] = ()) -> None:
+        """``options``: every node's; ``head_options``: ``molink serve``'s only."""
         super().__init__(setup, link, log_dir)
         self.options, self.num_layers = options, num_layers
+        self.head_options = list(head_options)
 
     async def start(self) -> None:
         env = {**os.environ, envs.CLUSTER_TOKEN_VAR: TOKEN,
@@ -152,7 +154,7 @@ class MolinkPipeline(Cluster):
         head_port = free_port()
         serve = ["serve", str(self.setup.model_dir), "--port", str(self.http_port),
                  "--peer-port", str(head_port), "--served-model-name", MODEL_NAME,
-                 "--disable-log-requests"]
+                 "--disable-log-requests", *self.head_options]
         if self.link is None:
             await self.procs.start("head", self._command(serve), env)
         else:

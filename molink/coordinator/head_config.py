@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Callable
 
 from molink.scheduler.placement import DEFAULT_HEADROOM
+from molink.scheduler.stall_bound import DEFAULT_STALL_FACTOR
 from molink.transport.hop_sender import COMPRESSIONS, SCHEDULES
 
 
@@ -18,6 +19,9 @@ class HeadConfig:
     link_schedule: str = "molink"  # how every hop sends: molink | priority | fifo
     compression: str = "auto"  # activations on the wire: auto | none | float16 | ...
     max_chunk_tokens: int | None = None  # cap on a prefill chunk (None: just in time)
+    # While requests decode, a step carrying prompt tokens takes at most (1 + this) decode
+    # steps, at the head and every stage (scheduler.stall_bound); 0: no bound.
+    decode_stall_factor: float = DEFAULT_STALL_FACTOR
     # Automatic placement (stages joining without --layers; the head too with auto_layers).
     auto_layers: bool = False  # the head takes the first range the plan gives it
     placement_settle_s: float = 10.0  # wait this long after the last new node, then plan
@@ -38,6 +42,8 @@ class HeadConfig:
                              f"got {self.compression!r}")
         if self.num_microbatches is not None and self.num_microbatches < 1:
             raise ValueError(f"num_microbatches must be at least 1, got {self.num_microbatches}")
+        if not 0 <= self.decode_stall_factor < float("inf"):
+            raise ValueError(f"decode_stall_factor must be >= 0, got {self.decode_stall_factor}")
         if self.max_chunk_tokens is not None and self.max_chunk_tokens < 1:
             raise ValueError(f"max_chunk_tokens must be at least 1, got {self.max_chunk_tokens}")
         if self.auto_layers and self.head_layers is not None:

@@ -37,7 +37,6 @@ from molink.coordinator.microbatch_tuner import MicrobatchTuner
 from molink.coordinator.output_processor import OutputProcessor
 from molink.coordinator.step_breakdown import StepBreakdown, StepTimes
 from molink.coordinator.step_deadlines import overdue_step, step_deadline_s
-from molink.ewma import ewma
 from molink.messages import LinkReport, StepOutput, StepPlan
 from molink.outputs import RequestOutput
 from molink.sampling_params import SamplingParams
@@ -64,10 +63,11 @@ class HeadLoop:
                  num_microbatches: int | None,
                  hop_links: Callable[[], list],
                  shared_cores: Callable[[], int | None],
-                 not_ready_reason: Callable[[], str]) -> None:
+                 not_ready_reason: Callable[[], str], stall_factor: float = 0.0) -> None:
         """``hop_links``: every hop's latest measurement, pipeline order; ``shared_cores``:
         cores of the one machine computing every stage, if so; ``not_ready_reason``: why
-        requests are refused while the loop is closed. All three come from the node."""
+        requests are refused while the loop is closed. All three come from the node.
+        ``stall_factor``: ``scheduler.stall_bound``'s (0: prefill not bounded by decodes)."""
         self.frontend = frontend  # tokenizer, EOS ids, model length, request building
         self.tokenizer = frontend.tokenizer
         self.executor = self.compute = None  # the head's own layers, if any
@@ -76,13 +76,13 @@ class HeadLoop:
         self.scheduler_config = scheduler_config
         self.block_size = block_size
         self.num_microbatches_option = num_microbatches
+        self.stall_factor = stall_factor if scheduler_config.enable_chunked_prefill else 0.0
         self._hop_links = hop_links
         self._shared_cores = shared_cores
         self._not_ready_reason = not_ready_reason
         self.stats = HeadStats()
         self.scheduler: Scheduler | None = None
         self.output_processor = OutputProcessor(frontend.tokenizer)
-        self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
         self.hops: tuple[LinkReport, ...] = ()  # latest measurements, pipeline order
         self.tuner = MicrobatchTuner()  # auto: the measured choice
         self.breakdown = StepBreakdown()  # where each step's time went (/metrics)
@@ -170,7 +170,6 @@ class HeadLoop:
         self.tuner.reset()
         self.breakdown.reset()
         self._reset_pending = True  # surviving stages drop their request state
-        self.stage_compute_s = []
         if self.executor is not None:
             self._compute_pool.submit(self.executor.reset)
 
@@ -235,6 +234,11 @@ class HeadLoop:
         return self.frontend.max_model_len
 
     @property
+    def stage_compute_s(self) -> list[float]:
+        """Each stage's compute seconds per step (EWMA), pipeline order."""
+        return self.tuner.stage_compute_s
+
+    @property
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
@@ -262,7 +266,10 @@ class HeadLoop:
             # Spread the requests evenly over the micro-batches, so every stage gets an
             # equal share of work in each round instead of one big and several tiny batches.
             share = -(-self.scheduler.num_unfinished // self.num_microbatches)
-            plan = self.scheduler.schedule(max_num_requests=max(1, share))
+            budget = self.tuner.prefill_budget(self.stall_factor, self.scheduler.num_decoding,
+                                               self.num_microbatches,
+                                               self.scheduler_config.max_num_batched_tokens)
+            plan = self.scheduler.schedule(max_num_requests=max(1, share), prefill_budget=budget)
             if plan is None:
                 return
             self._dispatch(plan)
@@ -339,7 +346,7 @@ class HeadLoop:
         dispatched_at = self._dispatched_at.pop(output.step_id, arrived_at)
         if self._in_flight and next(iter(self._in_flight)) < plan.step_id:
             self.stats.num_results_out_of_order += 1
-        self._record_timings(plan, timings)
+        self.tuner.record(plan, timings)
         if hops:
             self.hops = hops
         self._in_flight_requests -= set(plan.request_ids)
@@ -359,22 +366,13 @@ class HeadLoop:
         if not self.num_microbatches_option:
             self.tuner.update(self._hop_links(), min(self.scheduler.num_unfinished,
                                                      self.scheduler_config.max_num_seqs),
-                              self._shared_cores())
+                              self._shared_cores(), tokens=len(changed),
+                              decoding=self.scheduler.num_decoding)
         self._pump()
         if not error:
             self.breakdown.record(plan, StepTimes(arrived_at - dispatched_at, waits, timings,
                                                   tuple(h.send_wait_s for h in hops),
                                                   time.monotonic() - arrived_at))
-
-    def _record_timings(self, plan: StepPlan, timings: tuple[float, ...]) -> None:
-        """Per-stage compute seconds per step: smoothed (EWMA) for display, and fitted
-        against the step's tokens for the micro-batch chooser."""
-        if len(timings) != len(self.stage_compute_s):
-            self.stage_compute_s = list(timings)
-        else:
-            self.stage_compute_s = [ewma(old, new)
-                                    for old, new in zip(self.stage_compute_s, timings, strict=True)]
-        self.tuner.record(plan.num_tokens, timings)
 
     def _fail_requests(self, request_ids, exc: Exception) -> None:
         for request_id in list(request_ids):

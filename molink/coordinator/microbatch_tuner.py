@@ -3,21 +3,26 @@
 Each stage's step time is fitted online against the step's tokens (``fixed + per_token *
 tokens``, least squares over recent steps); the hops report their measured latency,
 bandwidth and bytes per activation row. Every few results the pure chooser
-(``scheduler.microbatch_chooser``) re-decides, and the count moves only for a predicted
-gain (hysteresis), not to and fro on measurement noise.
+(``scheduler.microbatch_chooser``) re-decides, and its choice moves only for a predicted
+gain (hysteresis), not to and fro on measurement noise. The count used is the one that
+measures best among the model's choice and one micro-batch (``microbatch_trials``).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
+import time
 
+from molink.coordinator.microbatch_trials import MicrobatchTrials
+from molink.ewma import ewma
 from molink.scheduler.microbatch_chooser import (
     HopTiming,
+    StageFit,
     StageTiming,
     choose_num_microbatches,
     round_time_s,
 )
+from molink.scheduler.stall_bound import prefill_chunk_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -25,82 +30,103 @@ DECIDE_EVERY = 8  # results between decisions (and steps measured before the fir
 SWITCH_GAIN = 0.03  # the count changes only for a predicted 3 % shorter round
 
 
-class StageFit:
-    """A stage's step time as ``fixed + per_token * tokens``, fitted online (least squares
-    over recent steps)."""
-
-    def __init__(self, window: int = 64) -> None:
-        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.samples.append((tokens, seconds))
-
-    def timing(self) -> StageTiming:
-        n = len(self.samples)
-        mean_x = sum(x for x, _ in self.samples) / n
-        mean_y = sum(y for _, y in self.samples) / n
-        var = sum((x - mean_x) ** 2 for x, _ in self.samples)
-        slope = 0.0
-        if var > 0:
-            slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var)
-        fixed = max(0.0, mean_y - slope * mean_x)
-        if fixed == 0.0 and mean_x > 0:  # noisy fit through the origin: all per-token
-            slope = mean_y / mean_x
-        return StageTiming(fixed, slope)
-
-
 class MicrobatchTuner:
     def __init__(self) -> None:
-        self.choice: int | None = None  # None: nothing measured yet
+        self.choice: int | None = None  # in force (None: nothing measured yet)
+        self.model_choice: int | None = None  # what the chooser's model predicts is best
+        self.trials = MicrobatchTrials()  # what each candidate count measured
         self._fits: list[StageFit] = []
         self._previous_hops: list = []
         self._results_since_choice = 0
+        self._timings: list[StageTiming] | None = None  # the fits, until the next record
+        self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
 
     def reset(self) -> None:
         """The pipeline changed: forget every measurement."""
         self.__init__()
 
-    def record(self, tokens: int, timings: tuple[float, ...]) -> None:
-        """One step's compute seconds per stage, pipeline order."""
+    def record(self, plan, timings: tuple[float, ...]) -> None:
+        """One step's compute seconds per stage, pipeline order: fitted against the step's
+        tokens, and smoothed (EWMA) for display."""
+        tokens = plan.num_tokens
         if len(timings) != len(self._fits):
             self._fits = [StageFit() for _ in timings]
+            self.stage_compute_s = list(timings)
+        self.stage_compute_s = [ewma(old, new) for old, new in zip(self.stage_compute_s, timings)]
         for fit, seconds in zip(self._fits, timings):
             fit.add(tokens, seconds)
+        self._timings = None
+
+    def stage_timings(self) -> list[StageTiming]:
+        """Each stage's fitted step time, pipeline order ([]: nothing measured yet)."""
+        if self._timings is None:
+            self._timings = [fit.timing() for fit in self._fits if fit.samples]
+        return self._timings
+
+    def prefill_budget(self, factor: float, decoding: int, num_microbatches: int,
+                       max_tokens: int) -> int | None:
+        """Prompt tokens the next plan may carry while ``decoding`` requests decode (spread
+        over ``num_microbatches``) without stalling them beyond ``factor`` decode steps per
+        stage, from the fitted step times (None: no bound, nothing decodes or is measured)."""
+        stages = self.stage_timings() if factor > 0 and decoding else []
+        if not stages:
+            return None
+        return prefill_chunk_tokens(stages, -(-decoding // num_microbatches), factor, max_tokens)
 
     def predict_step_s(self, tokens: int) -> float | None:
         """Compute seconds of a step of ``tokens`` over every stage, as fitted (None: not
         measured yet)."""
         if not self._fits or not self._fits[0].samples:
             return None
-        return sum(fit.timing().step_s(tokens) for fit in self._fits)
+        return sum(stage.step_s(tokens) for stage in self.stage_timings())
 
-    def update(self, hops: list, num_requests: int, shared_cores: int | None) -> None:
-        """After a result: re-decide every few results. ``hops``: the head's ``HopStats``."""
+    def update(self, hops: list, num_requests: int, shared_cores: int | None,
+               tokens: int = 0, decoding: int | None = None, now: float | None = None) -> None:
+        """After a result that delivered ``tokens`` (``decoding``: requests that get one
+        each round): the model re-decides every few results (``hops``: the head's
+        ``HopStats``), the trials measure what the count in force delivers and pick the
+        count to use."""
+        requests = max(1, num_requests)
         self._results_since_choice += 1
-        if (self._results_since_choice < DECIDE_EVERY or not self._fits
-                or len(self._fits[0].samples) < DECIDE_EVERY):
+        if (self._results_since_choice >= DECIDE_EVERY and self._fits
+                and len(self._fits[0].samples) >= DECIDE_EVERY):
+            self._results_since_choice = 0
+            self._model_decides(hops, requests, shared_cores)
+        if self.model_choice is None:
             return
-        self._results_since_choice = 0
-        stages = [fit.timing() for fit in self._fits]
+        decoding = requests if decoding is None else decoding
+        if decoding < 1:
+            return  # nothing decodes: no rate to measure
+        choice = self.trials.observe(self.choice or self.model_choice, tokens, decoding,
+                                     self.model_choice, time.monotonic() if now is None else now)
+        if choice != self.choice:
+            logger.info("micro-batches in flight: %s -> %d (model: %d; measured tokens per "
+                        "request-second: %s)", self.choice, choice, self.model_choice,
+                        ", ".join(f"{m}: {r:.1f}"
+                                  for m, r in sorted(self.trials.current_rates.items()))
+                        or "none yet")
+            self.choice = choice
+
+    def _model_decides(self, hops: list, requests: int, shared_cores: int | None) -> None:
+        stages = self.stage_timings()
         timings = [HopTiming(h.latency_s, h.bandwidth_bps / 8, self._bytes_per_token(i, h))
                    for i, h in enumerate(hops) if h.bandwidth_bps > 0]
         self._previous_hops = hops
-        requests = max(1, num_requests)
         choice = choose_num_microbatches(stages, timings, requests, shared_cores=shared_cores)
-        if choice == self.choice:
+        if choice == self.model_choice:
             return
-        if self.choice is not None:
+        if self.model_choice is not None:
             now, then = (round_time_s(stages, timings, requests, m, shared_cores)
-                         for m in (choice, self.choice))
+                         for m in (choice, self.model_choice))
             if now > then * (1 - SWITCH_GAIN):
                 return
-        logger.info("micro-batches in flight: %s -> %d (measured: stages %s, hops %s)",
-                    self.choice, choice,
+        logger.info("modelled micro-batch count: %s -> %d (measured: stages %s, hops %s)",
+                    self.model_choice, choice,
                     ", ".join(f"{s.fixed_s * 1e3:.1f}+{s.per_token_s * 1e3:.3f}/tok ms"
                               for s in stages),
                     ", ".join(f"{h.latency_s * 1e3:.0f} ms/{h.bandwidth_bytes_per_s * 8e-6:.0f}"
                               f" Mbit/s" for h in timings))
-        self.choice = choice
+        self.model_choice = choice
 
     def _bytes_per_token(self, index: int, hop) -> int:
         """Bytes per activation row on a hop since the last decision (the compression may

@@ -97,7 +97,8 @@ class PipelineHead(pb_grpc.HeadServicer):
                              num_microbatches=config.num_microbatches,
                              hop_links=lambda: self.hop_stats(),
                              shared_cores=lambda: self._shared_cores(),
-                             not_ready_reason=lambda: self.health()[1])
+                             not_ready_reason=lambda: self.health()[1],
+                             stall_factor=config.decode_stall_factor)
         self.ready_callbacks: list = []  # called each time the pipeline becomes ready
         self.instance = secrets.token_hex(8)  # stages notice a restarted head by it
         # Route epochs only grow, across restarts too, so a stage or a late result of an

@@ -54,7 +54,8 @@ class RouteWiring:
                         next_fingerprint=following.fingerprint if following else "",
                         head_address=head_address, epoch=epoch,
                         link_schedule=config.link_schedule, compression=config.compression,
-                        max_chunk_tokens=config.max_chunk_tokens or 0)
+                        max_chunk_tokens=config.max_chunk_tokens or 0,
+                        decode_stall_factor=config.decode_stall_factor)
 
     async def _open_first_hop(self, first: StageMember, source: str,
                               on_lost: Callable[[StageMember, str], None]) -> None:

@@ -116,6 +116,8 @@ class _HeadCollector:
         yield _gauge("molink_ready", "1 when every layer is served", float(head.ready))
         yield _gauge("molink_microbatches_in_flight", "Plans in the pipeline now",
                      head.num_in_flight)
+        yield _gauge("molink_microbatches_target", "Plans the head keeps in flight (as "
+                     "configured, or chosen from measurements)", head.num_microbatches)
         yield _gauge("molink_steps_dispatched", "Steps sent into the pipeline",
                      head.stats.num_steps_dispatched)
         yield _gauge("molink_stage_failures", "Stages lost since start", head.stats.num_stage_failures)

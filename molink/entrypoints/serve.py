@@ -28,6 +28,7 @@ from molink.entrypoints.signals import finish_pending_tasks
 from molink.messages import is_lossy
 from molink.model.hub import resolve_model
 from molink.model.loader import load_config
+from molink.scheduler.stall_bound import DEFAULT_STALL_FACTOR
 from molink.transport.peers import PeerSecurity
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,13 @@ def _add_scheduling_arguments(parser) -> None:
                              "benchmarks/results/compression_accuracy.md)")
     parser.add_argument("--max-chunk-tokens", type=positive_int, default=None, metavar="N",
                         help="cap on a prefill chunk's tokens (default: just in time)")
+    parser.add_argument("--decode-stall-factor", type=_stall_factor,
+                        default=DEFAULT_STALL_FACTOR, metavar="F",
+                        help="while requests decode, prompts are computed in chunks small "
+                             "enough that a step carrying one takes at most (1 + F) decode "
+                             "steps, at the head and at every stage, from measured step times "
+                             "(a larger F: faster long prompts, longer inter-token gaps "
+                             "meanwhile); 0: no bound")
     parser.add_argument("--failover-timeout", type=seconds, default=60.0, metavar="SECONDS",
                         help="when a stage is lost or leaves: how long its requests (streams "
                              "kept open) wait for a standby or a new join to serve its layers; "
@@ -102,6 +110,16 @@ def _add_scheduling_arguments(parser) -> None:
                         help="on SIGTERM or Ctrl-C: stop taking requests and let running "
                              "streams finish for up to this long, then tell the stages to free "
                              "everything; a second Ctrl-C exits at once (default: 30)")
+
+
+def _stall_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
 
 
 def _head_layers_arg(text: str) -> str:
@@ -210,6 +228,7 @@ def _build_head(args, token: str) -> PipelineHead:
         HeadConfig(head_layers=layers, num_microbatches=args.num_microbatches,
                    link_schedule=args.link_schedule, compression=args.compression,
                    max_chunk_tokens=args.max_chunk_tokens, auto_layers=args.layers == "auto",
+                   decode_stall_factor=args.decode_stall_factor,
                    placement_settle_s=args.placement_wait, max_memory=args.max_memory,
                    gpu_memory_utilization=args.gpu_memory_utilization,
                    fetch_layers=_layer_fetcher(args.model),

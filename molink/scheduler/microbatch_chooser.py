@@ -25,6 +25,7 @@ stage times / cores.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 
@@ -37,6 +38,31 @@ class StageTiming:
 
     def step_s(self, tokens: float) -> float:
         return self.fixed_s + self.per_token_s * tokens
+
+
+class StageFit:
+    """A stage's step time as ``fixed + per_token * tokens``, fitted online (least squares
+    over recent steps)."""
+
+    def __init__(self, window: int = 64) -> None:
+        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+
+    def timing(self) -> StageTiming:
+        n = len(self.samples)
+        mean_x = sum(x for x, _ in self.samples) / n
+        mean_y = sum(y for _, y in self.samples) / n
+        var = sum((x - mean_x) ** 2 for x, _ in self.samples)
+        slope = 0.0
+        if var > 0:
+            slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var)
+        fixed = max(0.0, mean_y - slope * mean_x)
+        if fixed == 0.0 and mean_x > 0:  # a negative intercept: fit through the origin
+            slope = (sum(x * y for x, y in self.samples)
+                     / sum(x * x for x, _ in self.samples))
+        return StageTiming(fixed, slope)
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,12 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def is_decoding(self) -> bool:
+        """Past its prefill: it has generated a token and has at most one left to compute
+        (a resumed request recomputes its outputs first: prefill again)."""
+        return bool(self.output_token_ids) and self.num_tokens - self.num_computed_tokens <= 1
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
@@ -147,3 +153,19 @@ def cached_request_message(request: Request) -> CachedRequest:
     assert first_new_output >= 0, request
     return CachedRequest(request.request_id, request.output_token_ids[first_new_output:],
                          request.block_ids[request.num_blocks_sent:])
+
+
+def stop_condition(request: Request, token_id: int, max_len: int) -> tuple[str, int | None] | None:
+    """(finish_reason, stop_reason) if ``token_id`` (just appended) ends ``request``, else
+    None. ``max_len``: the most tokens a request may hold."""
+    params = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        if token_id in params.stop_token_id_set:
+            return "stop", token_id
+        if token_id in request.eos_token_ids and not params.ignore_eos:
+            return "stop", None
+    if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        return "length", None
+    if request.num_tokens >= max_len:
+        return "length", None
+    return None

@@ -6,15 +6,15 @@ The head's engine drives it with four calls::
     plan = schedule()                                (a step may start)
     updated = update_from_output(plan, output)       (that step's tokens came back)
 
-Several plans may be in flight at once (pipeline parallelism). A request appears in at most
-one in-flight plan; ``schedule()`` advances ``num_computed_tokens`` as soon as a request is
-planned, and ``update_from_output`` appends the sampled token. Plans may return in any
-order (``update_from_output`` takes any plan in flight).
+Several plans may be in flight at once (pipeline parallelism), each request in at most one;
+``schedule()`` advances ``num_computed_tokens`` as soon as a request is planned, and
+``update_from_output`` (any plan in flight, in any order) appends the sampled token.
 
 Each step first continues running requests (decodes and unfinished prefill chunks, in
-arrival order), then admits waiting ones first-come-first-served. When a running request
-needs a block and none is free, the most recently arrived running request that is not in
-flight is preempted: its blocks are freed and it is later recomputed from scratch.
+arrival order; prompt tokens within the stall bound while requests decode), then admits
+waiting ones first-come-first-served. When a running request needs a block and none is
+free, the most recently arrived running request that is not in flight is preempted: its
+blocks are freed and it is later recomputed from scratch.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from molink.scheduler.request import (
     cached_request_message,
     check_new_request,
     new_request_message,
+    stop_condition,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Scheduler:
         self._next_arrival_index = 0
 
         self._request_cap = config.max_num_seqs  # per plan; set by schedule()
+        self._prefill_left = config.max_num_batched_tokens  # prompt tokens; set by schedule()
         self.admitting = True  # False: waiting requests stay waiting (a stage drains)
         self.num_preemptions = 0  # total over the scheduler's life
         self.num_steps_scheduled = 0
@@ -117,16 +119,20 @@ class Scheduler:
         if request is not None and not request.is_finished:
             self._finish(request, finish_reason, stop_reason)
 
-    def schedule(self, max_num_requests: int | None = None) -> StepPlan | None:
+    def schedule(self, max_num_requests: int | None = None,
+                 prefill_budget: int | None = None) -> StepPlan | None:
         """Plan the next step from requests not in flight; None if nothing can run now.
 
         ``max_num_requests`` caps the requests in this plan, so a pipeline can spread its
-        requests evenly over several micro-batches. Allocates blocks (preempting if
-        needed), advances ``num_computed_tokens`` of every planned request and marks it
-        ``in_flight`` until ``update_from_output``.
+        requests evenly over several micro-batches; ``prefill_budget`` its prompt tokens
+        while a request decodes, so no decode stalls behind a long prompt (``stall_bound``).
+        Allocates blocks (preempting if needed), advances ``num_computed_tokens`` of every
+        planned request and marks it ``in_flight`` until ``update_from_output``.
         """
         budget = self.config.max_num_batched_tokens
         self._request_cap = max_num_requests or self.config.max_num_seqs
+        bounded = prefill_budget is not None and self.num_decoding
+        self._prefill_left = max(1, prefill_budget) if bounded else budget
         scheduled: list[Request] = []
         batch: list[BatchEntry] = []
         budget = self._schedule_running(scheduled, batch, budget)
@@ -201,6 +207,11 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def num_decoding(self) -> int:
+        """Running requests past their prefill (each step computes one token of each)."""
+        return sum(1 for r in self._running if r.is_decoding)
+
+    @property
     def num_running(self) -> int:
         return len(self._running)
 
@@ -228,12 +239,15 @@ class Scheduler:
                 continue
             num_tokens = request.num_tokens - request.num_computed_tokens
             assert num_tokens > 0, request
-            if num_tokens > budget:
-                if not self.config.enable_chunked_prefill:
+            limit = budget if request.is_decoding else min(budget, self._prefill_left)
+            if num_tokens > limit:
+                if not self.config.enable_chunked_prefill or limit == 0:
                     continue
-                num_tokens = budget
+                num_tokens = limit
             if not self._grow_or_preempt(request, request.num_computed_tokens + num_tokens):
                 continue
+            if not request.is_decoding:
+                self._prefill_left -= num_tokens
             self._add_to_batch(request, num_tokens, scheduled, batch)
             budget -= num_tokens
         return budget
@@ -241,16 +255,17 @@ class Scheduler:
     def _schedule_waiting(self, scheduled: list[Request], batch: list[BatchEntry],
                           budget: int) -> None:
         """Admit waiting requests FCFS until one does not fit (no skipping ahead)."""
-        while (self.admitting and self._waiting and budget > 0
+        while (self.admitting and self._waiting and min(budget, self._prefill_left) > 0
                and len(self._running) < self.config.max_num_seqs
                and len(batch) < self._request_cap):
             request = self._waiting[0]
             assert request.num_computed_tokens == 0 and not request.block_ids, request
             num_tokens = request.num_tokens  # a resumed request recomputes its outputs too
-            if num_tokens > budget:
+            limit = min(budget, self._prefill_left)
+            if num_tokens > limit:
                 if not self.config.enable_chunked_prefill:
                     break
-                num_tokens = budget
+                num_tokens = limit
             num_blocks = self._num_blocks_for(num_tokens)
             if not self.block_pool.can_allocate(num_blocks):
                 break
@@ -260,6 +275,7 @@ class Scheduler:
             bisect.insort(self._running, request, key=lambda r: r.arrival_index)
             self._add_to_batch(request, num_tokens, scheduled, batch)
             budget -= num_tokens
+            self._prefill_left -= num_tokens
 
     def _grow_or_preempt(self, request: Request, num_tokens: int) -> bool:
         """Give ``request`` blocks for its first ``num_tokens`` tokens, preempting if needed.
@@ -269,20 +285,12 @@ class Scheduler:
         """
         num_new_blocks = max(0, self._num_blocks_for(num_tokens) - len(request.block_ids))
         while not self.block_pool.can_allocate(num_new_blocks):
-            victim = self._pick_victim()
-            assert victim is not None, "request itself is running and not in flight"
+            victim = next(r for r in reversed(self._running) if not r.in_flight)  # latest
             self._preempt(victim)
             if victim is request:
                 return False
         request.block_ids.extend(self.block_pool.allocate(num_new_blocks))
         return True
-
-    def _pick_victim(self) -> Request | None:
-        """The most recently arrived running request that is not in flight."""
-        for request in reversed(self._running):
-            if not request.in_flight:
-                return request
-        return None
 
     def _preempt(self, request: Request) -> None:
         """Free all of ``request``'s blocks and put it at the front of the waiting queue."""
@@ -351,23 +359,9 @@ class Scheduler:
 
     def _append_token(self, request: Request, token_id: int) -> None:
         request.output_token_ids.append(token_id)
-        stop = self._check_stop(request, token_id)
+        stop = stop_condition(request, token_id, self.max_len)
         if stop is not None:
             self._finish(request, *stop)
-
-    def _check_stop(self, request: Request, token_id: int) -> tuple[str, int | None] | None:
-        """(finish_reason, stop_reason) if ``token_id`` ends ``request``, else None."""
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if token_id in params.stop_token_id_set:
-                return "stop", token_id
-            if token_id in request.eos_token_ids and not params.ignore_eos:
-                return "stop", None
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            return "length", None
-        if request.num_tokens >= self.max_len:
-            return "length", None
-        return None
 
     def _finish(self, request: Request, finish_reason: str,
                 stop_reason: int | str | None = None) -> None:

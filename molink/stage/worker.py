@@ -9,7 +9,9 @@ serialization::
 
 A message may hold a chunk of a step (a prefill cut along the token dimension by the
 previous hop's link scheduler): each chunk is computed as it arrives, so transfer and
-compute overlap, and passed on as its own payload. The last stage gathers a step's
+compute overlap, and passed on as its own payload. While decodes run, they are computed
+ahead of waiting prefill chunks, and a chunk is cut to this stage's stall bound
+(``stage.inbox``). The last stage gathers a step's
 chunks and returns one result when all of its tokens arrived. A step that fails here is
 passed on with an error (never silently dropped), so the head can end the affected
 requests with a clear message.
@@ -41,6 +43,7 @@ from molink.runtime.wire_tensor import from_raw
 from molink.stage.compute import StageCompute
 from molink.stage.gathering import Gatherer, Timings
 from molink.stage.head_client import HeadUnreachable, StageRefused, call_join
+from molink.stage.inbox import ChunkSizer, StageInbox
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.codec import decode_step
@@ -79,7 +82,7 @@ class StageWorker(pb_grpc.StageServicer):
         self.head_address = head_address
         self.head_fingerprint = ""  # the head's certificate, learnt when joining
         self.label = f"layers {info.start_layer}:{info.end_layer}"
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox = StageInbox(ChunkSizer())  # decodes first; prefill cut while they run
         self._sender: HopSender | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gathering = Gatherer()  # last stage: steps whose chunks are not all in
@@ -273,6 +276,7 @@ class StageWorker(pb_grpc.StageServicer):
         sender.broken.add_done_callback(
             lambda f: logger.error("%s: stream to %s lost: %s", self.label, target, f.result()))
         self._sender = sender
+        self._inbox.sizer.factor = request.decode_stall_factor
         logger.info("%s: output goes to %s (link schedule %s, compression %s)",
                     self.label, next_label, sender.schedule, sender.compression)
         return pb.Ack()
@@ -323,6 +327,7 @@ class StageWorker(pb_grpc.StageServicer):
             step, hidden, arrived_at = item
             waited = time.monotonic() - arrived_at
             output, error, seconds = self._compute(step, hidden)
+            self._inbox.sizer.record(step.plan, seconds)
             self._wire.put((step, output, error, Timings((*step.stage_compute_s, seconds),
                                                           (*step.stage_wait_s, waited),
                                                           time.monotonic())))

@@ -15,6 +15,7 @@ from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.pipeline_head import PipelineHead
 from molink.entrypoints.local_pipeline import LocalPipeline
 from molink.model.loader import load_config
+from molink.scheduler.stall_bound import DEFAULT_STALL_FACTOR
 from molink.transport.peers import PeerSecurity
 
 TOKEN = "test-cluster-token"
@@ -44,7 +45,7 @@ async def stop_process(proc) -> None:
 
 def make_head(model_dir, head_layers, num_microbatches=None, compression="auto",
               link_schedule="molink", max_chunk_tokens=None, failover_timeout_s=60.0,
-              **scheduler) -> PipelineHead:
+              decode_stall_factor=DEFAULT_STALL_FACTOR, **scheduler) -> PipelineHead:
     """The default wire compression (lossless), so every pipeline test that compares tokens
     exactly with transformers also checks that the default changes nothing on the wire."""
     return PipelineHead(
@@ -52,7 +53,8 @@ def make_head(model_dir, head_layers, num_microbatches=None, compression="auto",
         CacheConfig(block_size=8, num_blocks=256), SchedulerConfig(**scheduler),
         HeadConfig(head_layers=head_layers, num_microbatches=num_microbatches,
                    compression=compression, link_schedule=link_schedule,
-                   max_chunk_tokens=max_chunk_tokens, failover_timeout_s=failover_timeout_s),
+                   max_chunk_tokens=max_chunk_tokens, failover_timeout_s=failover_timeout_s,
+                   decode_stall_factor=decode_stall_factor),
         security=PeerSecurity.create(TOKEN))
 
 

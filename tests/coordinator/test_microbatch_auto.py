@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from molink.coordinator.microbatch_tuner import StageFit
+from molink.scheduler.microbatch_chooser import StageFit
 
 
 def test_fit_recovers_fixed_and_per_token_cost_from_noisy_steps():

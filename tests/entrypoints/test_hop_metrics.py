@@ -44,7 +44,8 @@ def _fake_head(hops: list[HopStats]):
     for plan, times in STEPS:
         breakdown.record(plan, times)
     return types.SimpleNamespace(
-        ready=True, num_in_flight=0, stats=HeadStats(activation_bytes_sent=123_456),
+        ready=True, num_in_flight=0, num_microbatches=3,
+        stats=HeadStats(activation_bytes_sent=123_456),
         stage_labels=lambda: list(STAGES), stage_compute_s=[0.001, 0.002, 0.003],
         stage_roles=lambda: [(label, "active") for label in STAGES],
         scheduler=None, listeners=[], hop_stats=lambda: list(hops), breakdown=breakdown)

@@ -1,0 +1,55 @@
+"""How many prompt tokens a plan may carry while requests decode (stall-free batching).
+
+Pure arithmetic on measured step times (no torch, no I/O). A long prompt computed as one
+step stalls every decode behind it, at every stage it passes. Sarathi-Serve's answer on one
+GPU, applied here at the head's scheduler and at every stage that receives prefill
+fragments: while requests decode, prompts go in chunks small enough that
+
+    step(decodes + chunk) <= (1 + factor) * step(decodes)        at every stage
+
+with ``step(tokens) = fixed + per_token * tokens`` as measured on that stage. A decode step
+then takes at most ``1 + factor`` times its own time whether the chunk rides in the same
+step or in a separate one just ahead of it (a chunk alone is cheaper than decodes plus
+chunk), so no decode is delayed by more than ``factor`` decode steps per stage, and prefill
+still moves every step. The chunk is::
+
+    chunk = factor * (fixed / per_token + decode_tokens)
+
+large where a step is mostly fixed cost (a GPU reading its weights: hundreds of tokens ride
+along almost free), small where every token costs (a CPU). ``min_tokens`` keeps prompts
+moving whatever the measurements say. The default factor was chosen by measurement
+(``benchmarks/results/stall_free.md``, 3 CPU stages over 100 Mbit/20 ms links): 1 kept
+short streams' inter-token p99 within 1.4-1.5x under long prompts but made those prompts'
+first token 5-12x later than unbounded; 3 kept the first token within 3x but let the p99
+grow 2.3x; without a bound it grew 4.6-5.4x.
+"""
+
+from __future__ import annotations
+
+from molink.scheduler.microbatch_chooser import StageTiming
+
+DEFAULT_STALL_FACTOR = 2.0
+MIN_CHUNK_TOKENS = 16
+
+
+def prefill_chunk_tokens(stages: list[StageTiming], decode_tokens: int, factor: float,
+                         max_tokens: int, min_tokens: int = MIN_CHUNK_TOKENS) -> int:
+    """Most prompt tokens one step may carry next to ``decode_tokens`` decodes (see the
+    module docstring): the largest chunk within the bound at every stage, clamped to
+    ``[min(min_tokens, max_tokens), max_tokens]``. ``factor <= 0`` or nothing measured:
+    ``max_tokens`` (no bound)."""
+    if factor <= 0 or not stages or max_tokens <= 0:
+        return max(0, max_tokens)
+    chunk = max_tokens
+    for stage in stages:
+        if stage.per_token_s <= 0:
+            continue  # a stage whose step does not grow with tokens bounds nothing
+        chunk = min(chunk, int(factor * (stage.fixed_s / stage.per_token_s
+                                         + max(0, decode_tokens))))
+    return max(min(min_tokens, max_tokens), chunk)
+
+
+def is_decode(plan) -> bool:
+    """A step of running requests' single tokens only (a ``StepPlan``)."""
+    return bool(plan.batch) and not plan.new_requests and all(
+        entry.num_tokens == 1 for entry in plan.batch)

@@ -1,0 +1,137 @@
+"""StageInbox: what a stage's compute thread takes next (stall-free at every stage).
+
+A long prompt reaches a stage as prefill fragments (``PART_PREFILL``: token ranges cut by
+the previous hop's link scheduler); computed first come first served, a queue of them
+stalls every decode that arrives behind it. So, while decodes run here::
+
+    put:  decodes, control (reset, error, whole steps)  -> urgent queue (arrival order)
+          prefill fragments                              -> prefill queue (arrival order)
+    get:  urgent first; else the oldest fragment, cut to what ``ChunkSizer`` allows
+          (the rest stays at the front of the prefill queue)
+
+A decode waits for at most one piece of prefill, whose size keeps a step carrying prefill
+within ``1 + factor`` decode steps as measured on this stage (``scheduler.stall_bound``,
+the bound the head's scheduler applies to whole plans). Order within a request is kept:
+its fragments stay in order in one queue, and its first decode reaches this stage only
+after its whole prompt went through every stage (the token had to reach the head first).
+Fragments of an older route are void once a newer route's step arrives, and everything
+queued is void at a reset of the worker (the head is gone): they are dropped, not computed
+against state that was just cleared. With factor 0 the inbox is one FIFO queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+
+from molink.scheduler.microbatch_chooser import StageFit
+from molink.scheduler.stall_bound import is_decode, prefill_chunk_tokens
+from molink.transport.chunks import Part, cut_chunk
+from molink.transport.codec import PART_PREFILL
+
+DECODES_IDLE_S = 0.5  # no decode for this long (and 4 decode intervals): prefill goes whole
+_INTERVAL_WEIGHT = 0.2
+
+
+class ChunkSizer:
+    """This stage's side of the bound: its own step times, fitted (``fixed + per_token *
+    tokens``), the size of its decode steps, and whether decodes run now (their cadence)."""
+
+    def __init__(self) -> None:
+        self.factor = 0.0  # set by the route (Configure); 0: no bound
+        self.fit = StageFit()
+        self._last_decode = float("-inf")
+        self._interval_s = DECODES_IDLE_S  # between the decodes computed here (EWMA)
+        self._prefill_since_decode = False  # (an interval with prefill in it is no cadence)
+        self._decode_tokens = 1  # of the latest decode step
+
+    def record(self, plan, seconds: float, now: float | None = None) -> None:
+        """A computed step (or piece of one)."""
+        if not plan.batch:
+            return
+        self.fit.add(plan.num_tokens, seconds)
+        if not is_decode(plan):
+            self._prefill_since_decode = True
+            return
+        now = time.monotonic() if now is None else now
+        if self._last_decode > float("-inf") and not self._prefill_since_decode:
+            self._interval_s += _INTERVAL_WEIGHT * (now - self._last_decode - self._interval_s)
+        self._last_decode, self._prefill_since_decode = now, False
+        self._decode_tokens = plan.num_tokens
+
+    def decodes_running(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        return now - self._last_decode < max(DECODES_IDLE_S, 4 * self._interval_s)
+
+    def __call__(self, fragment_tokens: int) -> int:
+        """Tokens of a prefill fragment to compute next (all of them: no bound now)."""
+        if self.factor <= 0 or not self.fit.samples or not self.decodes_running():
+            return fragment_tokens
+        return prefill_chunk_tokens([self.fit.timing()], self._decode_tokens, self.factor,
+                                    fragment_tokens)
+
+
+class StageInbox:
+    def __init__(self, sizer: ChunkSizer) -> None:
+        self.sizer = sizer
+        self._ready = threading.Condition()
+        self._urgent: collections.deque = collections.deque()
+        self._prefill: collections.deque = collections.deque()  # (step, hidden, arrived_at)
+        self.num_pieces = 0  # fragments cut here (a piece computed apart from its rest)
+
+    def put(self, item) -> None:
+        """A received ``(step, hidden, arrived_at)``, or a worker signal (any other object:
+        everything queued before it is void)."""
+        with self._ready:
+            if not isinstance(item, tuple):
+                self._prefill.clear()
+                self._urgent.append(item)
+            else:
+                step = item[0]
+                self._drop_older(step.epoch)
+                splittable = step.part == PART_PREFILL and not step.reset and not step.error
+                if splittable and self.sizer.factor > 0:
+                    self._prefill.append(item)
+                else:
+                    self._urgent.append(item)
+            self._ready.notify()
+
+    def get(self):
+        """The next item to compute (blocks until there is one)."""
+        with self._ready:
+            while not self._urgent and not self._prefill:
+                self._ready.wait()
+            if self._urgent:
+                return self._urgent.popleft()
+            step, hidden, arrived_at = self._prefill[0]
+            total = step.plan.num_tokens
+            take = self.sizer(total)
+            if take >= total:
+                return self._prefill.popleft()
+            first, rest = split_fragment(step, hidden, take)
+            self._prefill[0] = (*rest, arrived_at)
+            self.num_pieces += 1
+            return (*first, arrived_at)
+
+    def _drop_older(self, epoch: int) -> None:
+        while self._prefill and self._prefill[0][0].epoch < epoch:
+            self._prefill.popleft()
+        if self._prefill and self._prefill[-1][0].epoch < epoch:  # (not in epoch order)
+            self._prefill = collections.deque(i for i in self._prefill if i[0].epoch >= epoch)
+
+
+def split_fragment(step, hidden, num_tokens: int):
+    """-> ((first step, its hidden rows), (the rest, its rows)): tokens ``[0, num_tokens)``
+    and the others of a fragment, each a self-contained chunk (request metadata and freed
+    ids go with the first piece; earlier stages' timings are counted once, with it)."""
+    part = Part(step.plan, list(step.plan.batch), None, is_prefill=True)
+    total = step.plan.num_tokens
+    plan_a, _ = cut_chunk(part, 0, num_tokens)
+    plan_b, _ = cut_chunk(part, num_tokens, total)
+    zeros = dataclasses.replace(step, plan=plan_b,
+                                stage_compute_s=(0.0,) * len(step.stage_compute_s),
+                                stage_wait_s=(0.0,) * len(step.stage_wait_s))
+    split = (None, None) if hidden is None else (hidden[:num_tokens], hidden[num_tokens:])
+    return (dataclasses.replace(step, plan=plan_a), split[0]), (zeros, split[1])
