@@ -11,7 +11,9 @@ in powers of two), each candidate count (``candidates``, then the best one's nei
 until none is better) is held for a window and scored by tokens delivered per request-second
 (the inverse of the mean inter-token time: it does not reward a count for merely having
 more requests waiting); the best measured count is used at that load. A load level's
-candidates are fixed when it is first seen and its decision, once every candidate is
+candidates are fixed when it is first seen (only counts the model predicts within
+``PLAUSIBLE`` of its best round: a trial of a count the model knows is far worse, one
+micro-batch over slow links to GPUs, costs more than it can find) and its decision, once every candidate is
 measured, holds for ``HOLD_S`` (no re-measuring meanwhile: a count measured under a burst
 of prompts would compare unfairly with one measured without); then it is measured again. A window starts one round after a switch (plans
 of the old count drain first) and lasts at least ``WINDOW_S`` and ``WINDOW_ROUNDS`` rounds.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 
 WINDOW_S = 2.0
+PLAUSIBLE = 1.25  # counts predicted this much slower than the best are not tried
 MAX_MICROBATCHES = 16  # as the chooser's
 WINDOW_ROUNDS = 6  # every decoding request got this many tokens, on average
 HOLD_S = 300.0  # a load level's measurements stand this long, then are redone
@@ -46,6 +49,7 @@ class MicrobatchTrials:
         self.rates: dict[int, dict[int, float]] = {}  # level -> count -> tokens/request-s
         self._measured_at: dict[int, float] = {}  # level -> its first measurement
         self._tried: dict[int, list[int]] = {}  # level -> its candidates (fixed when first seen)
+        self._plausible = lambda count: True
         self._level = 0
         self._count = 0  # the count the current window measures
         self._settle_tokens = 0  # tokens to let pass before the window opens
@@ -54,15 +58,17 @@ class MicrobatchTrials:
         self._request_s = 0.0
 
     def observe(self, count: int, tokens: int, decoding: int, model_choice: int,
-                now: float) -> int:
+                now: float, plausible=lambda count: True) -> int:
         """After a result: ``count`` was in force, the result delivered ``tokens`` while
         ``decoding`` requests decode. -> the count to use from now on."""
         level = self._level_of(decoding)
         if now - self._measured_at.get(level, now) > HOLD_S:
             for table in (self.rates, self._measured_at, self._tried):
                 table.pop(level, None)
-        tried = self._tried.setdefault(level, candidates(model_choice, decoding))
+        tried = self._tried.setdefault(level, [c for c in candidates(model_choice, decoding)
+                                               if c == model_choice or plausible(c)])
         rates = self.rates.setdefault(level, {})
+        self._plausible = plausible
         if self._refine(tried, rates, decoding):
             return self._next(rates, count, tried)  # decided: holds until HOLD_S
         if level != self._level or count != self._count:
@@ -97,8 +103,7 @@ class MicrobatchTrials:
             return level
         return load_level(decoding)
 
-    @staticmethod
-    def _refine(tried: list[int], rates: dict[int, float], limit: int) -> bool:
+    def _refine(self, tried: list[int], rates: dict[int, float], limit: int) -> bool:
         """Once every count tried is measured, try the best one's neighbours (a quarter of
         it, at least 1, either way) until it has no better neighbour. -> True when
         decided."""
@@ -107,7 +112,7 @@ class MicrobatchTrials:
         best = max(tried, key=lambda c: rates[c])
         step = max(1, best // 4)
         neighbours = [max(1, best - step), max(1, min(limit, MAX_MICROBATCHES, best + step))]
-        fresh = [n for n in neighbours if n not in tried]
+        fresh = [n for n in neighbours if n not in tried and self._plausible(n)]
         tried.extend(fresh)
         return not fresh
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from molink.coordinator.microbatch_trials import MicrobatchTrials
+from molink.coordinator.microbatch_trials import PLAUSIBLE, MicrobatchTrials
 from molink.ewma import ewma
 from molink.scheduler.microbatch_chooser import (
     HopTiming,
@@ -35,6 +35,7 @@ class MicrobatchTuner:
         self.choice: int | None = None  # in force (None: nothing measured yet)
         self.model_choice: int | None = None  # what the chooser's model predicts is best
         self.trials = MicrobatchTrials()  # what each candidate count measured
+        self._plausible = lambda count: True  # counts worth a trial, as the model predicts
         self._fits: list[StageFit] = []
         self._previous_hops: list = []
         self._results_since_choice = 0
@@ -98,7 +99,8 @@ class MicrobatchTuner:
         if decoding < 1:
             return  # nothing decodes: no rate to measure
         choice = self.trials.observe(self.choice or self.model_choice, tokens, decoding,
-                                     self.model_choice, time.monotonic() if now is None else now)
+                                     self.model_choice, time.monotonic() if now is None else now,
+                                     self._plausible)
         if choice != self.choice:
             logger.info("micro-batches in flight: %s -> %d (model: %d; measured tokens per "
                         "request-second: %s)", self.choice, choice, self.model_choice,
@@ -112,6 +114,8 @@ class MicrobatchTuner:
         timings = [HopTiming(h.latency_s, h.bandwidth_bps / 8, self._bytes_per_token(i, h))
                    for i, h in enumerate(hops) if h.bandwidth_bps > 0]
         self._previous_hops = hops
+        rounds = {m: round_time_s(stages, timings, requests, m, shared_cores) for m in range(1, 17)}
+        self._plausible = lambda m: rounds.get(m, float("inf")) <= PLAUSIBLE * min(rounds.values())
         choice = choose_num_microbatches(stages, timings, requests, shared_cores=shared_cores)
         if choice == self.model_choice:
             return

@@ -10,7 +10,8 @@ from molink.coordinator.microbatch_trials import HOLD_S, MicrobatchTrials, candi
 
 
 def run(trials: MicrobatchTrials, rate_of, model_choice: int, decoding: int, seconds: float,
-        start: float = 0.0, count: int | None = None, noise: float = 0.02) -> tuple[int, float]:
+        start: float = 0.0, count: int | None = None, noise: float = 0.02,
+        plausible=lambda count: True) -> tuple[int, float]:
     """Feed results as a pipeline running at ``rate_of(count)`` tokens per request-second
     would deliver them (one result per micro-batch per round); -> (count in force, time)."""
     rng = random.Random(0)
@@ -21,7 +22,7 @@ def run(trials: MicrobatchTrials, rate_of, model_choice: int, decoding: int, sec
         assert rate > 0
         per_result = -(-decoding // count)
         now += per_result / (rate * decoding)  # the time one micro-batch's tokens take
-        count = trials.observe(count, per_result, decoding, model_choice, now)
+        count = trials.observe(count, per_result, decoding, model_choice, now, plausible)
     return count, now
 
 
@@ -93,3 +94,13 @@ def test_measurements_are_redone_after_the_hold():
     count, _ = run(trials, lambda m: 2.0 * m, model_choice=9, decoding=32,
                    seconds=HOLD_S + 60, start=now, count=count)
     assert count == 16  # the best measured: twice the model's choice
+
+
+def test_counts_the_model_knows_are_far_worse_are_not_tried():
+    """Over slow links to GPUs the model predicts one micro-batch several times slower: a
+    trial of it would cost more than it can find, so only plausible counts are measured."""
+    trials = MicrobatchTrials()
+    count, _ = run(trials, lambda m: 4.0 * min(m, 8) - 0.1 * m, model_choice=8, decoding=512,
+                   seconds=120, plausible=lambda m: m >= 6)
+    assert count == 8
+    assert min(trials.rates[10]) >= 6  # neither 1 nor 3 (nor 5) was ever in force
