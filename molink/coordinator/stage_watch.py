@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 1.0
 HEALTH_FAILURES_BEFORE_DOWN = 2
+CHECKS_BUDGET_S = 5.0  # one round of health checks, at most (each has a 2 s deadline)
 ROUTE_RETRY_S = 3.0  # a route that could not be set up is tried again this often
 MAX_DRAIN_S = 600.0  # a leaving stage's drain timeout is capped at this
 DRAIN_POLL_S = 0.05
@@ -164,7 +165,12 @@ class StageWatch:
         last_route_attempt = 0.0
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
-            await asyncio.gather(*(self._check(m) for m in head.membership.all_members()))
+            try:  # bounded: a check that hangs must not hold back the deadlines below
+                await asyncio.wait_for(asyncio.gather(
+                    *(self._check(m) for m in head.membership.all_members())), CHECKS_BUDGET_S)
+            except TimeoutError:
+                logger.warning("health checks took over %.0f s; the rest wait for the next "
+                               "round", CHECKS_BUDGET_S)
             if head.ready and (overdue := head.loop.overdue_step()):
                 head.stats.num_steps_timed_out += 1
                 self.fail_over(f"{overdue} on the route {' -> '.join(head.stage_labels())}")
