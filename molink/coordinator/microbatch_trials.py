@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import math
 
+from molink.scheduler.microbatch_chooser import MAX_MICROBATCHES
+
 WINDOW_S = 2.0
 PLAUSIBLE = 1.25  # counts predicted this much slower than the best are not tried
-MAX_MICROBATCHES = 16  # as the chooser's
 WINDOW_ROUNDS = 6  # every decoding request got this many tokens, on average
 HOLD_S = 300.0  # a load level's measurements stand this long, then are redone
 
@@ -49,7 +50,6 @@ class MicrobatchTrials:
         self.rates: dict[int, dict[int, float]] = {}  # level -> count -> tokens/request-s
         self._measured_at: dict[int, float] = {}  # level -> its first measurement
         self._tried: dict[int, list[int]] = {}  # level -> its candidates (fixed when first seen)
-        self._plausible = lambda count: True
         self._level = 0
         self._count = 0  # the count the current window measures
         self._settle_tokens = 0  # tokens to let pass before the window opens
@@ -68,8 +68,7 @@ class MicrobatchTrials:
         tried = self._tried.setdefault(level, [c for c in candidates(model_choice, decoding)
                                                if c == model_choice or plausible(c)])
         rates = self.rates.setdefault(level, {})
-        self._plausible = plausible
-        if self._refine(tried, rates, decoding):
+        if self._refine(tried, rates, decoding, plausible):
             return self._next(rates, count, tried)  # decided: holds until HOLD_S
         if level != self._level or count != self._count:
             self._restart(level, count, now, settle=decoding)
@@ -86,7 +85,7 @@ class MicrobatchTrials:
                 rates[count] = self._tokens / self._request_s
                 self._measured_at.setdefault(level, now)
                 self._restart(level, count, now, settle=0)
-                self._refine(tried, rates, decoding)
+                self._refine(tried, rates, decoding, plausible)
         return self._next(rates, count, tried)
 
     @property
@@ -103,7 +102,8 @@ class MicrobatchTrials:
             return level
         return load_level(decoding)
 
-    def _refine(self, tried: list[int], rates: dict[int, float], limit: int) -> bool:
+    @staticmethod
+    def _refine(tried: list[int], rates: dict[int, float], limit: int, plausible) -> bool:
         """Once every count tried is measured, try the best one's neighbours (a quarter of
         it, at least 1, either way) until it has no better neighbour. -> True when
         decided."""
@@ -112,7 +112,7 @@ class MicrobatchTrials:
         best = max(tried, key=lambda c: rates[c])
         step = max(1, best // 4)
         neighbours = [max(1, best - step), max(1, min(limit, MAX_MICROBATCHES, best + step))]
-        fresh = [n for n in neighbours if n not in tried and self._plausible(n)]
+        fresh = [n for n in neighbours if n not in tried and plausible(n)]
         tried.extend(fresh)
         return not fresh
 

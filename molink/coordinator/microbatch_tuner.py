@@ -16,6 +16,7 @@ import time
 from molink.coordinator.microbatch_trials import PLAUSIBLE, MicrobatchTrials
 from molink.ewma import ewma
 from molink.scheduler.microbatch_chooser import (
+    MAX_MICROBATCHES,
     HopTiming,
     StageFit,
     StageTiming,
@@ -114,16 +115,15 @@ class MicrobatchTuner:
         timings = [HopTiming(h.latency_s, h.bandwidth_bps / 8, self._bytes_per_token(i, h))
                    for i, h in enumerate(hops) if h.bandwidth_bps > 0]
         self._previous_hops = hops
-        rounds = {m: round_time_s(stages, timings, requests, m, shared_cores) for m in range(1, 17)}
+        rounds = {m: round_time_s(stages, timings, requests, m, shared_cores)
+                  for m in range(1, MAX_MICROBATCHES + 1)}
         self._plausible = lambda m: rounds.get(m, float("inf")) <= PLAUSIBLE * min(rounds.values())
         choice = choose_num_microbatches(stages, timings, requests, shared_cores=shared_cores)
         if choice == self.model_choice:
             return
-        if self.model_choice is not None:
-            now, then = (round_time_s(stages, timings, requests, m, shared_cores)
-                         for m in (choice, self.model_choice))
-            if now > then * (1 - SWITCH_GAIN):
-                return
+        if self.model_choice is not None and (
+                rounds[choice] > rounds[self.model_choice] * (1 - SWITCH_GAIN)):
+            return
         logger.info("modelled micro-batch count: %s -> %d (measured: stages %s, hops %s)",
                     self.model_choice, choice,
                     ", ".join(f"{s.fixed_s * 1e3:.1f}+{s.per_token_s * 1e3:.3f}/tok ms"

@@ -156,15 +156,20 @@ def memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def seconds(text: str) -> float:
-    """argparse type: a number of seconds >= 0."""
+def non_negative(text: str, what: str = "a number") -> float:
+    """argparse type: a finite number >= 0 (``what`` names it in the error)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be {what} >= 0, got {text!r}")
     return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0."""
+    return non_negative(text, "a number of seconds")
 
 
 def port(text: str) -> int:

@@ -20,6 +20,7 @@ from molink.entrypoints.join import (
     check_layers,
     kv_cache_memory_bytes,
     layer_range,
+    non_negative,
     port,
     positive_int,
     seconds,
@@ -94,7 +95,7 @@ def _add_scheduling_arguments(parser) -> None:
                              "benchmarks/results/compression_accuracy.md)")
     parser.add_argument("--max-chunk-tokens", type=positive_int, default=None, metavar="N",
                         help="cap on a prefill chunk's tokens (default: just in time)")
-    parser.add_argument("--decode-stall-factor", type=_stall_factor,
+    parser.add_argument("--decode-stall-factor", type=non_negative,
                         default=DEFAULT_STALL_FACTOR, metavar="F",
                         help="while requests decode, prompts are computed in chunks small "
                              "enough that a step carrying one takes at most (1 + F) decode "
@@ -110,16 +111,6 @@ def _add_scheduling_arguments(parser) -> None:
                         help="on SIGTERM or Ctrl-C: stop taking requests and let running "
                              "streams finish for up to this long, then tell the stages to free "
                              "everything; a second Ctrl-C exits at once (default: 30)")
-
-
-def _stall_factor(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
 
 
 def _head_layers_arg(text: str) -> str:

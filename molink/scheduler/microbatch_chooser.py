@@ -28,6 +28,8 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+MAX_MICROBATCHES = 16  # the most plans auto keeps in flight
+
 
 @dataclass(frozen=True)
 class StageTiming:
@@ -85,7 +87,7 @@ def round_time_s(stages: list[StageTiming], hops: list[HopTiming], num_requests:
 
 
 def choose_num_microbatches(stages: list[StageTiming], hops: list[HopTiming],
-                            num_requests: int, max_microbatches: int = 16,
+                            num_requests: int, max_microbatches: int = MAX_MICROBATCHES,
                             shared_cores: int | None = None, slack: float = 0.02) -> int:
     """The count to keep in flight (capped at the limit): the smallest whose predicted
     round is within ``slack`` of the shortest, or more, up to twice that, where the

@@ -116,9 +116,9 @@ class StageInbox:
             return (*first, arrived_at)
 
     def _drop_older(self, epoch: int) -> None:
-        while self._prefill and self._prefill[0][0].epoch < epoch:
-            self._prefill.popleft()
-        if self._prefill and self._prefill[-1][0].epoch < epoch:  # (not in epoch order)
+        """Fragments planned for an older route than ``epoch`` are void (a late one may have
+        arrived after newer ones: not only the front)."""
+        if any(item[0].epoch < epoch for item in self._prefill):
             self._prefill = collections.deque(i for i in self._prefill if i[0].epoch >= epoch)
 
 
