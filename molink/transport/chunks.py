@@ -37,6 +37,12 @@ class Part:
     def num_tokens(self) -> int:
         return sum(e.num_tokens for e in self.entries)
 
+    @property
+    def bytes_per_token(self) -> int:
+        """On the wire, per token: its activation row (and scale), or plan metadata only."""
+        rows = self.activations
+        return 64 if rows is None else max(1, rows.row_bytes + 4 * bool(rows.row_scales))
+
 
 def split_parts(plan: StepPlan, activations: RawTensor | None, *, separate_prefill: bool,
                 is_prefill: bool | None = None) -> list[Part]:

@@ -44,7 +44,7 @@ from molink.transport.codec import (
     encode_link,
     encode_step,
 )
-from molink.transport.link_meter import INITIAL_BANDWIDTH_BPS, LinkMeter
+from molink.transport.link_meter import INITIAL_BANDWIDTH_BPS, LinkMeter, SendState
 from molink.transport.link_scheduler import LinkScheduler, Payload
 from molink.transport.outgoing import OutgoingStep
 from molink.transport.peers import Peer, PeerSecurity, error_detail
@@ -66,6 +66,7 @@ class _Unacked:
     link_was_idle: bool
     probe: asyncio.Future | None = None
     message: object = None  # kept to be sent again if the stream breaks first (not probes)
+    state: SendState | None = None  # the meter's, for the delivery rate (not probes)
 
 
 class _Item:
@@ -110,6 +111,7 @@ class HopSender:
         self._wakeup = asyncio.Event()
         self._unacked: collections.deque[_Unacked] = collections.deque()
         self._free_at = 0.0  # when the link finishes what was written (paced schedules)
+        self._window_full = False  # sending waits for an acknowledgement
         self._tasks: list[asyncio.Task] = []
         self._closed = False
         self._stream_alive = False
@@ -195,8 +197,8 @@ class HopSender:
         probe = self._probe_message(0)
         now = time.monotonic()
         self._unacked.append(_Unacked(now, probe.ByteSize(), False, alive))
-        # All of them back in the queue before the first write: if this stream breaks too,
-        # the next one sends them again.
+        # All back in the queue before the first write: if this stream breaks too, the next
+        # one sends them again.
         self._unacked.extend(_Unacked(now, sent.num_bytes, False, message=sent.message)
                              for sent in pending)
         if pending:
@@ -249,14 +251,10 @@ class HopSender:
                 payload_id = self._next_payload
                 self._next_payload += 1
                 self._payloads[payload_id] = (item, part)
-                bytes_per_token = 64  # plan metadata only
-                if part.activations is not None:
-                    rows = part.activations
-                    bytes_per_token = rows.row_bytes + 4 * bool(rows.row_scales)
                 if not part.is_prefill:
                     self.meter.note_decode(time.monotonic())
                 self._scheduler.enqueue(Payload(payload_id, part.is_prefill,
-                                                max(1, part.num_tokens), max(1, bytes_per_token)))
+                                                max(1, part.num_tokens), part.bytes_per_token))
         self._wakeup.set()
 
     def submit_result(self, message: pb.StepResult, computed_at: float = 0.0) -> None:
@@ -268,8 +266,7 @@ class HopSender:
         return dataclasses.replace(self.link)
 
     def _report_for(self, computed_at: float) -> LinkReport:
-        """The report a message carries: the link's, and how long the message's step waited
-        here since its compute ended (written just after this)."""
+        """The link's report, with how long the step waited here since its compute ended."""
         waited = time.monotonic() - computed_at if computed_at else 0.0
         return dataclasses.replace(self.link, send_wait_s=max(0.0, waited))
 
@@ -290,18 +287,19 @@ class HopSender:
             if isinstance(entry, _Item):
                 return self._message(entry, entry.parts[0], 0, entry.parts[0].num_tokens,
                                      entry.step.part)
-            message, computed_at = entry
+            message, computed_at = entry  # a result: it carries every hop's report
             self.link.messages_sent += 1
-            # results carry every hop's report
             message.hops.append(encode_link(self._report_for(computed_at)))
             return message, 0
         if self._scheduler.idle:
             self._wakeup.clear()
             return None, 0
         wait = self._free_at - time.monotonic()
-        if wait > 0.0005:
+        self._window_full = self.meter.window_full()  # then an acknowledgement wakes it up
+        if self._window_full or wait > 0.0005:
             self._wakeup.clear()
-            asyncio.get_running_loop().call_later(wait, self._wakeup.set)
+            if not self._window_full:
+                asyncio.get_running_loop().call_later(wait, self._wakeup.set)
             return None, 0
         send = self._scheduler.next_send(self.meter.seconds_until_next_decode(time.monotonic()))
         item, part = self._payloads[send.payload_id]
@@ -332,8 +330,10 @@ class HopSender:
         num_bytes = message.ByteSize()
         now = time.monotonic()
         idle = self._free_at <= now
-        self._free_at = max(now, self._free_at) + num_bytes * 8 / self.meter.bandwidth_bps
-        self._unacked.append(_Unacked(now, num_bytes, idle, message=message))
+        self._free_at = self.meter.paced_until(self._free_at, now, num_bytes)
+        state = self.meter.sent(now, num_bytes, app_limited=not self._fifo
+                                and self._scheduler.idle)
+        self._unacked.append(_Unacked(now, num_bytes, idle, message=message, state=state))
         self.link.bytes_sent += num_bytes
         await self._call.write(message)
 
@@ -351,7 +351,8 @@ class HopSender:
             await self._call.write(message)
             await future
             rtts.setdefault(size, []).append(time.monotonic() - start)
-        self.meter.probed(min(rtts[0]), min(rtts[PROBE_BYTES]), PROBE_BYTES)
+        self.meter.probed(min(rtts[0]), min(rtts[PROBE_BYTES]), PROBE_BYTES,
+                          time.monotonic())
         self._scheduler.bandwidth_bps = self.link.bandwidth_bps
         logger.info("link %s: %.1f Mbit/s, %.1f ms one way (probed)", self.label,
                     self.link.bandwidth_bps / 1e6, self.link.latency_s * 1e3)
@@ -375,9 +376,13 @@ class HopSender:
             if not sent.probe.done():
                 sent.probe.set_result(None)
             return
-        if not sent.link_was_idle:
-            return  # it waited behind earlier bytes: its time says nothing clean
-        if self.meter.acknowledged(sent.num_bytes, now - sent.sent_at):
+        changed = self.meter.delivered(sent.state, sent.num_bytes, sent.sent_at, now)
+        if self._window_full and not self.meter.window_full():
+            self._window_full = False
+            self._wakeup.set()
+        # the idle-link measurement: not for one that waited behind earlier bytes
+        if sent.link_was_idle and self.meter.acknowledged(sent.num_bytes, now - sent.sent_at,
+                                                          now) or changed:
             self._scheduler.bandwidth_bps = self.link.bandwidth_bps
 
     def _set_broken(self, exc: Exception) -> None:

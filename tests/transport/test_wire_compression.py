@@ -26,7 +26,7 @@ PROBE_BYTES = 64 * 1024
 def _meter_on(bandwidth_bps: float, latency_s: float) -> LinkMeter:
     meter = LinkMeter()
     small_rtt = 2 * latency_s
-    meter.probed(small_rtt, small_rtt + PROBE_BYTES * 8 / bandwidth_bps, PROBE_BYTES)
+    meter.probed(small_rtt, small_rtt + PROBE_BYTES * 8 / bandwidth_bps, PROBE_BYTES, 0.0)
     return meter
 
 
