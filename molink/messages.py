@@ -88,6 +88,8 @@ class StepOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     microbatch_id: int = 0
+    # requests asking for prompt logprobs: prompt position -> that prompt token's logprobs
+    prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = field(default_factory=dict)
 
 
 # How activations may be encoded on a hop (``RawTensor.dtype`` after encoding follows).

@@ -33,3 +33,6 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # with SamplingParams.prompt_logprobs: one entry per prompt token (None for the first,
+    # which nothing predicts), like CompletionOutput.logprobs
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

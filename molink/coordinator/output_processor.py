@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from molink.coordinator.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from molink.messages import StepOutput
+from molink.messages import StepOutput, TokenLogprobs
 from molink.outputs import CompletionOutput, Logprob, RequestOutput
 from molink.scheduler import Request, Scheduler
 
@@ -25,6 +25,7 @@ class _Tracked:
     num_processed_tokens: int = 0
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 class OutputProcessor:
@@ -44,6 +45,8 @@ class OutputProcessor:
             stop_matcher=StopStringMatcher(params.stop_strings, params.include_stop_str_in_output),
             logprobs=[] if wants_logprobs else None,
             cumulative_logprob=0.0 if wants_logprobs else None,
+            prompt_logprobs=None if params.prompt_logprobs is None else (
+                [None] * len(request.prompt_token_ids)),
         )
 
     def discard(self, request_id: str) -> None:
@@ -52,6 +55,12 @@ class OutputProcessor:
     def process(self, requests: list[Request], output: StepOutput,
                 scheduler: Scheduler) -> list[RequestOutput]:
         """Outputs of the requests that got a token in ``output`` (finished ones included)."""
+        for request_id, positions in output.prompt_logprobs.items():
+            tracked = self.tracked.get(request_id)
+            if tracked is not None and tracked.prompt_logprobs is not None:
+                for position, lp in positions.items():  # a replay computes them again
+                    if 0 < position < len(tracked.prompt_logprobs):
+                        tracked.prompt_logprobs[position] = self._entry(lp)
         return [self._process_one(r, output, scheduler) for r in requests
                 if r.request_id in self.tracked]
 
@@ -77,12 +86,16 @@ class OutputProcessor:
         lp = output.logprobs.get(tracked.request.request_id)
         if tracked.logprobs is None or lp is None:
             return
+        tracked.logprobs.append(self._entry(lp))
+        tracked.cumulative_logprob += lp.logprob
+
+    def _entry(self, lp: TokenLogprobs) -> dict[int, Logprob]:
+        """The top-N and the chosen token (its own rank, wherever it ranks)."""
         entry = {token: Logprob(value, rank=i + 1, decoded_token=self._decode_one(token))
                  for i, (token, value) in enumerate(lp.top)}
         entry[lp.token_id] = Logprob(lp.logprob, rank=lp.rank,
                                      decoded_token=self._decode_one(lp.token_id))
-        tracked.logprobs.append(entry)
-        tracked.cumulative_logprob += lp.logprob
+        return entry
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -97,4 +110,6 @@ class OutputProcessor:
             finish_reason=request.finish_reason, stop_reason=request.stop_reason)
         return RequestOutput(request_id=request.request_id, prompt=tracked.prompt,
                              prompt_token_ids=list(request.prompt_token_ids),
-                             outputs=[completion], finished=request.is_finished)
+                             outputs=[completion], finished=request.is_finished,
+                             prompt_logprobs=None if tracked.prompt_logprobs is None
+                             else tracked.prompt_logprobs)  # complete once a token is out

@@ -40,6 +40,10 @@ class Job:
     num_top_logprobs: int | None  # None: no logprobs reported
     best_n: int | None = None  # best_of > n: how many of each prompt's choices are answered
     echo_texts: list[str] | None = None  # /v1/completions with echo: each prompt's text
+    # echo with logprobs: each prompt's first token's text (the logprobs of the prompt's
+    # tokens come first; the first token has none, and its text from here)
+    echo_first_tokens: list[str] | None = None
+    num_prompt_logprobs: int | None = None  # the request asked for them: answers carry them
     tool_calls: ToolCalls | None = None  # chat with tools: how calls are forced and read
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N" (return_tokens_as_token_ids)
 
@@ -76,11 +80,14 @@ def completion_job(request: CompletionRequest, head) -> Job:
     job = _job(request, head, prompts, max_tokens, request.logprobs)
     if not request.echo:
         return job
-    if request.logprobs is not None:
-        raise RequestError("echo with logprobs is not supported: it needs the prompt's "
-                           "logprobs, which this server does not compute", "echo")
     texts = [text if text is not None else head.tokenizer.decode(ids) for text, ids in tokenized]
-    return dataclasses.replace(job, echo_texts=texts)
+    job = dataclasses.replace(job, echo_texts=texts)
+    if request.logprobs is None:
+        return job
+    num_top = max(request.logprobs, request.prompt_logprobs or 0)
+    return dataclasses.replace(
+        job, echo_first_tokens=[head.tokenizer.decode(ids[:1]) for ids in prompts],
+        choice_params=[p.replace(prompt_logprobs=num_top) for p in job.choice_params])
 
 
 def chat_job(request: ChatCompletionRequest, head, options: ApiOptions | None = None) -> Job:
@@ -123,7 +130,8 @@ def _job(request: SamplingFields, head, prompts: list[list[int]], max_tokens: in
                      for j in range(best_of)]
     return Job(prompts, choice_params, stream, include_usage, num_top,
                best_n=n if best_of > n else None,
-               tokens_as_ids=bool(request.return_tokens_as_token_ids))
+               tokens_as_ids=bool(request.return_tokens_as_token_ids),
+               num_prompt_logprobs=request.prompt_logprobs)
 
 
 def _choice_counts(request: SamplingFields, num_prompts: int) -> tuple[int, int]:

@@ -27,6 +27,9 @@ def _usage(outputs: list[RequestOutput], n: int) -> dict:
             "total_tokens": num_prompt + num_completion}
 
 
+_NOT_COMPUTED = Logprob(None)  # a prompt token whose logprobs never came (shown as null)
+
+
 def _top(entry: dict[int, Logprob], count: int) -> list[tuple[int, Logprob]]:
     ranked = sorted(entry.items(), key=lambda item: item[1].rank or 1 << 62)
     return ranked[:count]
@@ -44,6 +47,7 @@ class Format:
         self.created = int(time.time())
         self.sent_chars: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
+        self.token_offsets: dict[int, int] = {}  # completions: where the next token's text starts
 
     def _envelope(self, object_name: str, choices: list, **extra) -> dict:
         return {"id": self.request_id, "object": object_name, "created": self.created,
@@ -63,6 +67,23 @@ class Format:
         for ids (``return_tokens_as_token_ids``, as in vLLM)."""
         return f"token_id:{token_id}" if self.job.tokens_as_ids else lp.decoded_token or ""
 
+    def _prompt_logprobs(self, output: RequestOutput) -> dict:
+        """vLLM's ``prompt_logprobs`` field where the request asked for it: per prompt token,
+        None for the first, else {token id: {logprob, rank, decoded_token}} for the top-N
+        and the prompt's own token."""
+        count = self.job.num_prompt_logprobs
+        if count is None or output.prompt_logprobs is None:
+            return {}
+        entries = []
+        for token_id, entry in zip(output.prompt_token_ids, output.prompt_logprobs):
+            if entry is not None:
+                kept = dict(_top(entry, count))
+                kept[token_id] = entry[token_id]
+                entry = {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                  "decoded_token": lp.decoded_token} for t, lp in kept.items()}
+            entries.append(entry)
+        return {"prompt_logprobs": entries}
+
     def opening_chunks(self) -> list[dict]:
         return []
 
@@ -79,20 +100,23 @@ class CompletionFormat(Format):
         for index, output in enumerate(outputs):
             out = output.outputs[0]
             choices.append({"index": index, "text": self._echo(index) + out.text,
-                            "logprobs": self._logprobs(out, 0, len(out.logprobs or ()), 0),
-                            "finish_reason": _finish_reason(out.finish_reason)})
+                            "logprobs": self._choice_logprobs(index, output, True),
+                            "finish_reason": _finish_reason(out.finish_reason),
+                            **self._prompt_logprobs(output)})
         return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
 
     def chunk(self, index: int, output: RequestOutput) -> dict | None:
         out = output.outputs[0]
-        offset = self.sent_chars.get(index, 0)
-        echo = "" if index in self.sent_chars else self._echo(index)  # before the first part
+        first = index not in self.sent_chars
+        echo = self._echo(index) if first else ""  # before the first part
         text, start, end = self._new_part(index, out)
         text = echo + text
         if not text and start == end and out.finish_reason is None:
             return None
-        choice = {"index": index, "text": text, "logprobs": self._logprobs(out, start, end, offset),
-                  "finish_reason": _finish_reason(out.finish_reason)}
+        choice = {"index": index, "text": text,
+                  "logprobs": self._choice_logprobs(index, output, first, start, end),
+                  "finish_reason": _finish_reason(out.finish_reason),
+                  **(self._prompt_logprobs(output) if first else {})}
         extra = {"usage": None} if self.job.include_usage else {}
         return self._envelope(self.object_name, [choice], **extra)
 
@@ -100,22 +124,48 @@ class CompletionFormat(Format):
         texts = self.job.echo_texts
         return "" if texts is None else texts[index // self.job.n]
 
-    def _logprobs(self, out: CompletionOutput, start: int, end: int, offset: int) -> dict | None:
-        """OpenAI's completions shape for tokens [start, end); offsets start at ``offset``."""
+    def _choice_logprobs(self, index: int, output: RequestOutput, first: bool,
+                         start: int = 0, end: int | None = None) -> dict | None:
+        """OpenAI's completions shape for the generated tokens [start, end) (all by default);
+        with echo, in the first part, the prompt's tokens first. Text offsets count the
+        tokens' texts, from the end of the echoed prompt (streamed: where the last part's
+        tokens ended, whatever text the stop-string matcher still held back)."""
+        out = output.outputs[0]
         if self.job.num_top_logprobs is None or out.logprobs is None:
             return None
         shape = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if first and self.job.echo_first_tokens is not None:
+            self._add_prompt_tokens(shape, index, output)
+        offset = len(self._echo(index)) if first else self.token_offsets[index]
+        end = len(out.logprobs) if end is None else end
         for position in range(start, end):
-            entry = out.logprobs[position]
-            chosen = entry[out.token_ids[position]]
-            shape["tokens"].append(self._token(out.token_ids[position], chosen))
-            shape["token_logprobs"].append(chosen.logprob)
-            shape["top_logprobs"].append({self._token(token_id, lp): lp.logprob
-                                          for token_id, lp in
-                                          _top(entry, self.job.num_top_logprobs)})
-            shape["text_offset"].append(offset)
-            offset += len(chosen.decoded_token or "")
+            offset = self._add_token(shape, out.token_ids[position], out.logprobs[position],
+                                     offset)
+        self.token_offsets[index] = offset
         return shape
+
+    def _add_prompt_tokens(self, shape: dict, index: int, output: RequestOutput) -> None:
+        """Echo with logprobs: the prompt's tokens, the first with no logprob."""
+        ids, entries = output.prompt_token_ids, output.prompt_logprobs or []
+        first = self.job.echo_first_tokens[index // self.job.n]
+        shape["tokens"].append(f"token_id:{ids[0]}" if self.job.tokens_as_ids else first)
+        shape["token_logprobs"].append(None)
+        shape["top_logprobs"].append(None)
+        shape["text_offset"].append(0)
+        offset = len(first)
+        for token_id, entry in zip(ids[1:], entries[1:]):
+            offset = self._add_token(shape, token_id, entry or {}, offset)
+
+    def _add_token(self, shape: dict, token_id: int, entry: dict[int, Logprob],
+                   offset: int) -> int:
+        """One token's logprobs appended to ``shape``; -> the next token's text offset."""
+        chosen = entry.get(token_id) or _NOT_COMPUTED
+        shape["tokens"].append(self._token(token_id, chosen))
+        shape["token_logprobs"].append(chosen.logprob)
+        shape["top_logprobs"].append({self._token(t, lp): lp.logprob for t, lp in
+                                      _top(entry, self.job.num_top_logprobs)})
+        shape["text_offset"].append(offset)
+        return offset + len(chosen.decoded_token or "")
 
 
 class ChatFormat(Format):
@@ -144,7 +194,9 @@ class ChatFormat(Format):
             choices.append({"index": index, "message": message,
                             "logprobs": self._logprobs(out, 0, len(out.logprobs or ())),
                             "finish_reason": finish_reason})
-        return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n))
+        # vLLM's: the prompt's logprobs beside the choices (one prompt per chat request)
+        return self._envelope(self.object_name, choices, usage=_usage(outputs, self.job.n),
+                              **self._prompt_logprobs(outputs[0]))
 
     def opening_chunks(self) -> list[dict]:
         extra = {"usage": None} if self.job.include_usage else {}
@@ -154,6 +206,7 @@ class ChatFormat(Format):
 
     def chunk(self, index: int, output: RequestOutput) -> dict | None:
         out = output.outputs[0]
+        first = index not in self.sent_chars
         text, start, end = self._new_part(index, out)
         if not text and start == end and out.finish_reason is None:
             return None
@@ -168,6 +221,8 @@ class ChatFormat(Format):
         choice = {"index": index, "delta": delta, "logprobs": self._logprobs(out, start, end),
                   "finish_reason": finish_reason}
         extra = {"usage": None} if self.job.include_usage else {}
+        if first:
+            extra |= self._prompt_logprobs(output)
         return self._envelope(self.chunk_object, [choice], **extra)
 
     def _delta(self, index: int, out: CompletionOutput, text: str) -> dict:

@@ -93,9 +93,9 @@ class SamplingFields(_Strict):
         "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
         "frequency_penalty", "repetition_penalty", "min_tokens", "stop", "stop_token_ids",
         "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
-        "spaces_between_special_tokens", "logit_bias")
+        "spaces_between_special_tokens", "logit_bias", "prompt_logprobs")
     # Fields this server does not implement -> the values that mean "off".
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"prompt_logprobs": (None,)}
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {}
 
     model: str | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -120,7 +120,7 @@ class SamplingFields(_Strict):
     spaces_between_special_tokens: bool | None = None
     logit_bias: Annotated[dict[str, float] | None, AfterValidator(_logit_bias)] = None
     best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # n <= best_of
-    prompt_logprobs: Any = None  # the last stage computes logits of sampled positions only
+    prompt_logprobs: NumTop | None = None  # vLLM's: top logprobs per prompt token
     return_tokens_as_token_ids: bool | None = None  # vLLM's: logprobs say "token_id:N"
     # Structured output (``structured.py``): OpenAI's field, and vLLM's extra ones.
     response_format: ResponseFormat | None = None
@@ -144,16 +144,15 @@ def _off_only(cls, value, info):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions`` (and ``/generate``)."""
 
-    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"prompt_logprobs": (None,),
-                                               "suffix": (None, "")}
+    UNSUPPORTED: ClassVar[dict[str, tuple]] = {"suffix": (None, "")}
 
     # A string, a token-id list, or a non-empty list of either.
     prompt: Text | TokenIds | Annotated[list[Text | TokenIds], Field(min_length=1)]
     logprobs: NumTop | None = None  # how many top logprobs per token
-    echo: bool | None = None  # the prompt's text before the completion's
+    echo: bool | None = None  # the prompt's text (and with logprobs, its tokens') first
     suffix: Any = None
 
-    _unsupported = field_validator("prompt_logprobs", "suffix")(classmethod(_off_only))
+    _unsupported = field_validator("suffix")(classmethod(_off_only))
 
 
 class ContentPart(_Strict):
@@ -208,8 +207,8 @@ class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``."""
 
     UNSUPPORTED: ClassVar[dict[str, tuple]] = {
-        "prompt_logprobs": (None,), "functions": (None, []), "audio": (None,),
-        "prediction": (None,), "chat_template": (None,)}
+        "functions": (None, []), "audio": (None,), "prediction": (None,),
+        "chat_template": (None,)}
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool | None = None  # default true
@@ -226,7 +225,7 @@ class ChatCompletionRequest(SamplingFields):
     audio: Any = None
     prediction: Any = None
 
-    _unsupported = field_validator("prompt_logprobs", "functions", "audio", "prediction",
+    _unsupported = field_validator("functions", "audio", "prediction",
                                    "chat_template")(classmethod(_off_only))
 
 

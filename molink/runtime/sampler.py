@@ -28,6 +28,7 @@ import torch
 
 from molink.messages import TokenLogprobs
 from molink.runtime.guided import GuidedMatcher, apply_guided_masks
+from molink.runtime.logprobs import compute_logprobs
 from molink.sampling_params import SamplingParams
 
 
@@ -341,43 +342,3 @@ def seeded_uniform(seed: int, step: int) -> float:
 
 def _row_tensor(values: list[float], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)  # [num_rows]
-
-
-# --- logprobs -------------------------------------------------------------------------
-
-
-def compute_logprobs(
-    raw: torch.Tensor, token_ids: torch.Tensor, states: list[SamplingRequestState]
-) -> list[TokenLogprobs | None]:
-    """Logprobs of the sampled tokens under the raw distribution (vLLM's "raw_logprobs").
-
-    raw: [num_rows, vocab_size] float32; token_ids: [num_rows]. None for rows that asked
-    for no logprobs.
-    """
-    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-    result: list[TokenLogprobs | None] = [None] * len(states)
-    if not rows:
-        return result
-    if len(rows) < len(states):
-        index = torch.tensor(rows, device=raw.device)
-        raw, token_ids = raw[index], token_ids[index]
-    num_top = [states[i].params.logprobs for i in rows]
-    for row, logprobs in zip(rows, _token_logprobs(raw, token_ids, num_top)):
-        result[row] = logprobs
-    return result
-
-
-def _token_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
-    """raw: [num_rows, vocab_size]; token_ids: [num_rows]; num_top: top-N size per row.
-
-    The rank counts tokens at least as likely as the sampled one (vLLM's rule), so 1 means
-    most likely.
-    """
-    logprobs = raw.log_softmax(dim=-1)  # [num_rows, vocab_size]
-    chosen = logprobs.gather(1, token_ids[:, None])  # [num_rows, 1]
-    ranks = (logprobs >= chosen).sum(dim=-1)  # [num_rows]
-    top_logprobs, top_ids = logprobs.topk(min(max(num_top), raw.shape[1]), dim=-1)  # [num_rows, N]
-    rows = zip(token_ids.tolist(), chosen.squeeze(1).tolist(), ranks.tolist(),
-               top_ids.tolist(), top_logprobs.tolist(), num_top)
-    return [TokenLogprobs(token, logprob, rank, list(zip(ids[:n], lps[:n])))
-            for token, logprob, rank, ids, lps, n in rows]

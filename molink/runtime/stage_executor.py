@@ -22,6 +22,7 @@ from molink.runtime.kv_cache import (
     default_kv_budget_bytes,
     num_blocks_for_budget,
 )
+from molink.runtime.logprobs import prompt_logprobs
 from molink.runtime.sampler import Sampler, SamplingRequestState
 from molink.runtime.state_cache import StateCache, state_layers_of
 from molink.runtime.step_inputs import StepInputs, build_step_inputs
@@ -157,6 +158,7 @@ class StageExecutor:
 
     def _sample(self, plan: StepPlan, inputs: StepInputs, hidden: torch.Tensor) -> StepOutput:
         output = StepOutput(step_id=plan.step_id, microbatch_id=plan.microbatch_id)
+        self._prompt_logprobs(plan, hidden, output)
         if not inputs.sample_request_ids:
             return output
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [S, vocab]
@@ -168,6 +170,21 @@ class StageExecutor:
             if logprobs is not None:
                 output.logprobs[rid] = logprobs
         return output
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, output: StepOutput) -> None:
+        """For requests that asked: each row predicts the token after it; rows whose next
+        token is still in the prompt give that prompt token's logprobs."""
+        row = 0
+        for entry in plan.batch:
+            state = self.requests[entry.request_id]
+            num_top = state.sampling_params.prompt_logprobs
+            count = min(entry.num_tokens, state.num_prompt_tokens - 1 - entry.start)
+            if num_top is not None and count > 0:
+                first = entry.start + 1
+                output.prompt_logprobs[entry.request_id] = prompt_logprobs(
+                    self.model.compute_logits, hidden[row:row + count],
+                    state.token_ids[first:first + count], num_top, first)
+            row += entry.num_tokens
 
     def _sampling_state(self, request_id: str) -> SamplingRequestState:
         state = self.requests[request_id]

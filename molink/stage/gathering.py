@@ -49,6 +49,8 @@ class Gatherer:
         if output is not None:
             gathering.output.sampled_token_ids.update(output.sampled_token_ids)
             gathering.output.logprobs.update(output.logprobs)
+            for request_id, positions in output.prompt_logprobs.items():
+                gathering.output.prompt_logprobs.setdefault(request_id, {}).update(positions)
         _add_into(gathering.timings, times.compute_s)
         _add_into(gathering.waits, times.wait_s)
         if gathering.tokens < step.step_num_tokens:

@@ -142,7 +142,8 @@ def encode_sampling(params: SamplingParams) -> pb.SamplingParams:
         repetition_penalty=params.repetition_penalty, min_tokens=params.min_tokens,
         stop_token_ids=sorted(params.stop_token_id_set),
         has_logprobs=params.logprobs is not None, logprobs=params.logprobs or 0,
-        ignore_eos=params.ignore_eos, logit_bias_token_ids=list(params.logit_bias or ()),
+        has_prompt_logprobs=params.prompt_logprobs is not None,
+        prompt_logprobs=params.prompt_logprobs or 0, ignore_eos=params.ignore_eos, logit_bias_token_ids=list(params.logit_bias or ()),
         logit_bias_values=list((params.logit_bias or {}).values()),
         structured_kind=params.structured_outputs.kind if params.structured_outputs else "",
         structured_spec=params.structured_outputs.spec if params.structured_outputs else "")
@@ -158,6 +159,7 @@ def decode_sampling(msg: pb.SamplingParams) -> SamplingParams:
             frequency_penalty=msg.frequency_penalty, repetition_penalty=msg.repetition_penalty,
             min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids),
             logprobs=msg.logprobs if msg.has_logprobs else None, ignore_eos=msg.ignore_eos,
+            prompt_logprobs=msg.prompt_logprobs if msg.has_prompt_logprobs else None,
             logit_bias=dict(zip(msg.logit_bias_token_ids, msg.logit_bias_values)) or None,
             max_tokens=None, structured_outputs=StructuredOutputsParams.from_wire(
                 msg.structured_kind, msg.structured_spec) if msg.structured_kind else None)
@@ -178,11 +180,26 @@ def encode_result(output: StepOutput, error: str = "",
     for request_id, token in output.sampled_token_ids.items():
         msg.sampled_token_ids[request_id] = token
     for request_id, lp in output.logprobs.items():
-        entry = msg.logprobs[request_id]
-        entry.token_id, entry.logprob, entry.rank = lp.token_id, lp.logprob, lp.rank
-        entry.top_token_ids.extend(t for t, _ in lp.top)
-        entry.top_logprobs.extend(v for _, v in lp.top)
+        _encode_logprobs(msg.logprobs[request_id], lp)
+    for request_id, positions in output.prompt_logprobs.items():
+        entry = msg.prompt_logprobs[request_id]
+        entry.positions.extend(positions)
+        for lp in positions.values():
+            _encode_logprobs(entry.tokens.add(), lp)
     return msg
+
+
+def _encode_logprobs(entry: pb.TokenLogprobs, lp: TokenLogprobs) -> None:
+    entry.token_id, entry.logprob, entry.rank = lp.token_id, lp.logprob, lp.rank
+    entry.top_token_ids.extend(t for t, _ in lp.top)
+    entry.top_logprobs.extend(v for _, v in lp.top)
+
+
+def _decode_logprobs(lp: pb.TokenLogprobs) -> TokenLogprobs:
+    if len(lp.top_token_ids) != len(lp.top_logprobs):
+        raise WireFormatError("logprobs: token ids and values differ in length")
+    return TokenLogprobs(lp.token_id, lp.logprob, lp.rank,
+                         list(zip(lp.top_token_ids, lp.top_logprobs)))
 
 
 @dataclass
@@ -204,10 +221,13 @@ def decode_result(msg: pb.StepResult) -> WireResult:
     for request_id, token in msg.sampled_token_ids.items():
         output.sampled_token_ids[_request_id(request_id)] = _non_negative("token id", token)
     for request_id, lp in msg.logprobs.items():
-        if len(lp.top_token_ids) != len(lp.top_logprobs):
-            raise WireFormatError("logprobs: token ids and values differ in length")
-        output.logprobs[_request_id(request_id)] = TokenLogprobs(
-            lp.token_id, lp.logprob, lp.rank, list(zip(lp.top_token_ids, lp.top_logprobs)))
+        output.logprobs[_request_id(request_id)] = _decode_logprobs(lp)
+    for request_id, prompt in msg.prompt_logprobs.items():
+        if len(prompt.positions) != len(prompt.tokens):
+            raise WireFormatError("prompt logprobs: positions and tokens differ in length")
+        output.prompt_logprobs[_request_id(request_id)] = {
+            position: _decode_logprobs(lp) for position, lp in zip(prompt.positions,
+                                                                   prompt.tokens)}
     return WireResult(output, msg.error[:4096], _timings(msg.stage_compute_s), _links(msg.hops),
                       msg.epoch, _sender_id(msg.sender_id), msg.seq, _timings(msg.stage_wait_s))
 

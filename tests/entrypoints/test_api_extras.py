@@ -139,8 +139,9 @@ BAD_COMPLETIONS = [
     ({"logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"logit_bias": [1, 2]}, "logit_bias"), ({"best_of": 0}, "best_of"),
     ({"best_of": 2, "n": 3}, "best_of"), ({"best_of": 3, "stream": True}, "best_of"),
-    ({"best_of": 129}, "best_of"), ({"echo": True, "logprobs": 2}, "echo"),
-    ({"echo": "yes"}, "echo"), ({"prompt_logprobs": 1}, "prompt_logprobs")]
+    ({"best_of": 129}, "best_of"), ({"echo": "yes"}, "echo"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": "2"}, "prompt_logprobs")]
 BAD_CHATS = [
     ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}], {},
      "'input_audio'"),
@@ -156,7 +157,7 @@ BAD_CHATS = [
     (CHAT, {"chat_template_kwargs": "x"}, "chat_template_kwargs"),
     (CHAT, {"chat_template": "{{ 1 }}"}, "chat_template"),
     (CHAT, {"continue_final_message": True}, "continue_final_message"),
-    (CHAT, {"prompt_logprobs": 0}, "prompt_logprobs")]
+    (CHAT, {"prompt_logprobs": 1.5}, "prompt_logprobs")]
 
 
 def _assert_400(response: httpx.Response, param: str, text: str) -> None:

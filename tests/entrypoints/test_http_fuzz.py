@@ -31,7 +31,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMMON_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "n",
                  "stop", "stop_token_ids", "presence_penalty", "frequency_penalty",
                  "repetition_penalty", "min_tokens", "ignore_eos", "logprobs", "stream",
-                 "stream_options", "user", "logit_bias", "skip_special_tokens")
+                 "stream_options", "user", "logit_bias", "skip_special_tokens", "prompt_logprobs")
 COMPLETION_FIELDS = COMMON_FIELDS + ("prompt", "echo", "suffix")
 CHAT_FIELDS = COMMON_FIELDS + ("messages", "max_completion_tokens", "top_logprobs", "tools",
                                "response_format")

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from molink import LLM, SamplingParams
 
@@ -206,3 +207,31 @@ def test_vllm_options_that_would_change_nothing_are_accepted_and_the_rest_raise(
                   trust_remote_code=True, enforce_eager=True, gpu_memory_utilization=0.9)
     assert "trust_remote_code=True has no effect" in caplog.text
     assert llm.generate("hi", SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+
+
+def test_prompt_logprobs_are_the_models_own(tiny_model_dir):
+    """vLLM's prompt_logprobs: each prompt token's logprob given the tokens before it, as
+    ``transformers`` computes it, with its rank and the top 3, also when the prompt is
+    computed in chunks (16 tokens a step: this 40-token prompt takes three)."""
+    directory = str(tiny_model_dir("llama"))
+    chunked = LLM(model=directory, dtype="float32", device="cpu", block_size=8,
+                  max_num_batched_tokens=16)
+    ids = [(7 * i + 5) % 200 + 3 for i in range(40)]
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, prompt_logprobs=3)
+    (output,) = chunked.generate([{"prompt_token_ids": ids}], params)
+    model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # [40, vocab]
+    assert len(output.prompt_logprobs) == len(ids) and output.prompt_logprobs[0] is None
+    for position in range(1, len(ids)):
+        entry, row = output.prompt_logprobs[position], want[position - 1]
+        token = ids[position]
+        assert entry[token].logprob == pytest.approx(row[token].item(), abs=1e-4)
+        assert entry[token].rank == int((row > row[token] + 1e-4).sum()) + 1
+        top = sorted((lp.rank, t) for t, lp in entry.items() if lp.rank <= 3)
+        assert [t for _, t in top] == row.topk(3).indices.tolist()
+        assert len(entry) == 3 + (entry[token].rank > 3)
+    # the answer itself is not changed by asking
+    plain = chunked.generate([{"prompt_token_ids": ids}], params.replace(prompt_logprobs=None))
+    assert plain[0].outputs[0].token_ids == output.outputs[0].token_ids
+    assert plain[0].prompt_logprobs is None

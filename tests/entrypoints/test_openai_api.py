@@ -190,6 +190,69 @@ def test_completions_logprobs(server, llm):
         [entry[t].logprob for entry, t in zip(offline.logprobs, offline.token_ids)], abs=1e-4)
 
 
+def test_prompt_logprobs_across_stages(server, llm):
+    """vLLM's prompt_logprobs, computed on the last stage and carried to the head: the
+    offline LLM's values, as vLLM shapes them (None for the first token, then the top-N and
+    the prompt's own token by id), on completions (whole and first chunk) and chat."""
+    ids = llm.get_tokenizer().encode(PROMPTS[1])
+    offline = llm.generate(PROMPTS[1], greedy(3, prompt_logprobs=2))[0].prompt_logprobs
+    client = server.client()
+    whole = client.completions.create(model=server.model, prompt=PROMPTS[1], max_tokens=3,
+                                      temperature=0, extra_body={"prompt_logprobs": 2})
+    streamed = list(client.completions.create(model=server.model, prompt=PROMPTS[1],
+                                              max_tokens=3, temperature=0, stream=True,
+                                              extra_body={"prompt_logprobs": 2}))
+    chat = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})
+    first_chunk = streamed[0].choices[0].model_dump()
+    assert all("prompt_logprobs" not in c.choices[0].model_dump() for c in streamed[1:])
+    for got in (whole.choices[0].model_dump()["prompt_logprobs"], first_chunk["prompt_logprobs"]):
+        assert len(got) == len(ids) and got[0] is None
+        for position in range(1, len(ids)):
+            want = offline[position]
+            assert {int(t) for t in got[position]} == {t for t, lp in want.items() if lp.rank <= 2} | {
+                ids[position]}
+            for token, value in got[position].items():
+                assert value["logprob"] == pytest.approx(want[int(token)].logprob, abs=1e-4)
+                assert value["rank"] == want[int(token)].rank
+    prompt = chat.model_dump()["prompt_logprobs"]
+    assert prompt[0] is None and len(prompt) == chat.usage.prompt_tokens
+    assert all(len(entry) == 1 for entry in prompt[1:])  # top 0: the prompt's own token only
+
+
+def test_echo_with_logprobs_puts_the_prompt_tokens_first(server, llm):
+    """Completions with echo and logprobs: the prompt's tokens first (the first with no
+    logprob), then the generated ones, text offsets into the echoed text; streamed the
+    same."""
+    ids = llm.get_tokenizer().encode(PROMPTS[1])
+    offline = llm.generate(PROMPTS[1], greedy(4, logprobs=1, prompt_logprobs=1))[0]
+    client = server.client()
+    common = {"model": server.model, "prompt": PROMPTS[1], "max_tokens": 4, "echo": True,
+              "logprobs": 1, **GREEDY}
+    whole = client.completions.create(**common).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **common)]
+    logprobs = whole.logprobs
+    assert whole.text == PROMPTS[1] + offline.outputs[0].text
+    assert len(logprobs.tokens) == len(ids) + 4
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:] == pytest.approx(
+        [offline.prompt_logprobs[p][ids[p]].logprob for p in range(1, len(ids))]
+        + [e[t].logprob for e, t in zip(offline.outputs[0].logprobs,
+                                        offline.outputs[0].token_ids)], abs=1e-4)
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    offsets = logprobs.text_offset
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert offsets[len(ids)] == len(PROMPTS[1])  # the first generated token's, in the text
+    assert "".join(logprobs.tokens[len(ids):]) == offline.outputs[0].text
+    assert "".join(c.text for c in chunks) == whole.text
+    streamed = {field: [v for c in chunks if c.logprobs for v in getattr(c.logprobs, field)]
+                for field in ("tokens", "token_logprobs", "text_offset")}
+    assert streamed["tokens"] == logprobs.tokens
+    assert streamed["text_offset"] == logprobs.text_offset
+    assert streamed["token_logprobs"][0] is None
+    assert streamed["token_logprobs"][1:] == pytest.approx(logprobs.token_logprobs[1:])
+
+
 def test_tokens_as_token_ids(server, llm):
     """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:N" (completions and
     chat), N the generated ids."""

@@ -78,7 +78,7 @@ def test_validation_errors_are_400_naming_the_field(tokenizer):
                         (completion | {"temperature": "hot"}, "temperature"),
                         (completion | {"max_tokens": 1.5}, "max_tokens"),
                         (completion | {"stop": ["\ud800"]}, "stop"),
-                        (completion | {"echo": True, "logprobs": 1}, "echo"),
+                        (completion | {"echo": True, "prompt_logprobs": -2}, "prompt_logprobs"),
                         (completion | {"stream_options": {"include_usage": "yes"}},
                          "stream_options"),
                         (completion | {"model": 5}, "model")]:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 def _plan() -> StepPlan:
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=20, seed=42, logprobs=3,
-                            repetition_penalty=1.1, stop_token_ids=[7, 9], min_tokens=2,
+                            prompt_logprobs=0, repetition_penalty=1.1, stop_token_ids=[7, 9], min_tokens=2,
                             max_tokens=None)  # stop conditions stay on the head: not sent
     return StepPlan(
         step_id=12, microbatch_id=2,
@@ -40,17 +40,22 @@ def test_step_round_trip():
     assert step.hidden == hidden and step.reset and step.error == ""
     sent = step.plan.new_requests[0].sampling_params
     assert sent.temperature == 0.7 and sent.seed == 42 and sent.stop_token_id_set == {7, 9}
+    assert sent.prompt_logprobs == 0 and plan.new_requests[0].sampling_params.logprobs == 3
 
 
 def test_result_round_trip():
     output = StepOutput(step_id=3, microbatch_id=1, sampled_token_ids={"a": 5, "b": 0},
-                        logprobs={"a": TokenLogprobs(5, -0.25, 1, [(5, -0.25), (8, -2.5)])})
+                        logprobs={"a": TokenLogprobs(5, -0.25, 1, [(5, -0.25), (8, -2.5)])},
+                        prompt_logprobs={"c": {1: TokenLogprobs(4, -3.0, 7, [(2, -0.5)]),
+                                               2: TokenLogprobs(9, -0.5, 1, [])}})
     hops = (LinkReport(1e8, 0.02, 1000, 3, 40, "int8"), LinkReport())
-    result = decode_result(pb.StepResult.FromString(
-        encode_result(output, error="", stage_compute_s=(0.5, 0.25),
-                      hops=hops).SerializeToString()))
+    message = encode_result(output, error="", stage_compute_s=(0.5, 0.25), hops=hops)
+    result = decode_result(pb.StepResult.FromString(message.SerializeToString()))
     assert result.output == output and result.error == "" and result.stage_compute_s == (0.5, 0.25)
     assert result.hops == hops
+    del message.prompt_logprobs["c"].positions[1]  # a peer's malformed result
+    with pytest.raises(WireFormatError, match="prompt logprobs"):
+        decode_result(message)
 
 
 def test_chunk_fields_round_trip_and_are_checked():
