@@ -68,6 +68,8 @@ def node_offer(args, model_dir: str, device: torch.device) -> NodeOffer:
         return measure_offer(model_dir, args.dtype, device, args.max_memory,
                              args.gpu_memory_utilization)
     profile = emulated_profile(args.emulate_device, model_dir, args.dtype, args.quantization)
+    # the whole card: the planner keeps DEFAULT_HEADROOM (10 %) of an offer unplanned, which
+    # leaves exactly GpuSpec.usable_bytes, what the emulated stage lets weights and KV take
     memory = args.max_memory or GPU_MEMORY_GB.get(args.emulate_device, 0) * GB
     if not memory:
         raise ValueError(f"--emulate-device {args.emulate_device} without --layers needs "

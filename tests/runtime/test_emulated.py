@@ -5,16 +5,20 @@ profile."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 
 import pytest
+import torch
 
+from molink.entrypoints.join_auto import node_offer
 from molink.messages import BatchEntry, NewRequest, StepPlan
 from molink.runtime.device_profile import GPUS, DeviceProfile, published_profile, roofline
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.model_size import emulated_stage, kv_blocks_that_fit, measure_model
 from molink.sampling_params import SamplingParams
+from molink.scheduler.placement import DEFAULT_HEADROOM
 
 LLAMA_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_heads": 64,
              "num_kv_heads": 8, "head_dim": 128}
@@ -131,6 +135,18 @@ def test_a_stage_that_does_not_fit_its_gpu_is_refused(qwen_32b):
     profile, num_blocks = emulated_stage("rtx3090", qwen_32b, "bfloat16", "int4", (0, 22), 16,
                                          None)
     assert num_blocks == kv_blocks_that_fit(gpu, int4, (0, 22), 16) and profile.lm_head_ms
+
+
+def test_what_automatic_placement_plans_on_an_emulated_gpu_is_what_its_stage_allows(qwen_32b):
+    """``molink join --emulate-device rtx3090`` without ``--layers`` offers the whole card;
+    the planner keeps its headroom of that unplanned, which must leave exactly what the
+    emulated stage lets weights and KV take (else placement would plan ranges the stage
+    then refuses, or waste memory)."""
+    args = argparse.Namespace(emulate_device="rtx3090", max_memory=None, dtype="bfloat16",
+                              quantization="int4")
+    offer = node_offer(args, qwen_32b, torch.device("cpu"))
+    planned = offer.memory_bytes * (1 - DEFAULT_HEADROOM)
+    assert planned == pytest.approx(GPUS["rtx3090"].usable_bytes, rel=1e-9)
 
 
 def test_profile_files_round_trip_and_bad_ones_are_refused(tmp_path):
