@@ -8,17 +8,24 @@ import asyncio
 import pytest
 
 from molink import LLM, SamplingParams
+from molink.config import SchedulerConfig
+from molink.entrypoints.metrics import HeadMetrics
 from tests.coordinator.pipeline_harness import pipeline
+from tests.entrypoints.test_metrics import metric_samples
 from tests.model.arch_checks import make_prompts
 
 SHORT = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 LONG = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
 LONG_PROMPT = 200
+MAX_BATCHED_TOKENS = SchedulerConfig().max_num_batched_tokens  # the harness's default
 
 
 async def _run(head, shorts, long_prompt):
     """-> (every output's tokens, tokens each short stream got while the long prompt was
-    prefilled: from its submission to its first token)."""
+    prefilled: from its submission to its first token, the prefill budget /metrics showed
+    then, while streams still decoded)."""
+    metrics = HeadMetrics(head)
+    budgets: list[float] = []
     outputs: dict[int, list[int]] = {}
     during: list[int] = [0] * len(shorts)
     state = {"long_started": False, "long_first": False}
@@ -30,6 +37,8 @@ async def _run(head, shorts, long_prompt):
                 decoding.set()
             if state["long_started"] and not state["long_first"]:
                 during[i] += 1
+                if not out.finished:  # (its last token's step may have had nothing decoding)
+                    budgets.append(metric_samples(metrics)["molink_prefill_budget_tokens"])
             outputs[i] = list(out.outputs[0].token_ids)
 
     async def long():
@@ -40,7 +49,7 @@ async def _run(head, shorts, long_prompt):
             outputs[len(shorts)] = list(out.outputs[0].token_ids)
 
     await asyncio.gather(*(short(i, p) for i, p in enumerate(shorts)), long())
-    return [outputs[i] for i in range(len(shorts) + 1)], during
+    return [outputs[i] for i in range(len(shorts) + 1)], during, budgets
 
 
 @pytest.mark.parametrize("factor", [0.005, 0.0])
@@ -64,9 +73,11 @@ def test_a_long_prompt_is_chunked_beside_decodes_and_tokens_do_not_change(tiny_m
                             decode_stall_factor=factor) as (head, _):
             return await _run(head, shorts, long_prompt)
 
-    tokens, during = asyncio.run(main())
+    tokens, during, budgets = asyncio.run(main())
     assert tokens == expected
     if factor:
         assert min(during) >= LONG_PROMPT // 16 - 2, during
+        assert budgets and set(budgets) == {16}, [int(b) for b in budgets]
     else:
         assert max(during) <= 2, during
+        assert budgets and set(budgets) == {MAX_BATCHED_TOKENS}, budgets

@@ -12,7 +12,7 @@ from molink.entrypoints.metrics import HeadMetrics
 from tests.coordinator.pipeline_harness import pipeline
 
 
-def _samples(metrics: HeadMetrics) -> dict[str, float]:
+def metric_samples(metrics: HeadMetrics) -> dict[str, float]:
     values = {}
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
@@ -25,20 +25,20 @@ def test_metrics_move_and_abandoned_streams_free_kv(tiny_model_dir):
     async def scenario():
         async with pipeline(tiny_model_dir("llama"), (0, 2), ["2:4"]) as (head, _):
             metrics = HeadMetrics(head)
-            before = _samples(metrics)
+            before = metric_samples(metrics)
             params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
             async for _ in head.generate([5, 6, 7], params):
                 pass
-            served = _samples(metrics)
+            served = metric_samples(metrics)
             long = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
             stream = head.generate(list(range(10, 40)), long)
             await stream.__anext__()  # generation under way, KV held
             await stream.__anext__()
-            holding = _samples(metrics)
+            holding = metric_samples(metrics)
             await stream.aclose()  # the client goes away
             while head.scheduler.num_in_flight_plans:  # let in-flight steps come back
                 await asyncio.sleep(0.01)
-            released = _samples(metrics)
+            released = metric_samples(metrics)
             return before, served, holding, released
 
     before, served, holding, released = asyncio.run(scenario())
