@@ -9,6 +9,7 @@ once loaded it joins with that range like any stage.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -48,13 +49,24 @@ class JoinDesk:
         self._head_expected = head_expected  # the head offers itself too (serve --layers auto)
         self._on_dead = on_dead
         self._placement: AutoPlacement | None = None
+        self._building = asyncio.Lock()  # the first offers wait for one build
         self._answers: dict[str, str] = {}  # the last answer logged per node
 
     @property
     def placement(self) -> AutoPlacement:
-        if self._placement is None:
-            self._placement = AutoPlacement(self._footprint(), self._headroom, self._settle_s,
-                                            head_expected=self._head_expected)
+        """Built by the first ``offer`` / ``place``."""
+        assert self._placement is not None, "no offer was placed yet"
+        return self._placement
+
+    async def _ready(self) -> AutoPlacement:
+        """The placement, its footprint built once, in a thread: a meta-device build of a
+        large model takes seconds, while the head's event loop keeps serving streams,
+        health checks and other joins. Raises ValueError when the model cannot be sized."""
+        async with self._building:
+            if self._placement is None:
+                footprint = await asyncio.to_thread(self._footprint)
+                self._placement = AutoPlacement(footprint, self._headroom, self._settle_s,
+                                                head_expected=self._head_expected)
         return self._placement
 
     async def join(self, info: pb.StageInfo, address: str, min_blocks: int,
@@ -80,7 +92,7 @@ class JoinDesk:
             self._placement.joined(info.node_id or address, info.start_layer, info.end_layer)
         return member, ""
 
-    def offer(self, key: str, info: pb.StageInfo) -> pb.JoinReply:
+    async def offer(self, key: str, info: pb.StageInfo) -> pb.JoinReply:
         """A node without a range: the range it is to load, or wait (with the reason)."""
         reason = self.membership.check_identity(info.model_fingerprint, info.dtype,
                                                 info.block_size, info.num_layers)
@@ -90,7 +102,7 @@ class JoinDesk:
             logger.warning("refused stage %s (asking for layers): %s", key, reason)
             return pb.JoinReply(accepted=False, reason=reason)
         try:
-            answer = self.place(key, info.memory_bytes, info.seconds_per_layer)
+            answer = await self.place(key, info.memory_bytes, info.seconds_per_layer)
         except ValueError as exc:  # the model's sizes cannot be worked out for a plan
             logger.error("automatic placement is not possible: %s", exc)
             return pb.JoinReply(accepted=False, reason=f"automatic placement is not possible "
@@ -99,10 +111,10 @@ class JoinDesk:
             return pb.JoinReply(accepted=False, wait=True, reason=self._answers[key])
         return pb.JoinReply(accepted=False, assigned_start=answer[0], assigned_end=answer[1])
 
-    def place(self, key: str, memory_bytes: int, seconds_per_layer: float) -> tuple[
+    async def place(self, key: str, memory_bytes: int, seconds_per_layer: float) -> tuple[
             int, int] | None:
         """The range ``key`` is to load, or None (the reason is logged once per change)."""
-        placement = self.placement
+        placement = await self._ready()
         plan_before = placement.last_plan
         answer = placement.offer(key, memory_bytes, seconds_per_layer,
                                  self.membership.missing_ranges(), time.monotonic())

@@ -53,7 +53,7 @@ class OwnLayers:
         layers = None
         while not stopping():
             try:
-                layers = desk.place(HEAD, offer.memory_bytes, offer.seconds_per_layer)
+                layers = await desk.place(HEAD, offer.memory_bytes, offer.seconds_per_layer)
             except ValueError as exc:  # the model's sizes cannot be worked out for a plan
                 logger.error("automatic placement is not possible: %s; give --layers", exc)
                 return None

@@ -306,7 +306,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         info = request.stage
         address = info.address or stage_address(context.peer(), info.port)
         if info.auto_layers and info.end_layer == 0:
-            return self.desk.offer(info.node_id or address, info)
+            return await self.desk.offer(info.node_id or address, info)
         min_blocks = self.scheduler.block_pool.num_blocks if self.scheduler else 1
         # A stage whose exact range is served already (by a standby promoted before it came),
         # or that was lost and is back while others serve its layers, waits as a standby

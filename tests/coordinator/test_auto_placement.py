@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from molink.coordinator.auto_placement import HEAD, AutoPlacement
 from molink.scheduler.placement import ModelFootprint, NodeBudget, plan_placement
 
@@ -123,14 +126,53 @@ def test_the_join_desk_answers_offers_and_refuses_when_a_model_cannot_be_sized()
 
     info = pb.StageInfo(model_fingerprint="fp", dtype="float32", block_size=8, num_layers=8,
                         memory_bytes=100 * LAYER, seconds_per_layer=1.0, auto_layers=True)
-    reply = desk(lambda: FOOTPRINT).offer("node", info)
+    reply = asyncio.run(desk(lambda: FOOTPRINT).offer("node", info))
     assert (reply.accepted, reply.assigned_start, reply.assigned_end) == (False, 0, 8)
 
     def unsizable():
         raise ValueError("keeps no layer dict")
 
-    reply = desk(unsizable).offer("node", info)
+    reply = asyncio.run(desk(unsizable).offer("node", info))
     assert not reply.wait and "give --layers" in reply.reason and "layer dict" in reply.reason
     info.dtype = "bfloat16"
-    reply = desk(lambda: FOOTPRINT).offer("node", info)
+    reply = asyncio.run(desk(lambda: FOOTPRINT).offer("node", info))
     assert not reply.wait and "dtype mismatch" in reply.reason
+
+
+def test_sizing_the_model_for_a_plan_does_not_block_the_heads_event_loop():
+    """The first offers wait for the footprint (built once, in a thread: seconds for a large
+    model), while the event loop keeps running: a timer ticks throughout."""
+    from molink.coordinator.join_desk import JoinDesk
+    from molink.coordinator.membership import Membership, ModelIdentity
+    from molink.transport import molink_pb2 as pb
+
+    builds = []
+
+    def slow_footprint():
+        builds.append(1)
+        time.sleep(0.5)
+        return FOOTPRINT
+
+    async def scenario():
+        membership = Membership(ModelIdentity("fp", "float32", 8, 8), None)
+        desk = JoinDesk(membership, None, slow_footprint, settle_s=0.0, headroom=0.0,
+                        head_expected=False, on_dead=lambda member, why: None)
+        info = pb.StageInfo(model_fingerprint="fp", dtype="float32", block_size=8,
+                            num_layers=8, memory_bytes=100 * LAYER, seconds_per_layer=1.0,
+                            auto_layers=True)
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        replies = await asyncio.gather(desk.offer("a", info), desk.offer("b", info))
+        ticker.cancel()
+        return replies, ticks
+
+    replies, ticks = asyncio.run(scenario())
+    assert ticks >= 20 and builds == [1]  # the loop ran during the build, which ran once
+    assert [(r.assigned_start, r.assigned_end) for r in replies if not r.wait] == [(0, 8)]
