@@ -44,15 +44,16 @@ from benchmarks.weak_links.grid import run_job
 from benchmarks.weak_links.measurement import RunResult
 from benchmarks.weak_links.regimes import check_fits, emulated_regime
 from benchmarks.weak_links.relay import Relays
-from benchmarks.weak_links.systems import SYSTEMS, Job, Setting, System, Timing, fifo_with
+from benchmarks.weak_links.systems import SYSTEMS, Job, Setting, Timing, fifo_with
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 COSTS = ROOT / "benchmarks" / "configs" / "costs.json"
 TUNE_COUNTS = (2, 3, 4, 6, 8)
 DECODE_CONTEXT = 256  # tokens per decode-heavy request the memory check provides for
-DECODE_KEYS = ("a", "b", "b*", "c", "c-fifo", "c-priority", "c-stages-mb", "c-int8")
-MIXED_KEYS = ("b*", "c", "c-fifo", "c-priority")
+DECODE_KEYS = ("a", "b", "b*", "c", "c-fifo", "c-priority", "c-stages-mb", "c-no-stall",
+               "c-int8")
+MIXED_KEYS = ("b*", "c", "c-fifo", "c-priority", "c-no-stall")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,8 +110,7 @@ async def run(args, timing: Timing) -> tuple[dict, object, list[str], list[RunRe
                               timing, args, tuning)
             best = max((r for r in tuning if r.ok), key=lambda r: r.throughput)
             count = int(best.system.microbatches)
-            tuned = System("b*", f"(b*) FIFO pipeline, tuned: {count} micro-batches",
-                           str(count), "fifo", "auto")
+            tuned = fifo_with(count, "b*", f"(b*) FIFO pipeline, tuned: {count} micro-batches")
             systems = {**SYSTEMS, "b*": tuned}
             cells: dict[tuple[str, str], list[RunResult]] = {}
             plan = [(key, "decode") for key in DECODE_KEYS]
@@ -328,7 +328,8 @@ def plain_section(cells, labels) -> list[str]:
     lines = ["## What each technique adds here", ""]
     c_runs = [r.throughput for r in ok_runs(cells, "c", "decode")]
     for key, technique in (("c-fifo", "link scheduling"), ("c-priority", "just-in-time chunking"),
-                           ("c-stages-mb", "measured micro-batching")):
+                           ("c-stages-mb", "measured micro-batching"),
+                           ("c-no-stall", "the decode-stall bound")):
         runs = [r.throughput for r in ok_runs(cells, key, "decode")]
         if not runs or not c_runs:
             continue
@@ -339,20 +340,26 @@ def plain_section(cells, labels) -> list[str]:
         else:
             verdict = "adds nothing measurable (the runs' ranges overlap)"
         lines.append(f"- decode-heavy, {technique} ({labels[key]} vs (c)): {verdict}.")
-    for key, technique in (("c-fifo", "link scheduling"), ("c-priority", "just-in-time chunking")):
-        base = [r.itl[1] for r in ok_runs(cells, "c", "mixed") if r.itl]
-        runs = [r.itl[1] for r in ok_runs(cells, key, "mixed") if r.itl]
-        if base and runs:
-            if max(base) < min(runs):
-                verdict = (f"lowers ITL p99 {1 - statistics.median(base) / statistics.median(runs):.0%}"
-                           " (ranges apart)")
-            elif min(base) > max(runs):
-                verdict = (f"raises ITL p99 {statistics.median(base) / statistics.median(runs) - 1:.0%}"
-                           " (ranges apart)")
-            else:
-                verdict = "changes ITL p99 by nothing measurable (the runs' ranges overlap)"
-            lines.append(f"- mixed, {technique}: {verdict}.")
+    for key, technique in (("c-fifo", "link scheduling"), ("c-priority", "just-in-time chunking"),
+                           ("c-no-stall", "the decode-stall bound")):
+        verdicts = [_p99_verdict(name, [pick(r) for r in ok_runs(cells, "c", "mixed") if pick(r)],
+                                 [pick(r) for r in ok_runs(cells, key, "mixed") if pick(r)])
+                    for name, pick in (("ITL p99", lambda r: r.itl and r.itl[1]),
+                                       ("TTFT p99", lambda r: r.ttft and r.ttft[1]))]
+        if all(verdicts):
+            lines.append(f"- mixed, {technique}: {'; '.join(verdicts)}.")
     return [*lines, ""]
+
+
+def _p99_verdict(name: str, base: list[float], without: list[float]) -> str:
+    """What (c) does to a latency against the system without the technique."""
+    if not base or not without:
+        return ""
+    if max(base) < min(without):
+        return f"lowers {name} {1 - statistics.median(base) / statistics.median(without):.0%} (ranges apart)"
+    if min(base) > max(without):
+        return f"raises {name} {statistics.median(base) / statistics.median(without) - 1:.0%} (ranges apart)"
+    return f"changes {name} by nothing measurable (the runs' ranges overlap)"
 
 
 def main(argv=None) -> int:

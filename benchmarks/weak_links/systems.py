@@ -17,34 +17,44 @@ class System:
     microbatches: str  # "one" | "stages" | "auto" (the measured chooser) | a number
     link_schedule: str  # "molink" | "priority" | "fifo"
     compression: str  # "auto" (lossless: the model's dtype) | "int8" | ...
+    # --decode-stall-factor (None: MoLink's default). The baselines run without the bound
+    # (0): prompts are cut only to the step's token budget, as chunked prefill usually is.
+    stall_factor: float | None = None
 
     def head_options(self, num_stages: int) -> dict:
         """HeadConfig keyword arguments that make the head run this system."""
         fixed = {"one": 1, "stages": num_stages, "auto": None}
         count = fixed[self.microbatches] if self.microbatches in fixed else int(self.microbatches)
-        return {"num_microbatches": count, "link_schedule": self.link_schedule,
-                "compression": self.compression}
+        options = {"num_microbatches": count, "link_schedule": self.link_schedule,
+                   "compression": self.compression}
+        if self.stall_factor is not None:
+            options["decode_stall_factor"] = self.stall_factor
+        return options
 
+
+NO_STALL_BOUND = 0.0
 
 # Every system sends the model's own dtype (lossless) except the compression row, c-int8.
 SYSTEMS = {s.key: s for s in (
-    System("a", "(a) sequential", "one", "fifo", "auto"),
-    System("b", "(b) FIFO pipeline", "stages", "fifo", "auto"),
+    System("a", "(a) sequential", "one", "fifo", "auto", NO_STALL_BOUND),
+    System("b", "(b) FIFO pipeline", "stages", "fifo", "auto", NO_STALL_BOUND),
     System("c", "(c) MoLink", "auto", "molink", "auto"),
     System("c-stages-mb", "(c) w/o measured micro-batching (= stages)", "stages", "molink", "auto"),
     System("c-priority", "(c) w/o just-in-time chunking (decode-first only)", "auto", "priority",
            "auto"),
     System("c-fifo", "(c) w/o link scheduling (FIFO)", "auto", "fifo", "auto"),
+    System("c-no-stall", "(c) w/o the decode-stall bound", "auto", "molink", "auto",
+           NO_STALL_BOUND),
     System("c-int8", "(c) + int8 activations (lossy)", "auto", "molink", "int8"),
 )}
 MAIN_SYSTEMS = ("a", "b", "c")
-ABLATIONS = ("c-stages-mb", "c-priority", "c-fifo", "c-int8")
+ABLATIONS = ("c-stages-mb", "c-priority", "c-fifo", "c-no-stall", "c-int8")
 
 
-def fifo_with(count: int) -> System:
+def fifo_with(count: int, key: str = "", label: str = "") -> System:
     """(b) with a given number of micro-batches in flight (for tuning it)."""
-    return System(f"b{count}", f"(b) FIFO pipeline, {count} micro-batches", str(count), "fifo",
-                  "auto")
+    return System(key or f"b{count}", label or f"(b) FIFO pipeline, {count} micro-batches",
+                  str(count), "fifo", "auto", NO_STALL_BOUND)
 
 
 @dataclass(frozen=True)
