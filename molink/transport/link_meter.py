@@ -17,9 +17,12 @@ a cycle of gains: a phase at 1.25x the estimate (if the link can carry more, the
 arrive faster and a sample shows it), one at 0.75x (draining the queue that phase left in
 socket buffers, where the link scheduler cannot reorder it), six at 1x. The estimate is the
 largest delivery rate of the last two cycles (with none, an idle link, the last one;
-before the first, the probe's and the idle-link measurement). And the sender holds back while 1.5 bandwidth-delay products are
-unacknowledged, so a link that slows down (another flow, a relay running late) cannot
-pile up more than about half a round trip of bytes ahead of the next decode.
+before the first, the probe's and the idle-link measurement). And the sender holds back while two bandwidth-delay products and a message
+are unacknowledged (as BBR caps what is in flight): enough for a message's own transfer,
+the round trip and a receiver slow to acknowledge while it computes, so the cap does not
+throttle a link that pacing keeps busy, while a link that slows down (another flow, a
+relay running late) cannot pile up much more than a round trip of bytes ahead of the next
+decode.
 
 The meter also keeps the rhythm of decode traffic (when the next decode part is due), which
 the link scheduler uses to leave room for it, and names the wire compression it applies
@@ -42,8 +45,9 @@ PACING_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # one cycle, a phase 
 MIN_PHASE_S = 0.02
 LATE_CREDIT_S = 0.01  # a send this late on its pace may catch up (a burst of this long)
 WINDOW_CYCLES = 2  # the delivery rate is the largest sample of this many cycles
-IN_FLIGHT_BDPS = 1.5  # unacknowledged bytes allowed, in bandwidth-delay products
-MIN_IN_FLIGHT_BYTES = 64 * 1024
+IN_FLIGHT_BDPS = 2.0  # unacknowledged bytes allowed: bandwidth-delay products, plus
+MIN_IN_FLIGHT_BYTES = 64 * 1024  # the largest recent message (and never less than this)
+RECENT_MESSAGES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,7 @@ class LinkMeter:
         self._idle_bps = 0.0  # the probe's and the idle-link acks' estimate
         self._delivered = 0
         self.in_flight_bytes = 0
+        self._recent_sizes: collections.deque[int] = collections.deque(maxlen=RECENT_MESSAGES)
         self._delivered_at = self._first_sent_at = 0.0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()  # (at, bps)
         self._sampled = False  # a delivery rate was ever sampled (then idle acks only wait)
@@ -75,30 +80,44 @@ class LinkMeter:
     def _phase_s(self) -> float:
         return max(MIN_PHASE_S, 2 * self.link.latency_s)
 
-    def pacing_bps(self, now: float) -> float:
-        """The rate to write at now: the estimate times the gain of the cycle's phase."""
-        phase = int(now / self._phase_s()) % len(PACING_GAINS)
-        return PACING_GAINS[phase] * self.bandwidth_bps
 
     def paced_until(self, free_at: float, now: float, num_bytes: int) -> float:
         """When a message of ``num_bytes`` written now is through the link, as pacing
-        counts (``free_at``: when the earlier ones are). A sender that wakes up a little
-        late continues from where it should have been: its timers' lateness is not taken
-        from the link (else it paces below the estimate, and the delivery rate it then
-        sees pulls the estimate down after it)."""
-        start = free_at if 0.0 <= now - free_at <= LATE_CREDIT_S else max(now, free_at)
-        return start + num_bytes * 8 / self.pacing_bps(now)
+        counts (``free_at``: when the earlier ones are), at the gain of each phase it spans
+        (a message longer than a phase is not paced at its first phase's gain throughout).
+        A sender that wakes up a little late continues from where it should have been: its
+        timers' lateness is not taken from the link (else it paces below the estimate, and
+        the delivery rate it then sees pulls the estimate down after it)."""
+        t = free_at if 0.0 <= now - free_at <= LATE_CREDIT_S else max(now, free_at)
+        bits = num_bytes * 8
+        phase_s = self._phase_s()
+        cycle_s = phase_s * len(PACING_GAINS)
+        mean_gain = sum(PACING_GAINS) / len(PACING_GAINS)
+        cycles = int(bits // (self.bandwidth_bps * mean_gain * cycle_s))
+        t += cycles * cycle_s  # whole cycles: at their mean gain
+        bits = max(0.0, bits - cycles * self.bandwidth_bps * mean_gain * cycle_s)
+        phase = int(t / phase_s)
+        while True:  # the rest phase by phase: each at its own gain (a cycle at most)
+            rate = PACING_GAINS[phase % len(PACING_GAINS)] * self.bandwidth_bps
+            phase += 1
+            room = rate * max(0.0, phase * phase_s - t)
+            if bits <= room:
+                return t + bits / rate
+            bits -= room
+            t = phase * phase_s
 
     def window_full(self) -> bool:
         """Enough is unacknowledged to keep the link busy: wait for an ack before more."""
         bdp = self.bandwidth_bps * 2 * self.link.latency_s / 8
-        return self.in_flight_bytes >= max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BDPS * bdp)
+        largest = max(self._recent_sizes, default=0)
+        return self.in_flight_bytes >= max(MIN_IN_FLIGHT_BYTES, IN_FLIGHT_BDPS * bdp + largest)
 
     def sent(self, now: float, num_bytes: int, app_limited: bool) -> SendState:
         """A message of ``num_bytes`` is written now."""
         if not self.in_flight_bytes:  # the link was idle: the interval starts now
             self._delivered_at = self._first_sent_at = now
         self.in_flight_bytes += num_bytes
+        self._recent_sizes.append(num_bytes)
         return SendState(self._delivered, self._delivered_at, self._first_sent_at, app_limited)
 
     def delivered(self, state: SendState | None, num_bytes: int, sent_at: float,

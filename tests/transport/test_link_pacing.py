@@ -17,7 +17,7 @@ import heapq
 import pytest
 
 from molink.transport import link_meter
-from molink.transport.link_meter import PACING_GAINS, LinkMeter
+from molink.transport.link_meter import IN_FLIGHT_BDPS, PACING_GAINS, LinkMeter
 
 MESSAGE_BYTES = 64 * 1024
 LATENCY_S = 0.02
@@ -38,14 +38,15 @@ class Run:
 
 
 def _simulate(rate_at, *, duration_s: float, start_bps: float, ack_delay_s: float = 0.002,
-              ack_every_s: float = 0.0) -> Run:
+              ack_every_s: float = 0.0, message_bytes: int = MESSAGE_BYTES) -> Run:
     """A backlogged sender paced by the meter (as ``HopSender`` paces: at the meter's rate,
     and not while its window is full) over a link whose rate at time t is ``rate_at(t)``.
     The meter starts from a probe that read ``start_bps``. ``ack_every_s``: the receiver
-    sends its acks in bunches this far apart."""
+    sends its acks in bunches this far apart; ``ack_delay_s``: after a message arrives (a
+    receiver busy computing acks late)."""
     meter = LinkMeter()
     rtt = 2 * LATENCY_S
-    meter.probed(rtt, rtt + MESSAGE_BYTES * 8 / start_bps, MESSAGE_BYTES, 0.0)
+    meter.probed(rtt, rtt + message_bytes * 8 / start_bps, message_bytes, 0.0)
     run = Run(meter, [(0.0, meter.bandwidth_bps)], [], [])
     acks: list[tuple[float, int, float, object, bool]] = []  # heap of pending acks
     t = free_at = link_free = 0.0
@@ -53,20 +54,20 @@ def _simulate(rate_at, *, duration_s: float, start_bps: float, ack_delay_s: floa
     while t < duration_s:
         if acks and (acks[0][0] <= free_at or meter.window_full()):
             t, _, sent_at, state, was_idle = heapq.heappop(acks)
-            meter.delivered(state, MESSAGE_BYTES, sent_at, t)
+            meter.delivered(state, message_bytes, sent_at, t)
             if was_idle:
-                meter.acknowledged(MESSAGE_BYTES, t - sent_at, t)
+                meter.acknowledged(message_bytes, t - sent_at, t)
             run.estimates.append((t, meter.bandwidth_bps))
             continue
         t = max(t, free_at)
         was_idle = not meter.in_flight_bytes
-        free_at = meter.paced_until(free_at, t, MESSAGE_BYTES)
-        state = meter.sent(t, MESSAGE_BYTES, app_limited=False)
+        free_at = meter.paced_until(free_at, t, message_bytes)
+        state = meter.sent(t, message_bytes, app_limited=False)
         start = max(t, link_free)
         run.queue_delays.append((t, start - t))
-        link_free = start + MESSAGE_BYTES * 8 / rate_at(start)
+        link_free = start + message_bytes * 8 / rate_at(start)
         arrived = link_free + LATENCY_S
-        run.delivered.append((arrived, MESSAGE_BYTES))
+        run.delivered.append((arrived, message_bytes))
         acked = arrived + ack_delay_s
         if ack_every_s:
             acked = (acked // ack_every_s + 1) * ack_every_s
@@ -120,13 +121,27 @@ def test_a_link_that_slows_down_is_followed():
 def test_bunched_acks_do_not_make_the_link_look_faster():
     """The receiver acks in bunches every 10 ms: a sample is never faster than the bytes
     were sent, nor shorter than a round trip, so bunching a quarter of a round trip
-    overstates the link by a few per cent at most, and the window keeps the queue short."""
+    overstates the link by a few per cent at most, and the cap on unacknowledged bytes
+    keeps the queue that leaves within a round trip and a message."""
     rate = 100e6
     run = _simulate(lambda t: rate, duration_s=5.0, start_bps=0.9 * rate, ack_every_s=0.01)
     assert max(bps for _, bps in run.estimates) <= 1.06 * rate
     assert run.estimate_at(3.0) >= 0.95 * rate
     assert run.throughput(2.0, 5.0) >= 0.97 * rate
-    assert max(delay for at, delay in run.queue_delays if at > 1.0) < 0.03
+    rtt = 2 * LATENCY_S
+    bound = (IN_FLIGHT_BDPS - 1) * rtt + 2 * MESSAGE_BYTES * 8 / rate + 0.01
+    assert max(delay for at, delay in run.queue_delays if at > 1.0) < bound
+
+
+@pytest.mark.parametrize("message_bytes", [256 * 1024, 640 * 1024, 1536 * 1024])
+def test_the_cap_on_unacknowledged_bytes_never_throttles_large_messages(message_bytes):
+    """Decode steps of 64 requests of a hidden size of 5,120 in 16 bits are 640 KiB, more than
+    a 100 Mbit/s x 40 ms link holds, and a receiver computing a step acks them late (20 ms
+    here): the link is still kept busy."""
+    rate = 100e6
+    run = _simulate(lambda t: rate, duration_s=8.0, start_bps=rate, ack_delay_s=0.02,
+                    message_bytes=message_bytes)
+    assert run.throughput(2.0, 8.0) >= 0.97 * rate
 
 
 def test_app_limited_samples_only_raise_the_estimate():
