@@ -42,7 +42,8 @@ class MicrobatchTuner:
         self._results_since_choice = 0
         self._timings: list[StageTiming] | None = None  # the fits, until the next record
         self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
-        self.prefill_budget_in_force: int | None = None  # the last plan's (None: no bound)
+        # prompt tokens the last plan could carry beside decodes (its budget, bound or not)
+        self.prompt_tokens_allowed = 0
 
     def reset(self) -> None:
         """The pipeline changed: forget every measurement."""
@@ -72,9 +73,10 @@ class MicrobatchTuner:
         over ``num_microbatches``) without stalling them beyond ``factor`` decode steps per
         stage, from the fitted step times (None: no bound, nothing decodes or is measured)."""
         stages = self.stage_timings() if factor > 0 and decoding else []
-        self.prefill_budget_in_force = None if not stages else prefill_chunk_tokens(
+        budget = None if not stages else prefill_chunk_tokens(
             stages, -(-decoding // num_microbatches), factor, max_tokens)
-        return self.prefill_budget_in_force
+        self.prompt_tokens_allowed = max_tokens if budget is None else budget
+        return budget
 
     def predict_step_s(self, tokens: int) -> float | None:
         """Compute seconds of a step of ``tokens`` over every stage, as fitted (None: not

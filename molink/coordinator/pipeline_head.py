@@ -150,6 +150,7 @@ class PipelineHead(pb_grpc.HeadServicer):
     stage_compute_s = _loop_attribute("stage_compute_s")
     breakdown = _loop_attribute("breakdown", "Where steps' time went (StepBreakdown).")
     num_microbatches = _loop_attribute("num_microbatches")
+    tuner = _loop_attribute("tuner", "The micro-batch count and prefill budget in force.")
     num_in_flight = _loop_attribute("num_in_flight", "Plans in the pipeline now.")
 
     @property

@@ -118,12 +118,10 @@ class _HeadCollector:
                      head.num_in_flight)
         yield _gauge("molink_microbatches_target", "Plans the head keeps in flight (as "
                      "configured, or chosen from measurements)", head.num_microbatches)
-        budget = head.loop.tuner.prefill_budget_in_force
         yield _gauge("molink_prefill_budget_tokens", "Prompt tokens the last step could carry "
                      "beside decoding requests (the stall bound, --decode-stall-factor; the "
                      "step's token budget where none was in force)",
-                     head.loop.scheduler_config.max_num_batched_tokens if budget is None
-                     else budget)
+                     head.tuner.prompt_tokens_allowed)
         yield _gauge("molink_steps_dispatched", "Steps sent into the pipeline",
                      head.stats.num_steps_dispatched)
         yield _gauge("molink_stage_failures", "Stages lost since start", head.stats.num_stage_failures)

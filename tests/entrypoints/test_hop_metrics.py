@@ -45,6 +45,7 @@ def _fake_head(hops: list[HopStats]):
         breakdown.record(plan, times)
     return types.SimpleNamespace(
         ready=True, num_in_flight=0, num_microbatches=3,
+        tuner=types.SimpleNamespace(prompt_tokens_allowed=2048),
         stats=HeadStats(activation_bytes_sent=123_456),
         stage_labels=lambda: list(STAGES), stage_compute_s=[0.001, 0.002, 0.003],
         stage_roles=lambda: [(label, "active") for label in STAGES],
