@@ -16,8 +16,8 @@ the time they took to be acknowledged, and never faster than they were sent) and
 a cycle of gains: a phase at 1.25x the estimate (if the link can carry more, the acks now
 arrive faster and a sample shows it), one at 0.75x (draining the queue that phase left in
 socket buffers, where the link scheduler cannot reorder it), six at 1x. The estimate is the
-largest delivery rate of the last two cycles (with none, an idle link, the last one;
-before the first, the probe's and the idle-link measurement). And the sender holds back while two bandwidth-delay products and a message
+largest measurement of the last two cycles, delivery rates and idle-link ones alike (with
+none, an idle link, the last estimate). And the sender holds back while two bandwidth-delay products and a message
 are unacknowledged (as BBR caps what is in flight): enough for a message's own transfer,
 the round trip and a receiver slow to acknowledge while it computes, so the cap does not
 throttle a link that pacing keeps busy, while a link that slows down (another flow, a
@@ -70,7 +70,6 @@ class LinkMeter:
         self._recent_sizes: collections.deque[int] = collections.deque(maxlen=RECENT_MESSAGES)
         self._delivered_at = self._first_sent_at = 0.0
         self._rates: collections.deque[tuple[float, float]] = collections.deque()  # (at, bps)
-        self._sampled = False  # a delivery rate was ever sampled (then idle acks only wait)
 
     @property
     def bandwidth_bps(self) -> float:
@@ -142,7 +141,6 @@ class LinkMeter:
         if state.app_limited and rate <= self.bandwidth_bps:
             return False
         self._rates.append((now, rate))
-        self._sampled = True
         return self._update(now)
 
     def _update(self, now: float) -> bool:
@@ -150,10 +148,8 @@ class LinkMeter:
         while self._rates and self._rates[0][0] < now - window:
             self._rates.popleft()
         before = self.link.bandwidth_bps
-        if self._rates:
+        if self._rates:  # else (an idle link) the last estimate stands
             self.link.bandwidth_bps = max(rate for _, rate in self._rates)
-        elif not self._sampled:  # no delivery rate yet: the idle-link measurement
-            self.link.bandwidth_bps = self._idle_bps
         return self.link.bandwidth_bps != before
 
     def probed(self, small_rtt_s: float, large_rtt_s: float, large_bytes: int,
@@ -178,6 +174,10 @@ class LinkMeter:
             if transfer > 0.1 * elapsed_s:
                 sample = min(MAX_BANDWIDTH_BPS, num_bytes * 8 / transfer)
                 self._idle_bps = ewma(self._idle_bps, sample) if self._idle_bps else sample
+                # a measurement like a delivery rate, for as long: a link kept barely busy
+                # (a message sent while a small one is in flight) has delivery rates that
+                # span a round trip and read it low
+                self._rates.append((now, self._idle_bps))
                 return self._update(now)
         return False
 
