@@ -6,7 +6,8 @@ what long prompts do to short streams' inter-token gaps (issue 19's real-CPU che
 
 Three stages on this machine: ``molink serve --layers 0:2`` and two ``molink join`` (2:4,
 4:6) of the benchmarks' random Llama (hidden 256, 6 layers, vocab 8,000, 4,096 positions,
-float32: this CPU has no native bfloat16), one thread each; a relay
+saved in float32, which ``--dtype auto`` keeps; ``--dtype`` sets every node's), one thread
+each; a relay
 (``benchmarks.weak_links.relay``, the project's LinkEmulator) at ``--link`` in front of
 every node that receives activations (stage 2, stage 3, the head's result port); streamed
 ``/v1/completions`` from one client (``benchmarks.peers.client``). Every process is
@@ -15,7 +16,8 @@ stopped by its pid, also when the run fails or is interrupted.
 1. **Micro-batching**: 32 client streams, each sending requests of 48 output tokens
    (32-token prompts) one after another: default flags against ``--num-microbatches 1``,
    interleaved, ``--repeats`` each; output tokens/s in a 30 s window after 25 s of the same
-   load (a server runs for hours: what auto settles on counts, not its first seconds).
+   load (a server runs for hours: what auto settles on counts, not its first seconds);
+   ``--counts 2 3`` adds fixed counts; the machine's CPU busy share in the window.
 2. **Stalls**: default flags; 8 short streams decode throughout; a quiet window, then one
    as long in which a 1,500-token prompt arrives every 2 s; the short streams'
    inter-token gaps inside each window (p50, p99) and the loaded / quiet ratio. Then the
@@ -74,6 +76,10 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=1, help="per node")
+    parser.add_argument("--dtype", default="auto",
+                        help="every node's --dtype (auto: the checkpoint's, float32 here)")
+    parser.add_argument("--counts", type=int, nargs="*", default=[],
+                        help="part 1: fixed micro-batch counts run beside default and one")
     parser.add_argument("--streams", type=int, default=32, help="part 1: streams at once")
     parser.add_argument("--warmup", type=float, default=25.0,
                         help="part 1: seconds of streaming before the window")
@@ -138,6 +144,29 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def cpu_times() -> tuple[int, int]:
+    """(all, idle) jiffies of this machine so far (/proc/stat; (0, 0) where there is none)."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(values), values[3] + values[4]  # idle + iowait
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of every core's time spent busy between two ``cpu_times``."""
+    total = after[0] - before[0]
+    return float("nan") if total <= 0 else 100 * (1 - (after[1] - before[1]) / total)
+
+
+def system_options(system: str) -> list[str]:
+    """The head's options for a system: a named one, or ``N micro-batches`` (``--counts``)."""
+    if system in SYSTEMS:
+        return SYSTEMS[system]
+    return ["--num-microbatches", system.split()[0]]
+
+
 async def metric(base_url: str, name: str) -> float | None:
     try:
         async with httpx.AsyncClient(timeout=5.0) as client:
@@ -154,7 +183,8 @@ async def with_cluster(setup: Setup, args, options: list[str], work):
     log_dir = Path(tempfile.mkdtemp(prefix="cluster-", dir=setup.log_dir))
     if args.server_log_level:
         options = [*options, "--log-level", args.server_log_level]
-    cluster = MolinkPipeline(setup, args.link, log_dir, [], args.layers, head_options=options)
+    nodes = [] if args.dtype == "auto" else ["--dtype", args.dtype]
+    cluster = MolinkPipeline(setup, args.link, log_dir, nodes, args.layers, head_options=options)
     try:
         await cluster.start()
         await warm_up(cluster.base_url, MODEL_NAME)
@@ -189,9 +219,9 @@ async def microbatching(setup: Setup, args, system: str) -> Row:
             tasks = [asyncio.create_task(streaming(client, url, i, args.output_tokens, traces,
                                                    stop)) for i in range(args.streams)]
             await asyncio.sleep(args.warmup)  # a long-running server: auto has settled
-            start = time.perf_counter()
+            start, cpu_before = time.perf_counter(), cpu_times()
             await asyncio.sleep(args.window)
-            end = time.perf_counter()
+            end, cpu_after = time.perf_counter(), cpu_times()
             chosen = await metric(cluster.base_url, "molink_microbatches_target")
             stop.set()
             await asyncio.gather(*tasks)
@@ -203,8 +233,9 @@ async def microbatching(setup: Setup, args, system: str) -> Row:
             "tok/s": events * tokens_per_chunk / (end - start),
             "bound tok/s": args.streams / single.p50("tpot_s"),
             "ITL p50 ms": 1e3 * p(gaps, 0.5), "ITL p99 ms": 1e3 * p(gaps, 0.99),
-            "micro-batches": chosen, "errors": sum(1 for t in traces if t.error)})
-    return await with_cluster(setup, args, SYSTEMS[system], work)
+            "micro-batches": chosen, "CPU busy %": busy_percent(cpu_before, cpu_after),
+            "errors": sum(1 for t in traces if t.error)})
+    return await with_cluster(setup, args, system_options(system), work)
 
 
 async def stalls(setup: Setup, args, system: str) -> Row:
@@ -287,6 +318,12 @@ def summary(rows: list[Row]) -> list[str]:
         bounds = [v["bound tok/s"] for v in by[("microbatching", "default")]]
         share = [a / b for a, b in zip(default, bounds)]
         ceiling = [b / o for b, o in zip(bounds, one)]
+        for system in sorted({s for p, s in by if p == "microbatching"} - {"default"}
+                             - {"one micro-batch"}):
+            fixed = [a / b for a, b in zip((v["tok/s"] for v in by[("microbatching", system)]),
+                                           one)]
+            lines.append(f"- {system} / `--num-microbatches 1` = "
+                         f"{statistics.median(fixed):.2f}x [{min(fixed):.2f}-{max(fixed):.2f}]")
         lines.append(f"- Default at {100 * statistics.median(share):.0f} % of its bound "
                      f"(streams / single-stream TPOT); the most any count could give over one "
                      f"micro-batch here: {statistics.median(ceiling):.2f}x")
@@ -299,13 +336,21 @@ def summary(rows: list[Row]) -> list[str]:
     return lines
 
 
+def dtype_note(dtype: str) -> str:
+    from molink.model.loader import cpu_lacks_native_bf16
+
+    native = "no native bfloat16" if cpu_lacks_native_bf16() else "native bfloat16 (AVX512-BF16/AMX)"
+    chosen = "float32 (`--dtype auto`: the checkpoint's)" if dtype == "auto" else f"`--dtype {dtype}`"
+    return f"{chosen}; this CPU: {native}"
+
+
 def write_report(args, command: str, rows: list[Row], elapsed_s: float) -> str:
     lines = [
         "# Stall-free stages and auto micro-batching on real compute (CLI)", "",
         (f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{elapsed_s / 60:.0f} minutes)"), "",
         (f"Model: random Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
-        "float32 (no native bfloat16 on this CPU). `molink serve --layers 0:2` + two "
+        f"{dtype_note(args.dtype)}. `molink serve --layers 0:{args.layers // 3}` + two "
         "`molink join` on this machine, one thread each; a relay at "
         f"{args.link} in front of stage 2, stage 3 and the head's result port."), "",
         (f"Micro-batching: {args.streams} client streams, each sending requests of "
@@ -334,7 +379,7 @@ async def run(args, setup: Setup, on_row) -> list[Row]:
     jobs = []
     for repeat in range(args.repeats):
         if "microbatching" in args.parts:
-            order = ["default", "one micro-batch"]
+            order = ["default", "one micro-batch", *(f"{n} micro-batches" for n in args.counts)]
             jobs += [(microbatching, s) for s in (order if repeat % 2 == 0 else order[::-1])]
         if "stalls" in args.parts:
             jobs += [(stalls, s) for s in args.stall_systems]
