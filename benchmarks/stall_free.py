@@ -21,7 +21,7 @@ stopped by its pid, also when the run fails or is interrupted.
 2. **Stalls**: default flags; 8 short streams decode throughout; a quiet window, then one
    as long in which a 1,500-token prompt arrives every 2 s; the short streams'
    inter-token gaps inside each window (p50, p99) and the loaded / quiet ratio. Then the
-   same with a tighter bound (``--decode-stall-factor 1``; the default is 3) and with the
+   same with a tighter bound (``--decode-stall-factor 1``; the default is 2) and with the
    bound off (``0``): what the bound buys in inter-token gaps and what it costs the long
    prompts' TTFT.
 
