@@ -39,6 +39,7 @@ class MicrobatchTuner:
         self._plausible = lambda count: True  # counts worth a trial, as the model predicts
         self._fits: list[StageFit] = []
         self._previous_hops: list = []
+        self._rounds: dict[int, float] = {}  # modelled decode round by count (cores not shared)
         self._results_since_choice = 0
         self._timings: list[StageTiming] | None = None  # the fits, until the next record
         self.stage_compute_s: list[float] = []  # EWMA per stage, pipeline order
@@ -71,10 +72,12 @@ class MicrobatchTuner:
                        max_tokens: int) -> int | None:
         """Prompt tokens the next plan may carry while ``decoding`` requests decode (spread
         over ``num_microbatches``) without stalling them beyond ``factor`` decode steps per
-        stage, from the fitted step times (None: no bound, nothing decodes or is measured)."""
+        stage, or the round's share where links set it (``stall_bound``), from the fitted
+        step times (None: no bound, nothing decodes or is measured)."""
         stages = self.stage_timings() if factor > 0 and decoding else []
         budget = None if not stages else prefill_chunk_tokens(
-            stages, -(-decoding // num_microbatches), factor, max_tokens)
+            stages, -(-decoding // num_microbatches), factor, max_tokens,
+            round_s=self._rounds.get(num_microbatches))
         self.prompt_tokens_allowed = max_tokens if budget is None else budget
         return budget
 
@@ -121,6 +124,7 @@ class MicrobatchTuner:
         rounds = {m: round_time_s(stages, timings, requests, m, shared_cores)
                   for m in range(1, MAX_MICROBATCHES + 1)}
         self._plausible = lambda m: rounds.get(m, float("inf")) <= PLAUSIBLE * min(rounds.values())
+        self._rounds = {} if shared_cores else rounds  # shared cores: stall unit = a step
         choice = choose_num_microbatches(stages, timings, requests, shared_cores=shared_cores)
         if choice == self.model_choice:
             return

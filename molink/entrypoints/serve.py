@@ -100,8 +100,9 @@ def _add_scheduling_arguments(parser) -> None:
                         help="while requests decode, prompts are computed in chunks small "
                              "enough that a step carrying one takes at most (1 + F) decode "
                              "steps, at the head and at every stage, from measured step times "
-                             "(a larger F: faster long prompts, longer inter-token gaps "
-                             "meanwhile); 0: no bound")
+                             "(where links set the round: F times half a stage's share of it); "
+                             "a larger F: faster long prompts, longer inter-token gaps "
+                             "meanwhile; 0: no bound")
     parser.add_argument("--failover-timeout", type=seconds, default=60.0, metavar="SECONDS",
                         help="when a stage is lost or leaves: how long its requests (streams "
                              "kept open) wait for a standby or a new join to serve its layers; "

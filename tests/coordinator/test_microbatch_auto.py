@@ -4,9 +4,12 @@ stages share one machine's cores."""
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
+from molink.coordinator.hop_stats import HopStats
+from molink.coordinator.microbatch_tuner import DECIDE_EVERY, MicrobatchTuner
 from molink.scheduler.microbatch_chooser import StageFit
 
 
@@ -49,3 +52,30 @@ def test_stages_computing_on_one_machines_cpus_share_its_cores(tiny_model_dir):
     assert head._shared_cores() is None
     member.host_id, member.device = host_id(), "emulated"  # emulated: waits, uses no cores
     assert head._shared_cores() is None
+
+
+def _tuner_over_slow_links(shared_cores):
+    """Three stages of ~10 ms decode steps (+0.37 ms per token) behind 20 ms, 100 Mbit/s
+    hops, as measured: the tuner's model has decided for 30 requests."""
+    tuner = MicrobatchTuner()
+    for tokens in [1, 10, 30, 64, 128, 5, 20, 40] * 2:
+        tuner.record(SimpleNamespace(num_tokens=tokens), (0.010 + 0.00037 * tokens,) * 3)
+    hops = [HopStats(f"hop {i}", 100e6, 0.020, 10240 * 1000, 100, 1000, "none")
+            for i in range(3)]
+    for _ in range(DECIDE_EVERY):
+        tuner.update(hops, 30, shared_cores, tokens=10, decoding=30)
+    return tuner
+
+
+def test_the_prefill_budget_follows_the_round_where_links_set_it():
+    """Stages on their own devices: a chunk may take the round's share (links make the
+    round ~10x a step); stages sharing one machine's cores keep the step unit."""
+    apart, shared = _tuner_over_slow_links(None), _tuner_over_slow_links(2)
+    assert apart.model_choice is not None and shared.model_choice is not None
+    by_steps = 2 * int(0.010 / 0.00037 + 10)  # 3 micro-batches of 10 decodes: factor 2 steps
+    assert shared.prefill_budget(2.0, 30, 3, 2048) == pytest.approx(by_steps, abs=2)
+    # the modelled round of 3 micro-batches of 10: 3 steps of 13.7 ms + 3 x 20 ms + 3 x 10
+    # rows of 10 KiB at 100 Mbit/s (8.2 ms) = 125.8 ms; half a stage's share: 21 ms of
+    # prompt tokens at 0.37 ms = 56.7, times the factor 2
+    assert apart.prefill_budget(2.0, 30, 3, 2048) == pytest.approx(113, abs=2)
+    assert apart.prompt_tokens_allowed == apart.prefill_budget(2.0, 30, 3, 2048)

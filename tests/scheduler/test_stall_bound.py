@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from molink.scheduler.microbatch_chooser import StageTiming
-from molink.scheduler.stall_bound import MIN_CHUNK_TOKENS, prefill_chunk_tokens
+from molink.scheduler.stall_bound import MIN_CHUNK_TOKENS, ROUND_SHARE, prefill_chunk_tokens
 from tests.scheduler.test_scheduler import (
     MirrorExecutor,
     make_request,
@@ -40,6 +40,42 @@ def test_the_chunk_is_the_largest_within_the_bound_at_every_stage(stages, decode
                    for s in stages)
     if MIN_CHUNK_TOKENS <= chunk < max_tokens:
         assert not within(chunk + 1, tolerance=-1e-9)  # the largest such chunk (rounding aside)
+
+
+@settings(max_examples=300, deadline=None)
+@given(stages=st.lists(stage_timings, min_size=1, max_size=4), decode_tokens=st.integers(1, 256),
+       factor=st.floats(0.05, 4.0), max_tokens=st.integers(1, 4096),
+       round_s=st.floats(0.0, 1.0))
+def test_where_links_set_the_round_a_stage_may_stall_by_its_share_of_it(
+        stages, decode_tokens, factor, max_tokens, round_s):
+    """With the modelled round: each stage's extra time for the chunk stays within ``factor``
+    times the larger of its decode step and ``ROUND_SHARE`` of its share of the round, the
+    chunk is the largest such, and never smaller than the step-only chunk."""
+    chunk = prefill_chunk_tokens(stages, decode_tokens, factor, max_tokens, round_s=round_s)
+    by_steps = prefill_chunk_tokens(stages, decode_tokens, factor, max_tokens)
+    assert by_steps <= chunk <= max_tokens
+    share_s = ROUND_SHARE * round_s / len(stages)
+
+    def within(c: int, tolerance: float = 1e-9) -> bool:
+        return all(s.per_token_s * c <= factor * max(s.step_s(decode_tokens), share_s)
+                   * (1 + tolerance) for s in stages)
+
+    if chunk > MIN_CHUNK_TOKENS:
+        assert within(chunk)
+    if MIN_CHUNK_TOKENS <= chunk < max_tokens:
+        assert not within(chunk + 1, tolerance=-1e-9)
+
+
+def test_a_link_bound_round_lets_long_prompts_move_in_larger_chunks():
+    """Emulated RTX 3090 stages of a 32B model in 4 bits over 100 Mbit/20 ms links: a
+    ~10 ms decode step (+0.37 ms per prompt token) in a ~170 ms round. By steps, factor 2
+    gives 2 x (27 + 10) tokens; by the round's share (0.5 x 170 / 3 = 28.3 ms per stage),
+    2 x 76."""
+    stage = StageTiming(fixed_s=0.010, per_token_s=0.00037)
+    assert prefill_chunk_tokens([stage] * 3, 10, 2.0, 2048) == 74
+    assert prefill_chunk_tokens([stage] * 3, 10, 2.0, 2048, round_s=0.170) == 153
+    # a round the stages set (compute-bound) changes nothing
+    assert prefill_chunk_tokens([stage] * 3, 10, 2.0, 2048, round_s=0.045) == 74
 
 
 def test_no_bound_without_a_factor_or_measurements():
