@@ -28,15 +28,17 @@ unit is at least ``ROUND_SHARE`` of the stage's share of the modelled round (``r
     chunk = factor * max(fixed / per_token + decode_tokens,
                          ROUND_SHARE * round_s / num_stages / per_token)
 
-so with factor 2 a round carrying prefill takes at most twice the decode round
-(``benchmarks/results/stall_sweep.md``: in the headline's mixed workload factor 2 by steps
-held TTFT p99 to 12.5 s, chunks of factor ~6 to 5.5 s at inter-token p99 0.51 s). Stages
-that share one machine's cores get no ``round_s``: a chunk there takes the cores from every
-stage, and the step unit is what kept inter-token p99 within 2x on real CPUs. The default factor was chosen by measurement
-(``benchmarks/results/stall_free.md``, 3 CPU stages over 100 Mbit/20 ms links): 1 kept
-short streams' inter-token p99 within 1.4-1.5x under long prompts but made those prompts'
-first token 5-12x later than unbounded; 3 kept the first token within 3x but let the p99
-grow 2.3x; without a bound it grew 4.6-5.4x.
+so with factor 2 a round carrying prefill takes at most twice the decode round. In the
+headline's mixed workload (``benchmarks/results/stall_sweep.md``, ``stall_sweep_round.md``)
+factor 2 by steps held TTFT p99 to 12.5 s; with the round's share 8.6 s (FIFO: 8.8 s), at
+inter-token p99 0.36 s instead of 0.30 s. Stages that share one machine's cores get no
+``round_s``: a chunk there takes the cores from every stage, and the step unit is what kept
+inter-token p99 within 2x on real CPUs.
+
+The default factor was chosen by measurement (``benchmarks/results/stall_free.md``, 3 CPU
+stages over 100 Mbit/20 ms links): 1 kept short streams' inter-token p99 within 1.4-1.5x
+under long prompts but made those prompts' first token 5-12x later than unbounded; 3 kept
+the first token within 3x but let the p99 grow 2.3x; without a bound it grew 4.6-5.4x.
 """
 
 from __future__ import annotations
