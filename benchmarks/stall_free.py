@@ -57,6 +57,7 @@ from benchmarks.peers.client import (
 )
 from benchmarks.peers.clusters import MODEL_NAME, MolinkPipeline, Setup
 from benchmarks.peers.report import lscpu
+from benchmarks.weak_links.measurement import machine_busy_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "stall_free.md"
@@ -144,20 +145,11 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def cpu_times() -> tuple[int, int]:
-    """(all, idle) jiffies of this machine so far (/proc/stat; (0, 0) where there is none)."""
-    try:
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:]]
-    except (OSError, ValueError):
-        return 0, 0
-    return sum(values), values[3] + values[4]  # idle + iowait
-
-
-def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Share of every core's time spent busy between two ``cpu_times``."""
-    total = after[0] - before[0]
-    return float("nan") if total <= 0 else 100 * (1 - (after[1] - before[1]) / total)
+def busy_percent(busy_s: float, elapsed_s: float) -> float:
+    """Share of every core's time spent busy: ``busy_s`` (``machine_busy_seconds``
+    difference) over ``elapsed_s`` on all of this machine's cores."""
+    cores = os.cpu_count() or 1
+    return float("nan") if elapsed_s <= 0 else 100 * busy_s / (elapsed_s * cores)
 
 
 def system_options(system: str) -> list[str]:
@@ -219,9 +211,9 @@ async def microbatching(setup: Setup, args, system: str) -> Row:
             tasks = [asyncio.create_task(streaming(client, url, i, args.output_tokens, traces,
                                                    stop)) for i in range(args.streams)]
             await asyncio.sleep(args.warmup)  # a long-running server: auto has settled
-            start, cpu_before = time.perf_counter(), cpu_times()
+            start, busy_before = time.perf_counter(), machine_busy_seconds()
             await asyncio.sleep(args.window)
-            end, cpu_after = time.perf_counter(), cpu_times()
+            end, busy_after = time.perf_counter(), machine_busy_seconds()
             chosen = await metric(cluster.base_url, "molink_microbatches_target")
             stop.set()
             await asyncio.gather(*tasks)
@@ -233,7 +225,7 @@ async def microbatching(setup: Setup, args, system: str) -> Row:
             "tok/s": events * tokens_per_chunk / (end - start),
             "bound tok/s": args.streams / single.p50("tpot_s"),
             "ITL p50 ms": 1e3 * p(gaps, 0.5), "ITL p99 ms": 1e3 * p(gaps, 0.99),
-            "micro-batches": chosen, "CPU busy %": busy_percent(cpu_before, cpu_after),
+            "micro-batches": chosen, "CPU busy %": busy_percent(busy_after - busy_before, end - start),
             "errors": sum(1 for t in traces if t.error)})
     return await with_cluster(setup, args, system_options(system), work)
 

@@ -282,20 +282,21 @@ def decode_section(cells, labels, bounds) -> list[str]:
     return [*lines, "", "Stage steps and bytes per link: the median-throughput run.", ""]
 
 
-def mixed_section(cells, labels) -> list[str]:
-    keys = [k for k in MIXED_KEYS if cells.get((k, "mixed"))]
+def mixed_section(cells, labels, keys=MIXED_KEYS) -> list[str]:
+    keys = [k for k in keys if cells.get((k, "mixed"))]
     if not keys:
         return []
     lines = ["## Mixed workload (long prompts among short requests)", "",
-             ("| system | output tok/s (arrival-set) | TTFT p99 s | TPOT p99 ms | ITL p99 ms "
-             "| ITL p50 ms | unfinished |"), "|---|---:|---:|---:|---:|---:|---:|"]
+             ("| system | output tok/s (arrival-set) | TTFT p50 s | TTFT p99 s | TPOT p99 ms "
+             "| ITL p99 ms | ITL p50 ms | unfinished |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for key in keys:
         runs = ok_runs(cells, key, "mixed")
         if not runs:
-            lines.append(f"| {labels[key]} | all runs failed ||||||")
+            lines.append(f"| {labels[key]} | all runs failed |||||||")
             continue
         lines.append(
             f"| {labels[key]} | {spread([r.throughput for r in runs])} "
+            f"| {spread([r.ttft[0] for r in runs if r.ttft], '{:.2f}')} "
             f"| {spread([r.ttft[1] for r in runs if r.ttft], '{:.2f}')} "
             f"| {spread([r.tpot[1] * 1e3 for r in runs if r.tpot], '{:.0f}')} "
             f"| {spread([r.itl[1] * 1e3 for r in runs if r.itl], '{:.0f}')} "

@@ -50,12 +50,13 @@ def systems(args) -> list[System]:
                       f"(b*) FIFO pipeline, {args.fifo_microbatches} micro-batches"), *molink]
 
 
-async def run(args) -> dict[str, list[RunResult]]:
+async def run(args) -> dict[tuple[str, str], list[RunResult]]:
+    """-> cells: (system key, "mixed") -> runs, as the headline keeps them."""
     h = args.headline
     timing = headline.make_timing(h)
     setting = Setting("emulated", h.stages, h.link)
     quantization = None if h.quantization == "none" else h.quantization
-    cells: dict[str, list[RunResult]] = {}
+    cells: dict[tuple[str, str], list[RunResult]] = {}
     with tempfile.TemporaryDirectory(prefix="molink-stall-sweep-") as tmp:
         regime = emulated_regime(h.model, Path(tmp), h.device_profile, h.concurrency,
                                  quantization)
@@ -67,35 +68,19 @@ async def run(args) -> dict[str, list[RunResult]]:
                     runs: list[RunResult] = []
                     await run_job(Job(setting, system, ("mixed",)), regime, relays, timing, h,
                                   runs)
-                    cells.setdefault(system.key, []).extend(runs)
+                    cells.setdefault((system.key, "mixed"), []).extend(runs)
         finally:
             await relays.stop_all()
     return cells
 
 
-def render(args, cells: dict[str, list[RunResult]], elapsed_s: float) -> str:
+def render(args, cells: dict[tuple[str, str], list[RunResult]], elapsed_s: float) -> str:
     command = "python -m " + " ".join(shlex.quote(a) for a in [
         "benchmarks.weak_links.stall_sweep", *sys.argv[1:]])
     h = args.headline
-    rows = [("| system | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p99 ms | ITL p50 ms "
-             "| ITL p99 ms | unfinished |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for system in systems(args):
-        runs = headline.ok_runs({(system.key, "mixed"): cells.get(system.key, [])},
-                                system.key, "mixed")
-        if not runs:
-            rows.append(f"| {system.label} | all runs failed |||||||")
-            continue
-        spread = headline.spread
-        rows.append(
-            f"| {system.label} | {spread([r.throughput for r in runs])} "
-            f"| {spread([r.ttft[0] for r in runs if r.ttft], '{:.2f}')} "
-            f"| {spread([r.ttft[1] for r in runs if r.ttft], '{:.2f}')} "
-            f"| {spread([r.tpot[1] * 1e3 for r in runs if r.tpot], '{:.0f}')} "
-            f"| {spread([r.itl[0] * 1e3 for r in runs if r.itl], '{:.0f}')} "
-            f"| {spread([r.itl[1] * 1e3 for r in runs if r.itl], '{:.0f}')} "
-            f"| {spread([float(r.num_unfinished) for r in runs], '{:.0f}')} |")
-    notes = sorted({n for runs in cells.values() for r in runs for n in r.notes
-                    if n.startswith("arrivals")})
+    swept = systems(args)
+    table = headline.mixed_section(cells, {s.key: s.label for s in swept},
+                                   [s.key for s in swept])
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     return "\n".join([
         "# The decode-stall bound in the mixed workload: TTFT against inter-token gaps", "",
@@ -106,8 +91,7 @@ def render(args, cells: dict[str, list[RunResult]], elapsed_s: float) -> str:
          f"{h.mixed_requests} requests. Runs per cell: {args.repeats} (median [min-max]), "
          "cells interleaved. The bound each number is read against: the FIFO pipeline's row "
          "(no stall bound, prompts cut only to the step's token budget)."), "",
-        *rows, "", *[f"- {n}" for n in notes], "",
-        "## Machine", "", "```", lscpu.strip(), "```", ""])
+        *table, "## Machine", "", "```", lscpu.strip(), "```", ""])
 
 
 def main(argv=None) -> int:

@@ -17,12 +17,12 @@ a cycle of gains: a phase at 1.25x the estimate (if the link can carry more, the
 arrive faster and a sample shows it), one at 0.75x (draining the queue that phase left in
 socket buffers, where the link scheduler cannot reorder it), six at 1x. The estimate is the
 largest measurement of the last two cycles, delivery rates and idle-link ones alike (with
-none, an idle link, the last estimate). And the sender holds back while two bandwidth-delay products and a message
-are unacknowledged (as BBR caps what is in flight): enough for a message's own transfer,
-the round trip and a receiver slow to acknowledge while it computes, so the cap does not
-throttle a link that pacing keeps busy, while a link that slows down (another flow, a
-relay running late) cannot pile up much more than a round trip of bytes ahead of the next
-decode.
+none, an idle link, the last estimate). And the sender holds back while two
+bandwidth-delay products and a message are unacknowledged (as BBR caps what is in flight):
+enough for a message's own transfer, the round trip and a receiver slow to acknowledge
+while it computes, so the cap does not throttle a link that pacing keeps busy, while a link
+that slows down (another flow, a relay running late) cannot pile up much more than a round
+trip of bytes ahead of the next decode.
 
 The meter also keeps the rhythm of decode traffic (when the next decode part is due), which
 the link scheduler uses to leave room for it, and names the wire compression it applies
