@@ -8,11 +8,14 @@ runs in its own subprocess (a clean heap), side by side in one run:
   in the orientation MKL is fast at (``model/layers/cpu_linear.py``);
 - ``float32 (plain linears)``: the same with PyTorch's ``nn.Linear`` (what that change buys);
 - ``bfloat16 (plain)``: 16-bit weights and 16-bit products (what PyTorch does unaided);
-- ``bfloat16 (no fused kernels)``: 16-bit weights, products of 4 rows or more widened to
-  float32 in PyTorch (``model/layers/cpu_linear.py``), fewer rows in bf16;
-- ``bfloat16`` and ``float16`` (MoLink's default on a CPU without native bf16): 16-bit
-  weights widened in registers by MoLink's compiled kernel up to 32 rows
-  (``model/layers/fused16.py``), as above for more;
+- ``bfloat16 (no fused kernels)``: on a CPU without native bf16, 16-bit weights, products
+  of 4 rows or more widened to float32 in PyTorch (``model/layers/cpu_linear.py``), fewer
+  rows in bf16; with native bf16 (AVX512-BF16, AMX), the same as ``plain``;
+- ``bfloat16`` and ``float16``, MoLink's default: without native bf16, 16-bit weights
+  widened in registers by MoLink's compiled kernel up to 32 rows
+  (``model/layers/fused16.py``), as above for more; with native bf16, PyTorch's products
+  except for 1-2 rows (a decode step of one or two streams), which go through that kernel
+  on the weights as loaded (``cpu_linear.RowKernelLinear``);
 - ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference.
 
 Measured: prefill (128 tokens, one request: the time to the first token), decode time per
@@ -21,6 +24,7 @@ and the decode rate of those 16 (tokens after the first over the time after the 
 prefills). The bound it is measured against: the float32 row of the same run.
 
     python -m benchmarks.cpu_dtypes            # writes benchmarks/results/cpu_dtypes.md
+    python -m benchmarks.cpu_dtypes --output cpu_dtypes_native_bf16.md  # another machine
     python -m benchmarks.cpu_dtypes --quick    # fewer tokens, prints only
 """
 
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +58,7 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
 
     if mode == "bfloat16 (plain)":
         loader.cpu_lacks_native_bf16 = lambda: False  # no float32 products: PyTorch unaided
+        os.environ["MOLINK_CPU_KERNELS"] = "0"
     if mode == "float32 (plain linears)":
         loader.use_cpu_linears = lambda model: 0
     if mode == "bfloat16 (no fused kernels)":
@@ -115,6 +121,10 @@ def main() -> int:
                         help="OMP threads per run (default: every core)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         metavar="MODE", help="which rows (default: all; float32 always)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs of every mode, interleaved; the table shows medians")
+    parser.add_argument("--output", default="cpu_dtypes.md",
+                        help="file name under benchmarks/results (default: %(default)s)")
     parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # the subprocess
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
@@ -128,7 +138,12 @@ def main() -> int:
 
         directory = str(build_model(Path(tmp) / "llama151m", hidden=1024, layers=12, vocab=8000))
         modes = ["float32", *(m for m in MODES if m in args.modes and m != "float32")]
-        rows = {mode: _run_mode(mode, directory, tokens, args.threads) for mode in modes}
+        runs = {mode: [] for mode in modes}
+        for _ in range(max(1, args.repeat)):  # interleaved: a busy spell hits every mode
+            for mode in modes:
+                runs[mode].append(_run_mode(mode, directory, tokens, args.threads))
+    rows = {mode: {key: statistics.median(run[key] for run in mode_runs)
+                   for key in mode_runs[0]} for mode, mode_runs in runs.items()}
     table = _table(rows)
     print(table)
     if not args.quick:
@@ -188,16 +203,22 @@ def _write(table: str, args, tokens: int) -> None:
                                                    if args.threads != os.cpu_count() else "")
     if set(args.modes) != set(MODES):
         command += " --modes " + " ".join(shlex.quote(m) for m in args.modes)
+    if args.repeat > 1:
+        command += f" --repeat {args.repeat}"
+    if args.output != "cpu_dtypes.md":
+        command += f" --output {shlex.quote(args.output)}"
     text = "\n".join([
         "# CPU dtypes: prefill, decode and batch speed per dtype, one process", "",
         f"Command: `{command}` ({shlex.quote(sys.executable)}; {args.threads} threads)", "",
         f"Model: random Llama 151M (hidden 1024, 12 layers, GQA 16/4, vocab 8000); prompts of "
         f"{PROMPT_TOKENS} random token ids; {tokens} output tokens, greedy, EOS ignored. Each "
-        "row in its own process, side by side in one run; the bound: the float32 row.", "",
+        "row in its own process, side by side in one run"
+        + (f" ({args.repeat} runs of every row, interleaved; medians)" if args.repeat > 1
+           else "") + "; the bound: the float32 row.", "",
         table, "", "Machine:", "", "```", lscpu.strip(), "```", ""])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_dtypes.md").write_text(text)
-    print(f"wrote {RESULTS / 'cpu_dtypes.md'}")
+    (RESULTS / args.output).write_text(text)
+    print(f"wrote {RESULTS / args.output}")
 
 
 if __name__ == "__main__":

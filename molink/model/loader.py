@@ -32,6 +32,7 @@ from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
 from molink.model.layers.attention import attend_in_float32
 from molink.model.layers.cpu_linear import HALF_DTYPES, use_cpu_linears
+from molink.model.layers.packed_linear import pack_linears
 from molink.model.registry import (
     get_model_class,
     registered_models,
@@ -233,6 +234,8 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
         use_cpu_linears(model)  # fast orientations; 16-bit weights: float32 products
         if torch_dtype in HALF_DTYPES:
             attend_in_float32(model)
+    elif device.type == "cpu" and torch_dtype == torch.bfloat16:
+        pack_linears(model)  # native bf16: oneDNN's products, the weights packed once
     held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",

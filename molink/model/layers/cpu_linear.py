@@ -64,7 +64,17 @@ class CpuLinear(nn.Linear):
         return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
-class TiledCpuLinear(CpuLinear):
+class RowMajorStateDict(nn.Module):
+    """For a linear that keeps its weight in another layout and reads it back as
+    ``weight``: ``state_dict`` holds the row-major weight under the checkpoint's name."""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+class TiledCpuLinear(RowMajorStateDict, CpuLinear):
     """A 16-bit ``CpuLinear`` whose weight is kept packed for the fused kernels
     (``fused16.pack``: tiles of 8 outputs x 16 inputs, one sequential stream): up to
     ``fused16.MAX_ROWS`` rows through the kernel, more rows widened to float32 tile row by
@@ -94,17 +104,16 @@ class TiledCpuLinear(CpuLinear):
         out = _widened(flat, out8, widen, row_multiple=fused16.TILE_ROWS)
         return self._finish(out[:, :self.out_features], x)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.tiles.copy_(fused16.pack(weight.to(self.tiles.dtype)))
 
 
 def set_linear_weight(module: nn.Linear, weight: torch.Tensor) -> None:
-    """Overwrite a linear's [out, in] weight, packed or not (in place, no gradient)."""
+    """Overwrite a linear's [out, in] weight, packed (its ``set_weight``) or not (in place,
+    no gradient)."""
     with torch.no_grad():
-        if isinstance(module, TiledCpuLinear):
-            module.tiles.copy_(fused16.pack(weight.to(module.tiles.dtype)))
+        if hasattr(module, "set_weight"):
+            module.set_weight(weight)
         else:
             module.weight.copy_(weight)
 
@@ -152,7 +161,7 @@ def use_cpu_linears(model: nn.Module) -> int:
     16-bit kernels run (compiled now, once per machine, rather than in the first step), a
     16-bit linear whose weight no other module shares (a tied embedding) is packed for them
     (``TiledCpuLinear``)."""
-    shared = _shared_storages(model)
+    shared = shared_storages(model)
     count = 0
     for module in model.modules():
         if type(module) is not nn.Linear:
@@ -170,7 +179,7 @@ def use_cpu_linears(model: nn.Module) -> int:
     return count
 
 
-def _shared_storages(model: nn.Module) -> set[int]:
+def shared_storages(model: nn.Module) -> set[int]:
     """Storages held by more than one parameter name (tied weights)."""
     seen: set[int] = set()
     shared: set[int] = set()
