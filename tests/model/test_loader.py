@@ -171,9 +171,8 @@ def test_the_cpu_bf16_check_reads_the_flags_of_this_machine():
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_16_bit_models_on_a_cpu_without_bf16_use_the_fused_kernels_and_float32_attention(
         tiny_model_dir, monkeypatch, native_bf16):
-    from molink.model.layers import fused16
+    from molink.model.layers import fused16, packed_linear
     from molink.model.layers.attention import PagedAttention
-    from molink.model.layers import packed_linear
     from molink.model.layers.cpu_linear import TiledCpuLinear
     from molink.model.layers.packed_linear import PackedLinear
 
