@@ -47,6 +47,15 @@ def test_packed_linear_computes_the_products_of_the_weight(rows, bias):
 
 
 @needs_packing
+def test_packed_linear_reads_strided_activations():
+    layer, weight = _packed(40, 72, bias=True)
+    for x in (torch.randn(72, 5).bfloat16().T, torch.randn(5, 144).bfloat16()[:, ::2]):
+        assert not x.is_contiguous()
+        expected = x.float() @ weight.float().T + layer.bias.float()
+        assert (layer(x).float() - expected).abs().max() <= expected.abs().max() * 2 ** -7
+
+
+@needs_packing
 def test_packed_weights_read_back_and_save_as_the_checkpoints():
     layer, weight = _packed(24, 32, bias=True)
     assert torch.equal(layer.weight, weight)
