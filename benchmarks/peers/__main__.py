@@ -94,6 +94,21 @@ def model_dir(args) -> Path:
     return directory
 
 
+def sixteen_bit_line() -> str:
+    """How MoLink multiplies 16-bit weights on this CPU (it differs with native bf16)."""
+    from molink.model.loader import cpu_lacks_native_bf16
+
+    if cpu_lacks_native_bf16():
+        return ("On this CPU (no native bfloat16) MoLink keeps 16-bit weights and multiplies "
+                "up to 32 rows in its own fused kernel, the weights widened in registers "
+                "against float32 activations (molink/model/layers/fused16.py), as llama.cpp "
+                "does with f16; more rows widen the weight to float32 "
+                "(molink/model/layers/cpu_linear.py).")
+    return ("On this CPU (native bfloat16: AVX512-BF16 or AMX) MoLink multiplies bf16 "
+            "weights packed once in oneDNN's layout (molink/model/layers/packed_linear.py); "
+            "llama.cpp multiplies f16 weights in its own CPU kernels.")
+
+
 def setup_lines(args, setup: Setup, ggufs: dict[str, Path]) -> list[str]:
     precisions = [PRECISIONS[p] for p in args.precisions]
     version = setup.llama.version if setup.llama else "-"
@@ -109,10 +124,7 @@ def setup_lines(args, setup: Setup, ggufs: dict[str, Path]) -> list[str]:
         "",
         "Weights, paired by precision: " + "; ".join(
             f"llama.cpp {p.llama_label} vs MoLink {p.molink_label}" for p in precisions)
-        + ". On this CPU (no native bfloat16) MoLink keeps 16-bit weights: one row's products "
-        "run in PyTorch's bfloat16 kernel, products of 4 rows or more widen the weight to "
-        "float32 (molink/model/layers/cpu_linear.py; llama.cpp computes f16 weights against "
-        "float32 activations in one fused kernel); MoLink int8 keeps per-channel int8 weights "
+        + ". " + sixteen_bit_line() + " MoLink int8 keeps per-channel int8 weights "
         "(`--quantization int8`, quantized at load) as Q8_0 keeps 8-bit weights with "
         "per-32 scales.",
         "",

@@ -16,12 +16,13 @@ sends each hop one way: its relays carry data forward and only acknowledgements 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.peers.llama_cpp import LlamaCpp
-from benchmarks.peers.processes import Processes, free_port
+from benchmarks.peers.llama_cpp import LlamaCpp, log
+from benchmarks.peers.processes import Processes, ProcessExited, free_port
 from benchmarks.weak_links.relay import Relay, Relays
 from molink import envs
 
@@ -84,6 +85,7 @@ class LlamaCppRpc(Cluster):
                  num_layers: int) -> None:
         super().__init__(setup, link, log_dir)
         self.gguf, self.num_layers = gguf, num_layers
+        self.repack_note: str | None = None
 
     async def start(self) -> None:
         threads = str(self.setup.threads)
@@ -97,14 +99,31 @@ class LlamaCppRpc(Cluster):
                                               "127.0.0.1", "-p", str(port), "-t", threads, "-c"])
                 await self.procs.wait_port(name, port, 60)
                 rpc.append(await self.relay_to(f"into-{name}", port))
-        await self.procs.start("llama-server", self._server_command(rpc))
-        await self.procs.wait_http("llama-server", f"{self.base_url}/health", READY_TIMEOUT_S)
+        command = self._server_command(rpc)
+        await self.procs.start("llama-server", command)
+        try:
+            await self.procs.wait_http("llama-server", f"{self.base_url}/health",
+                                       READY_TIMEOUT_S)
+        except ProcessExited:
+            if self.procs.procs["llama-server"].returncode != -signal.SIGSEGV:
+                raise
+            # llama.cpp 0.3.36 crashes in its warm-up on a Xeon with AMX with Q8_0 weights
+            # repacked for the CPU; it serves them as stored (--no-repack)
+            self.repack_note = ("llama-server crashed (SIGSEGV) in its warm-up with weights "
+                                "repacked for this CPU; it ran with --no-repack")
+            crashed = self.procs.log_path("llama-server-crashed")
+            self.procs.log_path("llama-server").rename(crashed)
+            log(f"{self.repack_note} ({crashed})")
+            await self.procs.start("llama-server", [*command, "--no-repack"])
+            await self.procs.wait_http("llama-server", f"{self.base_url}/health",
+                                       READY_TIMEOUT_S)
 
     async def stop(self) -> None:
         """Then read the split from llama-server's log: it prints each device's memory as it
         exits (hence it stops before its rpc-servers)."""
         await super().stop()
-        self.notes = split_lines(self.procs.log_path("llama-server"))
+        self.notes = [*([self.repack_note] if self.repack_note else []),
+                      *split_lines(self.procs.log_path("llama-server"))]
 
     def _server_command(self, rpc: list[str]) -> list[str]:
         setup = self.setup

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 AVX512-BF16 / AMX, ARM
+
 
 @functools.cache
 def cpu_flags() -> frozenset[str] | None:
@@ -18,3 +20,9 @@ def cpu_flags() -> frozenset[str] | None:
     except OSError:
         pass
     return None
+
+
+def has_native_bf16() -> bool:
+    """True only when the CPU's flags are known and show bf16 instructions."""
+    flags = cpu_flags()
+    return flags is not None and bool(flags & BF16_FLAGS)

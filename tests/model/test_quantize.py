@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from molink.config import ModelConfig
 from molink.model import loader
+from molink.model.layers import int_linear
 from molink.model.layers.cpu_linear import CpuLinear
 from molink.model.layers.int_linear import IntLinear
 from molink.model.loader import load_model
@@ -105,6 +107,26 @@ def test_stored_integers_reconstruct_the_weight_the_layer_uses(method, group_siz
         magnitude = x.float().abs() @ used.abs().t()  # sum_k |x_k w_k|
         bound = magnitude * (2.0 ** -8 if dtype == torch.bfloat16 else 256 * 2.0 ** -23)
         assert ((layer(x).float() - reference).abs() <= bound).all(), (num_tokens, kinds)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_int8_bf16_prefill_dequantizes_where_the_cpu_has_native_bf16(monkeypatch, native_bf16):
+    """The int8 kernel computes one row at a time: with native bf16 a prefill's rows take the
+    dequantized weight and PyTorch's bf16 product, a decode's rows stay on the kernel."""
+    monkeypatch.setattr(int_linear, "has_native_bf16", lambda: native_bf16)
+    gen = torch.Generator().manual_seed(0)
+    layer = IntLinear(256, 96)
+    layer.set_weight([quantize_int8(torch.randn(96, 256, generator=gen) * 0.05,
+                                    torch.bfloat16)], torch.bfloat16, CPU)
+    start = int_linear.INT8_DEQUANTIZE_FROM_TOKENS
+    assert layer.int8_dequantize_from == (start if native_bf16 else None)
+    assert [block.kind for block in layer.blocks] == ["int8pack"]
+    for rows in (1, start - 1, start, 100):
+        x = torch.randn(rows, 256, generator=gen).bfloat16()
+        kernel = torch.ops.aten._weight_int8pack_mm(x, layer.qweight0, layer.scales0)
+        dequantized = F.linear(x, layer.weight_as(torch.bfloat16))
+        expected = dequantized if native_bf16 and rows >= start else kernel
+        assert torch.equal(layer(x), expected), rows
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
