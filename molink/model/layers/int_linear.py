@@ -24,7 +24,8 @@ fallback above ``SCALAR_INT8_MAX_TOKENS`` tokens, so there forward picks per cal
 storage either way). It computes one row at a time, so on a CPU with native bf16 (AVX512-BF16,
 AMX) a bf16 prefill of ``INT8_DEQUANTIZE_FROM_TOKENS`` rows or more dequantizes and takes
 PyTorch's bf16 product instead (Xeon with AMX, 2816 x 1024, 2 threads: 128 rows 5.3 -> 1.7
-ms, 512 rows 20 -> 2.5; 16 rows 0.9 against 1.1, so fewer stay on the kernel).
+ms, 512 rows 20 -> 2.5; 24 rows 1.19 -> 1.06, one thread 2.27 -> 1.99; 16 rows 0.81 against
+1.08, so fewer stay on the kernel).
 
 PyTorch's int4 kernel computes ``(q - 8) * scale + zero`` per group with ``q`` in 0..15 and
 scale/zero interleaved as ``[K / group, N, 2]`` in the activation dtype: exactly our codes.
@@ -44,7 +45,7 @@ from molink.model.cpu_features import has_native_bf16
 INT8_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT4_KERNEL_DTYPES = (torch.bfloat16,)
 SCALAR_INT8_MAX_TOKENS = 4  # fp32 / fp16: measured break-even between 4 and 8 tokens
-INT8_DEQUANTIZE_FROM_TOKENS = 32  # bf16 with native bf16: measured break-even 16-32 tokens
+INT8_DEQUANTIZE_FROM_TOKENS = 24  # bf16 with native bf16: measured break-even 16-24 tokens
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 _EYE_CHUNK = 1024  # input features dequantized per kernel call in ``weight_as``
 
