@@ -7,8 +7,8 @@ compiler does for frozen CPU models) the same products run faster in the row cou
 decode step and no slower in a prefill's. Measured on a Xeon with AMX, 2 threads, bf16
 weights out of cache, against ``F.linear``: 2816 x 1024, 1 row 0.40 -> 0.30 ms, 4 rows
 0.42 -> 0.28, 16 rows 0.44 -> 0.30, 128 rows 0.77 -> 0.54, 1024 rows 3.1 -> 2.8 (one
-thread: 0.74 -> 0.56 at 1 row, 0.77 -> 0.53 at 16). A decode row then reads the weight as
-fast as ``fused16``'s kernel does on CPUs without native bf16.
+thread: 0.74 -> 0.56 at 1 row, 0.77 -> 0.53 at 16). One decode row then reads the weight
+as fast as ``fused16``'s kernel (built for CPUs without native bf16) on the same Xeon.
 
 The packed weight is an opaque oneDNN tensor (no storage): ``weight`` reads back a
 row-major copy (slow: for code that reads weights directly), ``set_linear_weight`` packs a
