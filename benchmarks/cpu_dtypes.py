@@ -13,9 +13,8 @@ runs in its own subprocess (a clean heap), side by side in one run:
   rows in bf16; with native bf16 (AVX512-BF16, AMX), the same as ``plain``;
 - ``bfloat16`` and ``float16``, MoLink's default: without native bf16, 16-bit weights
   widened in registers by MoLink's compiled kernel up to 32 rows
-  (``model/layers/fused16.py``), as above for more; with native bf16, PyTorch's products
-  except for 1-2 rows (a decode step of one or two streams), which go through that kernel
-  on the weights as loaded (``cpu_linear.RowKernelLinear``);
+  (``model/layers/fused16.py``), as above for more; with native bf16, oneDNN's products
+  on weights packed once at load (``model/layers/packed_linear.py``);
 - ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference.
 
 Measured: prefill (128 tokens, one request: the time to the first token), decode time per

@@ -26,7 +26,7 @@ from torch import nn
 
 from molink.model.arch_config import ArchConfig
 from molink.model.awq_gptq import PackedScheme, packed_scheme
-from molink.model.cpu_features import BF16_FLAGS, cpu_flags
+from molink.model.cpu_features import cpu_flags, has_native_bf16
 from molink.model.gguf import GGUFCheckpoint, gguf_files
 from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
@@ -136,8 +136,7 @@ def holds_int4(loaded: LoadedConfig, quantization: str | None) -> bool:
 
 def cpu_lacks_native_bf16() -> bool:
     """True only when the CPU's flags are known and show no bf16 instructions."""
-    flags = cpu_flags()
-    return flags is not None and not flags & BF16_FLAGS
+    return cpu_flags() is not None and not has_native_bf16()
 
 
 def stored_name(name: str, stored_names) -> str | None:

@@ -105,9 +105,10 @@ def pack_linears(model: nn.Module) -> int:
     shared = shared_storages(model)
     count = 0
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is not nn.Linear or weight.dtype not in PACKED_DTYPES
-                or weight.device.type != "cpu"
+        if type(module) is not nn.Linear:
+            continue
+        weight = module.weight
+        if (weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu"
                 or weight.untyped_storage().data_ptr() in shared):
             continue
         packed = nn.Parameter(pack(weight), requires_grad=False)
