@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 import tempfile
 import time
@@ -48,6 +49,8 @@ def parse_args(argv=None):
                         help="MoLink's weights (default: 16bit, bfloat16)")
     parser.add_argument("--threads", type=int, default=1, help="threads per node (default: 1)")
     parser.add_argument("--concurrency", type=int, default=16, help="default: 16")
+    parser.add_argument("--num-microbatches", default="auto", metavar="N|auto",
+                        help="the pipeline head's micro-batches in flight (default: auto)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="output tokens (default: 128; --quick 32)")
     parser.add_argument("--out", type=Path, default=None,
@@ -70,6 +73,9 @@ async def run(args) -> tuple[Row, list[Row]]:
     precision = PRECISIONS[args.precision]
     alone = await run_row(setup, Row(None, precision, MolinkPipeline.label), workload, {},
                           args.layers)
+    # the pipeline head's own options (one process has no micro-batches to keep in flight)
+    setup = dataclasses.replace(setup, head_options=("--num-microbatches",
+                                                     str(args.num_microbatches)))
     rows = [await run_row(setup, Row(link, precision, MolinkPipeline.label), workload, {},
                           args.layers) for link in args.links]
     return alone, rows
@@ -108,8 +114,8 @@ def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str
              f"8000, 151M parameters), MoLink `{options}`"
              f", {args.threads} thread(s) per process (OMP_NUM_THREADS). One process: `molink "
              "serve` with every layer. Pipeline: `molink serve --layers 0:4` + `molink join` "
-             "4:8 and 8:12, a LinkEmulator relay in front of stage 2, stage 3 and the head's "
-             "result port. Workload: prompts of 128 random token ids, "
+             f"4:8 and 8:12 (`--num-microbatches {args.num_microbatches}`), a LinkEmulator "
+             "relay in front of stage 2, stage 3 and the head's result port. Workload: prompts of 128 random token ids, "
              f"{args.max_tokens} output tokens, greedy, `ignore_eos`, streamed "
              "`/v1/completions`; single stream = requests one after another (TPOT p50), "
              f"{args.concurrency} at once = one wave (output tokens / first submission to last "

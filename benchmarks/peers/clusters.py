@@ -42,6 +42,7 @@ class Setup:
     max_model_len: int  # prompt + output, with headroom
     log_dir: Path
     llama_output: str = "last"  # llama.cpp's output layer: on rpc-server B, or "head"
+    head_options: tuple[str, ...] = ()  # MoLink: ``molink serve``'s only (the head's)
 
 
 class Cluster:

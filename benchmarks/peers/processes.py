@@ -62,13 +62,15 @@ class Processes:
         await self._wait(name, f"port {port}", ready, timeout_s)
 
     async def _wait(self, name: str, what: str, ready, timeout_s: float) -> None:
-        proc = self.procs[name]
         deadline = time.monotonic() + timeout_s
         while not await ready():
-            if proc.returncode is not None:
-                raise ProcessExited(f"{name} exited with code {proc.returncode} before "
-                                    f"{what} was ready; {self.log_path(name)}:\n"
-                                    f"{self.log_tail(name)}")
+            # any of the cluster's servers: a stage that rejects its options ends before the
+            # head it joins is ready, and the head would wait for it until the timeout
+            for other, proc in self.procs.items():
+                if proc.returncode is not None:
+                    raise ProcessExited(f"{other} exited with code {proc.returncode} before "
+                                        f"{name}'s {what} was ready; {self.log_path(other)}:\n"
+                                        f"{self.log_tail(other)}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name}: {what} not ready after {timeout_s:.0f} s; "
                                    f"{self.log_path(name)}:\n{self.log_tail(name)}")

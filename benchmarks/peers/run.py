@@ -58,7 +58,8 @@ def make_cluster(setup: Setup, system: str, link: str | None, precision: Precisi
     log_dir.mkdir(parents=True, exist_ok=True)
     if system == LlamaCppRpc.label:
         return LlamaCppRpc(setup, link, log_dir, ggufs[precision.gguf_type], num_layers)
-    return MolinkPipeline(setup, link, log_dir, list(precision.molink_options), num_layers)
+    return MolinkPipeline(setup, link, log_dir, list(precision.molink_options), num_layers,
+                          head_options=setup.head_options)
 
 
 async def run_one(cluster: Cluster, row: Row, workload: Workload, single_only: bool) -> None:
