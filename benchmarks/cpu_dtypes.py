@@ -20,7 +20,9 @@ runs in its own subprocess (a clean heap), side by side in one run:
 Measured: prefill (128 tokens, one request: the time to the first token), decode time per
 token for one request (TPOT), generated tokens/s for 16 requests at once (prefill included),
 and the decode rate of those 16 (tokens after the first over the time after the 16
-prefills). The bound it is measured against: the float32 row of the same run.
+prefills). The bounds it is measured against: the float32 row of the same run, and the
+memory floor of a decode step (every weight but the input embeddings read once, at the read
+bandwidth this machine measures with the same threads).
 
     python -m benchmarks.cpu_dtypes            # writes benchmarks/results/cpu_dtypes.md
     python -m benchmarks.cpu_dtypes --output cpu_dtypes_native_bf16.md  # another machine
@@ -45,15 +47,18 @@ MODES = ("float32", "float32 (plain linears)", "bfloat16 (plain)",
          "bfloat16 (no fused kernels)", "bfloat16", "float16", "transformers float32",
          "transformers bfloat16")
 PROMPT_TOKENS = 128
+BANDWIDTH = "read bandwidth"  # a subprocess measuring the machine, not a row
 
 
 def measure(mode: str, directory: str, output_tokens: int) -> dict:
-    """One mode, in this process: see ``_rates``."""
+    """One mode, in this process: see ``rates``."""
+    if mode == BANDWIDTH:
+        return {"read_gb_s": read_bandwidth_gb_s()}
     prompts = prompts_of(16)
     if mode.startswith("transformers"):
         return _measure_transformers(mode.split()[1], directory, prompts, output_tokens)
-    import molink.model.loader as loader
     from molink import LLM, SamplingParams
+    from molink.model import loader
 
     if mode == "bfloat16 (plain)":
         loader.cpu_lacks_native_bf16 = lambda: False  # no float32 products: PyTorch unaided
@@ -72,10 +77,10 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
 
     run(prompts[:1], 2)  # warm-up
     prefill = min(run(prompts[:1], 1) for _ in range(3))
-    return _rates(run, prompts, prefill, output_tokens)
+    return rates(run, prompts, prefill, output_tokens)
 
 
-def _rates(run, prompts: list[list[int]], prefill: float, output_tokens: int) -> dict:
+def rates(run, prompts: list[list[int]], prefill: float, output_tokens: int) -> dict:
     """``run(prompts, tokens)`` -> seconds: one stream's TPOT, 16 at once with and without
     their prefills."""
     one = run(prompts[:1], output_tokens + 1)
@@ -84,6 +89,66 @@ def _rates(run, prompts: list[list[int]], prefill: float, output_tokens: int) ->
     return {"prefill_ms": prefill * 1e3, "tpot_ms": (one - prefill) / output_tokens * 1e3,
             "batch16_tok_s": 16 * output_tokens / batch,
             "batch16_decode_tok_s": 16 * (output_tokens - 1) / (batch - batch_prefill)}
+
+
+def read_bandwidth_gb_s(mib: int = 512, repeats: int = 5) -> float:
+    """How fast this process reads memory with its threads: the best of ``torch.sum`` and a
+    matrix-vector product (MKL's streaming kernel) over float32 data far larger than these
+    machines' last-level caches, best of ``repeats`` each (float32 sums read faster than
+    bf16 ones here, so this is the faster reading)."""
+    import torch
+
+    data = torch.ones(mib * 2 ** 18, dtype=torch.float32)
+    matrix, vector = data.view(-1, 1024), torch.ones(1024)
+    best = float("inf")
+    for read in (data.sum, lambda: torch.mv(matrix, vector)):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
+    return data.numel() * data.element_size() / best / 1e9
+
+
+def decode_weight_count(directory: str) -> int:
+    """Weights a decode step reads: all but the input embeddings (a step gathers one row of
+    those per token)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(directory).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as tensors:
+            total += sum(_numel(tensors.get_slice(name).get_shape())
+                         for name in tensors.keys()  # noqa: SIM118 - safe_open has no __iter__
+                         if "embed_tokens" not in name)
+    return total
+
+
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def floor_section(rows: dict, bandwidth_gb_s: float, weights: int) -> str:
+    """The memory floor of one stream's decode step: every weight read once per token at the
+    measured read bandwidth, per weight width; and what 2x transformers' best TPOT asks."""
+    floors = {name: weights * width / (bandwidth_gb_s * 1e9) * 1e3
+              for name, width in (("16-bit", 2), ("float32", 4))}
+    lines = [f"Memory floor: a decode step reads {weights / 1e6:.1f}M weights (all but the "
+             f"input embeddings); this machine reads {bandwidth_gb_s:.1f} GB/s "
+             "(the best of `torch.sum` and `torch.mv` over 512 MiB of float32, same threads), so one stream's "
+             "TPOT is at least " + ", ".join(f"{ms:.1f} ms with {name} weights"
+                                             for name, ms in floors.items()) + "."]
+    ours = [r["tpot_ms"] for m, r in rows.items() if not m.startswith("transformers")]
+    lines.append(f"MoLink's best TPOT, {min(ours):.1f} ms, is {min(ours) / floors['16-bit']:.2f}x "
+                 "the 16-bit floor.")
+    theirs = [r["tpot_ms"] for m, r in rows.items() if m.startswith("transformers")]
+    if theirs:
+        target = min(theirs) / 2
+        lines.append(f"Twice transformers' best TPOT is {target:.1f} ms: "
+                     f"{target / floors['16-bit']:.2f}x the 16-bit floor.")
+    return " ".join(lines)
 
 
 def prompts_of(count: int) -> list[list[int]]:
@@ -110,7 +175,7 @@ def _measure_transformers(dtype: str, directory: str, prompts, output_tokens: in
 
     run(prompts[:1], 2)
     prefill = min(run(prompts[:1], 1) for _ in range(3))
-    return _rates(run, prompts, prefill, output_tokens)
+    return rates(run, prompts, prefill, output_tokens)
 
 
 def main() -> int:
@@ -137,13 +202,15 @@ def main() -> int:
 
         directory = str(build_model(Path(tmp) / "llama151m", hidden=1024, layers=12, vocab=8000))
         modes = ["float32", *(m for m in MODES if m in args.modes and m != "float32")]
-        runs = {mode: [] for mode in modes}
+        weights = decode_weight_count(directory)
+        runs = {mode: [] for mode in [*modes, BANDWIDTH]}
         for _ in range(max(1, args.repeat)):  # interleaved: a busy spell hits every mode
-            for mode in modes:
-                runs[mode].append(_run_mode(mode, directory, tokens, args.threads))
+            for mode, mode_runs in runs.items():
+                mode_runs.append(_run_mode(mode, directory, tokens, args.threads))
     rows = {mode: {key: statistics.median(run[key] for run in mode_runs)
                    for key in mode_runs[0]} for mode, mode_runs in runs.items()}
-    table = _table(rows)
+    bandwidth = rows.pop(BANDWIDTH)["read_gb_s"]
+    table = _table(rows) + "\n\n" + floor_section(rows, bandwidth, weights)
     print(table)
     if not args.quick:
         _write(table, args, tokens)
