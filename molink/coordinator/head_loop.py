@@ -6,14 +6,13 @@ It keeps up to ``num_microbatches`` plans in flight::
         ^                                                                │
         └────────── update_from_output, detokenize, deliver <────────────┘
 
-A request is never in two in-flight plans (the scheduler guarantees it; ``_dispatch``
-checks it). Results may come back in any order. The node (``PipelineHead``) opens the loop
-when a route is set up (``open``), feeds it results (``on_result``), and asks it, every
-second, for a step that is overdue (``overdue_step``). When the pipeline breaks it either
-suspends the loop (``suspend``: failover; every request is kept, its stream open, and
-replayed when the next route opens) or closes it (``close``: every request fails with the
-reason). Route epochs tie both together: a step planned under one route is never matched
-to a result of another.
+A request is never in two in-flight plans (the scheduler guarantees it; ``_dispatch`` checks
+it). Results may come back in any order. The node (``PipelineHead``) opens the loop when a route
+is set up (``open``), feeds it results (``on_result``), and asks it, every second, for a step
+that is overdue (``overdue_step``). When the pipeline breaks it either suspends the loop
+(``suspend``: failover; every request is kept, its stream open, and replayed when the next route
+opens) or closes it (``close``: every request fails with the reason). Route epochs tie both
+together: a step planned under one route is never matched to a result of another.
 
 Replay: a request's state is its prompt and the tokens it generated; the next route
 re-prefills both (chunked like any prefill) and generation goes on with the same tokens,
@@ -39,6 +38,7 @@ from molink.coordinator.step_breakdown import StepBreakdown, StepTimes
 from molink.coordinator.step_deadlines import overdue_step, step_deadline_s
 from molink.messages import LinkReport, StepOutput, StepPlan
 from molink.outputs import RequestOutput
+from molink.runtime.intra_op import serial_here
 from molink.sampling_params import SamplingParams
 from molink.scheduler import Scheduler
 from molink.stage.compute import StageCompute
@@ -102,8 +102,10 @@ class HeadLoop:
         self._reset_pending = False
         self.replays = Replays(self.stats)
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
-        # Serialization on its own thread, so the next step's compute need not wait for it.
-        self._serialize_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-serialize")
+        # Serialization on its own thread (one core: runtime/intra_op.py), so the next step's
+        # compute need not wait for it.
+        self._serialize_pool = concurrent.futures.ThreadPoolExecutor(
+            1, "molink-head-serialize", initializer=serial_here)
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task] = set()  # keeps background tasks alive until done
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from molink.config import CacheConfig, ModelConfig
 from molink.coordinator.auto_placement import HEAD
 from molink.coordinator.head_config import HeadConfig
+from molink.runtime.intra_op import in_own_thread
 from molink.runtime.node_budget import NodeOffer, kv_budget_within, measure_offer
 from molink.runtime.stage_executor import StageExecutor, resolve_device
 
@@ -49,7 +50,7 @@ class OwnLayers:
 
     async def take(self, desk, loop, stopping: Callable[[], bool]) -> tuple[int, int] | None:
         """Offer, wait for the plan, load: the head's range, or None (no layers for it)."""
-        offer = await asyncio.to_thread(self.measure)
+        offer = await in_own_thread(self.measure)
         layers = None
         while not stopping():
             try:
@@ -64,7 +65,7 @@ class OwnLayers:
             return None
         try:
             weight_bytes = desk.placement.footprint.weight_bytes(*layers)
-            executor = await asyncio.to_thread(self.load, layers, offer, weight_bytes)
+            executor = await in_own_thread(self.load, layers, offer, weight_bytes)
         except (ValueError, RuntimeError, OSError) as exc:
             logger.error("the head could not load layers %d:%d: %s", *layers, exc)
             return None

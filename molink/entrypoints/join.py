@@ -18,6 +18,7 @@ from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.host import cpu_cores, host_id
+from molink.runtime.intra_op import in_own_thread, run_in_own_thread, serial_here
 from molink.runtime.model_size import emulated_stage
 from molink.runtime.node_budget import kv_budget_within
 from molink.runtime.stage_executor import StageExecutor, resolve_device
@@ -262,8 +263,9 @@ def run(args, token: str) -> int:
     if args.standby and wants_layers_from_head(args):
         raise ValueError("--standby needs --layers START:END: the range this stage stands by "
                          "for (automatic placement assigns only layers no stage serves)")
+    serial_here()  # the event loop's operators: the compute thread's team stays the only one
     if not wants_layers_from_head(args):
-        args, executor = build_executor(args)
+        args, executor = run_in_own_thread(build_executor, args)
         return asyncio.run(_serve(args, token, executor, node_id))
     try:
         return asyncio.run(_serve_placed(args, token, node_id))
@@ -281,7 +283,7 @@ async def _serve_placed(args, token: str, node_id: str) -> int:
     (start, end), asking = await layers_from_head(args, token, node_id)
     offering = asyncio.create_task(keep_offering(*asking))
     try:
-        args, executor = await asyncio.to_thread(build_executor, with_layers(args, start, end))
+        args, executor = await in_own_thread(build_executor, with_layers(args, start, end))
     finally:
         offering.cancel()
     return await _serve(args, token, executor, node_id)

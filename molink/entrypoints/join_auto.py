@@ -16,6 +16,7 @@ from molink.entrypoints.plan import GPU_MEMORY_GB
 from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.host import cpu_cores, host_id
+from molink.runtime.intra_op import in_own_thread
 from molink.runtime.model_size import emulated_profile
 from molink.runtime.node_budget import (
     NodeOffer,
@@ -40,12 +41,11 @@ def wants_layers_from_head(args) -> bool:
 async def layers_from_head(args, token: str, node_id: str):
     """Offer this node: (the range the head assigns, (head, security, offer) to keep the
     offer alive while loading). Raises StageRefused (a real refusal)."""
-    import asyncio
 
     model_dir = resolve_model(args.model, weights=False)
     loaded = load_config(model_dir)
     device = torch.device("cpu") if args.emulate_device else resolve_device(args.device)
-    offer = await asyncio.to_thread(node_offer, args, model_dir, device)
+    offer = await in_own_thread(node_offer, args, model_dir, device)
     dtype = resolve_dtype(args.dtype, loaded.arch, device, holds_int4(loaded, args.quantization))
     info = pb.StageInfo(model_fingerprint=config_fingerprint(model_dir),
                         dtype=str(dtype).removeprefix("torch."), block_size=args.block_size,

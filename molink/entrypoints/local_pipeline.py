@@ -27,6 +27,7 @@ from molink.coordinator.pipeline_head import PipelineHead
 from molink.entrypoints.signals import finish_pending_tasks
 
 READY_TIMEOUT_S = 300.0
+THREADS_VAR = "OMP_NUM_THREADS"
 STOP_GRACE_S = 10.0  # after SIGTERM, how long a stage may take before it is killed
 LOG_TAIL_LINES = 8
 
@@ -44,7 +45,8 @@ class LocalPipeline:
     ``start_stage``, ``wait_ready`` and ``stop`` itself.
 
     ``join_options``: further ``molink join`` options for every stage (``--dtype``...);
-    ``env``: variables for the stage processes on top of this process's environment;
+    ``env``: variables for the stage processes on top of this process's environment
+    (``OMP_NUM_THREADS``, where neither sets it: each process's share of the cores);
     ``log_dir``: each stage's stdout and stderr go to ``stage<i>.log`` there (else stdout is
     discarded and stderr is this process's, so a stage's own error message shows)."""
 
@@ -58,6 +60,9 @@ class LocalPipeline:
         self.host = host
         self.join_options = list(join_options)
         self.env = {**os.environ, **(env or {}), envs.CLUSTER_TOKEN_VAR: token}
+        # the processes share this machine's cores: each stage its share, unless told (a
+        # stage with every core would spin its threads against the others': intra_op.py)
+        self.env.setdefault(THREADS_VAR, str(fair_share(1 + len(self.stage_layers))))
         self.log_dir = log_dir
         self.ready_timeout_s = ready_timeout_s
         self.procs: list[asyncio.subprocess.Process] = []
@@ -156,3 +161,9 @@ async def stop_processes(procs: Sequence[asyncio.subprocess.Process],
         except TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+def fair_share(num_processes: int) -> int:
+    """Cores per process when ``num_processes`` share the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // num_processes)

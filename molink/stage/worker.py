@@ -38,6 +38,7 @@ import time
 
 import grpc
 
+from molink.runtime.intra_op import serial_here
 from molink.runtime.stage_executor import StageExecutor
 from molink.runtime.wire_tensor import from_raw
 from molink.stage.compute import StageCompute
@@ -350,6 +351,7 @@ class StageWorker(pb_grpc.StageServicer):
     # ---- serializer thread --------------------------------------------------------------------
 
     def _serialize_loop(self) -> None:
+        serial_here()  # casts on one core: the compute thread's team stays the only one
         while (item := self._wire.get()) is not _STOP:
             if item is _RESET:
                 self._gathering.clear()

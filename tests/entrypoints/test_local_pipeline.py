@@ -4,6 +4,7 @@ at once with its log, and every process it started is gone afterwards."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -58,3 +59,18 @@ def test_a_stage_that_exits_ends_the_wait_with_its_log(tiny_model_dir, tmp_path)
     procs, message = asyncio.run(main())
     assert all(proc.returncode is not None for proc in procs)
     assert (tmp_path / "stage0.log").read_text().strip().splitlines()[-1] in message
+
+
+def test_stage_processes_get_their_share_of_the_cores_unless_told(monkeypatch):
+    """Processes on one machine share its cores: each stage gets threads for its share (a
+    stage with every core would spin its OpenMP threads against the others'); a thread
+    count the caller or the environment gives is kept."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    two_stages = LocalPipeline(None, "token", "model", [(1, 2), (2, 3)])
+    assert two_stages.env["OMP_NUM_THREADS"] == "2"  # 8 cores, 3 processes
+    assert LocalPipeline(None, "token", "model", [(1, 2)] * 9).env["OMP_NUM_THREADS"] == "1"
+    told = LocalPipeline(None, "token", "model", [(1, 2)], env={"OMP_NUM_THREADS": "3"})
+    assert told.env["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert LocalPipeline(None, "token", "model", [(1, 2)]).env["OMP_NUM_THREADS"] == "5"
