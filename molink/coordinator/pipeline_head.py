@@ -43,7 +43,7 @@ from molink.coordinator.stage_watch import ROUTE_RETRY_S, StageWatch
 from molink.messages import LinkReport
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.outputs import RequestOutput
-from molink.runtime.host import cpu_cores, host_id
+from molink.runtime.host import cpu_cores, host_id, shared_cores
 from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
@@ -203,10 +203,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         computes = [(m.host_id, m.device, m.cpu_cores) for m in members if m.device != "emulated"]
         if self.executor is not None:
             computes.append((host_id(), self.executor.device.type, cpu_cores()))
-        if len(computes) < 2 or len({(h, d) for h, d, _ in computes}) != 1 \
-                or computes[0][1] != "cpu" or not computes[0][0]:
-            return None
-        return max(1, computes[0][2])
+        return shared_cores(computes)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Self
 from molink import envs
 from molink.coordinator.pipeline_head import PipelineHead
 from molink.entrypoints.signals import finish_pending_tasks
+from molink.runtime.host import cpu_cores
 
 READY_TIMEOUT_S = 300.0
 THREADS_VAR = "OMP_NUM_THREADS"
@@ -165,5 +166,4 @@ async def stop_processes(procs: Sequence[asyncio.subprocess.Process],
 
 def fair_share(num_processes: int) -> int:
     """Cores per process when ``num_processes`` share the cores this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // num_processes)
+    return max(1, cpu_cores() // num_processes)
