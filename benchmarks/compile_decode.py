@@ -37,6 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cpu_dtypes import add_mode_arguments, prompts_of, rates, run_mode
+from benchmarks.gguf_smollm2.report import agreement
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("eager", "torch.compile")
 COLUMNS = (("prefill 128 tok (ms)", "prefill_ms"), ("TPOT (ms)", "tpot_ms"),
@@ -92,7 +95,6 @@ def compile_layers() -> None:
 def measure(mode: str, directory: str, output_tokens: int) -> dict:
     """One mode, in this process: ``cpu_dtypes``' measures, the compile warm-up's seconds and
     the greedy tokens of one prompt."""
-    from benchmarks.cpu_dtypes import prompts_of, rates
     from molink import LLM, SamplingParams
 
     if mode == "torch.compile":
@@ -124,9 +126,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of every mode, interleaved; the table shows medians "
                              "(default: %(default)s)")
-    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # the subprocess
-    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
+    add_mode_arguments(parser)  # the subprocess of one mode
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(measure(args.mode, args.model, args.tokens)))
@@ -140,26 +140,13 @@ def main() -> int:
         runs = {mode: [] for mode in MODES}
         for _ in range(max(1, args.repeat)):  # interleaved: a busy spell hits every mode
             for mode, mode_runs in runs.items():
-                mode_runs.append(_run_mode(mode, directory, tokens, args.threads))
+                mode_runs.append(run_mode(mode, directory, tokens, args.threads,
+                                                    "benchmarks.compile_decode"))
     text = _table(runs)
     print(text)
     if not args.quick:
         _write(text, args, tokens, time.perf_counter() - started)
     return 0
-
-
-def _run_mode(mode: str, directory: str, tokens: int, threads: int) -> dict:
-    print(f"measuring {mode} ...", file=sys.stderr, flush=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_decode", "--mode", mode,
-                           "--model", directory, "--tokens", str(tokens)], env=env,
-                          capture_output=True, text=True, timeout=1800, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode} failed:\n{proc.stderr[-2000:]}")
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "tokens"),
-          file=sys.stderr, flush=True)
-    return row
 
 
 def _table(runs: dict[str, list[dict]]) -> str:
@@ -173,19 +160,10 @@ def _table(runs: dict[str, list[dict]]) -> str:
     reference = runs["eager"][0]["tokens"]
     for mode, r in rows.items():
         cells = [f"{r[key]:.1f} | {r[key] / base[key]:.2f}" for _, key in COLUMNS]
-        agree = min(_common_prefix(run["tokens"], reference) for run in runs[mode])
+        agree = min(agreement(run["tokens"], reference) for run in runs[mode])
         lines.append(f"| {mode} | " + " | ".join(cells)
                      + f" | {r['warm_up_s']:.1f} | {agree} of {len(reference)} |")
     return "\n".join(lines)
-
-
-def _common_prefix(tokens: list[int], reference: list[int]) -> int:
-    same = 0
-    for ours, theirs in zip(tokens, reference):
-        if ours != theirs:
-            break
-        same += 1
-    return same
 
 
 def _write(table: str, args, tokens: int, seconds: float) -> None:

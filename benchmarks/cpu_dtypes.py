@@ -189,9 +189,7 @@ def main() -> int:
                         help="runs of every mode, interleaved; the table shows medians")
     parser.add_argument("--output", default="cpu_dtypes.md",
                         help="file name under benchmarks/results (default: %(default)s)")
-    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)  # the subprocess
-    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
+    add_mode_arguments(parser)
     args = parser.parse_args()
     if args.mode:
         print(json.dumps(measure(args.mode, args.model, args.tokens)))
@@ -206,7 +204,7 @@ def main() -> int:
         runs = {mode: [] for mode in [*modes, BANDWIDTH]}
         for _ in range(max(1, args.repeat)):  # interleaved: a busy spell hits every mode
             for mode, mode_runs in runs.items():
-                mode_runs.append(_run_mode(mode, directory, tokens, args.threads))
+                mode_runs.append(run_mode(mode, directory, tokens, args.threads))
     rows = {mode: {key: statistics.median(run[key] for run in mode_runs)
                    for key in mode_runs[0]} for mode, mode_runs in runs.items()}
     bandwidth = rows.pop(BANDWIDTH)["read_gb_s"]
@@ -217,17 +215,26 @@ def main() -> int:
     return 0
 
 
-def _run_mode(mode: str, directory: str, tokens: int, threads: int) -> dict:
+def add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden options ``run_mode`` starts the subprocess of one mode with."""
+    parser.add_argument("--mode", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run_mode(mode: str, directory: str, tokens: int, threads: int,
+             module: str = "benchmarks.cpu_dtypes") -> dict:
+    """``python -m module --mode mode ...`` in a subprocess (a clean heap): its JSON row."""
     print(f"measuring {mode} ...", file=sys.stderr, flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_dtypes", "--mode", mode,
+    proc = subprocess.run([sys.executable, "-m", module, "--mode", mode,
                            "--model", directory, "--tokens", str(tokens)], env=env,
                           capture_output=True, text=True, timeout=1800, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{proc.stderr[-2000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), file=sys.stderr,
-          flush=True)
+    print(f"  {mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                    if isinstance(v, float)), file=sys.stderr, flush=True)
     return row
 
 

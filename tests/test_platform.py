@@ -67,6 +67,9 @@ ALLOWED: dict[tuple[str, str], str] = {
         "/proc/meminfo read under try/except OSError, then sysconf, then a stated guess",
     ("runtime/node_budget.py", "os.sysconf"):
         "under `if hasattr(os, 'sysconf')` and try/except ValueError/OSError",
+    ("runtime/intra_op.py", "/proc/"):
+        "/proc/self/maps read under try/except OSError: without it no OpenMP runtime is "
+        "looked for and every thread keeps its width",
     ("model/cpu_features.py", "/proc/"):
         "/proc/cpuinfo read under try/except OSError: unknown CPU flags mean 'has bf16' and "
         "'try the fused kernels' (their self-check decides)",

@@ -44,10 +44,11 @@ T = TypeVar("T")
 @functools.cache
 def _openmp() -> ctypes.CDLL | None:
     """The OpenMP runtime this process has loaded (PyTorch's), or None."""
-    maps = Path("/proc/self/maps")
-    if not maps.exists():
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:  # no /proc (macOS, Windows): threads stay as they are
         return None
-    for line in maps.read_text().splitlines():
+    for line in maps:
         path = line.rpartition(" ")[2]
         if Path(path).name.startswith(OPENMP_RUNTIMES):
             try:
