@@ -17,9 +17,9 @@ ignored, 128-token prompts (the measures of ``benchmarks.cpu_dtypes``):
 Each mode runs in its own subprocess, the modes interleaved ``--repeat`` times (medians);
 each run's greedy tokens for one prompt are compared with eager's (how many agree before the
 first that differs: by default inductor keeps the intermediates of fused bf16 operations
-in float32, where eager rounds each to bf16, as Hugging Face does). The bound it is measured against: the eager row
-of the same run. The compiled mode is a measurement, not a MoLink option: where it wins
-nothing, MoLink stays eager.
+in float32, where eager rounds each to bf16, as Hugging Face does). The bound it is
+measured against: the eager row of the same run. The compiled mode is a measurement, not a
+MoLink option: where it wins nothing, MoLink stays eager.
 
     python -m benchmarks.compile_decode            # writes benchmarks/results/compile_decode.md
     python -m benchmarks.compile_decode --quick    # fewer tokens, prints only

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -117,17 +118,10 @@ def decode_weight_count(directory: str) -> int:
     total = 0
     for path in Path(directory).glob("*.safetensors"):
         with safe_open(str(path), "pt") as tensors:
-            total += sum(_numel(tensors.get_slice(name).get_shape())
+            total += sum(math.prod(tensors.get_slice(name).get_shape())
                          for name in tensors.keys()  # noqa: SIM118 - safe_open has no __iter__
                          if "embed_tokens" not in name)
     return total
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def floor_section(rows: dict, bandwidth_gb_s: float, weights: int) -> str:
@@ -136,10 +130,10 @@ def floor_section(rows: dict, bandwidth_gb_s: float, weights: int) -> str:
     floors = {name: weights * width / (bandwidth_gb_s * 1e9) * 1e3
               for name, width in (("16-bit", 2), ("float32", 4))}
     lines = [f"Memory floor: a decode step reads {weights / 1e6:.1f}M weights (all but the "
-             f"input embeddings); this machine reads {bandwidth_gb_s:.1f} GB/s "
-             "(the best of `torch.sum` and `torch.mv` over 512 MiB of float32, same threads), so one stream's "
-             "TPOT is at least " + ", ".join(f"{ms:.1f} ms with {name} weights"
-                                             for name, ms in floors.items()) + "."]
+             f"input embeddings); this machine reads {bandwidth_gb_s:.1f} GB/s (the best of "
+             "`torch.sum` and `torch.mv` over 512 MiB of float32, same threads), so one "
+             "stream's TPOT is at least " + ", ".join(f"{ms:.1f} ms with {name} weights"
+                                                      for name, ms in floors.items()) + "."]
     ours = [r["tpot_ms"] for m, r in rows.items() if not m.startswith("transformers")]
     lines.append(f"MoLink's best TPOT, {min(ours):.1f} ms, is {min(ours) / floors['16-bit']:.2f}x "
                  "the 16-bit floor.")

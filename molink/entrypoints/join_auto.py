@@ -41,7 +41,6 @@ def wants_layers_from_head(args) -> bool:
 async def layers_from_head(args, token: str, node_id: str):
     """Offer this node: (the range the head assigns, (head, security, offer) to keep the
     offer alive while loading). Raises StageRefused (a real refusal)."""
-
     model_dir = resolve_model(args.model, weights=False)
     loaded = load_config(model_dir)
     device = torch.device("cpu") if args.emulate_device else resolve_device(args.device)

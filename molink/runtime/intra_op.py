@@ -27,15 +27,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
-import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 OPENMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
 T = TypeVar("T")
