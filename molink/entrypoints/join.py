@@ -18,7 +18,7 @@ from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.host import cpu_cores, host_id
-from molink.runtime.intra_op import in_own_thread, run_in_own_thread, serial_here
+from molink.runtime.intra_op import in_own_thread, run_in_own_thread, serial_here, use_threads
 from molink.runtime.model_size import emulated_stage
 from molink.runtime.node_budget import kv_budget_within
 from molink.runtime.stage_executor import StageExecutor, resolve_device
@@ -84,6 +84,10 @@ def add_node_arguments(parser, peer_port: int) -> None:
                              "computes prefill in float32)")
     parser.add_argument("--device", default="auto", metavar="DEVICE",
                         help="cpu | cuda | cuda:N | mps (auto: cuda, else mps, else cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads the model's operators use (default: "
+                             "$OMP_NUM_THREADS, else every core this process may use; nodes "
+                             "that share one machine: each its share)")
     add_quantization_argument(parser)
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed of this node (the last stage samples: requests "
@@ -263,7 +267,7 @@ def run(args, token: str) -> int:
     if args.standby and wants_layers_from_head(args):
         raise ValueError("--standby needs --layers START:END: the range this stage stands by "
                          "for (automatic placement assigns only layers no stage serves)")
-    serial_here()  # the event loop's operators: the compute thread's team stays the only one
+    use_threads(args.threads)
     if not wants_layers_from_head(args):
         args, executor = run_in_own_thread(build_executor, args)
         return asyncio.run(_serve(args, token, executor, node_id))
@@ -280,6 +284,7 @@ async def _serve_placed(args, token: str, node_id: str) -> int:
     from molink.entrypoints.join_auto import layers_from_head, with_layers
     from molink.stage.head_client import keep_offering
 
+    serial_here()  # the event loop's operators: the compute thread's team stays the only one
     (start, end), asking = await layers_from_head(args, token, node_id)
     offering = asyncio.create_task(keep_offering(*asking))
     try:
@@ -310,6 +315,7 @@ def build_executor(args):
 
 
 async def _serve(args, token: str, executor, node_id: str = "") -> int:
+    serial_here()  # the event loop's operators: the compute thread's team stays the only one
     info = pb.StageInfo(start_layer=executor.start_layer, end_layer=executor.end_layer,
                         model_fingerprint=config_fingerprint(args.model),
                         dtype=str(executor.dtype).removeprefix("torch."),

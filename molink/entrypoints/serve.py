@@ -29,7 +29,7 @@ from molink.entrypoints.signals import finish_pending_tasks
 from molink.messages import is_lossy
 from molink.model.hub import resolve_model
 from molink.model.loader import load_config
-from molink.runtime.intra_op import run_in_own_thread, serial_here
+from molink.runtime.intra_op import run_in_own_thread, serial_here, use_threads
 from molink.scheduler.stall_bound import DEFAULT_STALL_FACTOR
 from molink.transport.peers import PeerSecurity
 
@@ -150,6 +150,7 @@ def run(args, token: str | None) -> int:
     generated = token is None
     token = token or secrets.token_hex(16)
     name = args.served_model_name or served_name(args.model)
+    use_threads(args.threads)
     head = run_in_own_thread(_build_head, args, token)  # its own layers loaded on every core
     serial_here()  # the event loop's operators: the compute thread's team stays the only one
     max_waiting = args.max_waiting_requests

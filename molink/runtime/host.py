@@ -41,8 +41,9 @@ def shared_cores(computes: list[tuple[str, str, int]]) -> int | None:
     cores = max(1, computes[0][2])
     if (computes[0][0], len(computes)) not in _warned:
         _warned.add((computes[0][0], len(computes)))
+        share = max(1, cores // len(computes))
         logger.warning("%d processes compute on the CPUs of one machine (%d cores): unless "
-                       "each was started with OMP_NUM_THREADS=%d (its share), their threads "
-                       "contend for the cores", len(computes), cores,
-                       max(1, cores // len(computes)))
+                       "each was started with --threads %d (or OMP_NUM_THREADS=%d, its share), "
+                       "their threads contend for the cores", len(computes), cores, share,
+                       share)
     return cores

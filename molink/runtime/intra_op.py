@@ -15,6 +15,8 @@ So a serving process keeps one team, that of the thread that computes steps:
   for this thread only; PyTorch's ``set_num_threads`` would also change the default of
   threads not started yet, the compute thread among them). For the event loop and the
   serializers, whose operators are small or few.
+- ``use_threads(n)`` (``--threads``): the width of the threads that compute, set before any
+  thread starts.
 - ``in_own_thread`` / ``run_in_own_thread``: work that wants every core but runs once
   (loading and converting weights, measuring a layer) in a thread that ends with it,
   taking its team along.
@@ -53,6 +55,14 @@ def _openmp() -> ctypes.CDLL | None:
             except OSError:
                 return None
     return None
+
+
+def use_threads(count: int | None) -> None:
+    """Threads for every thread's operators from now on (``--threads``; None: PyTorch's
+    default, ``OMP_NUM_THREADS`` or every core). Call it first: threads that already ran an
+    operator keep their width."""
+    if count is not None:
+        torch.set_num_threads(count)
 
 
 def serial_here() -> None:

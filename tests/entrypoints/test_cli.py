@@ -156,6 +156,9 @@ def test_console_entry_prints_no_traceback():
 def test_serve_passes_log_options_to_the_app_and_uvicorn(monkeypatch):
     seen = {}
     monkeypatch.setattr(serve, "_build_head", lambda args, token: SimpleNamespace())
+    # (this test's own thread keeps its operators' width; the wiring is checked)
+    monkeypatch.setattr(serve, "use_threads", lambda count: seen.update(threads=count))
+    monkeypatch.setattr(serve, "serial_here", lambda: seen.update(serial=True))
     monkeypatch.setattr("molink.entrypoints.http_server.create_app",
                         lambda head, name, **kwargs: seen.update(kwargs) or SimpleNamespace(
                             router=SimpleNamespace(lifespan_context=None)))
@@ -167,6 +170,9 @@ def test_serve_passes_log_options_to_the_app_and_uvicorn(monkeypatch):
         assert serve.run(build_parser().parse_args(argv), "token") == 0
         assert seen["log_requests"] is log_requests
         assert seen["uvicorn"]["log_level"] == uvicorn_level
+        assert seen["serial"] and seen["threads"] is None
+    serve.run(build_parser().parse_args(["serve", MODEL, "--threads", "3"]), "token")
+    assert seen["threads"] == 3
 
 
 def _memory_args(**changes) -> SimpleNamespace:

@@ -85,3 +85,32 @@ def test_the_head_serializes_on_one_core_and_computes_on_every_one(tiny_model_di
     serialize, compute = (pool.submit(torch.get_num_threads).result() for pool in pools)
     assert serialize == 1
     assert compute == torch.get_num_threads()  # this (test) thread's width, untouched
+
+
+@pytest.mark.skipif(_openmp() is None, reason="PyTorch runs without an OpenMP runtime here")
+def test_threads_option_sets_the_width_of_threads_started_after_it():
+    """``--threads 1`` (``use_threads``) on a machine whose default is 2: the compute thread
+    started afterwards runs its operators on one core and starts no team; without it, 2."""
+    child = textwrap.dedent("""
+        import concurrent.futures, json, os, sys
+        import torch
+        from molink.runtime.intra_op import serial_here, use_threads
+
+        use_threads(int(sys.argv[1]) if len(sys.argv) > 1 else None)
+        serial_here()  # as serve and join do, after it
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        pool.submit(lambda: None).result()
+        before = len(os.listdir("/proc/self/task"))
+        pool.submit(lambda: (torch.ones(2048, 2048) * 2).sum()).result()
+        print(json.dumps({"width": pool.submit(torch.get_num_threads).result(),
+                          "added": len(os.listdir("/proc/self/task")) - before}))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+
+    def run(*argv: str) -> dict:
+        proc = subprocess.run([sys.executable, "-c", child, *argv], env=env,
+                              capture_output=True, text=True, timeout=120, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    assert run("1") == {"width": 1, "added": 0}
+    assert run() == {"width": 2, "added": 1}
