@@ -284,7 +284,6 @@ async def _serve_placed(args, token: str, node_id: str) -> int:
     from molink.entrypoints.join_auto import layers_from_head, with_layers
     from molink.stage.head_client import keep_offering
 
-    serial_here()  # the event loop's operators: the compute thread's team stays the only one
     (start, end), asking = await layers_from_head(args, token, node_id)
     offering = asyncio.create_task(keep_offering(*asking))
     try:

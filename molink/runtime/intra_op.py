@@ -93,30 +93,9 @@ def run_in_own_thread(fn: Callable[..., T], *args) -> T:
 
 
 async def in_own_thread(fn: Callable[..., T], *args) -> T:
-    """``await`` form of ``run_in_own_thread``: the event loop keeps running meanwhile."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-
-    def settle(result=None, error: BaseException | None = None) -> None:
-        if done.done():  # the awaiting task was cancelled
-            return
-        if error is not None:
-            done.set_exception(error)
-        else:
-            done.set_result(result)
-
-    def target() -> None:
-        try:
-            outcome = (fn(*args), None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop has closed: nobody waits any more
-            pass
-
-    threading.Thread(target=target, name=f"molink-{_name(fn)}", daemon=True).start()
-    return await done
+    """``await`` form of ``run_in_own_thread``: the event loop keeps running meanwhile (the
+    executor thread that waits runs no operator, so it starts no team)."""
+    return await asyncio.to_thread(run_in_own_thread, fn, *args)
 
 
 def _name(fn) -> str:
