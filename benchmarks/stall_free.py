@@ -25,8 +25,8 @@ stopped by its pid, also when the run fails or is interrupted.
    bound off (``0``): what the bound buys in inter-token gaps and what it costs the long
    prompts' TTFT.
 
-The bound each number is measured against: one machine's 2 cores shared by 3 stage
-processes, the head's HTTP server, 3 relays and the client (so a stage that computes a
+The bound each number is measured against (without ``--own-cpus``): one machine's cores
+shared by 3 stage processes, the head's HTTP server, 3 relays and the client (so a stage that computes a
 prefill takes cores from the decodes: some growth under load is the machine, not a stall).
 """
 
@@ -56,6 +56,7 @@ from benchmarks.peers.client import (
     warm_up,
 )
 from benchmarks.peers.clusters import MODEL_NAME, MolinkPipeline, Setup
+from benchmarks.peers.processes import own_cpus
 from benchmarks.peers.report import lscpu
 from benchmarks.weak_links.measurement import machine_busy_seconds
 
@@ -77,6 +78,10 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--threads", type=int, default=1, help="per node")
+    parser.add_argument("--own-cpus", action="store_true",
+                        help="each node on --threads + 1 CPUs of its own (as on separate hosts); "
+                             "the client and relays on the rest (default: every process may "
+                             "use every CPU)")
     parser.add_argument("--dtype", default="auto",
                         help="every node's --dtype (auto: the checkpoint's, float32 here)")
     parser.add_argument("--counts", type=int, nargs="*", default=[],
@@ -145,10 +150,10 @@ def p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def busy_percent(busy_s: float, elapsed_s: float) -> float:
-    """Share of every core's time spent busy: ``busy_s`` (``machine_busy_seconds``
-    difference) over ``elapsed_s`` on all of this machine's cores."""
-    cores = os.cpu_count() or 1
+def busy_percent(busy_s: float, elapsed_s: float, cpus: frozenset[int] = frozenset()) -> float:
+    """Share of the cores' time spent busy: ``busy_s`` (``machine_busy_seconds``
+    difference) over ``elapsed_s`` on ``cpus`` (empty: all of this machine's cores)."""
+    cores = len(cpus) or os.cpu_count() or 1
     return float("nan") if elapsed_s <= 0 else 100 * busy_s / (elapsed_s * cores)
 
 
@@ -211,9 +216,10 @@ async def microbatching(setup: Setup, args, system: str) -> Row:
             tasks = [asyncio.create_task(streaming(client, url, i, args.output_tokens, traces,
                                                    stop)) for i in range(args.streams)]
             await asyncio.sleep(args.warmup)  # a long-running server: auto has settled
-            start, busy_before = time.perf_counter(), machine_busy_seconds()
+            cpus = frozenset().union(*setup.cpus)  # the nodes' (pinned), else the machine's
+            start, busy_before = time.perf_counter(), machine_busy_seconds(cpus)
             await asyncio.sleep(args.window)
-            end, busy_after = time.perf_counter(), machine_busy_seconds()
+            end, busy_after = time.perf_counter(), machine_busy_seconds(cpus)
             chosen = await metric(cluster.base_url, "molink_microbatches_target")
             stop.set()
             await asyncio.gather(*tasks)
@@ -225,7 +231,8 @@ async def microbatching(setup: Setup, args, system: str) -> Row:
             "tok/s": events * tokens_per_chunk / (end - start),
             "bound tok/s": args.streams / single.p50("tpot_s"),
             "ITL p50 ms": 1e3 * p(gaps, 0.5), "ITL p99 ms": 1e3 * p(gaps, 0.99),
-            "micro-batches": chosen, "CPU busy %": busy_percent(busy_after - busy_before, end - start),
+            "micro-batches": chosen,
+            "CPU busy %": busy_percent(busy_after - busy_before, end - start, cpus),
             "errors": sum(1 for t in traces if t.error)})
     return await with_cluster(setup, args, system_options(system), work)
 
@@ -336,6 +343,24 @@ def dtype_note(dtype: str) -> str:
     return f"{chosen}; this CPU: {native}"
 
 
+def threads_note(args) -> str:
+    each = f"{args.threads} thread(s) each"
+    return f"{each}, on CPUs of its own (`--own-cpus`)" if args.own_cpus else each
+
+
+def machine_note(args) -> str:
+    cores = os.cpu_count() or 1
+    if args.own_cpus:
+        return (f"Machine: {cores} cores; each stage process on {args.threads + 1} of its own "
+                "(`sched_setaffinity`: its compute threads + one for its event loop, gRPC and "
+                "serializer threads), the client and relays on the rest, so stages compete "
+                "for no core (memory bandwidth and caches are still shared). CPU busy: the "
+                "stages' cores.")
+    return (f"Machine: {cores} cores shared by 3 stage processes, the head's HTTP server, 3 "
+            "relays and the client; compute spent on a prefill is taken from the decodes "
+            "whatever the schedule, so only the stall beyond that share is the scheduler's.")
+
+
 def write_report(args, command: str, rows: list[Row], elapsed_s: float) -> str:
     lines = [
         "# Stall-free stages and auto micro-batching on real compute (CLI)", "",
@@ -343,7 +368,7 @@ def write_report(args, command: str, rows: list[Row], elapsed_s: float) -> str:
         f"{elapsed_s / 60:.0f} minutes)"), "",
         (f"Model: random Llama (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}), "
         f"{dtype_note(args.dtype)}. `molink serve --layers 0:{args.layers // 3}` + two "
-        "`molink join` on this machine, one thread each; a relay at "
+        f"`molink join` on this machine, {threads_note(args)}; a relay at "
         f"{args.link} in front of stage 2, stage 3 and the head's result port."), "",
         (f"Micro-batching: {args.streams} client streams, each sending requests of "
         f"{args.output_tokens} output tokens (32-token prompts) one after another; output "
@@ -355,9 +380,7 @@ def write_report(args, command: str, rows: list[Row], elapsed_s: float) -> str:
         f"{args.long_prompt}-token prompt (8 output tokens) every {args.long_every:g} s "
         f"({args.long_count} in all). ITL: gaps between a stream's consecutive chunks ending "
         "in the window."), "",
-        ("Machine: 2 cores shared by 3 stage processes, the head's HTTP server, 3 relays and the "
-        "client; compute spent on a prefill is taken from the decodes whatever the schedule, "
-        "so only the stall beyond that share is the scheduler's."), "",
+        machine_note(args), "",
         "## Summary", "", *summary(rows), "",
         "## Micro-batching", "", *table(rows, "microbatching"), "",
         "## Stalls", "", *table(rows, "stalls"), "",
@@ -393,7 +416,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     setup = Setup(model_dir(args), None, args.threads, max(args.streams, args.short_streams
                                                            + args.long_count) + 4,
-                  args.long_prompt + 1024 + 64, Path(tempfile.mkdtemp(prefix="molink-stall-")))
+                  args.long_prompt + 1024 + 64, Path(tempfile.mkdtemp(prefix="molink-stall-")),
+                  cpus=own_cpus(3, args.threads) if args.own_cpus else ())
     log(f"server logs under {setup.log_dir}")
 
     def write(rows: list[Row]) -> None:

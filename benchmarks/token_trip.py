@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from benchmarks.peers import breakdown
 from benchmarks.peers.__main__ import PRECISIONS, model_dir
 from benchmarks.peers.clusters import MolinkPipeline, Setup
 from benchmarks.peers.llama_cpp import DEFAULT_CACHE
+from benchmarks.peers.processes import own_cpus
 from benchmarks.peers.report import lscpu
 from benchmarks.peers.run import Row, Workload, run_row
 from molink.transport.link_emulator import LinkSpec
@@ -48,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--precision", choices=list(PRECISIONS), default="16bit",
                         help="MoLink's weights (default: 16bit, bfloat16)")
     parser.add_argument("--threads", type=int, default=1, help="threads per node (default: 1)")
+    parser.add_argument("--own-cpus", action="store_true",
+                        help="each process on --threads + 1 CPUs of its own, as on separate hosts "
+                             "(the one process on the head's); the client and relays on the "
+                             "rest (default: every process may use every CPU)")
     parser.add_argument("--concurrency", type=int, default=16, help="default: 16")
     parser.add_argument("--num-microbatches", default="auto", metavar="N|auto",
                         help="the pipeline head's micro-batches in flight (default: auto)")
@@ -68,7 +74,8 @@ def parse_args(argv=None):
 
 async def run(args) -> tuple[Row, list[Row]]:
     setup = Setup(model_dir(args), None, args.threads, args.concurrency,
-                  128 + args.max_tokens + 64, Path(tempfile.mkdtemp(prefix="molink-trip-")))
+                  128 + args.max_tokens + 64, Path(tempfile.mkdtemp(prefix="molink-trip-")),
+                  cpus=own_cpus(HOPS, args.threads) if args.own_cpus else ())
     workload = Workload(128, args.max_tokens, 1 if args.quick else 3, args.concurrency)
     precision = PRECISIONS[args.precision]
     alone = await run_row(setup, Row(None, precision, MolinkPipeline.label), workload, {},
@@ -105,6 +112,15 @@ def verdicts(alone: Row, rows: list[Row], concurrency: int) -> list[str]:
     return lines
 
 
+def cpus_note(args) -> str:
+    if not args.own_cpus:
+        return ", every process free to use any of this machine's CPUs"
+    each = args.threads + 1  # the compute threads + one for the event loop, gRPC, serializers
+    return (f", each process pinned to {each} CPUs of its own (`--own-cpus`: the pipeline "
+            f"runs on {HOPS * each} of this machine's {os.cpu_count()}, the one process on "
+            f"{each}; memory bandwidth and caches shared), the client and relays on the rest")
+
+
 def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str:
     options = " ".join(PRECISIONS[args.precision].molink_options)
     lines = ["# A token's trip: 3 stages against one process", "",
@@ -112,7 +128,8 @@ def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str
              f"{seconds / 60:.0f} minutes)"), "",
              (f"Model: the benchmarks' random Llama (hidden 1024, 12 layers, GQA 16/4, vocab "
              f"8000, 151M parameters), MoLink `{options}`"
-             f", {args.threads} thread(s) per process (OMP_NUM_THREADS). One process: `molink "
+             f", {args.threads} thread(s) per process (OMP_NUM_THREADS){cpus_note(args)}. "
+             "One process: `molink "
              "serve` with every layer. Pipeline: `molink serve --layers 0:4` + `molink join` "
              f"4:8 and 8:12 (`--num-microbatches {args.num_microbatches}`), a LinkEmulator "
              "relay in front of stage 2, stage 3 and the head's result port. Workload: "

@@ -285,6 +285,7 @@ def test_no_sysconf_no_affinity_no_proc(monkeypatch):
     monkeypatch.setattr(builtins, "open", no_proc)
     assert kv_cache.default_kv_budget_bytes(torch.device("cpu")) == 2 * 1024**3
     assert host.cpu_cores() >= 1
+    assert host.cpu_set() == ""  # unknown: the head assumes any core
     assert node_budget.available_host_memory() == 8 * 2**30
 
 

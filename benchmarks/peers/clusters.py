@@ -43,6 +43,8 @@ class Setup:
     log_dir: Path
     llama_output: str = "last"  # llama.cpp's output layer: on rpc-server B, or "head"
     head_options: tuple[str, ...] = ()  # MoLink: ``molink serve``'s only (the head's)
+    # MoLink: the CPUs of each node (head, stage 2, stage 3; ``own_cpus``); () = unpinned
+    cpus: tuple[frozenset[int], ...] = ()
 
 
 class Cluster:
@@ -175,8 +177,9 @@ class MolinkPipeline(Cluster):
         serve = ["serve", str(self.setup.model_dir), "--port", str(self.http_port),
                  "--peer-port", str(head_port), "--served-model-name", MODEL_NAME,
                  "--disable-log-requests", *self.head_options]
+        cpus = list(self.setup.cpus) or [frozenset()] * 3
         if self.link is None:
-            await self.procs.start("head", self._command(serve), env)
+            await self.procs.start("head", self._command(serve), env, cpus[0])
         else:
             third = self.num_layers // 3
             ranges = [(third, 2 * third), (2 * third, self.num_layers)]
@@ -186,12 +189,12 @@ class MolinkPipeline(Cluster):
             # the last stage sends results to the head's advertised address: the relay
             into_head = await self.relay_to("into-head", head_port)
             await self.procs.start("head", self._command(
-                [*serve, "--layers", f"0:{third}", "--advertise", into_head]), env)
+                [*serve, "--layers", f"0:{third}", "--advertise", into_head]), env, cpus[0])
             for i, (layers, port) in enumerate(zip(ranges, ports, strict=True)):
                 await self.procs.start(f"stage{i + 2}", self._command(
                     ["join", str(self.setup.model_dir), "--head", f"127.0.0.1:{head_port}",
                      "--layers", f"{layers[0]}:{layers[1]}", "--peer-port", str(port),
-                     "--advertise", into_stages[i]]), env)
+                     "--advertise", into_stages[i]]), env, cpus[i + 1])
         await self.procs.wait_http("head", f"{self.base_url}/health", READY_TIMEOUT_S)
 
     def _command(self, args: list[str]) -> list[str]:

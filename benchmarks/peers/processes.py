@@ -4,6 +4,7 @@ bound, stopped by pid (SIGTERM, then SIGKILL after a grace period), also on fail
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
@@ -27,12 +28,15 @@ class Processes:
         self.procs: dict[str, asyncio.subprocess.Process] = {}
 
     async def start(self, name: str, command: Sequence[str],
-                    env: Mapping[str, str] | None = None) -> asyncio.subprocess.Process:
-        """``command`` with stdout and stderr into ``<log_dir>/<name>.log``."""
+                    env: Mapping[str, str] | None = None,
+                    cpus: frozenset[int] = frozenset()) -> asyncio.subprocess.Process:
+        """``command`` with stdout and stderr into ``<log_dir>/<name>.log``; ``cpus``: the
+        CPUs it runs on (set before it starts a thread; empty: this process's)."""
+        pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
         with self.log_path(name).open("ab") as log:  # the child keeps its own copy
             proc = await asyncio.create_subprocess_exec(
                 *command, env=dict(env) if env is not None else None,
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log)
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=pin)
         self.procs[name] = proc
         return proc
 
@@ -86,6 +90,24 @@ class Processes:
         finally:
             await stop_processes(list(self.procs.values()), STOP_GRACE_S)  # if cancelled above
             self.procs.clear()
+
+
+def own_cpus(nodes: int, threads: int) -> tuple[frozenset[int], ...]:
+    """``nodes`` disjoint sets of ``threads`` + 1 CPUs each (the compute threads, and one for
+    the event loop, gRPC and serializer threads that a host's other cores would run), the
+    last of this process's, for servers that must not compete for cores (as on separate
+    hosts); this process, and what it starts without ``cpus`` (relays, the client's work),
+    keeps the rest."""
+    available = sorted(os.sched_getaffinity(0))
+    each = threads + 1
+    need = nodes * each
+    if len(available) < need + 1:
+        raise SystemExit(f"{nodes} servers of {threads} thread(s) on CPUs of their own need "
+                         f"{need + 1} CPUs ({each} each, one more for the client and relays); "
+                         f"this process may use {len(available)}")
+    os.sched_setaffinity(0, available[:-need])
+    return tuple(frozenset(available[len(available) - need + i * each:][:each])
+                 for i in range(nodes))
 
 
 def free_port() -> int:

@@ -69,12 +69,18 @@ class LinkSample:
     hop_tokens: list[int]
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds every process on this machine has used (Linux /proc/stat; 0 elsewhere)."""
+def machine_busy_seconds(cpus: frozenset[int] = frozenset()) -> float:
+    """CPU seconds every process on this machine has used (Linux /proc/stat; 0 elsewhere);
+    ``cpus``: on those CPUs only."""
+    names = {f"cpu{n}" for n in cpus} or {"cpu"}
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
-        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        busy = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *fields = line.split()
+            if name in names:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+                busy += user + nice + system + irq + softirq + steal
+        return busy / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError):
         return 0.0
 

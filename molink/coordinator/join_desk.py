@@ -87,6 +87,7 @@ class JoinDesk:
         member = self.membership.add(info.start_layer, info.end_layer, address,
                                      info.num_blocks, standby=standby)
         member.host_id, member.device, member.cpu_cores = info.host_id, info.device, info.cpu_cores
+        member.cpu_set = info.cpu_set
         member.fingerprint, member.node_id = info.fingerprint, info.node_id
         if self._placement is not None:
             self._placement.joined(info.node_id or address, info.start_layer, info.end_layer)

@@ -27,6 +27,7 @@ class StageMember:
     host_id: str = ""  # which machine (stages on one machine share its cores)
     device: str = ""  # "cpu", "cuda", "emulated", ...
     cpu_cores: int = 0
+    cpu_set: str = ""  # the CPUs it may run on ("0-3,8"), "" where unknown
     fingerprint: str = ""  # its TLS certificate ("" without TLS)
     node_id: str = ""  # random per stage process
     role: str = "active"  # "active" | "standby" | "draining" (leaving once its requests end)

@@ -43,7 +43,7 @@ from molink.coordinator.stage_watch import ROUTE_RETRY_S, StageWatch
 from molink.messages import LinkReport
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.outputs import RequestOutput
-from molink.runtime.host import cpu_cores, host_id, shared_cores
+from molink.runtime.host import cpu_cores, cpu_set, host_id, shared_cores
 from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
@@ -200,9 +200,10 @@ class PipelineHead(pb_grpc.HeadServicer):
         """Cores of the one machine whose CPUs compute every stage, if that is the case (the
         stages then compete for its cores, a resource of its own for the chooser)."""
         members = self.membership.ordered()
-        computes = [(m.host_id, m.device, m.cpu_cores) for m in members if m.device != "emulated"]
+        computes = [(m.host_id, m.device, m.cpu_cores, m.cpu_set) for m in members
+                    if m.device != "emulated"]
         if self.executor is not None:
-            computes.append((host_id(), self.executor.device.type, cpu_cores()))
+            computes.append((host_id(), self.executor.device.type, cpu_cores(), cpu_set()))
         return shared_cores(computes)
 
     # ---- lifecycle ----------------------------------------------------------------------------

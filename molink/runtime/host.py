@@ -30,15 +30,58 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
-def shared_cores(computes: list[tuple[str, str, int]]) -> int | None:
-    """Cores of the one machine whose CPUs compute every stage, if that is the case (the
-    stages then compete for its cores); ``computes``: (host id, device, cores) of each
-    computing process. Warned once per machine and count: processes that each run as many
-    threads as the machine has cores spin their OpenMP threads against each other's."""
-    if len(computes) < 2 or len({(h, d) for h, d, _ in computes}) != 1 \
+MAX_CPU_SET_CHARS = 4096  # a peer's claim: longer is treated as unknown
+MAX_CPU = 1 << 16
+
+
+def cpu_set() -> str:
+    """The CPUs this process may run on, as Linux lists them ("0-3,8"); "" where unknown."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return ""
+    ranges: list[list[int]] = []
+    for cpu in cpus:
+        if ranges and cpu == ranges[-1][1] + 1:
+            ranges[-1][1] = cpu
+        else:
+            ranges.append([cpu, cpu])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def parse_cpu_set(text: str) -> frozenset[int] | None:
+    """The CPUs of a ``cpu_set()`` string; None where empty or malformed (it comes from a
+    peer: bounded, and never trusted to be well formed)."""
+    if not text or len(text) > MAX_CPU_SET_CHARS:
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            a, b = int(first), int(last or first)
+            if not 0 <= a <= b < MAX_CPU:
+                return None
+            cpus.update(range(a, b + 1))
+    except ValueError:
+        return None
+    return frozenset(cpus)
+
+
+def shared_cores(computes: list[tuple[str, str, int, str]]) -> int | None:
+    """Cores of the one machine whose CPUs compute every stage, if they compete for them;
+    ``computes``: (host id, device, cores, ``cpu_set()``) of each computing process. Processes
+    pinned to disjoint CPUs of the machine do not compete (None); where a set is unknown, a
+    process may use any core. Warned once per machine and count: processes that each run as
+    many threads as the machine has cores spin their OpenMP threads against each other's."""
+    if len(computes) < 2 or len({(h, d) for h, d, _, _ in computes}) != 1 \
             or computes[0][1] != "cpu" or not computes[0][0]:
         return None
-    cores = max(1, computes[0][2])
+    sets = [parse_cpu_set(cpus) for _, _, _, cpus in computes]
+    if all(s is not None for s in sets) and sum(map(len, sets)) == len(frozenset().union(*sets)):
+        return None  # pinned to CPUs of their own
+    cores = max(1, max(c for _, _, c, _ in computes))
+    if all(s is not None for s in sets):
+        cores = len(frozenset().union(*sets))
     if (computes[0][0], len(computes)) not in _warned:
         _warned.add((computes[0][0], len(computes)))
         share = max(1, cores // len(computes))

@@ -41,13 +41,17 @@ def test_fit_keeps_only_recent_steps():
 
 
 def test_stages_computing_on_one_machines_cpus_share_its_cores(tiny_model_dir):
-    from molink.runtime.host import cpu_cores, host_id
+    from molink.runtime.host import cpu_cores, cpu_set, host_id
     from tests.coordinator.pipeline_harness import make_head
 
     head = make_head(tiny_model_dir("llama"), (0, 2))
     member = head.membership.add(2, 4, "127.0.0.1:1", 256)
     member.host_id, member.device, member.cpu_cores = host_id(), "cpu", cpu_cores()
     assert head._shared_cores() == cpu_cores()  # head layers + stage on this machine's CPUs
+    member.cpu_set = "9999"  # pinned to a CPU the head's process does not run on
+    assert head._shared_cores() is None
+    member.cpu_set = cpu_set()
+    assert head._shared_cores() == cpu_cores()
     member.host_id = "another-machine"
     assert head._shared_cores() is None
     member.host_id, member.device = host_id(), "emulated"  # emulated: waits, uses no cores
