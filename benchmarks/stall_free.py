@@ -26,8 +26,9 @@ stopped by its pid, also when the run fails or is interrupted.
    prompts' TTFT.
 
 The bound each number is measured against (without ``--own-cpus``): one machine's cores
-shared by 3 stage processes, the head's HTTP server, 3 relays and the client (so a stage that computes a
-prefill takes cores from the decodes: some growth under load is the machine, not a stall).
+shared by 3 stage processes, the head's HTTP server, 3 relays and the client (so a stage
+that computes a prefill takes cores from the decodes: some growth under load is the
+machine, not a stall). ``--own-cpus`` gives each stage process CPUs of its own instead.
 """
 
 from __future__ import annotations
