@@ -106,8 +106,8 @@ def own_cpus(nodes: int, threads: int) -> tuple[frozenset[int], ...]:
                          f"{need + 1} CPUs ({each} each, one more for the client and relays); "
                          f"this process may use {len(available)}")
     os.sched_setaffinity(0, available[:-need])
-    return tuple(frozenset(available[len(available) - need + i * each:][:each])
-                 for i in range(nodes))
+    theirs = available[-need:]
+    return tuple(frozenset(theirs[i * each:(i + 1) * each]) for i in range(nodes))
 
 
 def free_port() -> int:

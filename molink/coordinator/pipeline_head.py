@@ -99,6 +99,7 @@ class PipelineHead(pb_grpc.HeadServicer):
                              shared_cores=lambda: self._shared_cores(),
                              not_ready_reason=lambda: self.health()[1],
                              stall_factor=config.decode_stall_factor)
+        self._here = (host_id(), cpu_cores(), cpu_set())  # this process's, asked once
         self.ready_callbacks: list = []  # called each time the pipeline becomes ready
         self.instance = secrets.token_hex(8)  # stages notice a restarted head by it
         # Route epochs only grow, across restarts too, so a stage or a late result of an
@@ -203,7 +204,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         computes = [(m.host_id, m.device, m.cpu_cores, m.cpu_set) for m in members
                     if m.device != "emulated"]
         if self.executor is not None:
-            computes.append((host_id(), self.executor.device.type, cpu_cores(), cpu_set()))
+            computes.append((self._here[0], self.executor.device.type, *self._here[1:]))
         return shared_cores(computes)
 
     # ---- lifecycle ----------------------------------------------------------------------------

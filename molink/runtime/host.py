@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -49,6 +50,7 @@ def cpu_set() -> str:
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
 
 
+@functools.lru_cache(maxsize=64)  # the head asks for each stage's after every result
 def parse_cpu_set(text: str) -> frozenset[int] | None:
     """The CPUs of a ``cpu_set()`` string; None where empty or malformed (it comes from a
     peer: bounded, and never trusted to be well formed)."""
@@ -77,11 +79,12 @@ def shared_cores(computes: list[tuple[str, str, int, str]]) -> int | None:
             or computes[0][1] != "cpu" or not computes[0][0]:
         return None
     sets = [parse_cpu_set(cpus) for _, _, _, cpus in computes]
-    if all(s is not None for s in sets) and sum(map(len, sets)) == len(frozenset().union(*sets)):
-        return None  # pinned to CPUs of their own
-    cores = max(1, max(c for _, _, c, _ in computes))
-    if all(s is not None for s in sets):
+    if None in sets:
+        cores = max(1, max(c for _, _, c, _ in computes))
+    else:
         cores = len(frozenset().union(*sets))
+        if sum(map(len, sets)) == cores:
+            return None  # pinned to CPUs of their own
     if (computes[0][0], len(computes)) not in _warned:
         _warned.add((computes[0][0], len(computes)))
         share = max(1, cores // len(computes))
