@@ -17,6 +17,15 @@ after its whole prompt went through every stage (the token had to reach the head
 Fragments of an older route are void once a newer route's step arrives, and everything
 queued is void at a reset of the worker (the head is gone): they are dropped, not computed
 against state that was just cleared. With factor 0 the inbox is one FIFO queue.
+
+Fragments are cut for the link, not for compute: a step computed per fragment pays the
+stage's fixed cost per step (a CPU or a small batch re-reads every weight) once per
+fragment. So ``get`` joins the fragments of one step that wait back to back into one
+piece before it applies the bound: fragments still start computing as they arrive (the
+first while the rest travel), but the ones that arrived meanwhile go together. Measured
+(3 stages of the 151M benchmark model on 2 cores, 0 ms links, 128-token prompts): each
+fragment of >= 32 tokens computed alone made a receiving stage's prefill take twice the
+head's for the same tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ import dataclasses
 import threading
 import time
 
+import torch
+
+from molink.messages import BatchEntry, StepPlan
 from molink.scheduler.microbatch_chooser import StageFit
 from molink.scheduler.stall_bound import is_decode, prefill_chunk_tokens
 from molink.transport.chunks import Part, cut_chunk
@@ -80,6 +92,7 @@ class StageInbox:
         self._urgent: collections.deque = collections.deque()
         self._prefill: collections.deque = collections.deque()  # (step, hidden, arrived_at)
         self.num_pieces = 0  # fragments cut here (a piece computed apart from its rest)
+        self.num_joined = 0  # fragments computed together with the one before them
 
     def put(self, item) -> None:
         """A received ``(step, hidden, arrived_at)``, or a worker signal (any other object:
@@ -98,22 +111,38 @@ class StageInbox:
                     self._urgent.append(item)
             self._ready.notify()
 
+    def __len__(self) -> int:
+        """Items queued (fragments, steps, signals)."""
+        with self._ready:
+            return len(self._urgent) + len(self._prefill)
+
     def get(self):
         """The next item to compute (blocks until there is one)."""
         with self._ready:
             while not self._urgent and not self._prefill:
                 self._ready.wait()
             if self._urgent:
-                return self._urgent.popleft()
-            step, hidden, arrived_at = self._prefill[0]
+                item = self._urgent.popleft()
+                return self._join_run(item, self._urgent) if isinstance(item, tuple) else item
+            step, hidden, arrived_at = self._join_run(self._prefill.popleft(), self._prefill)
             total = step.plan.num_tokens
             take = self.sizer(total)
             if take >= total:
-                return self._prefill.popleft()
+                return step, hidden, arrived_at
             first, rest = split_fragment(step, hidden, take)
-            self._prefill[0] = (*rest, arrived_at)
+            self._prefill.appendleft((*rest, arrived_at))
             self.num_pieces += 1
             return (*first, arrived_at)
+
+    def _join_run(self, item, queue: collections.deque):
+        """``item`` joined with the fragments of its step queued right behind it."""
+        run = [item]
+        while queue and isinstance(queue[0], tuple) and continues(*run[-1][:2], *queue[0][:2]):
+            run.append(queue.popleft())
+        if len(run) == 1:
+            return item
+        self.num_joined += len(run) - 1
+        return (*join_fragments([(step, hidden) for step, hidden, _ in run]), item[2])
 
     def _drop_older(self, epoch: int) -> None:
         """Fragments planned for an older route than ``epoch`` are void (a late one may have
@@ -135,3 +164,59 @@ def split_fragment(step, hidden, num_tokens: int):
                                 stage_wait_s=(0.0,) * len(step.stage_wait_s))
     split = (None, None) if hidden is None else (hidden[:num_tokens], hidden[num_tokens:])
     return (dataclasses.replace(step, plan=plan_a), split[0]), (zeros, split[1])
+
+
+def continues(step, hidden, following, following_hidden) -> bool:
+    """Whether ``following`` is the next fragment of ``step``'s step: its tokens go on where
+    ``step``'s end (a request cut between them resumes at its next token), no request is in
+    both otherwise, and neither carries a reset or an error."""
+    if not (step.part == following.part == PART_PREFILL and step.plan.batch
+            and following.plan.batch and hidden is not None and following_hidden is not None):
+        return False
+    if step.reset or step.error or following.reset or following.error:
+        return False
+    if ((step.epoch, step.plan.step_id, step.plan.microbatch_id, step.step_num_tokens)
+            != (following.epoch, following.plan.step_id, following.plan.microbatch_id,
+                following.step_num_tokens)):
+        return False
+    last, first = step.plan.batch[-1], following.plan.batch[0]
+    if last.request_id == first.request_id and (
+            last.sample or first.start != last.start + last.num_tokens):
+        return False
+    rest = following.plan.batch[1:] if last.request_id == first.request_id else following.plan.batch
+    return not {e.request_id for e in step.plan.batch} & {e.request_id for e in rest}
+
+
+def join_fragments(fragments: list) -> tuple:
+    """-> (one fragment, its rows) from ``[(step, hidden), ...]``, each continuing the one
+    before (``continues``): the metadata of all, each earlier stage's times summed (as the
+    last stage sums a step's pieces), the latest hop reports."""
+    first_step = fragments[0][0]
+    batch: list[BatchEntry] = []
+    new_requests, cached_requests, freed = [], [], {}
+    compute_s, wait_s = (), ()
+    for step, _ in fragments:
+        entries = list(step.plan.batch)
+        if batch and batch[-1].request_id == entries[0].request_id:  # cut between the two
+            last, entry = batch.pop(), entries.pop(0)
+            batch.append(BatchEntry(last.request_id, last.start,
+                                    last.num_tokens + entry.num_tokens, entry.sample))
+        batch += entries
+        new_requests += step.plan.new_requests
+        cached_requests += step.plan.cached_requests
+        freed.update(dict.fromkeys(step.plan.freed_request_ids))
+        compute_s = _summed(compute_s, step.stage_compute_s)
+        wait_s = _summed(wait_s, step.stage_wait_s)
+    plan = StepPlan(first_step.plan.step_id, batch, new_requests=new_requests,
+                    cached_requests=cached_requests, freed_request_ids=list(freed),
+                    microbatch_id=first_step.plan.microbatch_id)
+    joined = dataclasses.replace(first_step, plan=plan, stage_compute_s=compute_s,
+                                 stage_wait_s=wait_s,
+                                 hops=fragments[-1][0].hops or first_step.hops)
+    return joined, torch.cat([hidden for _, hidden in fragments])
+
+
+def _summed(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
+    """Element-wise sums; the shorter counts as zeros where it ends."""
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    return tuple(x + (shorter[i] if i < len(shorter) else 0.0) for i, x in enumerate(longer))

@@ -7,13 +7,14 @@ from __future__ import annotations
 import collections
 import time
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from molink.messages import BatchEntry, NewRequest, StepPlan
 from molink.sampling_params import SamplingParams
-from molink.stage.inbox import ChunkSizer, StageInbox, split_fragment
+from molink.stage.inbox import ChunkSizer, StageInbox, continues, split_fragment
 from molink.transport.codec import PART_DECODE, PART_PREFILL, WireStep
 
 HIDDEN = 4
@@ -31,14 +32,22 @@ class FixedSizer(ChunkSizer):
 
 
 def prefill(step_id: int, rid: str, start: int, num_tokens: int, epoch: int = 1,
-            new: bool = False, sample: bool = False):
-    plan = StepPlan(step_id, [BatchEntry(rid, start, num_tokens, sample)], freed_request_ids=["old"])
+            new: bool = False, sample: bool = False, step_tokens: int | None = None,
+            entries: list[BatchEntry] | None = None, compute_s: float = 0.5):
+    """A prefill fragment: ``rid``'s tokens ``[start, start + num_tokens)`` (or ``entries``)
+    of step ``step_id``, whose whole step has ``step_tokens`` tokens (default: this one's);
+    activation row ``i`` holds the token's position."""
+    entries = entries or [BatchEntry(rid, start, num_tokens, sample)]
+    num_tokens = sum(e.num_tokens for e in entries)
+    plan = StepPlan(step_id, entries, freed_request_ids=["old"])
     if new:
         plan.new_requests.append(NewRequest(rid, list(range(start + num_tokens)),
                                             start + num_tokens, SamplingParams(), [0, 1]))
-    hidden = torch.arange(start, start + num_tokens, dtype=torch.float32)[:, None].repeat(1, HIDDEN)
-    step = WireStep(plan, None, stage_compute_s=(0.5,), step_num_tokens=num_tokens,
-                    part=PART_PREFILL, epoch=epoch, stage_wait_s=(0.1,))
+    positions = [p for e in entries for p in range(e.start, e.start + e.num_tokens)]
+    hidden = torch.tensor(positions, dtype=torch.float32)[:, None].repeat(1, HIDDEN)
+    step = WireStep(plan, None, stage_compute_s=(compute_s,),
+                    step_num_tokens=step_tokens or num_tokens, part=PART_PREFILL, epoch=epoch,
+                    stage_wait_s=(0.1,))
     return step, hidden, 0.0
 
 
@@ -50,27 +59,84 @@ def decode(step_id: int, rids: list[str], epoch: int = 1):
 
 def test_decodes_go_ahead_of_waiting_fragments_and_a_fragment_is_cut():
     inbox = StageInbox(FixedSizer(limit=4))
-    inbox.put(prefill(1, "long", 0, 10, new=True))
-    inbox.put(prefill(1, "long", 10, 10))
+    inbox.put(prefill(1, "long", 0, 10, new=True, step_tokens=20))
+    inbox.put(prefill(1, "long", 10, 10, step_tokens=20, compute_s=0.0))
     inbox.put(decode(2, ["a", "b"]))
     taken = [inbox.get(), inbox.get()]
     inbox.put(decode(3, ["c"]))  # arrives while a piece of the prompt computes
-    taken += [inbox.get() for _ in range(6)]
+    taken += [inbox.get() for _ in range(5)]
+    assert len(inbox) == 0
     kinds = [(s.plan.step_id, s.plan.num_tokens) for s, _, _ in taken]
-    assert kinds == [(2, 2), (1, 4), (3, 1), (1, 4), (1, 2), (1, 4), (1, 4), (1, 2)]
+    # the two fragments of step 1 waited back to back: joined, then cut to the bound
+    assert kinds == [(2, 2), (1, 4), (3, 1), (1, 4), (1, 4), (1, 4), (1, 4)]
     pieces = [(s, h) for s, h, _ in taken if s.plan.step_id == 1]
     first, rest = pieces[0][0], [s for s, _ in pieces[1:]]
     # metadata, freed ids and the earlier stages' timings go with the first piece only
     assert [r.request_id for r in first.plan.new_requests] == ["long"]
     assert first.plan.freed_request_ids == ["old"] and first.stage_compute_s == (0.5,)
-    assert all(not s.plan.new_requests and s.stage_compute_s == (0.0,) for s in rest[:1])
+    assert all(not s.plan.new_requests and s.stage_compute_s == (0.0,) for s in rest)
     # every token once, in order, with its own activation rows
     starts = [(s.plan.batch[0].start, s.plan.num_tokens) for s, _ in pieces]
-    assert starts == [(0, 4), (4, 4), (8, 2), (10, 4), (14, 4), (18, 2)]
+    assert starts == [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4)]
     for step, hidden in pieces:
         entry = step.plan.batch[0]
         assert hidden[:, 0].tolist() == list(range(entry.start, entry.start + entry.num_tokens))
-    assert inbox.num_pieces == 4
+    assert inbox.num_pieces == 4 and inbox.num_joined == 1
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.0])
+def test_fragments_of_one_step_waiting_back_to_back_compute_as_one(factor):
+    """Three fragments of a step of two prompts (``a`` cut between the first two, ``b``
+    starting in the second), all queued before the compute thread takes one: one piece,
+    ``a`` one entry sampling at its end, both new requests' metadata, the earlier stage's
+    times summed; with or without a stall bound (factor 0: one FIFO queue)."""
+    inbox = StageInbox(FixedSizer(limit=None, factor=factor))
+    new_b = NewRequest("b", list(range(6)), 6, SamplingParams(), [2])
+    first = prefill(7, "a", 0, 3, new=True, step_tokens=14, compute_s=0.25)
+    second = prefill(7, "", 0, 0, step_tokens=14, compute_s=0.125, entries=[
+        BatchEntry("a", 3, 5, True), BatchEntry("b", 0, 2, False)])
+    second[0].plan.new_requests.append(new_b)
+    third = prefill(7, "b", 2, 4, sample=True, step_tokens=14, compute_s=0.0)
+    for fragment in (first, second, third):
+        inbox.put(fragment)
+    inbox.put(decode(8, ["c"]))
+    step, hidden, _ = inbox.get()
+    if factor > 0:  # the decode went first
+        assert step.plan.step_id == 8
+        step, hidden, _ = inbox.get()
+    assert [(e.request_id, e.start, e.num_tokens, e.sample) for e in step.plan.batch] == [
+        ("a", 0, 8, True), ("b", 0, 6, True)]
+    assert [r.request_id for r in step.plan.new_requests] == ["a", "b"]
+    assert step.plan.freed_request_ids == ["old"]
+    assert step.stage_compute_s == (0.375,) and step.stage_wait_s == (0.30000000000000004,)
+    assert hidden[:, 0].tolist() == [*range(8), *range(6)]
+    assert inbox.num_joined == 2 and inbox.num_pieces == 0
+    if factor == 0:
+        assert inbox.get()[0].plan.step_id == 8
+    assert len(inbox) == 0
+
+
+def test_fragments_that_do_not_continue_one_another_stay_apart():
+    """Another step, a gap in a request's tokens, a request in both, or a fragment that
+    samples before its request's next tokens: computed one by one (and never across routes;
+    the inbox drops an older route's fragments anyway)."""
+    older, newer = prefill(1, "a", 0, 4, epoch=1), prefill(1, "a", 4, 4, epoch=2)
+    assert not continues(*older[:2], *newer[:2])
+    assert continues(*older[:2], *prefill(1, "a", 4, 4, epoch=1)[:2])
+    unrelated = [
+        (prefill(1, "a", 0, 4), prefill(2, "a", 4, 4)),  # another step
+        (prefill(1, "a", 0, 4, step_tokens=12), prefill(1, "a", 6, 4, step_tokens=12)),
+        (prefill(1, "a", 0, 4, step_tokens=9), prefill(1, "", 0, 0, step_tokens=9, entries=[
+            BatchEntry("b", 0, 1, False), BatchEntry("a", 4, 4, False)])),
+        (prefill(1, "a", 0, 4, sample=True, step_tokens=8),
+         prefill(1, "a", 4, 4, step_tokens=8)),
+    ]
+    for first, second in unrelated:
+        inbox = StageInbox(FixedSizer(limit=None))
+        inbox.put(first)
+        inbox.put(second)
+        assert inbox.get()[0].plan.num_tokens == 4
+        assert inbox.num_joined == 0 and len(inbox) == 1
 
 
 def test_without_a_bound_the_inbox_is_first_come_first_served():
@@ -101,15 +167,16 @@ def test_split_fragment_keeps_a_cut_request_sampling_only_at_its_end():
 
 
 @settings(max_examples=150, deadline=None)
-@given(events=st.lists(st.one_of(st.tuples(st.just("fragment"), st.integers(1, 40)),
-                                 st.tuples(st.just("decode"), st.integers(1, 8)),
+@given(events=st.lists(st.one_of(st.tuples(st.just("fragment"), st.integers(1, 40),
+                                           st.booleans()),
+                                 st.tuples(st.just("decode"), st.integers(1, 8), st.just(False)),
                                  st.just("compute")), max_size=60),
        limit=st.integers(1, 16))
 def test_a_decode_waits_behind_at_most_one_piece_of_prefill(events, limit):
-    """Fragments and decodes arrive in any interleaving with the compute thread's takes:
-    a decode waits only for the piece being computed when it arrived (no piece is taken
-    while it waits); no piece exceeds the bound; each prompt's tokens are computed once,
-    in order."""
+    """Fragments (some continuing the previous fragment's step, so they may be joined) and
+    decodes arrive in any interleaving with the compute thread's takes: a decode waits only
+    for the piece being computed when it arrived (no piece is taken while it waits); no
+    piece exceeds the bound; each prompt's tokens are computed once, in order."""
     inbox = StageInbox(FixedSizer(limit=limit))
     next_start: dict[str, int] = collections.defaultdict(int)
     computed: dict[str, list[int]] = collections.defaultdict(list)
@@ -127,27 +194,24 @@ def test_a_decode_waits_behind_at_most_one_piece_of_prefill(events, limit):
         for key in prefill_since:
             prefill_since[key] += 1
 
-    pending = 0
+    fragment_step, rid = None, "r0"
     for event in events:
         step_id += 1
         if event == "compute":
-            if pending:
+            if len(inbox):
                 take()
-                pending -= 1
             continue
-        kind, size = event
+        kind, size, continued = event
         if kind == "fragment":
-            rid = f"r{step_id % 3}"
-            inbox.put(prefill(step_id, rid, next_start[rid], size))
+            if not continued or fragment_step is None:  # a new step, another request
+                fragment_step, rid = step_id, f"r{step_id % 3}"
+            inbox.put(prefill(fragment_step, rid, next_start[rid], size, step_tokens=10**6))
             next_start[rid] += size
-            pending += -(-size // limit)
         else:
             inbox.put(decode(step_id, [f"d{i}" for i in range(size)]))
             prefill_since[step_id] = 0
-            pending += 1
-    while pending:
+    while len(inbox):
         take()
-        pending -= 1
     assert not prefill_since
     for rid, tokens in computed.items():
         assert tokens == list(range(next_start[rid]))
