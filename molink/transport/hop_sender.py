@@ -55,6 +55,9 @@ SCHEDULES = ("molink", "priority", "fifo")
 COMPRESSIONS = ("auto", *WIRE_COMPRESSIONS)  # what a route may ask for
 PROBE_BYTES = 256 * 1024
 _MIN_CHUNK_TOKENS = 32
+# A prefill chunk carries at least this much link time: a decode waits at most that (or 32
+# tokens' time) behind one, and the next stage computes fewer, larger pieces on fast links.
+_MIN_CHUNK_S = 0.002
 REOPEN_TIMEOUT_S = 10.0  # a broken hop that cannot be re-opened this long is lost
 CONNECT_TIMEOUT_S = 10.0  # the first connection (and its link probe)
 
@@ -105,7 +108,8 @@ class HopSender:
         self._scheduler = LinkScheduler(
             INITIAL_BANDWIDTH_BPS,
             min_chunk_tokens=_MIN_CHUNK_TOKENS if schedule == "molink" else 1 << 30,
-            max_chunk_tokens=max_chunk_tokens if schedule == "molink" else None)
+            max_chunk_tokens=max_chunk_tokens if schedule == "molink" else None,
+            min_chunk_s=_MIN_CHUNK_S if schedule == "molink" else 0.0)
         self._payloads: dict[int, tuple[_Item, Part]] = {}
         self._next_payload = 0
         self._wakeup = asyncio.Event()
@@ -160,7 +164,7 @@ class HopSender:
                 await self._serve_stream(probe and not self.connected.done())
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any break: re-open, or report it lost
                 if self._closed:
                     return
                 now = time.monotonic()

@@ -7,9 +7,12 @@ decode behind it. The rules, applied each time the link becomes free:
 1. Decode payloads go first, oldest first.
 2. Prefill activations are cut along the token dimension into chunks sized just in time:
    as many tokens as the measured bandwidth carries before the next decode payload is due
-   (at least ``min_chunk_tokens``). When no decode is expected, a chunk still holds no more
-   than ``max_wait_s`` of link time, so an unannounced decode waits at most that long
-   (None: the whole rest goes).
+   (at least ``min_chunk_tokens``, and at least ``min_chunk_s`` of link time). When no
+   decode is expected, a chunk still holds no more than ``max_wait_s`` of link time, so an
+   unannounced decode waits at most that long (None: the whole rest goes). The floors
+   exist because the next stage computes each chunk that reaches it alone as a step of its
+   own, paying its fixed cost per step (reading its weights); on a fast link a chunk of a
+   few tokens saves a waiting decode microseconds and costs the next stage milliseconds.
 3. Aging: once a waiting prefill has been passed over by ``max_bypass`` decode payloads,
    one chunk of it goes ahead of waiting decodes, unless one of them already waited behind
    a chunk (that one goes first). So a decode payload never waits behind more than one
@@ -56,6 +59,7 @@ class LinkScheduler:
     max_bypass: int = 4
     max_chunk_tokens: int | None = None  # hard cap (wins over min_chunk_tokens)
     max_wait_s: float | None = 0.05  # chunk bound when no decode is expected
+    min_chunk_s: float = 0.0  # a chunk carries at least this much link time
     _decodes: collections.deque = field(default_factory=collections.deque)
     _prefills: collections.deque = field(default_factory=collections.deque)
     _last_was_chunk: bool = False
@@ -63,9 +67,10 @@ class LinkScheduler:
 
     def __post_init__(self) -> None:
         if (self.bandwidth_bps <= 0 or self.min_chunk_tokens < 1 or self.max_bypass < 0
-                or (self.max_chunk_tokens is not None and self.max_chunk_tokens < 1)):
-            raise ValueError("bandwidth_bps > 0, min_chunk_tokens >= 1, max_bypass >= 0 and "
-                             "max_chunk_tokens >= 1 (or None) needed")
+                or (self.max_chunk_tokens is not None and self.max_chunk_tokens < 1)
+                or self.min_chunk_s < 0):
+            raise ValueError("bandwidth_bps > 0, min_chunk_tokens >= 1, max_bypass >= 0, "
+                             "max_chunk_tokens >= 1 (or None) and min_chunk_s >= 0 needed")
 
     def enqueue(self, payload: Payload) -> None:
         if payload.is_prefill:
@@ -122,6 +127,6 @@ class LinkScheduler:
             if self.max_wait_s is None:
                 return cap
             seconds_until_next_decode = self.max_wait_s
-        gap = max(0.0, seconds_until_next_decode or 0.0)
+        gap = max(0.0, seconds_until_next_decode or 0.0, self.min_chunk_s)
         fits = int(gap * self.bandwidth_bps / 8 // payload.bytes_per_token)
         return min(cap, max(self.min_chunk_tokens, fits))

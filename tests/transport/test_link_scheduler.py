@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,9 +11,11 @@ from molink.transport.link_scheduler import LinkScheduler, Payload
 BYTES_PER_TOKEN = 8192 * 2  # hidden 8192, bf16
 
 
-def _simulate(arrivals, bandwidth_bps: float, max_bypass: int, min_chunk: int):
+def _simulate(arrivals, bandwidth_bps: float, max_bypass: int, min_chunk: int,
+              min_chunk_s: float = 0.0):
     """Run the link until everything is sent; arrivals: [(time, is_prefill, tokens)]."""
-    scheduler = LinkScheduler(bandwidth_bps, min_chunk_tokens=min_chunk, max_bypass=max_bypass)
+    scheduler = LinkScheduler(bandwidth_bps, min_chunk_tokens=min_chunk, max_bypass=max_bypass,
+                              min_chunk_s=min_chunk_s)
     pending = sorted(arrivals, key=lambda a: a[0])
     decode_times = [t for t, is_prefill, _ in pending if not is_prefill]
     now, next_id, sends, arrived_at = 0.0, 0, [], {}
@@ -37,11 +40,11 @@ arrival = st.tuples(st.floats(0, 2.0), st.booleans(), st.integers(1, 2000))
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(arrival, min_size=1, max_size=40), st.sampled_from([20e6, 100e6, 1e9]),
-       st.integers(0, 6), st.integers(1, 64))
+       st.integers(0, 6), st.integers(1, 64), st.sampled_from([0.0, 0.002, 0.02]))
 def test_decodes_wait_behind_at_most_one_chunk_and_prefill_always_finishes(
-        arrivals, bandwidth, max_bypass, min_chunk):
+        arrivals, bandwidth, max_bypass, min_chunk, min_chunk_s):
     arrivals = [(t, p, n if p else 1) for t, p, n in arrivals]  # decode: one token each
-    sends, arrived_at = _simulate(arrivals, bandwidth, max_bypass, min_chunk)
+    sends, arrived_at = _simulate(arrivals, bandwidth, max_bypass, min_chunk, min_chunk_s)
     # Every payload is sent completely, prefills as contiguous in-order chunks.
     progress: dict[int, int] = {}
     for _, send in sends:
@@ -91,3 +94,20 @@ def test_chunks_are_sized_to_the_gap_before_the_next_decode():
     whole = LinkScheduler(100e6, min_chunk_tokens=8, max_wait_s=None)
     whole.enqueue(Payload(0, True, 5000, BYTES_PER_TOKEN))
     assert whole.next_send(None).num_tokens == 5000  # unbounded: the whole rest
+
+
+def test_a_chunk_carries_at_least_min_chunk_s_of_link_time():
+    """A decode due now: at 10 Gbit/s a 2 ms floor lets 2.5 MB go (152 tokens of 16 KiB
+    instead of the 8-token minimum); at 20 Mbit/s 2 ms is 5,000 bytes, less than the token
+    minimum, which then holds; the hard cap still wins."""
+    fast = LinkScheduler(10e9, min_chunk_tokens=8, min_chunk_s=0.002)
+    fast.enqueue(Payload(0, True, 5000, BYTES_PER_TOKEN))
+    assert fast.next_send(0.0).num_tokens == 2_500_000 // BYTES_PER_TOKEN
+    slow = LinkScheduler(20e6, min_chunk_tokens=8, min_chunk_s=0.002)
+    slow.enqueue(Payload(0, True, 5000, BYTES_PER_TOKEN))
+    assert slow.next_send(0.0).num_tokens == 8
+    capped = LinkScheduler(10e9, min_chunk_tokens=8, min_chunk_s=0.002, max_chunk_tokens=50)
+    capped.enqueue(Payload(0, True, 5000, BYTES_PER_TOKEN))
+    assert capped.next_send(0.0).num_tokens == 50
+    with pytest.raises(ValueError):
+        LinkScheduler(10e9, min_chunk_s=-1.0)
