@@ -366,10 +366,10 @@ class HeadLoop:
             for listener in self.listeners:
                 listener.on_output(result)
         if not self.num_microbatches_option:
-            self.tuner.update(self._hop_links(), min(self.scheduler.num_unfinished,
-                                                     self.scheduler_config.max_num_seqs),
-                              self._shared_cores(), tokens=len(changed),
-                              decoding=self.scheduler.num_decoding)
+            unfinished, decoding = self.scheduler.num_unfinished, self.scheduler.num_decoding
+            self.tuner.update(self._hop_links(), min(unfinished, self.scheduler_config.max_num_seqs),
+                              self._shared_cores(), tokens=len(changed), decoding=decoding,
+                              prefilling=unfinished - decoding)
         self._pump()
         if not error:
             self.breakdown.record(plan, StepTimes(arrived_at - dispatched_at, waits, timings,

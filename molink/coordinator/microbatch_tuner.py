@@ -89,11 +89,12 @@ class MicrobatchTuner:
         return sum(stage.step_s(tokens) for stage in self.stage_timings())
 
     def update(self, hops: list, num_requests: int, shared_cores: int | None,
-               tokens: int = 0, decoding: int | None = None, now: float | None = None) -> None:
+               tokens: int = 0, decoding: int | None = None, now: float | None = None,
+               prefilling: int = 0) -> None:
         """After a result that delivered ``tokens`` (``decoding``: requests that get one
-        each round): the model re-decides every few results (``hops``: the head's
-        ``HopStats``), the trials measure what the count in force delivers and pick the
-        count to use."""
+        each round; ``prefilling``: requests waiting for their prompts): the model
+        re-decides every few results (``hops``: the head's ``HopStats``), the trials
+        measure what the count in force delivers and pick the count to use."""
         requests = max(1, num_requests)
         self._results_since_choice += 1
         if (self._results_since_choice >= DECIDE_EVERY and self._fits
@@ -107,7 +108,7 @@ class MicrobatchTuner:
             return  # nothing decodes: no rate to measure
         choice = self.trials.observe(self.choice or self.model_choice, tokens, decoding,
                                      self.model_choice, time.monotonic() if now is None else now,
-                                     self._plausible)
+                                     self._plausible, prefilling)
         if choice != self.choice:
             logger.info("micro-batches in flight: %s -> %d (model: %d; measured tokens per "
                         "request-second: %s)", self.choice, choice, self.model_choice,

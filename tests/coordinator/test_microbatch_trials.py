@@ -6,23 +6,34 @@ from __future__ import annotations
 
 import random
 
-from molink.coordinator.microbatch_trials import HOLD_S, MicrobatchTrials, candidates
+from molink.coordinator.microbatch_trials import (
+    HOLD_S,
+    MicrobatchTrials,
+    candidates,
+)
 
 
 def run(trials: MicrobatchTrials, rate_of, model_choice: int, decoding: int, seconds: float,
         start: float = 0.0, count: int | None = None, noise: float = 0.02,
-        plausible=lambda count: True) -> tuple[int, float]:
+        plausible=lambda count: True, prefill_s: float = 0.0,
+        in_force: list | None = None) -> tuple[int, float]:
     """Feed results as a pipeline running at ``rate_of(count)`` tokens per request-second
-    would deliver them (one result per micro-batch per round); -> (count in force, time)."""
+    would deliver them (one result per micro-batch per round); for the first ``prefill_s``
+    seconds 4 requests are being prefilled, which halves every count's rate. ``in_force``
+    collects (time, count). -> (count in force, time)."""
     rng = random.Random(0)
     count = count or model_choice
     now = start
     while now < start + seconds:
-        rate = rate_of(count) * rng.uniform(1 - noise, 1 + noise)
+        prefilling = 4 if now < start + prefill_s else 0
+        rate = rate_of(count) * rng.uniform(1 - noise, 1 + noise) / (2 if prefilling else 1)
         assert rate > 0
         per_result = -(-decoding // count)
         now += per_result / (rate * decoding)  # the time one micro-batch's tokens take
-        count = trials.observe(count, per_result, decoding, model_choice, now, plausible)
+        count = trials.observe(count, per_result, decoding, model_choice, now, plausible,
+                               prefilling)
+        if in_force is not None:
+            in_force.append((now, count))
     return count, now
 
 
@@ -104,3 +115,26 @@ def test_counts_the_model_knows_are_far_worse_are_not_tried():
                    seconds=120, plausible=lambda m: m >= 6)
     assert count == 8
     assert min(trials.rates[10]) >= 6  # neither 1 nor 3 (nor 5) was ever in force
+
+
+def test_a_burst_of_prompts_does_not_count_against_the_first_count_measured():
+    """A load level is reached while its prompts are still being prefilled (1.5 s, every
+    count's rate halved meanwhile): the window of the model's choice waits for them, so 2
+    (10 tokens per request-second) is compared with 1 (9.3) in plain decode, and kept."""
+    trials = MicrobatchTrials()
+    in_force: list = []
+    count, _ = run(trials, lambda m: {1: 9.3, 2: 10.0}.get(m, 5.0), model_choice=2,
+                   decoding=16, seconds=12, prefill_s=1.5, in_force=in_force,
+                   plausible=lambda m: m <= 2)
+    assert count == 2 and set(trials.rates[5]) == {1, 2}
+    assert trials.rates[5][2] > trials.rates[5][1]
+    assert all(m == 2 for t, m in in_force if t < 1.5)  # the burst: no switch, no window
+
+
+def test_a_steady_mix_of_prompts_delays_a_window_by_at_most_the_settle_time():
+    """Prompts always being prefilled (a busy server): each window waits its longest, then
+    measures under the mix; the decision is still made, and right."""
+    trials = MicrobatchTrials()
+    count, _ = run(trials, lambda m: 12.0 - 0.4 * (m - 1), model_choice=12, decoding=32,
+                     seconds=90, prefill_s=90)
+    assert count == 1 and set(trials.rates[6]) == {12, 1, 3, 16, 2}
