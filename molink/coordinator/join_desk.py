@@ -88,6 +88,7 @@ class JoinDesk:
                                      info.num_blocks, standby=standby)
         member.host_id, member.device, member.cpu_cores = info.host_id, info.device, info.cpu_cores
         member.cpu_set = info.cpu_set
+        member.threads = max(0, info.threads)
         member.fingerprint, member.node_id = info.fingerprint, info.node_id
         if self._placement is not None:
             self._placement.joined(info.node_id or address, info.start_layer, info.end_layer)

@@ -28,6 +28,7 @@ class StageMember:
     device: str = ""  # "cpu", "cuda", "emulated", ...
     cpu_cores: int = 0
     cpu_set: str = ""  # the CPUs it may run on ("0-3,8"), "" where unknown
+    threads: int = 0  # intra-op threads it computes with, 0 where unknown
     fingerprint: str = ""  # its TLS certificate ("" without TLS)
     node_id: str = ""  # random per stage process
     role: str = "active"  # "active" | "standby" | "draining" (leaving once its requests end)

@@ -44,6 +44,7 @@ from molink.messages import LinkReport
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.outputs import RequestOutput
 from molink.runtime.host import cpu_cores, cpu_set, host_id, shared_cores
+from molink.runtime.intra_op import compute_threads
 from molink.runtime.stage_executor import StageExecutor, resolve_device
 from molink.sampling_params import SamplingParams
 from molink.transport import molink_pb2 as pb
@@ -99,7 +100,7 @@ class PipelineHead(pb_grpc.HeadServicer):
                              shared_cores=lambda: self._shared_cores(),
                              not_ready_reason=lambda: self.health()[1],
                              stall_factor=config.decode_stall_factor)
-        self._here = (host_id(), cpu_cores(), cpu_set())  # this process's, asked once
+        self._here = (host_id(), cpu_cores(), cpu_set(), compute_threads())  # asked once
         self.ready_callbacks: list = []  # called each time the pipeline becomes ready
         self.instance = secrets.token_hex(8)  # stages notice a restarted head by it
         # Route epochs only grow, across restarts too, so a stage or a late result of an
@@ -201,7 +202,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         """Cores of the one machine whose CPUs compute every stage, if that is the case (the
         stages then compete for its cores, a resource of its own for the chooser)."""
         members = self.membership.ordered()
-        computes = [(m.host_id, m.device, m.cpu_cores, m.cpu_set) for m in members
+        computes = [(m.host_id, m.device, m.cpu_cores, m.cpu_set, m.threads) for m in members
                     if m.device != "emulated"]
         if self.executor is not None:
             computes.append((self._here[0], self.executor.device.type, *self._here[1:]))
@@ -226,11 +227,11 @@ class PipelineHead(pb_grpc.HeadServicer):
             await self._on_complete()
         return port
 
-    def begin_stop(self) -> None:
+    def begin_stop(self) -> asyncio.Task:
         """From now on, stages going away is expected: no failure handling, no alarms (the
         first hop is closed, so it does not try to re-open a stream to a stopped stage)."""
         self._stopping = True
-        self.spawn(self.route.close_first_hop())
+        return self.spawn(self.route.close_first_hop())  # done: the first hop is closed
 
     async def stop(self) -> None:
         """Stop; every stage is told to free its requests' state (it joins again when a
@@ -282,11 +283,11 @@ class PipelineHead(pb_grpc.HeadServicer):
         if not self._configuring:
             self.spawn(self._on_complete())
 
-    def spawn(self, coroutine) -> None:
+    def spawn(self, coroutine) -> asyncio.Task:
         """Run a background task, holding a reference so it is not collected mid-flight."""
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
+        self._tasks.add(task := asyncio.get_running_loop().create_task(coroutine))
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _release(self, member: StageMember) -> None:
         try:

@@ -7,13 +7,15 @@ here are stopped here.
 
 from __future__ import annotations
 
+import os
 import secrets
 
 from molink.config import CacheConfig, ModelConfig, SchedulerConfig
 from molink.coordinator.head_config import HeadConfig
 from molink.coordinator.pipeline_head import PipelineHead
-from molink.entrypoints.local_pipeline import LocalPipeline, StageExited
+from molink.entrypoints.local_pipeline import THREADS_VAR, LocalPipeline, StageExited, fair_share
 from molink.model.loader import load_config
+from molink.runtime.intra_op import use_threads
 from molink.sampling_params import SamplingParams
 from molink.scheduler.placement import split_layers
 from molink.transport.peers import PeerSecurity
@@ -26,6 +28,8 @@ NUM_STAGES = 3
 async def run(model: str, prompt: str, params: SamplingParams, dtype: str, device: str) -> int:
     num_layers = load_config(model).arch.num_layers
     ranges = split_layers(num_layers, min(NUM_STAGES, num_layers))
+    if THREADS_VAR not in os.environ:  # the head computes with its share, as each stage does
+        use_threads(fair_share(len(ranges)))
     token = secrets.token_hex(16)
     head = PipelineHead(ModelConfig(model=model, dtype=dtype, device=device), CacheConfig(),
                         SchedulerConfig(), HeadConfig(head_layers=ranges[0]),

@@ -18,7 +18,13 @@ from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.emulated_executor import EmulatedExecutor
 from molink.runtime.host import cpu_cores, cpu_set, host_id
-from molink.runtime.intra_op import in_own_thread, run_in_own_thread, serial_here, use_threads
+from molink.runtime.intra_op import (
+    compute_threads,
+    in_own_thread,
+    run_in_own_thread,
+    serial_here,
+    use_threads,
+)
 from molink.runtime.model_size import emulated_stage
 from molink.runtime.node_budget import kv_budget_within
 from molink.runtime.stage_executor import StageExecutor, resolve_device
@@ -321,7 +327,8 @@ async def _serve(args, token: str, executor, node_id: str = "") -> int:
                         block_size=executor.block_size, num_blocks=executor.num_blocks,
                         num_layers=executor.arch.num_layers, host_id=host_id(),
                         device="emulated" if args.emulate_device else executor.device.type,
-                        cpu_cores=cpu_cores(), cpu_set=cpu_set(), node_id=node_id,
+                        cpu_cores=cpu_cores(), cpu_set=cpu_set(), threads=compute_threads(),
+                        node_id=node_id,
                         standby=args.standby)
     security = PeerSecurity.create(token, insecure=args.insecure_peers)
     worker = StageWorker(executor, info, security, args.head)

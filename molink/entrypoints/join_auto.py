@@ -16,7 +16,7 @@ from molink.entrypoints.plan import GPU_MEMORY_GB
 from molink.model.hub import resolve_model
 from molink.model.loader import config_fingerprint, holds_int4, load_config, resolve_dtype
 from molink.runtime.host import cpu_cores, cpu_set, host_id
-from molink.runtime.intra_op import in_own_thread
+from molink.runtime.intra_op import compute_threads, in_own_thread
 from molink.runtime.model_size import emulated_profile
 from molink.runtime.node_budget import (
     NodeOffer,
@@ -50,7 +50,8 @@ async def layers_from_head(args, token: str, node_id: str):
                         dtype=str(dtype).removeprefix("torch."), block_size=args.block_size,
                         num_layers=loaded.arch.num_layers, host_id=host_id(),
                         device="emulated" if args.emulate_device else device.type,
-                        cpu_cores=cpu_cores(), cpu_set=cpu_set(), memory_bytes=offer.memory_bytes,
+                        cpu_cores=cpu_cores(), cpu_set=cpu_set(), threads=compute_threads(),
+                        memory_bytes=offer.memory_bytes,
                         seconds_per_layer=offer.seconds_per_layer, node_id=node_id)
     print(f"offering {human_bytes(offer.memory_bytes)} and "
           f"{offer.seconds_per_layer * 1e3:.2f} ms per layer to the head at {args.head}; "

@@ -128,9 +128,13 @@ class LocalPipeline:
     async def stop(self) -> None:
         """Stop the stages (SIGTERM to each pid, SIGKILL after ``STOP_GRACE_S``), then the
         head, then let gRPC's last tasks end (else ``asyncio.run`` cancels them and gRPC
-        logs CancelledError tracebacks)."""
-        self.head.begin_stop()
-        await stop_processes(self.procs)
+        logs CancelledError tracebacks). The head's first hop is closed first and the stages
+        stop one by one in pipeline order: each closes its outgoing stream as it stops, so
+        no stage stops while a stream into it is open (gRPC would abort it after its grace
+        time with a warning, as it did under load when all stopped at once)."""
+        await self.head.begin_stop()
+        for proc in self.procs:  # pipeline order
+            await stop_processes([proc])
         await self.head.stop()
         await finish_pending_tasks()
 

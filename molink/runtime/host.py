@@ -69,25 +69,29 @@ def parse_cpu_set(text: str) -> frozenset[int] | None:
     return frozenset(cpus)
 
 
-def shared_cores(computes: list[tuple[str, str, int, str]]) -> int | None:
+def shared_cores(computes: list[tuple[str, str, int, str, int]]) -> int | None:
     """Cores of the one machine whose CPUs compute every stage, if they compete for them;
-    ``computes``: (host id, device, cores, ``cpu_set()``) of each computing process. Processes
-    pinned to disjoint CPUs of the machine do not compete (None); where a set is unknown, a
-    process may use any core. Warned once per machine and count: processes that each run as
-    many threads as the machine has cores spin their OpenMP threads against each other's."""
-    if len(computes) < 2 or len({(h, d) for h, d, _, _ in computes}) != 1 \
+    ``computes``: (host id, device, cores, ``cpu_set()``, compute threads) of each computing
+    process. Processes pinned to disjoint CPUs of the machine do not compete (None); where a
+    set is unknown, a process may use any core. Warned once per machine and count, unless
+    every process is known to compute with no more threads than its share: processes that
+    each run as many threads as the machine has cores spin their OpenMP threads against
+    each other's."""
+    if len(computes) < 2 or len({c[:2] for c in computes}) != 1 \
             or computes[0][1] != "cpu" or not computes[0][0]:
         return None
-    sets = [parse_cpu_set(cpus) for _, _, _, cpus in computes]
+    sets = [parse_cpu_set(c[3]) for c in computes]
     if None in sets:
-        cores = max(1, max(c for _, _, c, _ in computes))
+        cores = max(1, max(c[2] for c in computes))
     else:
         cores = len(frozenset().union(*sets))
         if sum(map(len, sets)) == cores:
             return None  # pinned to CPUs of their own
-    if (computes[0][0], len(computes)) not in _warned:
+    share = max(1, cores // len(computes))
+    threads = [c[4] for c in computes]
+    within_share = all(0 < t <= share for t in threads)
+    if not within_share and (computes[0][0], len(computes)) not in _warned:
         _warned.add((computes[0][0], len(computes)))
-        share = max(1, cores // len(computes))
         logger.warning("%d processes compute on the CPUs of one machine (%d cores): unless "
                        "each was started with --threads %d (or OMP_NUM_THREADS=%d, its share), "
                        "their threads contend for the cores", len(computes), cores, share,

@@ -65,6 +65,12 @@ def use_threads(count: int | None) -> None:
         torch.set_num_threads(count)
 
 
+def compute_threads() -> int:
+    """The width a thread started now computes with (``use_threads``, ``OMP_NUM_THREADS`` or
+    every core), whatever ``serial_here`` set for the calling thread."""
+    return run_in_own_thread(torch.get_num_threads)
+
+
 def serial_here() -> None:
     """Run this thread's operators on one core, leaving other threads' settings alone."""
     runtime = _openmp()

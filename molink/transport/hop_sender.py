@@ -37,13 +37,7 @@ from molink.messages import WIRE_COMPRESSIONS, LinkReport
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
 from molink.transport.chunks import Part, cut_chunk, split_parts
-from molink.transport.codec import (
-    PART_DECODE,
-    PART_PREFILL,
-    PART_WHOLE,
-    encode_link,
-    encode_step,
-)
+from molink.transport.codec import PART_DECODE, PART_PREFILL, PART_WHOLE, encode_link, encode_step
 from molink.transport.link_meter import INITIAL_BANDWIDTH_BPS, LinkMeter, SendState
 from molink.transport.link_scheduler import LinkScheduler, Payload
 from molink.transport.outgoing import OutgoingStep

@@ -62,6 +62,8 @@ def test_pipeline_tokens_equal_single_process(arch, topology, reference):
     async def scenario():
         async with pipeline(directory, head_layers, stages) as (head, _):
             outputs = await generate_all(head, [p for p in prompts], PARAMS)
+            # each stage said how many threads it computes with (OMP_NUM_THREADS=1 here)
+            assert [m.threads for m in head.membership.ordered()] == [1] * len(stages)
             return [o.outputs[0].token_ids for o in outputs], head.stats
 
     tokens, stats = asyncio.run(scenario())

@@ -49,6 +49,26 @@ def test_main_job_prints_readable_text_from_the_bundled_model(capfd, caplog):
     assert sum(c.isascii() and (c.isalnum() or c in " ,.'\"():\n-*") for c in text) > 0.9 * len(text)
 
 
+def test_the_readme_command_prints_no_warning_in_a_fresh_process():
+    """``molink demo`` as the README runs it: a fresh interpreter whose head computes with
+    PyTorch's default threads (this test process runs with one). Its stderr is empty of
+    warnings: the head once took every core beside two one-thread stages and warned about
+    exactly that, in the middle of the answer."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-m", "molink.entrypoints.cli", "demo",
+                           "--max-tokens", "8"], capture_output=True, text=True, timeout=300,
+                          env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "The head served layers" in done.stdout
+    assert "Traceback" not in done.stderr and "CancelledError" not in done.stderr, done.stderr
+    assert not [line for line in done.stderr.splitlines()
+                if " WARNING " in line or " ERROR " in line], done.stderr
+
+
 def test_a_stage_stopped_with_a_stream_open_exits_without_a_traceback(capfd, caplog):
     """What ``molink join`` does at SIGTERM while the previous hop still streams to it:
     grpc.aio's ``server.stop()`` returns before the task of the cancelled stream has
