@@ -51,8 +51,8 @@ class Gatherer:
             gathering.output.logprobs.update(output.logprobs)
             for request_id, positions in output.prompt_logprobs.items():
                 gathering.output.prompt_logprobs.setdefault(request_id, {}).update(positions)
-        _add_into(gathering.timings, times.compute_s)
-        _add_into(gathering.waits, times.wait_s)
+        add_into(gathering.timings, times.compute_s)
+        add_into(gathering.waits, times.wait_s)
         if gathering.tokens < step.step_num_tokens:
             return None
         del self._steps[key]
@@ -62,7 +62,7 @@ class Gatherer:
                              epoch=step.epoch, stage_wait_s=tuple(gathering.waits))
 
 
-def _add_into(totals: list[float], values: tuple[float, ...]) -> None:
+def add_into(totals: list[float], values: tuple[float, ...]) -> None:
     """Per-stage sums over a step's chunks."""
     if len(totals) < len(values):
         totals.extend([0.0] * (len(values) - len(totals)))

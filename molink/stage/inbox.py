@@ -40,6 +40,7 @@ import torch
 from molink.messages import BatchEntry, StepPlan
 from molink.scheduler.microbatch_chooser import StageFit
 from molink.scheduler.stall_bound import is_decode, prefill_chunk_tokens
+from molink.stage.gathering import add_into
 from molink.transport.chunks import Part, cut_chunk
 from molink.transport.codec import PART_PREFILL
 
@@ -194,7 +195,8 @@ def join_fragments(fragments: list) -> tuple:
     first_step = fragments[0][0]
     batch: list[BatchEntry] = []
     new_requests, cached_requests, freed = [], [], {}
-    compute_s, wait_s = (), ()
+    compute_s: list[float] = []
+    wait_s: list[float] = []
     for step, _ in fragments:
         entries = list(step.plan.batch)
         if batch and batch[-1].request_id == entries[0].request_id:  # cut between the two
@@ -205,18 +207,13 @@ def join_fragments(fragments: list) -> tuple:
         new_requests += step.plan.new_requests
         cached_requests += step.plan.cached_requests
         freed.update(dict.fromkeys(step.plan.freed_request_ids))
-        compute_s = _summed(compute_s, step.stage_compute_s)
-        wait_s = _summed(wait_s, step.stage_wait_s)
+        add_into(compute_s, step.stage_compute_s)
+        add_into(wait_s, step.stage_wait_s)
     plan = StepPlan(first_step.plan.step_id, batch, new_requests=new_requests,
                     cached_requests=cached_requests, freed_request_ids=list(freed),
                     microbatch_id=first_step.plan.microbatch_id)
-    joined = dataclasses.replace(first_step, plan=plan, stage_compute_s=compute_s,
-                                 stage_wait_s=wait_s,
+    joined = dataclasses.replace(first_step, plan=plan, stage_compute_s=tuple(compute_s),
+                                 stage_wait_s=tuple(wait_s),
                                  hops=fragments[-1][0].hops or first_step.hops)
     return joined, torch.cat([hidden for _, hidden in fragments])
 
-
-def _summed(a: tuple[float, ...], b: tuple[float, ...]) -> tuple[float, ...]:
-    """Element-wise sums; the shorter counts as zeros where it ends."""
-    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
-    return tuple(x + (shorter[i] if i < len(shorter) else 0.0) for i, x in enumerate(longer))
