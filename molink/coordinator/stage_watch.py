@@ -166,11 +166,19 @@ class StageWatch:
         while True:
             await asyncio.sleep(HEALTH_INTERVAL_S)
             try:  # bounded: a check that hangs must not hold back the deadlines below
-                await asyncio.wait_for(asyncio.gather(
-                    *(self._check(m) for m in head.membership.all_members())), CHECKS_BUDGET_S)
+                outcomes = await asyncio.wait_for(asyncio.gather(
+                    *(self._check(m) for m in head.membership.all_members()),
+                    return_exceptions=True), CHECKS_BUDGET_S)
             except TimeoutError:
                 logger.warning("health checks took over %.0f s; the rest wait for the next "
                                "round", CHECKS_BUDGET_S)
+                outcomes = []
+            # Each check's own outcome: a call cancelled under it (the head closing its
+            # channels as it stops) is no failure, and an unexpected error is reported
+            # without ending the watch (unretrieved, either was logged with a traceback).
+            for error in outcomes:
+                if isinstance(error, Exception):
+                    logger.error("a health check failed: %s", error, exc_info=error)
             if head.ready and (overdue := head.loop.overdue_step()):
                 head.stats.num_steps_timed_out += 1
                 self.fail_over(f"{overdue} on the route {' -> '.join(head.stage_labels())}")
