@@ -123,7 +123,7 @@ def unsupported_reason() -> str | None:
     flags = cpu_flags()
     if flags is not None and not {"avx2", "fma", "f16c"} <= flags:
         return "the CPU lacks one of AVX2, FMA, F16C"
-    if _compiler() is None:
+    if compiler() is None:
         return "no C compiler (set CC, or install gcc or clang)"
     return None
 
@@ -136,7 +136,7 @@ def kernels() -> Fused16 | None:
         logger.info("16-bit weights multiply through PyTorch (no fused kernels: %s)", reason)
         return None
     try:
-        path = _compiled()
+        path = compiled(SOURCE)
         fused = Fused16(ctypes.CDLL(str(path)), path)
         _self_check(fused)
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
@@ -146,31 +146,34 @@ def kernels() -> Fused16 | None:
     return fused
 
 
-def _compiled() -> Path:
-    """The shared library for this source, flags and compiler, compiled if not yet."""
-    compiler = _compiler()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+def compiled(source_path: Path) -> Path:
+    """The shared library of a C source shipped beside this module (``gemm16.c``,
+    ``int8_amx.c``) for this source, flags and compiler, compiled if not yet."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (set CC, or install gcc or clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30, check=False).stdout
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + repr((FLAGS, compiler, version)).encode()).hexdigest()[:16]
+    source = source_path.read_bytes()
+    key = hashlib.sha256(source + repr((FLAGS, cc, version)).encode()).hexdigest()[:16]
     directory = Path(envs.kernel_dir())
-    target = directory / f"gemm16-{key}.so"
+    target = directory / f"{source_path.stem}-{key}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    logger.info("compiling the fused 16-bit kernels with %s (once per machine)", compiler)
+    logger.info("compiling %s with %s (once per machine)", source_path.name, cc)
     began = time.monotonic()
     handle, partial = tempfile.mkstemp(suffix=".so", dir=directory)
     os.close(handle)
     try:
         for extra in ((OPENMP,), ()):  # without OpenMP (say, Apple clang): one thread
-            done = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", partial],
+            done = subprocess.run([cc, *FLAGS, *extra, str(source_path), "-o", partial],
                                   capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
                                   check=False)
             if done.returncode == 0:
                 break
         else:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-400:]}")
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
         os.replace(partial, target)  # atomic: stages compiling at once each get a whole file
     finally:
         if os.path.exists(partial):
@@ -193,7 +196,7 @@ def _self_check(fused: Fused16) -> None:
                 raise RuntimeError(f"self-check failed for {dtype} with {rows} rows")
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if candidate and shutil.which(candidate):
             return shutil.which(candidate)

@@ -13,9 +13,15 @@ How a block is stored and multiplied is chosen once, when it is filled:
 
     kind       where                                              matmul
     int4pack   CPU; bf16; 4-bit; rows % 16 == 0; group 32..256    aten._weight_int4pack_mm_for_cpu
+    int8amx    CPU with AMX; bf16; 8-bit; symmetric; one group    int8_amx.c (``int8_amx``)
+               per row
     int8pack   CPU; 8-bit; symmetric; one group per row           aten._weight_int8pack_mm
     nibbles    4-bit elsewhere: two codes a byte (even k low)     dequantize, then F.linear
     bytes      8-bit elsewhere: one code a byte                   dequantize, then F.linear
+
+Where AMX is there (``int8_amx.kernels()``), bf16 int8 blocks take MoLink's AMX kernel, which
+reads the weight once for up to 64 rows (PyTorch's int8 kernel: once per row); their codes are
+stored in that kernel's block layout and their scales as float32.
 
 Why bf16 only for int4: PyTorch vectorises that kernel for bf16 alone; its fp32 / fp16 path is
 a scalar loop, measured 8x slower than dequantize-then-matmul at 16 tokens (1024x4096).
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molink.model.cpu_features import has_native_bf16
+from molink.model.layers import int8_amx
 
 INT8_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT4_KERNEL_DTYPES = (torch.bfloat16,)
@@ -127,6 +134,9 @@ class IntLinear(nn.Module):
         if kind == "int8pack":
             self.register_buffer(f"qweight{i}", codes.contiguous())
             self.register_buffer(f"scales{i}", scales[0].contiguous())  # [rows]
+        elif kind == "int8amx":
+            self.register_buffer(f"qweight{i}", int8_amx.pack(codes))
+            self.register_buffer(f"scales{i}", int8_amx.pad_scales(scales[0]))  # [rows16] fp32
         else:
             if kind == "int4pack" and group_size not in INT4_KERNEL_GROUPS:
                 group_size = kernel_group(group_size)  # a whole row: repeat its scale
@@ -156,6 +166,8 @@ class IntLinear(nn.Module):
         qweight, scales = getattr(self, f"qweight{i}"), getattr(self, f"scales{i}")
         if x.shape[0] == 0:
             return x.new_zeros(0, block.rows)
+        if block.kind == "int8amx" and x.dtype == torch.bfloat16:
+            return int8_amx.kernels().matmul(x, qweight, scales, block.rows)
         if block.kind == "int4pack":
             a = x.to(self.weight_dtype).contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, qweight, block.group_size, scales)
@@ -174,7 +186,10 @@ class IntLinear(nn.Module):
         qweight, scales = getattr(self, f"qweight{i}"), getattr(self, f"scales{i}")
         if block.kind == "int4pack":
             return _int4pack_weight(qweight, scales, block.group_size, self.in_features).to(dtype)
-        if block.kind == "int8pack":
+        if block.kind == "int8amx":  # codes back in rows; scales as kept, in the model dtype
+            qweight = int8_amx.unpack(qweight, block.rows, self.in_features)
+            scales = scales[:block.rows].to(self.weight_dtype)
+        if block.kind in ("int8pack", "int8amx"):
             if scales.dtype == dtype:  # one pass (codes are exact in any float dtype): the
                 return qweight * scales.unsqueeze(-1)  # same rounding, half the time in bf16
             return (qweight.float() * scales.float().unsqueeze(-1)).to(dtype)
@@ -232,7 +247,7 @@ def choose_kind(part: IntWeight, dtype: torch.dtype, device: torch.device,
             return "int4pack"
         return "nibbles" if cols % 2 == 0 else "bytes"
     if on_cpu and dtype in INT8_KERNEL_DTYPES and part.zeros is None and part.group_size == cols:
-        return "int8pack"
+        return "int8amx" if dtype == torch.bfloat16 and int8_amx.kernels() else "int8pack"
     return "bytes"
 
 
