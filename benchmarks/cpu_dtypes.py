@@ -15,7 +15,12 @@ runs in its own subprocess (a clean heap), side by side in one run:
   widened in registers by MoLink's compiled kernel up to 32 rows
   (``model/layers/fused16.py``), as above for more; with native bf16, oneDNN's products
   on weights packed once at load (``model/layers/packed_linear.py``);
-- ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference.
+- ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference;
+- not by default, weights quantized at load (``--quantization``) with bf16 activations:
+  ``int8`` and ``int4`` (groups of 128) as MoLink multiplies them on this CPU (its AMX kernel,
+  ``model/layers/int_amx.c``, where the CPU has AMX), and ``... (PyTorch kernels)`` with
+  PyTorch's int8 / int4 weight-only kernels instead. They are weight formats, not dtypes:
+  the comparison with ``transformers`` leaves them out.
 
 Measured: prefill (128 tokens, one request: the time to the first token), decode time per
 token for one request (TPOT), generated tokens/s for 16 requests at once (prefill included),
@@ -47,6 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("float32", "float32 (plain linears)", "bfloat16 (plain)",
          "bfloat16 (no fused kernels)", "bfloat16", "float16", "transformers float32",
          "transformers bfloat16")
+QUANTIZED_MODES = ("int8", "int8 (PyTorch kernels)", "int4", "int4 (PyTorch kernels)")
 PROMPT_TOKENS = 128
 BANDWIDTH = "read bandwidth"  # a subprocess measuring the machine, not a row
 
@@ -68,7 +74,15 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
         loader.use_cpu_linears = lambda model: 0
     if mode == "bfloat16 (no fused kernels)":
         os.environ["MOLINK_CPU_KERNELS"] = "0"
-    llm = LLM(model=directory, dtype=mode.split()[0], device="cpu")
+    if mode in QUANTIZED_MODES:
+        if mode.endswith("(PyTorch kernels)"):
+            from molink.model.layers import int_amx
+
+            int_amx.kernels = lambda: None
+        llm = LLM(model=directory, dtype="bfloat16", device="cpu",
+                  quantization=mode.split()[0])
+    else:
+        llm = LLM(model=directory, dtype=mode.split()[0], device="cpu")
 
     def run(batch, tokens):
         params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
@@ -177,8 +191,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="16 output tokens, prints only")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="OMP threads per run (default: every core)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        metavar="MODE", help="which rows (default: all; float32 always)")
+    parser.add_argument("--modes", nargs="+", choices=MODES + QUANTIZED_MODES,
+                        default=list(MODES), metavar="MODE",
+                        help="which rows (default: all dtypes, no quantized weights; float32 "
+                             "always)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of every mode, interleaved; the table shows medians")
     parser.add_argument("--output", default="cpu_dtypes.md",
@@ -193,7 +209,8 @@ def main() -> int:
         from benchmarks.random_llama import build_model
 
         directory = str(build_model(Path(tmp) / "llama151m", hidden=1024, layers=12, vocab=8000))
-        modes = ["float32", *(m for m in MODES if m in args.modes and m != "float32")]
+        modes = ["float32", *(m for m in MODES + QUANTIZED_MODES
+                              if m in args.modes and m != "float32")]
         weights = decode_weight_count(directory)
         runs = {mode: [] for mode in [*modes, BANDWIDTH]}
         for _ in range(max(1, args.repeat)):  # interleaved: a busy spell hits every mode
@@ -247,7 +264,8 @@ def _table(rows: dict) -> str:
 
 def _against_transformers(rows: dict) -> str:
     """Each side in the dtype it is fastest in on this machine, per measure."""
-    ours = {m: r for m, r in rows.items() if not m.startswith("transformers")}
+    ours = {m: r for m, r in rows.items()
+            if not m.startswith("transformers") and m not in QUANTIZED_MODES}
     theirs = {m: r for m, r in rows.items() if m.startswith("transformers")}
     if not theirs:
         return ""

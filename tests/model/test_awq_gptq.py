@@ -24,7 +24,7 @@ from torch import nn
 
 from molink import LLM
 from molink.model import loader
-from molink.model.layers import int_linear
+from molink.model.layers import int_amx, int_linear
 from molink.model.layers.int_linear import IntLinear
 from molink.model.loader import load_config, load_model
 from tests.model import hf_configs
@@ -105,18 +105,21 @@ def test_every_linear_equals_the_reference_dequantization_exactly(name, written)
 
 @pytest.mark.parametrize("name", ["llama-awq-g32", "qwen2-gptq_v2-actorder"])
 def test_bf16_stages_use_the_int4_kernel_on_the_fallbacks_weights(name, written, monkeypatch):
-    """bf16, the CPU serving dtype: PyTorch's int4 kernel does the matmul (act-order as an
-    input permutation), with exactly the weight the plain fallback dequantizes; outputs
-    within one bf16 step of the magnitude sum (the kernel keeps bf16 partial sums)."""
+    """bf16, the CPU serving dtype: an int4 kernel does the matmul (MoLink's AMX kernel on a
+    CPU with AMX, PyTorch's elsewhere; act-order as an input permutation), with exactly the
+    weight the plain fallback dequantizes; outputs within one bf16 step of the magnitude sum
+    (PyTorch's kernel keeps bf16 partial sums)."""
     path = str(written(name).quantized)
+    kernel_kind = "groupamx" if int_amx.kernels() is not None else "int4pack"
     kernel_model, _ = load_model(path, 0, None, "bfloat16", CPU)
     monkeypatch.setattr(int_linear, "INT4_KERNEL_DTYPES", ())
+    monkeypatch.setattr(int_amx, "kernels", lambda: None)
     plain_model, _ = load_model(path, 0, None, "bfloat16", CPU)
     plain_linears = _int_linears(plain_model)
     gen = torch.Generator().manual_seed(0)
     for module_name, layer in _int_linears(kernel_model).items():
         plain = plain_linears[module_name]
-        assert {b.kind for b in layer.blocks} == {"int4pack"}
+        assert {b.kind for b in layer.blocks} == {kernel_kind}
         assert {b.kind for b in plain.blocks} == {"nibbles"}
         assert any(b.permuted for b in layer.blocks) == MODELS[name][1].act_order
         weight = plain.weight_as(torch.bfloat16)

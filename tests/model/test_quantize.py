@@ -23,7 +23,7 @@ from torch import nn
 
 from molink.config import ModelConfig
 from molink.model import loader
-from molink.model.layers import int8_amx, int_linear
+from molink.model.layers import int_amx, int_linear
 from molink.model.layers.cpu_linear import CpuLinear
 from molink.model.layers.int_linear import IntLinear
 from molink.model.loader import load_model
@@ -97,9 +97,10 @@ def test_stored_integers_reconstruct_the_weight_the_layer_uses(method, group_siz
                      use_kernels=use_kernels)
     kinds = {block.kind for block in layer.blocks}
     kernel = use_kernels and (method == "int8" or dtype == torch.bfloat16)  # int4: bf16 only
-    int8_kind = "int8amx" if dtype == torch.bfloat16 and int8_amx.kernels() else "int8pack"
-    assert kinds == ({int8_kind if method == "int8" else "int4pack"} if kernel
-                     else {"bytes" if method == "int8" else "nibbles"})
+    amx = dtype == torch.bfloat16 and int_amx.kernels() is not None  # int_amx: AMX CPUs
+    kernel_kind = ("int8amx" if amx else "int8pack") if method == "int8" else (
+        "groupamx" if amx else "int4pack")
+    assert kinds == ({kernel_kind} if kernel else {"bytes" if method == "int8" else "nibbles"})
     assert torch.equal(layer.weight_as(dtype), expected.to(dtype))
     for num_tokens in (1, 16):
         x = torch.randn(num_tokens, 256, generator=gen).to(dtype)
@@ -115,7 +116,7 @@ def test_int8_bf16_prefill_dequantizes_where_the_cpu_has_native_bf16(monkeypatch
     """The int8 kernel computes one row at a time: with native bf16 a prefill's rows take the
     dequantized weight and PyTorch's bf16 product, a decode's rows stay on the kernel."""
     monkeypatch.setattr(int_linear, "has_native_bf16", lambda: native_bf16)
-    monkeypatch.setattr(int8_amx, "kernels", lambda: None)  # PyTorch's kernel, AMX or not
+    monkeypatch.setattr(int_amx, "kernels", lambda: None)  # PyTorch's kernel, AMX or not
     gen = torch.Generator().manual_seed(0)
     layer = IntLinear(256, 96)
     layer.set_weight([quantize_int8(torch.randn(96, 256, generator=gen) * 0.05,

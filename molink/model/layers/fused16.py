@@ -148,7 +148,7 @@ def kernels() -> Fused16 | None:
 
 def compiled(source_path: Path) -> Path:
     """The shared library of a C source shipped beside this module (``gemm16.c``,
-    ``int8_amx.c``) for this source, flags and compiler, compiled if not yet."""
+    ``int_amx.c``) for this source, flags and compiler, compiled if not yet."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (set CC, or install gcc or clang)")

@@ -13,15 +13,17 @@ How a block is stored and multiplied is chosen once, when it is filled:
 
     kind       where                                              matmul
     int4pack   CPU; bf16; 4-bit; rows % 16 == 0; group 32..256    aten._weight_int4pack_mm_for_cpu
-    int8amx    CPU with AMX; bf16; 8-bit; symmetric; one group    int8_amx.c (``int8_amx``)
+    int8amx    CPU with AMX; bf16; 8-bit; symmetric; one group    int_amx.c (``int_amx``)
                per row
+    groupamx   CPU with AMX; bf16; 4/8-bit; groups of 32k         int_amx.c
     int8pack   CPU; 8-bit; symmetric; one group per row           aten._weight_int8pack_mm
     nibbles    4-bit elsewhere: two codes a byte (even k low)     dequantize, then F.linear
     bytes      8-bit elsewhere: one code a byte                   dequantize, then F.linear
 
-Where AMX is there (``int8_amx.kernels()``), bf16 int8 blocks take MoLink's AMX kernel, which
-reads the weight once for up to 64 rows (PyTorch's int8 kernel: once per row); their codes are
-stored in that kernel's block layout and their scales as float32.
+Where AMX is there (``int_amx.kernels()``), bf16 blocks of 4- or 8-bit codes whose groups
+span whole 32-input blocks take MoLink's AMX kernel, which reads the weight once for up to 64
+rows (PyTorch's int8 and int4 kernels: once per row); their codes are stored in that kernel's
+block layout, their scales (and zeros) as float32 in its order.
 
 Why bf16 only for int4: PyTorch vectorises that kernel for bf16 alone; its fp32 / fp16 path is
 a scalar loop, measured 8x slower than dequantize-then-matmul at 16 tokens (1024x4096).
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molink.model.cpu_features import has_native_bf16
-from molink.model.layers import int8_amx
+from molink.model.layers import int_amx
 
 INT8_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT4_KERNEL_DTYPES = (torch.bfloat16,)
@@ -74,10 +76,11 @@ class IntWeight(NamedTuple):
 
 
 class _Block(NamedTuple):
-    kind: str  # int4pack | int8pack | nibbles | bytes
+    kind: str  # int8amx | groupamx | int4pack | int8pack | nibbles | bytes
     rows: int
     group_size: int
     permuted: bool
+    bits: int
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -111,6 +114,7 @@ class IntLinear(nn.Module):
         self.weight_dtype = torch.float32  # what scales are kept in (the model dtype)
         # bf16 rows from which int8pack dequantizes instead (None: never; see the module doc)
         self.int8_dequantize_from: int | None = None
+        self.amx: int_amx.AmxKernel | None = None  # the kernel of the *amx kinds
 
     def set_weight(self, parts: list[IntWeight], dtype: torch.dtype, device: torch.device,
                    use_kernels: bool = True) -> None:
@@ -131,12 +135,19 @@ class IntLinear(nn.Module):
         codes, group_size = part.codes.to(device), part.group_size
         scales = part.scales.to(device=device, dtype=dtype)
         zeros = None if part.zeros is None else part.zeros.to(device=device, dtype=dtype)
+        if kind in ("int8amx", "groupamx"):
+            self.amx = int_amx.kernels()
         if kind == "int8pack":
             self.register_buffer(f"qweight{i}", codes.contiguous())
             self.register_buffer(f"scales{i}", scales[0].contiguous())  # [rows]
         elif kind == "int8amx":
-            self.register_buffer(f"qweight{i}", int8_amx.pack(codes))
-            self.register_buffer(f"scales{i}", int8_amx.pad_scales(scales[0]))  # [rows16] fp32
+            self.register_buffer(f"qweight{i}", int_amx.pack(codes))
+            self.register_buffer(f"scales{i}", int_amx.pad_scales(scales[0]))  # [rows16] fp32
+        elif kind == "groupamx":
+            self.register_buffer(f"qweight{i}", int_amx.pack(codes, part.bits))
+            self.register_buffer(f"scales{i}", int_amx.pair_groups(scales))
+            if zeros is not None:
+                self.register_buffer(f"zeros{i}", int_amx.pair_groups(zeros))
         else:
             if kind == "int4pack" and group_size not in INT4_KERNEL_GROUPS:
                 group_size = kernel_group(group_size)  # a whole row: repeat its scale
@@ -149,7 +160,7 @@ class IntLinear(nn.Module):
             self.register_buffer(f"scales{i}", torch.stack([scales, zeros], -1).contiguous())
         if part.perm is not None:
             self.register_buffer(f"perm{i}", part.perm.to(device=device, dtype=torch.int32))
-        return _Block(kind, codes.shape[0], group_size, part.perm is not None)
+        return _Block(kind, codes.shape[0], group_size, part.perm is not None, part.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)  # [T, in]
@@ -167,7 +178,10 @@ class IntLinear(nn.Module):
         if x.shape[0] == 0:
             return x.new_zeros(0, block.rows)
         if block.kind == "int8amx" and x.dtype == torch.bfloat16:
-            return int8_amx.kernels().matmul(x, qweight, scales, block.rows)
+            return self.amx.matmul(x, qweight, block.rows, scales)
+        if block.kind == "groupamx" and x.dtype == torch.bfloat16:
+            return self.amx.matmul(x, qweight, block.rows, scales, block.bits, block.group_size,
+                                   getattr(self, f"zeros{i}", None))
         if block.kind == "int4pack":
             a = x.to(self.weight_dtype).contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, qweight, block.group_size, scales)
@@ -186,8 +200,15 @@ class IntLinear(nn.Module):
         qweight, scales = getattr(self, f"qweight{i}"), getattr(self, f"scales{i}")
         if block.kind == "int4pack":
             return _int4pack_weight(qweight, scales, block.group_size, self.in_features).to(dtype)
+        if block.kind == "groupamx":  # exactly the weight the kernel widens each block to
+            codes = int_amx.unpack(qweight, block.rows, self.in_features, block.bits)
+            zeros = getattr(self, f"zeros{i}", None)
+            return dequantize_groups(
+                codes, int_amx.unpair_groups(scales, block.rows),
+                None if zeros is None else int_amx.unpair_groups(zeros, block.rows),
+                block.group_size).to(dtype)
         if block.kind == "int8amx":  # codes back in rows; scales as kept, in the model dtype
-            qweight = int8_amx.unpack(qweight, block.rows, self.in_features)
+            qweight = int_amx.unpack(qweight, block.rows, self.in_features)
             scales = scales[:block.rows].to(self.weight_dtype)
         if block.kind in ("int8pack", "int8amx"):
             if scales.dtype == dtype:  # one pass (codes are exact in any float dtype): the
@@ -241,13 +262,19 @@ def choose_kind(part: IntWeight, dtype: torch.dtype, device: torch.device,
                 use_kernels: bool) -> str:
     rows, cols = part.codes.shape
     on_cpu = use_kernels and device.type == "cpu"
+    per_row_int8 = part.bits == 8 and part.zeros is None and part.group_size == cols
+    if on_cpu and dtype == torch.bfloat16 and int_amx.kernels() is not None:
+        if per_row_int8:
+            return "int8amx"
+        if int_amx.supports(part.bits, part.group_size):
+            return "groupamx"
     if part.bits == 4:
         fits = rows % 16 == 0 and kernel_group(part.group_size) is not None
         if on_cpu and dtype in INT4_KERNEL_DTYPES and fits:
             return "int4pack"
         return "nibbles" if cols % 2 == 0 else "bytes"
-    if on_cpu and dtype in INT8_KERNEL_DTYPES and part.zeros is None and part.group_size == cols:
-        return "int8amx" if dtype == torch.bfloat16 and int8_amx.kernels() else "int8pack"
+    if on_cpu and dtype in INT8_KERNEL_DTYPES and per_row_int8:
+        return "int8pack"
     return "bytes"
 
 

@@ -1,0 +1,213 @@
+/* y = x @ W.T for 4- and 8-bit weights and bf16 activations, on x86 CPUs with AMX-BF16
+ * (Sapphire Rapids and later); compiled on first use by molink/model/layers/int_amx.py.
+ *
+ * PyTorch's int8 and int4 weight-only kernels compute one activation row at a time: at 16
+ * rows they take 2-3x longer than a bf16 product of the same weights. Here the weight is
+ * read once per call for up to 64 rows: each 16 x 32 block of codes is widened to bf16 in
+ * registers into a 1 KB buffer that stays in L1, and AMX multiplies it with up to four
+ * 16-row blocks of x; the codes are the only stream from memory.
+ *
+ * Layout (int_amx.pack): codes [n16 / 16][k32 / 32][16][32 * bits / 8], one AMX B tile per
+ * block in its pair-interleaved form: row p of a block holds, for each of its 16 outputs n,
+ * the codes of inputs 2p and 2p + 1 at positions 2n and 2n + 1 (4-bit: byte j holds
+ * position j + 8 in its low nibble, position j + 16 plus 8 in its high one). x: bf16
+ * [rows][k32], rows <= 64; y: bf16 [rows][n16].
+ *
+ * Scales (weight_format): int8 with one scale per output widens codes exactly and scales
+ * the float32 sums (PyTorch's int8 kernel's arithmetic up to summation order); grouped
+ * codes widen to code * scale + zero in float32 (exact products for scales in bf16, one
+ * rounding) and then bf16: the weight int_linear dequantizes to. Products of bf16 values
+ * are exact in AMX, sums float32, one rounding of y to bf16. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
+#define MAX_ROWS 64      /* four C tiles of 16 rows */
+#define PREFETCH_AHEAD 2048 /* bytes of codes: measured best of 512/1024/2048/4096 */
+
+/* tile registers (literals: the intrinsics paste them into instructions) */
+#define TILE_A_FULL 4
+#define TILE_A_TAIL 5
+#define TILE_B 6
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Ask Linux for AMX tile state (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), once per
+ * process; 1 when granted. */
+int molink_amx_init(void) {
+#ifdef SYS_arch_prctl
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* C tiles 0..blocks-1 (the last one `tail` rows), A tiles for full and tail blocks, B. */
+AMX static void configure(int blocks, int tail) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette_id = 1;
+    for (int t = 0; t < blocks; ++t) {
+        config.rows[t] = (uint8_t)(t == blocks - 1 ? tail : 16);
+        config.colsb[t] = 64;
+    }
+    config.rows[TILE_A_FULL] = 16;
+    config.colsb[TILE_A_FULL] = 64;
+    config.rows[TILE_A_TAIL] = (uint8_t)tail;
+    config.colsb[TILE_A_TAIL] = 64;
+    config.rows[TILE_B] = 16;
+    config.colsb[TILE_B] = 64;
+    _tile_loadconfig(&config);
+}
+
+/* How the codes of one call are stored and scaled. */
+typedef struct {
+    int bits;             /* 8: one code a byte; 4: two a byte (see int_amx.pack) */
+    int64_t group_blocks; /* 32-input blocks per scale group; 0: one scale per output,
+                             applied to the sums */
+    const float* scales;  /* group_blocks 0: [n16]; else [groups][2 * n16], each output's
+                             scale twice in a row (the B tile's pair order) */
+    const float* zeros;   /* NULL (symmetric) or like grouped scales */
+} weight_format;
+
+/* one B tile: 16 rows of 32 codes -> 32 bf16 each; grouped codes become code * scale + zero
+ * in float32 (exact products, one rounding), then bf16, as int_linear's dequantization */
+AMX static inline void widen(const weight_format* format, const int8_t* codes, int64_t n,
+                             int64_t k, int64_t n16, uint16_t* tile) {
+    __m512 scale_low = _mm512_set1_ps(1.0f), scale_high = scale_low;
+    __m512 zero_low = _mm512_setzero_ps(), zero_high = zero_low;
+    if (format->group_blocks) {
+        const int64_t at = k / format->group_blocks * 2 * n16 + n * 32;
+        scale_low = _mm512_loadu_ps(format->scales + at);
+        scale_high = _mm512_loadu_ps(format->scales + at + 16);
+        if (format->zeros) {
+            zero_low = _mm512_loadu_ps(format->zeros + at);
+            zero_high = _mm512_loadu_ps(format->zeros + at + 16);
+        }
+    }
+    const __m128i eight = _mm_set1_epi8(8);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    for (int r = 0; r < 16; ++r) {
+        __m512 low, high;
+        if (format->bits == 8) {
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + r * 32));
+            low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+            high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+        } else { /* byte j: code j + 8 in its low nibble, code j + 16 + 8 in its high one */
+            const __m128i v = _mm_loadu_si128((const __m128i*)(codes + r * 16));
+            low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_sub_epi8(_mm_and_si128(v, nibble), eight)));
+            high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), eight)));
+        }
+        if (format->group_blocks) {
+            low = _mm512_fmadd_ps(low, scale_low, zero_low);
+            high = _mm512_fmadd_ps(high, scale_high, zero_high);
+        }
+        _mm512_storeu_si512((void*)(tile + r * 32), (__m512i)_mm512_cvtne2ps_pbh(high, low));
+    }
+}
+
+/* the 16 outputs of one column block: C tile t holds rows 16t.. of y */
+AMX static void column_block(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
+                             int64_t n16, int64_t n, const weight_format* format, uint16_t* y,
+                             uint16_t* buffer, int blocks) {
+    const int64_t kb = k32 / 32, tile_bytes = 16 * 32 * format->bits / 8;
+    const int8_t* block_codes = codes + n * kb * tile_bytes;
+    for (int t = 0; t < blocks; ++t) {
+        switch (t) { /* tile numbers must be constants */
+        case 0: _tile_zero(0); break;
+        case 1: _tile_zero(1); break;
+        case 2: _tile_zero(2); break;
+        default: _tile_zero(3); break;
+        }
+    }
+    /* block k + 1 is widened while block k multiplies: AMX loads block k from a buffer
+     * whose stores have had an iteration to retire (loading it right after widening it
+     * stalled every block) */
+    widen(format, block_codes, n, 0, n16, buffer);
+    for (int64_t k = 0; k < kb; ++k) {
+        const int8_t* next = block_codes + k * tile_bytes + PREFETCH_AHEAD;
+        for (int line = 0; line < tile_bytes; line += 64)
+            _mm_prefetch((const char*)next + line, _MM_HINT_T0);
+        if (k + 1 < kb)
+            widen(format, block_codes + (k + 1) * tile_bytes, n, k + 1, n16,
+                  buffer + ((k + 1) & 1) * 512);
+        _tile_loadd(TILE_B, buffer + (k & 1) * 512, 64);
+        const uint16_t* a = x + k * 32;
+        const int64_t stride = k32 * 2;
+        /* blocks - 1 full row blocks, then the last (full or tail) */
+        if (blocks > 1) { _tile_loadd(TILE_A_FULL, a, stride); _tile_dpbf16ps(0, TILE_A_FULL, TILE_B); }
+        if (blocks > 2) { _tile_loadd(TILE_A_FULL, a + 16 * k32, stride); _tile_dpbf16ps(1, TILE_A_FULL, TILE_B); }
+        if (blocks > 3) { _tile_loadd(TILE_A_FULL, a + 32 * k32, stride); _tile_dpbf16ps(2, TILE_A_FULL, TILE_B); }
+        _tile_loadd(TILE_A_TAIL, a + (int64_t)(blocks - 1) * 16 * k32, stride);
+        switch (blocks) {
+        case 1: _tile_dpbf16ps(0, TILE_A_TAIL, TILE_B); break;
+        case 2: _tile_dpbf16ps(1, TILE_A_TAIL, TILE_B); break;
+        case 3: _tile_dpbf16ps(2, TILE_A_TAIL, TILE_B); break;
+        default: _tile_dpbf16ps(3, TILE_A_TAIL, TILE_B); break;
+        }
+    }
+    float sums[16 * 16];
+    const __m512 scale = format->group_blocks ? _mm512_set1_ps(1.0f)
+                                              : _mm512_loadu_ps(format->scales + n * 16);
+    for (int t = 0; t < blocks; ++t) {
+        switch (t) {
+        case 0: _tile_stored(0, sums, 64); break;
+        case 1: _tile_stored(1, sums, 64); break;
+        case 2: _tile_stored(2, sums, 64); break;
+        default: _tile_stored(3, sums, 64); break;
+        }
+        const int64_t first = (int64_t)t * 16, count = rows - first < 16 ? rows - first : 16;
+        for (int64_t r = 0; r < count; ++r) {
+            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(sums + r * 16), scale);
+            _mm256_storeu_si256((__m256i*)(y + (first + r) * n16 + n * 16),
+                                (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
+AMX static void gemm(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
+                     int64_t n16, const weight_format* format, uint16_t* y, int thread,
+                     int threads) {
+    const int blocks = (int)((rows + 15) / 16);
+    const int tail = (int)(rows - (int64_t)(blocks - 1) * 16);
+    uint16_t buffer[2 * 512] __attribute__((aligned(64)));
+    configure(blocks, tail);
+    const int64_t nb = n16 / 16, per = (nb + threads - 1) / threads;
+    const int64_t first = thread * per, last = first + per < nb ? first + per : nb;
+    for (int64_t n = first; n < last; ++n)
+        column_block(x, rows, codes, k32, n16, n, format, y, buffer, blocks);
+    _tile_release();
+}
+
+/* y[rows, n16] = x[rows, k32] @ W.T for W packed by int_amx.pack; 1 <= rows <= 64.
+ * bits: 8 or 4; group_size: inputs per scale group (a multiple of 32), 0 for int8 with one
+ * scale per output applied to the sums; scales and zeros (NULL: symmetric) as in
+ * weight_format. Call molink_amx_init first (once per process). */
+void molink_gemm_amx(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
+                     int64_t n16, int bits, int64_t group_size, const float* scales,
+                     const float* zeros, uint16_t* y, int threads) {
+    if (rows < 1 || rows > MAX_ROWS || (bits != 8 && bits != 4) || group_size % 32
+        || (group_size == 0 && bits != 8))
+        return;
+    const weight_format format = {bits, group_size / 32, scales, zeros};
+#ifdef _OPENMP
+    #pragma omp parallel num_threads(threads)
+    {
+        extern int omp_get_thread_num(void);
+        extern int omp_get_num_threads(void);
+        gemm(x, rows, codes, k32, n16, &format, y, omp_get_thread_num(), omp_get_num_threads());
+    }
+#else
+    (void)threads;
+    gemm(x, rows, codes, k32, n16, &format, y, 0, 1);
+#endif
+}
