@@ -46,12 +46,14 @@ def test_pack_puts_each_pair_of_inputs_of_an_output_side_by_side(out_features, i
     assert torch.equal(int_amx.unpack(tiles, out_features, in_features, bits), codes)
 
 
-def test_group_scales_are_paired_per_output():
+def test_group_scales_are_paired_per_output_for_8_bit_padded_for_4_bit():
     values = torch.arange(2 * 20, dtype=torch.float32).view(2, 20)
-    paired = int_amx.pair_groups(values)
-    assert paired.shape == (2, 64)
+    paired, padded = int_amx.group_values(values, 8), int_amx.group_values(values, 4)
+    assert paired.shape == (2, 64) and padded.shape == (2, 32)
     assert paired[1, :4].tolist() == [20.0, 20.0, 21.0, 21.0]
-    assert torch.equal(int_amx.unpair_groups(paired, 20), values)
+    assert padded[1, :2].tolist() == [20.0, 21.0] and padded[:, 20:].eq(0).all()
+    for bits, stored in ((8, paired), (4, padded)):
+        assert torch.equal(int_amx.ungroup_values(stored, 20, bits), values)
 
 
 def test_supported_formats():
@@ -74,11 +76,14 @@ def test_turned_off_with_the_cpu_kernels_switch(monkeypatch):
     assert int_amx.unsupported_reason() == f"{envs.CPU_KERNELS_VAR}=0"
 
 
-def _within_bound(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _within_bound(got: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  terms: torch.Tensor | None = None) -> bool:
     """bf16 products summed in float32, rounded to bf16 once: within bf16's unit roundoff
-    (2^-8) of the float64 result plus the float32 summation bound (K 2^-23 sum |x_k w_k|)."""
+    (2^-8) of the float64 result plus the float32 summation bound (K 2^-23 sum |x_k w_k|,
+    over ``terms``' magnitudes where the weight is summed as parts: code * scale, zero)."""
     reference = x.double() @ weight.double().T
-    magnitude = x.double().abs() @ weight.double().abs().T
+    terms = weight if terms is None else terms
+    magnitude = x.double().abs() @ terms.double().abs().T
     bound = reference.abs() * 2.0 ** -8 + magnitude * x.shape[1] * 2.0 ** -23
     return bool(((got.double() - reference).abs() <= bound).all())
 
@@ -101,8 +106,10 @@ def test_int8_with_a_scale_per_output_widens_exactly(rows):
                                                          (8, 32, False), (8, 64, True)])
 def test_grouped_codes_multiply_as_their_dequantized_bf16_weight(bits, group_size, asymmetric,
                                                                  rows):
-    """Each block widens to code * scale + zero rounded to bf16 (scales and zeros in bf16, as
-    ``IntLinear`` keeps them): the product is that weight's, within the bound."""
+    """Scales and zeros in bf16, as ``IntLinear`` keeps them. 8-bit: each block widens to code
+    * scale + zero rounded to bf16, and the product is that weight's; 4-bit: codes multiply
+    exactly, scales and zeros apply to the group sums, and the product is the exact
+    weight's; within the bound."""
     gen = torch.Generator().manual_seed(rows)
     out_features, in_features = 75, 256
     groups = in_features // group_size
@@ -112,12 +119,17 @@ def test_grouped_codes_multiply_as_their_dequantized_bf16_weight(bits, group_siz
     grouped = codes.float().view(out_features, groups, group_size) * scales.t()[..., None]
     if asymmetric:
         grouped = grouped + zeros.t()[..., None]
-    weight = grouped.view(out_features, in_features).bfloat16()
+    exact = grouped.view(out_features, in_features)
+    parts = (codes.float().view(out_features, groups, group_size).abs() * scales.t()[..., None]
+             + (zeros.t()[..., None].abs() if asymmetric else 0)).view(out_features, in_features)
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
     got = int_amx.kernels().matmul(
-        x, int_amx.pack(codes, bits), out_features, int_amx.pair_groups(scales), bits,
-        group_size, int_amx.pair_groups(zeros) if asymmetric else None)
-    assert _within_bound(got, x, weight.float())
+        x, int_amx.pack(codes, bits), out_features, int_amx.group_values(scales, bits), bits,
+        group_size, int_amx.group_values(zeros, bits) if asymmetric else None)
+    if bits == 8:
+        assert _within_bound(got, x, exact.bfloat16().float())
+    else:
+        assert _within_bound(got, x, exact, terms=parts)
 
 
 @needs_kernel
@@ -146,10 +158,10 @@ def test_int_linear_takes_the_kernel_for_bf16_and_reads_its_weight_back(method):
         part = quantize_int8(weight, torch.bfloat16)
         dense = part.codes.float() * part.scales[0].float()[:, None]
         multiplied = dense
-    else:  # each block widened to the bf16 weight
+    else:  # codes times scales, plus zeros, on the group sums: the exact weight
         part = quantize_int4(weight, torch.bfloat16, 128)
         dense = part.dequantize()
-        multiplied = dense.bfloat16().float()
+        multiplied = dense
     layer = IntLinear(256, 96)
     layer.set_weight([part], torch.bfloat16, CPU)
     assert [block.kind for block in layer.blocks] == [

@@ -72,15 +72,53 @@ typedef struct {
     int bits;             /* 8: one code a byte; 4: two a byte (see int_amx.pack) */
     int64_t group_blocks; /* 32-input blocks per scale group; 0: one scale per output,
                              applied to the sums */
-    const float* scales;  /* group_blocks 0: [n16]; else [groups][2 * n16], each output's
-                             scale twice in a row (the B tile's pair order) */
+    const float* scales;  /* group_blocks 0: [n16]; 8-bit groups: [groups][2 * n16], each
+                             output's scale twice in a row (the B tile's pair order);
+                             4-bit: [groups][n16] */
     const float* zeros;   /* NULL (symmetric) or like grouped scales */
+    const float* xsums;   /* 4-bit with zeros: [rows][groups], each row's sum over a group */
+    int64_t groups;
 } weight_format;
 
-/* one B tile: 16 rows of 32 codes -> 32 bf16 each; grouped codes become code * scale + zero
- * in float32 (exact products, one rounding), then bf16, as int_linear's dequantization */
+AMX static inline void zero_tile(int t) { /* tile numbers must be literals */
+    switch (t) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(1); break;
+    case 2: _tile_zero(2); break;
+    default: _tile_zero(3); break;
+    }
+}
+
+AMX static inline void store_tile(int t, float* sums) {
+    switch (t) {
+    case 0: _tile_stored(0, sums, 64); break;
+    case 1: _tile_stored(1, sums, 64); break;
+    case 2: _tile_stored(2, sums, 64); break;
+    default: _tile_stored(3, sums, 64); break;
+    }
+}
+
+/* one B tile: 16 rows of 32 codes -> 32 bf16 each. 4-bit codes stay codes (exact; their
+ * scales and zeros apply to each group's sums, flush_group); 8-bit grouped codes become
+ * code * scale + zero in float32 (exact products, one rounding), then bf16, as int_linear's
+ * dequantization; 8-bit codes with a scale per output stay codes. */
 AMX static inline void widen(const weight_format* format, const int8_t* codes, int64_t n,
                              int64_t k, int64_t n16, uint16_t* tile) {
+    if (format->bits == 4) { /* the codes themselves, exact: bf16 of u - 8 looked up */
+        const __m512i table = _mm512_set_epi16(
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000,  /* 7 .. 0 */
+            0xBF80, 0xC000, 0xC040, 0xC080, 0xC0A0, 0xC0C0, 0xC0E0, 0xC100); /* -1 .. -8 */
+        const __m256i nibble = _mm256_set1_epi16(0x0F);
+        for (int r = 0; r < 16; ++r) {
+            const __m256i w = _mm256_cvtepu8_epi16(
+                _mm_loadu_si128((const __m128i*)(codes + r * 16)));
+            const __m512i index = _mm512_inserti64x4(_mm512_castsi256_si512(
+                _mm256_and_si256(w, nibble)), _mm256_srli_epi16(w, 4), 1);
+            _mm512_storeu_si512((void*)(tile + r * 32), _mm512_permutexvar_epi16(index, table));
+        }
+        return;
+    }
     __m512 scale_low = _mm512_set1_ps(1.0f), scale_high = scale_low;
     __m512 zero_low = _mm512_setzero_ps(), zero_high = zero_low;
     if (format->group_blocks) {
@@ -92,21 +130,10 @@ AMX static inline void widen(const weight_format* format, const int8_t* codes, i
             zero_high = _mm512_loadu_ps(format->zeros + at + 16);
         }
     }
-    const __m128i eight = _mm_set1_epi8(8);
-    const __m128i nibble = _mm_set1_epi8(0x0F);
     for (int r = 0; r < 16; ++r) {
-        __m512 low, high;
-        if (format->bits == 8) {
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + r * 32));
-            low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
-            high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
-        } else { /* byte j: code j + 8 in its low nibble, code j + 16 + 8 in its high one */
-            const __m128i v = _mm_loadu_si128((const __m128i*)(codes + r * 16));
-            low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                _mm_sub_epi8(_mm_and_si128(v, nibble), eight)));
-            high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), nibble), eight)));
-        }
+        const __m256i v = _mm256_loadu_si256((const __m256i*)(codes + r * 32));
+        __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+        __m512 high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
         if (format->group_blocks) {
             low = _mm512_fmadd_ps(low, scale_low, zero_low);
             high = _mm512_fmadd_ps(high, scale_high, zero_high);
@@ -115,23 +142,41 @@ AMX static inline void widen(const weight_format* format, const int8_t* codes, i
     }
 }
 
+/* 4-bit: after the last block of group g, acc += sums * scale + xsum * zero; tiles zeroed */
+AMX static void flush_group(const weight_format* format, int64_t g, int64_t rows, int64_t n,
+                            int64_t n16, int blocks, float* acc) {
+    float sums[16 * 16];
+    const __m512 scale = _mm512_loadu_ps(format->scales + g * n16 + n * 16);
+    const __m512 zero = format->zeros ? _mm512_loadu_ps(format->zeros + g * n16 + n * 16)
+                                      : _mm512_setzero_ps();
+    for (int t = 0; t < blocks; ++t) {
+        store_tile(t, sums);
+        zero_tile(t);
+        const int64_t first = (int64_t)t * 16, count = rows - first < 16 ? rows - first : 16;
+        for (int64_t r = 0; r < count; ++r) {
+            float* row = acc + (first + r) * 16;
+            __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(sums + r * 16), scale,
+                                       _mm512_loadu_ps(row));
+            if (format->zeros)
+                v = _mm512_fmadd_ps(
+                    _mm512_set1_ps(format->xsums[(first + r) * format->groups + g]), zero, v);
+            _mm512_storeu_ps(row, v);
+        }
+    }
+}
+
 /* the 16 outputs of one column block: C tile t holds rows 16t.. of y */
 AMX static void column_block(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
                              int64_t n16, int64_t n, const weight_format* format, uint16_t* y,
                              uint16_t* buffer, int blocks) {
     const int64_t kb = k32 / 32, tile_bytes = 16 * 32 * format->bits / 8;
+    const int exact_codes = format->bits == 4;
     const int8_t* block_codes = codes + n * kb * tile_bytes;
-    for (int t = 0; t < blocks; ++t) {
-        switch (t) { /* tile numbers must be constants */
-        case 0: _tile_zero(0); break;
-        case 1: _tile_zero(1); break;
-        case 2: _tile_zero(2); break;
-        default: _tile_zero(3); break;
-        }
-    }
+    float acc[MAX_ROWS * 16];
+    if (exact_codes) memset(acc, 0, (size_t)rows * 16 * sizeof(float));
+    for (int t = 0; t < blocks; ++t) zero_tile(t);
     /* block k + 1 is widened while block k multiplies: AMX loads block k from a buffer
-     * whose stores have had an iteration to retire (loading it right after widening it
-     * stalled every block) */
+     * whose stores have had an iteration to retire */
     widen(format, block_codes, n, 0, n16, buffer);
     for (int64_t k = 0; k < kb; ++k) {
         const int8_t* next = block_codes + k * tile_bytes + PREFETCH_AHEAD;
@@ -154,20 +199,18 @@ AMX static void column_block(const uint16_t* x, int64_t rows, const int8_t* code
         case 3: _tile_dpbf16ps(2, TILE_A_TAIL, TILE_B); break;
         default: _tile_dpbf16ps(3, TILE_A_TAIL, TILE_B); break;
         }
+        if (exact_codes && (k + 1) % format->group_blocks == 0)
+            flush_group(format, k / format->group_blocks, rows, n, n16, blocks, acc);
     }
     float sums[16 * 16];
     const __m512 scale = format->group_blocks ? _mm512_set1_ps(1.0f)
                                               : _mm512_loadu_ps(format->scales + n * 16);
     for (int t = 0; t < blocks; ++t) {
-        switch (t) {
-        case 0: _tile_stored(0, sums, 64); break;
-        case 1: _tile_stored(1, sums, 64); break;
-        case 2: _tile_stored(2, sums, 64); break;
-        default: _tile_stored(3, sums, 64); break;
-        }
+        if (!exact_codes) store_tile(t, sums);
         const int64_t first = (int64_t)t * 16, count = rows - first < 16 ? rows - first : 16;
         for (int64_t r = 0; r < count; ++r) {
-            const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(sums + r * 16), scale);
+            const __m512 v = exact_codes ? _mm512_loadu_ps(acc + (first + r) * 16)
+                                         : _mm512_mul_ps(_mm512_loadu_ps(sums + r * 16), scale);
             _mm256_storeu_si256((__m256i*)(y + (first + r) * n16 + n * 16),
                                 (__m256i)_mm512_cvtneps_pbh(v));
         }
@@ -190,15 +233,16 @@ AMX static void gemm(const uint16_t* x, int64_t rows, const int8_t* codes, int64
 
 /* y[rows, n16] = x[rows, k32] @ W.T for W packed by int_amx.pack; 1 <= rows <= 64.
  * bits: 8 or 4; group_size: inputs per scale group (a multiple of 32), 0 for int8 with one
- * scale per output applied to the sums; scales and zeros (NULL: symmetric) as in
- * weight_format. Call molink_amx_init first (once per process). */
+ * scale per output applied to the sums; scales, zeros (NULL: symmetric) and xsums (4-bit
+ * with zeros) as in weight_format. Call molink_amx_init first (once per process). */
 void molink_gemm_amx(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
                      int64_t n16, int bits, int64_t group_size, const float* scales,
-                     const float* zeros, uint16_t* y, int threads) {
+                     const float* zeros, const float* xsums, uint16_t* y, int threads) {
     if (rows < 1 || rows > MAX_ROWS || (bits != 8 && bits != 4) || group_size % 32
         || (group_size == 0 && bits != 8))
         return;
-    const weight_format format = {bits, group_size / 32, scales, zeros};
+    const weight_format format = {bits, group_size / 32, scales, zeros, xsums,
+                                  group_size ? k32 / group_size : 1};
 #ifdef _OPENMP
     #pragma omp parallel num_threads(threads)
     {

@@ -145,9 +145,9 @@ class IntLinear(nn.Module):
             self.register_buffer(f"scales{i}", int_amx.pad_scales(scales[0]))  # [rows16] fp32
         elif kind == "groupamx":
             self.register_buffer(f"qweight{i}", int_amx.pack(codes, part.bits))
-            self.register_buffer(f"scales{i}", int_amx.pair_groups(scales))
+            self.register_buffer(f"scales{i}", int_amx.group_values(scales, part.bits))
             if zeros is not None:
-                self.register_buffer(f"zeros{i}", int_amx.pair_groups(zeros))
+                self.register_buffer(f"zeros{i}", int_amx.group_values(zeros, part.bits))
         else:
             if kind == "int4pack" and group_size not in INT4_KERNEL_GROUPS:
                 group_size = kernel_group(group_size)  # a whole row: repeat its scale
@@ -200,12 +200,12 @@ class IntLinear(nn.Module):
         qweight, scales = getattr(self, f"qweight{i}"), getattr(self, f"scales{i}")
         if block.kind == "int4pack":
             return _int4pack_weight(qweight, scales, block.group_size, self.in_features).to(dtype)
-        if block.kind == "groupamx":  # exactly the weight the kernel widens each block to
+        if block.kind == "groupamx":  # 8-bit: exactly the weight each block widens to
             codes = int_amx.unpack(qweight, block.rows, self.in_features, block.bits)
             zeros = getattr(self, f"zeros{i}", None)
             return dequantize_groups(
-                codes, int_amx.unpair_groups(scales, block.rows),
-                None if zeros is None else int_amx.unpair_groups(zeros, block.rows),
+                codes, int_amx.ungroup_values(scales, block.rows, block.bits),
+                None if zeros is None else int_amx.ungroup_values(zeros, block.rows, block.bits),
                 block.group_size).to(dtype)
         if block.kind == "int8amx":  # codes back in rows; scales as kept, in the model dtype
             qweight = int_amx.unpack(qweight, block.rows, self.in_features)
