@@ -148,9 +148,18 @@ def floor_section(rows: dict, bandwidth_gb_s: float, weights: int) -> str:
              "`torch.sum` and `torch.mv` over 512 MiB of float32, same threads), so one "
              "stream's TPOT is at least " + ", ".join(f"{ms:.1f} ms with {name} weights"
                                                       for name, ms in floors.items()) + "."]
-    ours = [r["tpot_ms"] for m, r in rows.items() if not m.startswith("transformers")]
-    lines.append(f"MoLink's best TPOT, {min(ours):.1f} ms, is {min(ours) / floors['16-bit']:.2f}x "
-                 "the 16-bit floor.")
+    ours = [r["tpot_ms"] for m, r in rows.items()
+            if not m.startswith("transformers") and m not in QUANTIZED_MODES]
+    lines.append(f"MoLink's best TPOT in a 16- or 32-bit dtype, {min(ours):.1f} ms, is "
+                 f"{min(ours) / floors['16-bit']:.2f}x the 16-bit floor.")
+    quantized = {m: r["tpot_ms"] for m, r in rows.items() if m in QUANTIZED_MODES}
+    for bits in (8, 4):
+        best = min((ms for m, ms in quantized.items() if m.startswith(f"int{bits}")),
+                   default=None)
+        if best is not None:  # the same weights at `bits` bits, scales aside
+            floor = floors["16-bit"] * bits / 16
+            lines.append(f"With {bits}-bit weights the floor is {floor:.1f} ms; the best "
+                         f"int{bits} TPOT, {best:.1f} ms, is {best / floor:.2f}x it.")
     theirs = [r["tpot_ms"] for m, r in rows.items() if m.startswith("transformers")]
     if theirs:
         target = min(theirs) / 2

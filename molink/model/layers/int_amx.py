@@ -3,11 +3,12 @@
 PyTorch's CPU int8 and int4 weight-only kernels (``aten._weight_int8pack_mm``,
 ``_weight_int4pack_mm_for_cpu``) compute one activation row at a time, so the rows of a
 decode batch or a prefill each cost a pass over the weight: on a Xeon with AMX (2816 x 1024,
-one thread, weights out of cache) 16 rows take 1.83 ms (int8) and 1.20 ms (int4) against
-0.61 for bf16 weights, and a 256-row prefill 18 ms in int4 against 1.2. ``int_amx.c`` reads
-each 16 x 32 block of codes once per call, widens it to bf16 in registers and lets AMX
-multiply it with up to 64 rows: int8 1-23 rows in 0.33-0.36 ms, half the bf16 product's
-time, as it reads half the bytes.
+one thread, weights out of cache) 16 rows take 1.83 ms (int8) and 1.27 ms (int4) against
+0.61 for bf16 weights, and a 256-row prefill 18.7 ms in int4 against 1.4. ``int_amx.c``
+reads each 16 x 32 block of codes once per call, widens it to bf16 in registers and lets
+AMX multiply it with up to 64 rows: int8 1-23 rows in 0.33-0.36 ms, half the bf16 product's
+time, as it reads half the bytes; int4 16 rows 0.34 ms, 256 rows 2.5 ms, but one row 0.27
+ms against PyTorch's 0.23 (its one-row kernel widens less per weight).
 
 Two formats (``IntLinear`` kinds):
 
@@ -18,7 +19,8 @@ Two formats (``IntLinear`` kinds):
   rounded to bf16, exactly the weight ``int_linear`` dequantizes to, then multiplied. 4-bit:
   the codes themselves (looked up as bf16, exact) multiplied, each group's float32 sums
   times its scale plus the row's sum over the group times its zero: the exact weight's
-  product, and a third of the widening work (one row: 0.24 ms against 0.31).
+  product, and less widening work per weight (one row: 0.27 ms, widened like 8-bit
+  0.31).
 
 Only on CPUs with AMX-BF16 (``amx_bf16``, ``amx_tile``, ``avx512_bf16`` in the CPU's flags)
 and Linux's permission for AMX state; elsewhere, or where compiling, loading or the
