@@ -200,7 +200,8 @@ class IntLinear(nn.Module):
         qweight, scales = getattr(self, f"qweight{i}"), getattr(self, f"scales{i}")
         if block.kind == "int4pack":
             return _int4pack_weight(qweight, scales, block.group_size, self.in_features).to(dtype)
-        if block.kind == "groupamx":  # 8-bit: exactly the weight each block widens to
+        if block.kind == "groupamx":  # 8-bit: the weight each block widens to; 4-bit: the
+            # kernel multiplies this weight before its rounding to ``dtype``
             codes = int_amx.unpack(qweight, block.rows, self.in_features, block.bits)
             zeros = getattr(self, f"zeros{i}", None)
             return dequantize_groups(
