@@ -9,9 +9,9 @@
  *
  * Layout (int_amx.pack): codes [n16 / 16][k32 / 32][16][32 * bits / 8], one AMX B tile per
  * block in its pair-interleaved form: row p of a block holds, for each of its 16 outputs n,
- * the codes of inputs 2p and 2p + 1 at positions 2n and 2n + 1 (4-bit: byte j holds
- * position j + 8 in its low nibble, position j + 16 plus 8 in its high one). x: bf16
- * [rows][k32], rows <= 64; y: bf16 [rows][n16].
+ * the codes of inputs 2p and 2p + 1 at positions 2n and 2n + 1 (4-bit: byte j holds the
+ * code at position j plus 8 in its low nibble, the one at position j + 16 plus 8 in its
+ * high nibble). x: bf16 [rows][k32], rows <= 64; y: bf16 [rows][n16].
  *
  * Scales (weight_format): int8 with one scale per output widens codes exactly and scales
  * the float32 sums (PyTorch's int8 kernel's arithmetic up to summation order); grouped

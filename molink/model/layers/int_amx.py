@@ -8,7 +8,7 @@ one thread, weights out of cache) 16 rows take 1.83 ms (int8) and 1.27 ms (int4)
 reads each 16 x 32 block of codes once per call, widens it to bf16 in registers and lets
 AMX multiply it with up to 64 rows: int8 1-23 rows in 0.33-0.36 ms, half the bf16 product's
 time, as it reads half the bytes; int4 16 rows 0.34 ms, 256 rows 2.5 ms, but one row 0.27
-ms against PyTorch's 0.23 (its one-row kernel widens less per weight).
+ms against PyTorch's 0.23.
 
 Two formats (``IntLinear`` kinds):
 
