@@ -188,6 +188,7 @@ def kernels() -> AmxKernel | None:
         logger.info("4- and 8-bit weights multiply through PyTorch's kernels (no AMX kernel: "
                     "%s)", reason)
         return None
+    logger.info("4- and 8-bit weights in bf16 multiply with MoLink's AMX kernel (%s)", path)
     return kernel
 
 
