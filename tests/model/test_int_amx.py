@@ -173,6 +173,22 @@ def test_int_linear_takes_the_kernel_for_bf16_and_reads_its_weight_back(method):
     assert torch.equal(layer(x32), x32 @ layer.weight_as(torch.float32).T)
 
 
+@needs_kernel
+def test_a_layer_on_the_kernel_copies_and_pickles():
+    import copy
+    import io
+
+    layer = IntLinear(256, 96)
+    layer.set_weight([quantize_int4(torch.randn(96, 256) * 0.05, torch.bfloat16, 128)],
+                     torch.bfloat16, CPU)
+    x = torch.randn(2, 256).bfloat16()
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert other.amx is layer.amx and torch.equal(other(x), layer(x))
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_stays_on_pytorch_kernels_without_amx(monkeypatch, method):
     monkeypatch.setattr(int_amx, "kernels", lambda: None)

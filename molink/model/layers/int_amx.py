@@ -66,6 +66,12 @@ class AmxKernel:
         self._gemm = library.molink_gemm_amx
         self._gemm.argtypes, self._gemm.restype = _ARGTYPES, None
 
+    def __deepcopy__(self, memo) -> AmxKernel:
+        return self  # one loaded library per process: a copied layer shares it
+
+    def __reduce__(self):
+        return kernels, ()  # a pickled layer finds the kernel of the process that loads it
+
     def matmul(self, x: torch.Tensor, tiles: torch.Tensor, out_features: int,
                scales: torch.Tensor, bits: int = 8, group_size: int = 0,
                zeros: torch.Tensor | None = None) -> torch.Tensor:
