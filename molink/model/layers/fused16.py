@@ -47,6 +47,7 @@ OPENMP = "-fopenmp"
 COMPILE_TIMEOUT_S = 300
 MAX_ROWS = 32  # beyond this a float32 GEMM of the widened weight is as fast (compute-bound)
 TILE_ROWS, TILE_COLUMNS = 8, 16
+NO_COMPILER = "no C compiler (set CC, or install gcc or clang)"
 _ENTRY_POINTS = {torch.bfloat16: "molink_gemm_bf16", torch.float16: "molink_gemm_f16"}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
@@ -124,7 +125,7 @@ def unsupported_reason() -> str | None:
     if flags is not None and not {"avx2", "fma", "f16c"} <= flags:
         return "the CPU lacks one of AVX2, FMA, F16C"
     if compiler() is None:
-        return "no C compiler (set CC, or install gcc or clang)"
+        return NO_COMPILER
     return None
 
 
@@ -151,7 +152,7 @@ def compiled(source_path: Path) -> Path:
     ``int_amx.c``) for this source, flags and compiler, compiled if not yet."""
     cc = compiler()
     if cc is None:
-        raise RuntimeError("no C compiler (set CC, or install gcc or clang)")
+        raise RuntimeError(NO_COMPILER)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True,
                              timeout=30, check=False).stdout
     source = source_path.read_bytes()

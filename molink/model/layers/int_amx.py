@@ -171,7 +171,7 @@ def unsupported_reason() -> str | None:
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
     if fused16.compiler() is None:
-        return "no C compiler (set CC, or install gcc or clang)"
+        return fused16.NO_COMPILER
     return None
 
 
@@ -218,10 +218,11 @@ def _self_check(kernel: AmxKernel) -> str | None:
         else:
             weight = codes.float() * scales[0][:, None]
             args = (pad_scales(scales[0]), bits, 0, None)
+        tiles = pack(codes, bits)
         for rows in (1, 17, 64, 70):
             x = torch.randn(rows, 128, generator=generator).bfloat16()
             expected = x.float() @ weight.T
-            got = kernel.matmul(x, pack(codes, bits), 37, *args).float()
+            got = kernel.matmul(x, tiles, 37, *args).float()
             if not torch.allclose(got, expected, rtol=2 ** -7, atol=1e-2):
                 return f"the self-check failed for {bits}-bit codes, {rows} rows"
     return None
