@@ -30,7 +30,8 @@ from molink.model.cpu_features import cpu_flags, has_native_bf16
 from molink.model.gguf import GGUFCheckpoint, gguf_files
 from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
-from molink.model.layers.attention import attend_in_float32
+from molink.model.layers import fused16
+from molink.model.layers.attention import attend_in_float32, use_decode_kernel
 from molink.model.layers.cpu_linear import HALF_DTYPES, use_cpu_linears
 from molink.model.layers.packed_linear import pack_linears
 from molink.model.registry import (
@@ -234,7 +235,9 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
         if torch_dtype in HALF_DTYPES:
             attend_in_float32(model)
     elif device.type == "cpu" and torch_dtype == torch.bfloat16:
-        pack_linears(model)  # native bf16: oneDNN's products, the weights packed once
+        pack_linears(model)  # native bf16: AMX or oneDNN products, the weights packed once
+    if device.type == "cpu" and torch_dtype in HALF_DTYPES and fused16.kernels() is not None:
+        use_decode_kernel(model, fused16.kernels())  # decode attention over the cache in place
     held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",

@@ -1,4 +1,4 @@
-"""The AMX kernel for 4- and 8-bit weights (``int_amx``): its block layout, its products
+"""The AMX kernel for 4-, 8- and 16-bit weights (``int_amx``): its block layout, its products
 against float64, where ``IntLinear`` uses it, and that it stays out of the way where it
 cannot run."""
 
@@ -198,3 +198,58 @@ def test_stays_on_pytorch_kernels_without_amx(monkeypatch, method):
     layer = IntLinear(256, 96)
     layer.set_weight([part], torch.bfloat16, CPU)
     assert [block.kind for block in layer.blocks] == [f"{method}pack"]
+
+
+@pytest.mark.parametrize("out_features,in_features", [(32, 32), (37, 70), (130, 1000)])
+def test_bf16_weights_pack_into_the_same_tiles_padded_to_pairs_of_blocks(out_features,
+                                                                         in_features):
+    weight = torch.randn(out_features, in_features).bfloat16()
+    tiles = int_amx.pack16(weight)
+    assert tiles.dtype == torch.bfloat16
+    assert tiles.shape == (-(-out_features // 32) * 2, -(-in_features // 32), 16, 32)
+    # block (b, c), row p, position 2n + parity: output 16b + n, input 32c + 2p + parity
+    b, c, p, n, parity = 1, tiles.shape[1] - 1, 5, 3, 0
+    row, column = 16 * b + n, 32 * c + 2 * p + parity
+    expected = weight[row, column] if row < out_features and column < in_features else 0
+    assert tiles[b, c, p, 2 * n + parity] == expected
+    assert torch.equal(int_amx.unpack16(tiles, out_features, in_features), weight)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [0, 1, 5, 16, 17, 31, 32, 33, 48, 64, 65, 130])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_weights_multiply_within_the_bound_for_any_rows(rows, bias):
+    """Rows in slices of 32 (two A tiles), the last slice of any size; outputs in pairs of
+    blocks, padded. Without a bias: within ``_within_bound``; with one: the float32 sums
+    plus the bias, rounded once (bf16's roundoff of the result plus the summation bound)."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(75, 300, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(rows, 300, generator=gen).bfloat16()
+    shift = torch.randn(75, generator=gen).bfloat16() if bias else None
+    padded = None if shift is None else int_amx.pad_scales(shift, int_amx.BLOCK_PAIR)
+    got = int_amx.kernels().matmul16(x, int_amx.pack16(weight), 75, padded)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, 75)
+    if shift is None:
+        assert _within_bound(got, x, weight)
+        return
+    reference = x.double() @ weight.double().T + shift.double()
+    magnitude = x.double().abs() @ weight.double().abs().T + shift.double().abs()
+    bound = reference.abs() * 2.0 ** -8 + magnitude * (x.shape[1] + 1) * 2.0 ** -23
+    assert ((got.double() - reference).abs() <= bound).all()
+
+
+@needs_kernel
+def test_bf16_threads_split_the_pairs_of_blocks_not_the_sums():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(200, 256, generator=gen).bfloat16()
+    tiles = int_amx.pack16(weight)
+    x = torch.randn(40, 256, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(int_amx.kernels().matmul16(x, tiles, 200))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(results[0], other) for other in results[1:])

@@ -174,7 +174,7 @@ def test_16_bit_models_on_a_cpu_without_bf16_use_the_fused_kernels_and_float32_a
     from molink.model.layers import fused16, packed_linear
     from molink.model.layers.attention import PagedAttention
     from molink.model.layers.cpu_linear import TiledCpuLinear
-    from molink.model.layers.packed_linear import PackedLinear
+    from molink.model.layers.packed_linear import AmxLinear, PackedLinear
 
     if fused16.kernels() is None:
         pytest.skip(f"no fused kernels here: {fused16.unsupported_reason()}")
@@ -185,8 +185,11 @@ def test_16_bit_models_on_a_cpu_without_bf16_use_the_fused_kernels_and_float32_a
     attentions = [m for m in model.modules() if isinstance(m, PagedAttention)]
     assert linears and attentions
     assert all(isinstance(m, TiledCpuLinear) != native_bf16 for m in linears)
-    # native bf16: weights packed for oneDNN where this PyTorch and CPU can
-    packs = native_bf16 and packed_linear.unsupported_reason() is None
+    # native bf16: weights in AMX tiles where MoLink's AMX kernel runs, else packed for
+    # oneDNN where this PyTorch and CPU can
+    amx = native_bf16 and packed_linear.amx_kernel() is not None
+    packs = native_bf16 and not amx and packed_linear.unsupported_reason() is None
+    assert all(isinstance(m, AmxLinear) == amx for m in linears)
     assert all(isinstance(m, PackedLinear) == packs for m in linears)
     assert {m.compute_dtype for m in attentions} == ({None} if native_bf16 else {torch.float32})
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # weights stay 16-bit
@@ -194,7 +197,8 @@ def test_16_bit_models_on_a_cpu_without_bf16_use_the_fused_kernels_and_float32_a
     monkeypatch.setattr(fused16, "kernels", lambda: None)
     monkeypatch.setenv("MOLINK_CPU_KERNELS", "0")
     plain = loader.load_model(path, 0, 4, "bfloat16", CPU)[0]
-    assert not any(isinstance(m, (PackedLinear, TiledCpuLinear)) for m in plain.modules())
+    assert not any(isinstance(m, (AmxLinear, PackedLinear, TiledCpuLinear))
+                   for m in plain.modules())
     packed, plain = model.state_dict(), plain.state_dict()
     assert set(packed) == set(plain)
     assert all(torch.equal(packed[name], plain[name]) for name in plain)

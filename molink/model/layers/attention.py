@@ -24,6 +24,8 @@ from torch import nn
 
 from molink.model.layers.state import StateMetadata
 
+DECODE_KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # the caches use_decode_kernel reads
+
 
 @dataclass
 class AttentionGroup:
@@ -36,12 +38,26 @@ class AttentionGroup:
     num_keys: int  # max_blocks * block_size
     # window (None: full causal) -> [B, 1, max_q, num_keys] bool, True = may attend
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _decode: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     def mask(self, window: int | None) -> torch.Tensor:
         cached = self.masks.get(window)
         if cached is None:
             cached = self.masks[window] = _build_mask(self, window)
         return cached
+
+    @property
+    def is_decode(self) -> bool:
+        """One query per request (every row valid): what the decode kernel takes."""
+        return self.token_index.shape[1] == 1
+
+    def decode_rows(self) -> tuple[torch.Tensor, ...]:
+        """(query rows [B], positions [B], block tables [B, max_blocks]) as the decode
+        kernel reads them: int64, contiguous; built once per step."""
+        if self._decode is None:
+            self._decode = tuple(t.to(torch.int64).contiguous() for t in (
+                self.token_index[:, 0], self.query_positions[:, 0], self.block_tables))
+        return self._decode
 
 
 @dataclass
@@ -87,6 +103,8 @@ class PagedAttention(nn.Module):
         # the dtype scores and weighted sums are computed in (None: the activations'); float32
         # for 16-bit models on a CPU without 16-bit arithmetic (attend_in_float32)
         self.compute_dtype: torch.dtype | None = None
+        # fused16's kernels where decode steps attend through them (use_decode_kernel)
+        self.decode_kernel = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,7 +121,13 @@ class PagedAttention(nn.Module):
         flat_k.index_copy_(0, meta.slot_mapping, k.to(flat_k.dtype))
         flat_v.index_copy_(0, meta.slot_mapping, v.to(flat_v.dtype))
         out = q.new_empty(q.shape[0] + 1, self.num_heads, self.head_dim)  # last row: padding sink
+        kernel = self.decode_kernel if (sinks is None and q.dtype == k_cache.dtype
+                                        and q.dtype in DECODE_KERNEL_DTYPES) else None
         for group in meta.groups:
+            if kernel is not None and group.is_decode:
+                kernel.decode_attention(q.contiguous(), k_cache, v_cache, *group.decode_rows(),
+                                        self.scale, self.window, out)
+                continue
             # [B, Q, H, D]
             rows = self._attend_group(q, k_cache, v_cache, group, block_size, sinks)
             out[group.token_index.flatten()] = rows.flatten(0, 1)
@@ -180,6 +204,21 @@ def _sink_attention(q, k, v, mask, scale: float, sinks: torch.Tensor) -> torch.T
     logits = torch.cat([scores, sink], dim=-1).float()  # [B, H, Q, K + 1]
     probs = torch.softmax(logits, dim=-1)[..., :-1].to(q.dtype)
     return torch.matmul(probs, v)
+
+
+def use_decode_kernel(model: nn.Module, kernel) -> int:
+    """Let every ``PagedAttention`` of ``model`` that the kernel covers (no soft-capping, no
+    ALiBi; head size a multiple of 8; a 16-bit KV cache, checked per call) attend its decode
+    steps through ``kernel.decode_attention`` (``fused16``): scores, softmax and weighted
+    sums in float32 over the cache in place, where PyTorch gathers each request's blocks and
+    calls SDPA with a mask. How many."""
+    count = 0
+    for module in model.modules():
+        if (isinstance(module, PagedAttention) and module.softcap is None
+                and module.alibi_slopes is None and module.head_dim % 8 == 0):
+            module.decode_kernel = kernel
+            count += 1
+    return count
 
 
 def attend_in_float32(model: nn.Module) -> int:

@@ -51,6 +51,12 @@ NO_COMPILER = "no C compiler (set CC, or install gcc or clang)"
 _ENTRY_POINTS = {torch.bfloat16: "molink_gemm_bf16", torch.float16: "molink_gemm_f16"}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_ATTENTION_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int]
+ATTENTION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class Fused16:
@@ -64,6 +70,27 @@ class Fused16:
             function = getattr(library, name)
             function.argtypes, function.restype = _ARGTYPES, None
             self._functions[dtype] = function
+        self._attend = library.molink_decode_attention
+        self._attend.argtypes, self._attend.restype = _ATTENTION_ARGTYPES, ctypes.c_int
+
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         q_rows: torch.Tensor, positions: torch.Tensor,
+                         block_tables: torch.Tensor, scale: float, window: int | None,
+                         out: torch.Tensor) -> None:
+        """One query per sequence against its paged keys (``gemm16.c``): for sequence ``b``,
+        ``q[q_rows[b]]`` ([heads, D]) attends to keys 0..``positions[b]`` (the last
+        ``window`` of them with a window) through ``block_tables[b]``; the result goes to
+        ``out[q_rows[b]]``. q, caches ([blocks, block_size, kv_heads, D]) and out: one 16-bit
+        dtype, contiguous; the index tensors int64, contiguous."""
+        heads, head_dim = q.shape[1], q.shape[2]
+        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+        status = self._attend(
+            q.data_ptr(), q_rows.data_ptr(), positions.data_ptr(), block_tables.data_ptr(),
+            block_tables.shape[1], q_rows.shape[0], k_cache.data_ptr(), v_cache.data_ptr(),
+            block_size, heads, kv_heads, head_dim, scale, window or 0,
+            int(q.dtype == torch.float16), out.data_ptr(), torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError("decode attention could not allocate its buffers")
 
     def matmul(self, x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x`` float32 [rows, in], ``tiles`` from ``pack``: float32 [rows, out_features]."""

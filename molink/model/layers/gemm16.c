@@ -13,9 +13,15 @@
  * so x is split into even and odd halves per block of 16 (once per call, into xs).
  * float16: each half of the block converts with one vcvtph2ps; x is read in order.
  *
- * Results equal float32 products of the widened weights up to summation order. */
+ * Results equal float32 products of the widened weights up to summation order.
+ *
+ * The same file holds decode attention over the paged KV cache (molink_decode_attention,
+ * below): one query per sequence, 16-bit cache, float32 arithmetic. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define PREFETCH_AHEAD 512 /* weights (1 KB): measured best of 0/512/1024/2048 */
 
@@ -111,4 +117,249 @@ void molink_gemm_bf16(const float* x, int64_t rows, const uint16_t* tiles, int64
 void molink_gemm_f16(const float* x, int64_t rows, const uint16_t* tiles, int64_t in16,
                      int64_t out8, float* y, float* xs, int threads) {
     gemm16(x, rows, tiles, in16, out8, y, xs, threads, 1);
+}
+
+/* ---- Decode attention over the paged KV cache: one query per sequence ----
+ * For sequence b and KV head h, the G = heads / kv_heads query heads of h (Hugging Face's
+ * repeat_kv order) attend to the keys first..positions[b] (causal; with a sliding window
+ * first = positions[b] - window + 1), read in place from the cache blocks of its block table
+ * (no gathered copy). Scores scale * q.k, softmax and the weighted sum of values all in
+ * float32 (16-bit values widen exactly), each output rounded once (to nearest even) to the
+ * cache's dtype. q: [rows][heads][D] (row q_rows[b] for sequence b), out: the same rows;
+ * cache: [blocks][block_size][kv_heads][D]; D a multiple of 8. */
+static inline __m256 load8(const uint16_t* p, const int f16) {
+    const __m128i v = _mm_loadu_si128((const __m128i*)p);
+    return f16 ? _mm256_cvtph_ps(v)
+               : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+static inline void store8(uint16_t* p, __m256 v, const int f16) {
+    if (f16) {
+        _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        return;
+    }
+    __m256i bits = _mm256_castps_si256(v); /* round to nearest even, then the high halves */
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    bits = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)),
+                                              odd), 16);
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(bits),
+                                                   _mm256_extracti128_si256(bits, 1)));
+}
+
+/* e^x for x <= 0: 0 below -87 (and for -inf); else 2^n e^r, |r| <= ln 2 / 2, the series to
+ * r^7 (relative error ~1e-7, float32's own) */
+static inline __m256 exp8(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    static const float series[] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
+                                   1.0f / 6, 0.5f, 1.0f, 1.0f};
+    __m256 p = _mm256_set1_ps(series[0]);
+    for (int i = 1; i < 8; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(series[i]));
+    const __m256i scale = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+#define KEY_CHUNK 64 /* keys widened to float32 at a time (D <= 512: 128 KB at most) */
+
+typedef struct {
+    const uint16_t *k_cache, *v_cache;
+    int64_t block_size, kv_heads, head_dim, group;
+    float scale;
+} paged_cache;
+
+/* the eight sums of a0..a7, in order */
+static inline __m256 sums8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5,
+                           __m256 a6, __m256 a7) {
+    const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                         _mm256_permute2f128_ps(low, high, 0x31));
+}
+
+/* scores[g][start + i] = q_g . key i, for keys widened into kf ([round8(n)][D]) */
+static void score_chunk(const float* qf, const float* kf, int64_t n, int64_t D, int64_t G,
+                        float* scores, int64_t padded, int64_t start) {
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < n; i += 8) {
+            const float* k = kf + i * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0,
+                   a6 = a0, a7 = a0;
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 q = _mm256_loadu_ps(qf + g * D + d);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(k + d), q, a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(k + D + d), q, a1);
+                a2 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 2 * D + d), q, a2);
+                a3 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 3 * D + d), q, a3);
+                a4 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 4 * D + d), q, a4);
+                a5 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 5 * D + d), q, a5);
+                a6 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 6 * D + d), q, a6);
+                a7 = _mm256_fmadd_ps(_mm256_loadu_ps(k + 7 * D + d), q, a7);
+            }
+            _mm256_storeu_ps(scores + g * padded + start + i,
+                             sums8(a0, a1, a2, a3, a4, a5, a6, a7));
+        }
+}
+
+/* scores row -> probabilities: e^(s - max) / sum over the first count (the rest 0) */
+static void softmax(float* s, int64_t count, int64_t padded) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < count; ++j) top = s[j] > top ? s[j] : top;
+    for (int64_t j = count; j < padded; ++j) s[j] = -INFINITY;
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t j = 0; j < padded; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(s + j, e);
+        total = _mm256_add_ps(total, e);
+    }
+    const __m256 inverse = _mm256_set1_ps(1.0f / hsum8(total));
+    for (int64_t j = 0; j < padded; j += 8)
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inverse));
+}
+
+#define INLINE static inline __attribute__((always_inline))
+#define PREFETCH_KEYS 8 /* rows ahead */
+
+INLINE void prefetch_row(const uint16_t* row, int64_t D) {
+    for (int64_t byte = 0; byte < D * 2; byte += 64)
+        _mm_prefetch((const char*)row + byte, _MM_HINT_T0);
+}
+
+/* out[h][d .. d + width] = sum_j p[h][j] v_j[d ..] for the `heads` (<= 4) rows of p; width
+ * 8 or 16 (two independent FMA chains per head: one chain is bound by FMA latency) */
+INLINE void weigh_values(const uint16_t* values, const int64_t* offsets, int64_t count,
+                         const float* p, int64_t padded, int64_t d, const int width,
+                         uint16_t* out, int64_t D, int64_t heads, const int f16) {
+    const float *p0 = p, *p1 = p0 + padded, *p2 = p1 + padded, *p3 = p2 + padded;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0,
+           b3 = a0;
+    for (int64_t j = 0; j < count; ++j) {
+        const uint16_t* v = values + offsets[j] + d;
+        if (d == 0 && j + PREFETCH_KEYS < count)
+            prefetch_row(values + offsets[j + PREFETCH_KEYS], D);
+        const __m256 low = load8(v, f16);
+        const __m256 w0 = _mm256_broadcast_ss(p0 + j), w1 = _mm256_broadcast_ss(p1 + j);
+        const __m256 w2 = _mm256_broadcast_ss(p2 + j), w3 = _mm256_broadcast_ss(p3 + j);
+        a0 = _mm256_fmadd_ps(w0, low, a0);
+        a1 = _mm256_fmadd_ps(w1, low, a1);
+        a2 = _mm256_fmadd_ps(w2, low, a2);
+        a3 = _mm256_fmadd_ps(w3, low, a3);
+        if (width == 16) {
+            const __m256 high = load8(v + 8, f16);
+            b0 = _mm256_fmadd_ps(w0, high, b0);
+            b1 = _mm256_fmadd_ps(w1, high, b1);
+            b2 = _mm256_fmadd_ps(w2, high, b2);
+            b3 = _mm256_fmadd_ps(w3, high, b3);
+        }
+    }
+    const __m256 low[4] = {a0, a1, a2, a3}, high[4] = {b0, b1, b2, b3};
+    for (int64_t h = 0; h < heads; ++h) {
+        store8(out + h * D + d, low[h], f16);
+        if (width == 16) store8(out + h * D + d + 8, high[h], f16);
+    }
+}
+
+/* one sequence, one KV head: q and out point at its first query head; keys first..last.
+ * buffer: qf [G][D], kf [KEY_CHUNK][D], offsets [count], scores [round4(G)][round8(count)] */
+INLINE void attend(const paged_cache* c, const uint16_t* q, const int64_t* table,
+                   int64_t first, int64_t last, int64_t kv_head, uint16_t* out, float* buffer,
+                   const int f16) {
+    const int64_t D = c->head_dim, G = c->group, count = last - first + 1;
+    const int64_t padded = (count + 7) / 8 * 8, rows = (G + 3) / 4 * 4;
+    float* qf = buffer;
+    float* kf = qf + G * D;
+    int64_t* offsets = (int64_t*)(kf + KEY_CHUNK * D);
+    float* scores = (float*)(offsets + padded);
+    const __m256 scale = _mm256_set1_ps(c->scale);
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t d = 0; d < D; d += 8)
+            _mm256_storeu_ps(qf + g * D + d, _mm256_mul_ps(load8(q + g * D + d, f16), scale));
+    int64_t block = first / c->block_size, within = first % c->block_size;
+    for (int64_t j = 0; j < count; ++j) { /* no division per key (tens of cycles each) */
+        offsets[j] = ((table[block] * c->block_size + within) * c->kv_heads + kv_head) * D;
+        if (++within == c->block_size) within = 0, ++block;
+    }
+    for (int64_t start = 0; start < count; start += KEY_CHUNK) {
+        const int64_t n = count - start < KEY_CHUNK ? count - start : KEY_CHUNK;
+        for (int64_t i = 0; i < n; ++i) {
+            const uint16_t* k = c->k_cache + offsets[start + i];
+            if (start + i + PREFETCH_KEYS < count) /* rows are scattered: no prefetcher */
+                prefetch_row(c->k_cache + offsets[start + i + PREFETCH_KEYS], D);
+            for (int64_t d = 0; d < D; d += 8)
+                _mm256_storeu_ps(kf + i * D + d, load8(k + d, f16));
+        }
+        memset(kf + n * D, 0, (size_t)((n + 7) / 8 * 8 - n) * D * sizeof(float));
+        score_chunk(qf, kf, n, D, G, scores, padded, start);
+    }
+    for (int64_t g = 0; g < rows; ++g) {
+        if (g < G) softmax(scores + g * padded, count, padded);
+        else memset(scores + g * padded, 0, (size_t)padded * sizeof(float));
+    }
+    for (int64_t g = 0; g < rows; g += 4) { /* four heads' sums in registers */
+        const int64_t heads = G - g < 4 ? G - g : 4;
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16)
+            weigh_values(c->v_cache, offsets, count, scores + g * padded, padded, d, 16,
+                         out + g * D, D, heads, f16);
+        if (d < D)
+            weigh_values(c->v_cache, offsets, count, scores + g * padded, padded, d, 8,
+                         out + g * D, D, heads, f16);
+    }
+}
+
+static void attend_bf16(const paged_cache* c, const uint16_t* q, const int64_t* table,
+                        int64_t first, int64_t last, int64_t kv_head, uint16_t* out,
+                        float* buffer) {
+    attend(c, q, table, first, last, kv_head, out, buffer, 0);
+}
+
+static void attend_f16(const paged_cache* c, const uint16_t* q, const int64_t* table,
+                       int64_t first, int64_t last, int64_t kv_head, uint16_t* out,
+                       float* buffer) {
+    attend(c, q, table, first, last, kv_head, out, buffer, 1);
+}
+
+/* Returns 0, or -1 when a buffer could not be allocated (nothing trustworthy written). */
+int molink_decode_attention(const uint16_t* q, const int64_t* q_rows, const int64_t* positions,
+                            const int64_t* tables, int64_t max_blocks, int64_t seqs,
+                            const uint16_t* k_cache, const uint16_t* v_cache,
+                            int64_t block_size, int64_t heads, int64_t kv_heads,
+                            int64_t head_dim, float scale, int64_t window, int f16,
+                            uint16_t* out, int threads) {
+    if (head_dim % 8 || kv_heads < 1 || heads % kv_heads) return -1;
+    const paged_cache cache = {k_cache, v_cache, block_size, kv_heads, head_dim,
+                               heads / kv_heads, scale};
+    int64_t longest = 1;
+    for (int64_t b = 0; b < seqs; ++b)
+        longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
+    const int64_t G = cache.group, tasks = seqs * kv_heads;
+    const int64_t padded = (longest + 7) / 8 * 8;
+    const size_t floats = (size_t)(G * head_dim + KEY_CHUNK * head_dim + 2 * padded
+                                   + (G + 3) / 4 * 4 * padded);
+    int failed = 0;
+#ifdef _OPENMP
+    #pragma omp parallel num_threads(threads) reduction(|: failed)
+#endif
+    {
+        float* buffer = malloc(floats * sizeof(float));
+        if (!buffer) failed = 1;
+#ifdef _OPENMP
+        #pragma omp for schedule(dynamic, 1)
+#endif
+        for (int64_t task = 0; task < tasks; ++task) {
+            if (!buffer) continue;
+            const int64_t b = task / kv_heads, h = task % kv_heads, last = positions[b];
+            const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+            const int64_t offset = (q_rows[b] * heads + h * G) * head_dim;
+            (f16 ? attend_f16 : attend_bf16)(&cache, q + offset, tables + b * max_blocks, first,
+                                             last, h, out + offset, buffer);
+        }
+        free(buffer);
+    }
+    (void)threads;
+    return failed ? -1 : 0;
 }

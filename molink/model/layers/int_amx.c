@@ -1,4 +1,4 @@
-/* y = x @ W.T for 4- and 8-bit weights and bf16 activations, on x86 CPUs with AMX-BF16
+/* y = x @ W.T for bf16 activations and 4-, 8- or 16-bit weights, on x86 CPUs with AMX-BF16
  * (Sapphire Rapids and later); compiled on first use by molink/model/layers/int_amx.py.
  *
  * PyTorch's int8 and int4 weight-only kernels compute one activation row at a time: at 16
@@ -17,7 +17,12 @@
  * the float32 sums (PyTorch's int8 kernel's arithmetic up to summation order); grouped
  * codes widen to code * scale + zero in float32 (exact products for scales in bf16, one
  * rounding) and then bf16: the weight int_linear dequantizes to. Products of bf16 values
- * are exact in AMX, sums float32, one rounding of y to bf16. */
+ * are exact in AMX, sums float32, one rounding of y to bf16.
+ *
+ * bf16 weights (molink_gemm_amx16) are stored in the same tile layout and loaded straight
+ * into B tiles, two 16-output blocks at a time against 32 rows of x (all 8 tiles), for any
+ * number of rows: the weights of a pair of blocks stream from memory for the first 32 rows
+ * and stay in L2 for the rest. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,6 +32,7 @@
 #define AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
 #define MAX_ROWS 64      /* four C tiles of 16 rows */
 #define PREFETCH_AHEAD 2048 /* bytes of codes: measured best of 512/1024/2048/4096 */
+#define PREFETCH_AHEAD_16 1024 /* bytes of bf16 weights: best of 1024/2048/4096 */
 
 /* tile registers (literals: the intrinsics paste them into instructions) */
 #define TILE_A_FULL 4
@@ -253,5 +259,111 @@ void molink_gemm_amx(const uint16_t* x, int64_t rows, const int8_t* codes, int64
 #else
     (void)threads;
     gemm(x, rows, codes, k32, n16, &format, y, 0, 1);
+#endif
+}
+
+/* ---- bf16 weights: C tiles 0 (rows 0-15, block 0), 1 (rows 0-15, block 1), 2 and 3 (rows
+ * 16-31); A tiles 4 (rows 0-15) and 5 (rows 16-31); B tiles 6 (block 0) and 7 (block 1) */
+
+AMX static void configure_pairs(int first_rows, int second_rows) {
+    tile_config config;
+    memset(&config, 0, sizeof config);
+    config.palette_id = 1;
+    for (int t = 0; t < 8; ++t) config.colsb[t] = 64;
+    config.rows[0] = config.rows[1] = config.rows[4] = (uint8_t)first_rows;
+    config.rows[2] = config.rows[3] = config.rows[5] = (uint8_t)second_rows;
+    config.rows[6] = config.rows[7] = 16;
+    _tile_loadconfig(&config);
+}
+
+/* C tile t's first `count` rows plus the bias (NULL: none) -> y rows first.., block n */
+AMX static void store_rows(int t, int64_t count, int64_t first, const float* bias, int64_t n,
+                           uint16_t* y, int64_t n32) {
+    float sums[16 * 16];
+    store_tile(t, sums);
+    const __m512 add = bias ? _mm512_loadu_ps(bias + n * 16) : _mm512_setzero_ps();
+    for (int64_t r = 0; r < count; ++r)
+        _mm256_storeu_si256((__m256i*)(y + (first + r) * n32 + n * 16),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(
+                                _mm512_loadu_ps(sums + r * 16), add)));
+}
+
+/* rows first .. first + count (count <= 32) of y for the blocks 2p and 2p + 1 */
+AMX static void block_pair(const uint16_t* x, int64_t first, int64_t count, const uint16_t* w,
+                           int64_t k32, int64_t n32, int64_t p, const float* bias, uint16_t* y,
+                           int prefetch) {
+    const int64_t kb = k32 / 32, stride = k32 * 2;
+    const uint16_t* w0 = w + 2 * p * kb * 512;
+    const uint16_t* w1 = w0 + kb * 512;
+    const uint16_t* a = x + first * k32;
+    const int two = count > 16;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) { _tile_zero(2); _tile_zero(3); }
+    for (int64_t k = 0; k < kb; ++k) {
+        if (prefetch) { /* the first rows of a pair read its weights from memory */
+            const char* next0 = (const char*)(w0 + k * 512) + PREFETCH_AHEAD_16;
+            const char* next1 = (const char*)(w1 + k * 512) + PREFETCH_AHEAD_16;
+            for (int line = 0; line < 1024; line += 64) {
+                _mm_prefetch(next0 + line, _MM_HINT_T0);
+                _mm_prefetch(next1 + line, _MM_HINT_T0);
+            }
+        }
+        _tile_loadd(4, a + k * 32, stride);
+        _tile_loadd(6, w0 + k * 512, 64);
+        _tile_loadd(7, w1 + k * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (two) {
+            _tile_loadd(5, a + 16 * k32 + k * 32, stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    const int64_t upper = count < 16 ? count : 16;
+    store_rows(0, upper, first, bias, 2 * p, y, n32);
+    store_rows(1, upper, first, bias, 2 * p + 1, y, n32);
+    if (two) {
+        store_rows(2, count - 16, first + 16, bias, 2 * p, y, n32);
+        store_rows(3, count - 16, first + 16, bias, 2 * p + 1, y, n32);
+    }
+}
+
+AMX static void gemm16(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t k32,
+                       int64_t n32, const float* bias, uint16_t* y, int thread, int threads) {
+    const int64_t pairs = n32 / 32, per = (pairs + threads - 1) / threads;
+    const int64_t first = thread * per, last = first + per < pairs ? first + per : pairs;
+    const int64_t full = rows / 32 * 32, tail = rows - full;
+    const int tail_first = tail < 16 ? (int)tail : 16, tail_second = tail > 16 ? (int)tail - 16 : 1;
+    if (!full) configure_pairs(tail_first, tail_second);
+    for (int64_t p = first; p < last; ++p) { /* the tail right after its pair's full rows,
+                                                 while the pair's weights are in L2 */
+        if (full) {
+            configure_pairs(16, 16);
+            for (int64_t r = 0; r < full; r += 32)
+                block_pair(x, r, 32, w, k32, n32, p, bias, y, r == 0);
+            if (tail) configure_pairs(tail_first, tail_second);
+        }
+        if (tail) block_pair(x, full, tail, w, k32, n32, p, bias, y, !full);
+    }
+    _tile_release();
+}
+
+/* y[rows, n32] = x[rows, k32] @ W.T (+ bias, float32 [n32] or NULL) for bf16 W packed by
+ * int_amx.pack16 (outputs padded to whole pairs of blocks); any rows >= 1. */
+void molink_gemm_amx16(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t k32,
+                       int64_t n32, const float* bias, uint16_t* y, int threads) {
+    if (rows < 1 || n32 % 32 || k32 % 32)
+        return;
+#ifdef _OPENMP
+    #pragma omp parallel num_threads(threads)
+    {
+        extern int omp_get_thread_num(void);
+        extern int omp_get_num_threads(void);
+        gemm16(x, rows, w, k32, n32, bias, y, omp_get_thread_num(), omp_get_num_threads());
+    }
+#else
+    (void)threads;
+    gemm16(x, rows, w, k32, n32, bias, y, 0, 1);
 #endif
 }

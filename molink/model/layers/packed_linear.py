@@ -1,4 +1,5 @@
-"""PackedLinear: bf16 linears on a CPU with native bf16, the weight packed once for oneDNN.
+"""bf16 linears on a CPU with native bf16, the weight packed once at load: ``AmxLinear`` on
+CPUs with AMX (MoLink's kernel, ``int_amx.matmul16``), ``PackedLinear`` (oneDNN) elsewhere.
 
 On a CPU with native bf16 arithmetic (AVX512-BF16, AMX) PyTorch multiplies bf16 through
 oneDNN, but ``F.linear`` hands it the row-major weight on every call. Packed once, at load,
@@ -16,6 +17,13 @@ new one, ``state_dict`` holds the row-major weight. Tied weights (an embedding s
 the output layer) stay row-major and shared. Where the op is missing (a PyTorch built
 without oneDNN) or fails its self-check, linears stay plain and the reason is logged once;
 ``MOLINK_CPU_KERNELS=0`` turns packing off too.
+
+Where MoLink's AMX kernel runs (``int_amx.kernels()``: AMX-BF16, Linux, a C compiler) bf16
+weights go into its tile layout instead (``AmxLinear``): it reads a decode step's weights
+~1.3x faster than oneDNN's packed product (2 threads, a 151M Llama's 48 products: 1 row 10.1
+against 14.4 ms, 16 rows 11.4 against 15.0), and is within 0.92-0.99x of it from ~256 rows
+on (``int_amx``'s docstring). Same read-back, ``set_weight`` and ``state_dict`` as
+``PackedLinear``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from molink import envs
+from molink.model.layers import int_amx
 from molink.model.layers.cpu_linear import RowMajorStateDict, shared_storages
 
 logger = logging.getLogger(__name__)
@@ -65,6 +74,47 @@ class PackedLinear(RowMajorStateDict, nn.Linear):
         self.packed = nn.Parameter(pack(weight.to(self.packed.dtype)), requires_grad=False)
 
 
+class AmxLinear(RowMajorStateDict, nn.Linear):
+    """A bf16 ``nn.Linear`` whose weight is kept in AMX tiles for MoLink's kernel."""
+
+    tiles: nn.Parameter
+    amx: int_amx.AmxKernel
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return int_amx.unpack16(self.tiles, self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:  # a caller computing in another dtype: slow, exact
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        out = self.amx.matmul16(x.reshape(rows, x.shape[-1]), self.tiles, self.out_features,
+                                self._padded_bias())
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.tiles = nn.Parameter(int_amx.pack16(weight.to(torch.bfloat16)),
+                                  requires_grad=False)
+
+    def _padded_bias(self) -> torch.Tensor | None:
+        """The bias as the kernel adds it (float32, padded), rebuilt when it changes."""
+        if self.bias is None:
+            return None
+        key = (self.bias.data_ptr(), self.bias._version)
+        cached = self.__dict__.get("_bias_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_bias_cache"] = (
+                key, int_amx.pad_scales(self.bias.detach(), int_amx.BLOCK_PAIR))
+        return cached[1]
+
+
+def amx_kernel() -> int_amx.AmxKernel | None:
+    """MoLink's AMX kernel where it runs (``int_amx.kernels``) and CPU kernels are on (read
+    on every call, like ``unsupported_reason``), else None."""
+    return int_amx.kernels() if envs.cpu_kernels_enabled() else None
+
+
 def unsupported_reason() -> str | None:
     """Why this PyTorch cannot keep packed bf16 weights, or None when it can."""
     if not envs.cpu_kernels_enabled():
@@ -97,8 +147,10 @@ def _self_check() -> str | None:
 
 def pack_linears(model: nn.Module) -> int:
     """Make every plain bf16 CPU ``nn.Linear`` of ``model`` whose weight no other module
-    shares a ``PackedLinear``; how many (0, logged once, where packing cannot run)."""
-    reason = unsupported_reason()
+    shares an ``AmxLinear`` (where MoLink's AMX kernel runs) or a ``PackedLinear``; how many
+    (0, logged once, where packing cannot run)."""
+    amx = amx_kernel()
+    reason = None if amx is not None else unsupported_reason()
     if reason is not None:
         _log_unpacked(reason)
         return 0
@@ -111,10 +163,14 @@ def pack_linears(model: nn.Module) -> int:
         if (weight.dtype not in PACKED_DTYPES or weight.device.type != "cpu"
                 or weight.untyped_storage().data_ptr() in shared):
             continue
-        packed = nn.Parameter(pack(weight), requires_grad=False)
         del module.weight
-        module.__class__ = PackedLinear
-        module.packed = packed
+        if amx is not None:
+            module.__class__ = AmxLinear
+            module.amx = amx
+            module.set_weight(weight)
+        else:
+            module.__class__ = PackedLinear
+            module.packed = nn.Parameter(pack(weight), requires_grad=False)
         count += 1
     return count
 
