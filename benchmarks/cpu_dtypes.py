@@ -13,8 +13,12 @@ runs in its own subprocess (a clean heap), side by side in one run:
   rows in bf16; with native bf16 (AVX512-BF16, AMX), the same as ``plain``;
 - ``bfloat16`` and ``float16``, MoLink's default: without native bf16, 16-bit weights
   widened in registers by MoLink's compiled kernel up to 32 rows
-  (``model/layers/fused16.py``), as above for more; with native bf16, oneDNN's products
-  on weights packed once at load (``model/layers/packed_linear.py``);
+  (``model/layers/fused16.py``), as above for more; with native bf16, weights packed once
+  at load (``model/layers/packed_linear.py``) for MoLink's AMX kernel where the CPU has AMX
+  (``model/layers/int_amx.c``), else for oneDNN; decode steps attend over the KV cache in
+  place (``model/layers/gemm16.c``) where the fused kernels run;
+- ``bfloat16 (oneDNN, SDPA)``: with native bf16, the default before the AMX kernel and the
+  decode attention kernel: oneDNN's packed products, PyTorch's SDPA on gathered blocks;
 - ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference;
 - not by default, weights quantized at load (``--quantization``) with bf16 activations:
   ``int8`` and ``int4`` (groups of 128) as MoLink multiplies them on this CPU (its AMX kernel,
@@ -50,8 +54,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("float32", "float32 (plain linears)", "bfloat16 (plain)",
-         "bfloat16 (no fused kernels)", "bfloat16", "float16", "transformers float32",
-         "transformers bfloat16")
+         "bfloat16 (no fused kernels)", "bfloat16 (oneDNN, SDPA)", "bfloat16", "float16",
+         "transformers float32", "transformers bfloat16")
 QUANTIZED_MODES = ("int8", "int8 (PyTorch kernels)", "int4", "int4 (PyTorch kernels)")
 PROMPT_TOKENS = 128
 BANDWIDTH = "read bandwidth"  # a subprocess measuring the machine, not a row
@@ -74,6 +78,11 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
         loader.use_cpu_linears = lambda model: 0
     if mode == "bfloat16 (no fused kernels)":
         os.environ["MOLINK_CPU_KERNELS"] = "0"
+    if mode == "bfloat16 (oneDNN, SDPA)":
+        from molink.model.layers import packed_linear
+
+        packed_linear.amx_kernel = lambda: None
+        loader.use_decode_kernel = lambda model, kernel: 0
     if mode in QUANTIZED_MODES:
         if mode.endswith("(PyTorch kernels)"):
             from molink.model.layers import int_amx
