@@ -30,7 +30,7 @@ from molink.model.arch_config import ArchConfig
 from molink.model.layers.alibi import alibi_slopes
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
 from molink.model.layers.mlp import GatedMLP
-from molink.model.layers.norm import RMSNorm
+from molink.model.layers.norm import FUSED_DTYPES, RMSNorm
 from molink.model.layers.rotary import (
     RotaryEmbedding,
     apply_interleaved_rotary,
@@ -123,6 +123,7 @@ class RotaryAttention(nn.Module):
         # ALiBi: no rotation; the attention adds per-head distance biases instead.
         self.rotate = None if parts.alibi else _rotate_fn(parts, cfg.rotary_dim, self.head_dim)
         self.rope_in_fp32, self.round_rope_tables = parts.rope_in_fp32, parts.round_rope_tables
+        self.rope_kernel = None  # fused16's kernels (use_cpu_operators)
         self.sinks = nn.Parameter(torch.empty(self.num_heads)) if parts.attention_sinks else None
         scale = self.head_dim**-0.5 if parts.attn_scale is None else parts.attn_scale
         slopes = alibi_slopes(self.num_heads) if parts.alibi else None
@@ -139,9 +140,19 @@ class RotaryAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = self._q_norm(q), self._k_norm(k)
-        if self.rotate is not None:
+        if self.rotate is not None and self._rope_in_place(q, cos):
+            self.rope_kernel.rotary(q, cos, sin)  # in the qkv output: same roundings
+            self.rope_kernel.rotary(k, cos, sin)
+        elif self.rotate is not None:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         return self._out_proj(self.attn(q, k, v, meta, sinks=self.sinks))
+
+    def _rope_in_place(self, q: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Whether fused16's rotary kernel (``use_cpu_operators``) computes this rotation."""
+        return (self.rope_kernel is not None and self.rotate is apply_rotary
+                and not self.rope_in_fp32 and q.dtype in FUSED_DTYPES
+                and q.shape[-1] % 16 == 0 and cos.shape[-1] == q.shape[-1]
+                and cos.dtype == torch.float32 and cos.is_contiguous())
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if not self.rope_in_fp32:
@@ -197,6 +208,23 @@ class DecoderLayer(nn.Module):
             return h + self.mlp(self.post_attention_layernorm(h))
         h = h + self.post_attention_layernorm(attn)
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+def use_cpu_operators(model: nn.Module, kernel) -> int:
+    """Let ``model``'s RMSNorms, rotate-half RoPE and SwiGLU gates run through fused16's
+    operators (``kernel``: ``fused16.kernels()``) on 16-bit activations: one call each
+    instead of 3-18 PyTorch operators, in the same operation order and roundings (up to
+    float32 summation order and ``exp``'s last bit). How many modules."""
+    count = 0
+    for module in model.modules():
+        if type(module) is RMSNorm or isinstance(module, GatedMLP):
+            module.kernel = kernel
+        elif isinstance(module, RotaryAttention):
+            module.rope_kernel = kernel
+        else:
+            continue
+        count += 1
+    return count
 
 
 class DecoderBody(StageBody):

@@ -15,8 +15,11 @@
  *
  * Results equal float32 products of the widened weights up to summation order.
  *
- * The same file holds decode attention over the paged KV cache (molink_decode_attention,
- * below): one query per sequence, 16-bit cache, float32 arithmetic. */
+ * The same library (one compile, one load) holds the rest of a 16-bit decode step that
+ * PyTorch spends many small operators on: attention over the paged KV cache in place
+ * (molink_decode_attention: one query per sequence, float32 arithmetic), and RMSNorm,
+ * rotate-half RoPE and SwiGLU's gate (molink_rms_norm, molink_rotary, molink_silu_mul: one
+ * call each, PyTorch's operation order and roundings). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -336,7 +339,10 @@ int molink_decode_attention(const uint16_t* q, const int64_t* q_rows, const int6
     int64_t longest = 1;
     for (int64_t b = 0; b < seqs; ++b)
         longest = positions[b] + 1 > longest ? positions[b] + 1 : longest;
-    const int64_t G = cache.group, tasks = seqs * kv_heads;
+    /* a sequence's heads in one task where there are sequences enough for the threads: its
+     * cache blocks are then read front to back (a head's keys alone are strided) */
+    const int64_t G = cache.group, per_task = seqs >= 2 * threads ? kv_heads : 1;
+    const int64_t tasks = seqs * kv_heads / per_task;
     const int64_t padded = (longest + 7) / 8 * 8;
     const size_t floats = (size_t)(G * head_dim + KEY_CHUNK * head_dim + 2 * padded
                                    + (G + 3) / 4 * 4 * padded);
@@ -352,14 +358,94 @@ int molink_decode_attention(const uint16_t* q, const int64_t* q_rows, const int6
 #endif
         for (int64_t task = 0; task < tasks; ++task) {
             if (!buffer) continue;
-            const int64_t b = task / kv_heads, h = task % kv_heads, last = positions[b];
-            const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
-            const int64_t offset = (q_rows[b] * heads + h * G) * head_dim;
-            (f16 ? attend_f16 : attend_bf16)(&cache, q + offset, tables + b * max_blocks, first,
-                                             last, h, out + offset, buffer);
+            for (int64_t part = 0; part < per_task; ++part) {
+                const int64_t at = task * per_task + part, b = at / kv_heads, h = at % kv_heads;
+                const int64_t last = positions[b];
+                const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+                const int64_t offset = (q_rows[b] * heads + h * G) * head_dim;
+                (f16 ? attend_f16 : attend_bf16)(&cache, q + offset, tables + b * max_blocks,
+                                                 first, last, h, out + offset, buffer);
+            }
         }
         free(buffer);
     }
     (void)threads;
     return failed ? -1 : 0;
+}
+
+/* ---- A decoder layer's small operators on 16-bit activations, one call each, in the
+ * operation order (and so the roundings) of the PyTorch code they replace. ---- */
+
+/* e^x for any x (clamped to [-87, 88]) */
+static inline __m256 exp8_any(__m256 x) {
+    return exp8(_mm256_min_ps(x, _mm256_set1_ps(88.0f)));
+}
+
+static inline __m256 round16(__m256 v, const int f16) { /* to the 16-bit dtype and back */
+    uint16_t lanes[8];
+    store8(lanes, v, f16);
+    return load8(lanes, f16);
+}
+
+/* RMSNorm as Hugging Face: y = 16-bit(x * 1 / sqrt(mean(x^2) + eps)) in float32, then
+ * out = 16-bit(weight * y). x rows at x_stride elements; n a multiple of 8. */
+void molink_rms_norm(const uint16_t* x, int64_t rows, int64_t n, int64_t x_stride,
+                     const uint16_t* weight, float eps, int f16, uint16_t* out) {
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* row = x + r * x_stride;
+        __m256 squares = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 8) {
+            const __m256 v = load8(row + i, f16);
+            squares = _mm256_fmadd_ps(v, v, squares);
+        }
+        const __m256 inverse = _mm256_set1_ps(1.0f / sqrtf(hsum8(squares) / (float)n + eps));
+        for (int64_t i = 0; i < n; i += 8) {
+            const __m256 y = round16(_mm256_mul_ps(load8(row + i, f16), inverse), f16);
+            store8(out + r * n + i, _mm256_mul_ps(load8(weight + i, f16), y), f16);
+        }
+    }
+}
+
+/* Rotate-half RoPE in place, as Hugging Face in 16 bits: the float32 tables rounded to the
+ * dtype, then 16-bit(16-bit(x * cos) + 16-bit(rotate_half(x) * sin)). x: rows of `heads`
+ * heads of head_dim (a multiple of 16) at row_stride elements; cos, sin: [rows][head_dim]. */
+void molink_rotary(uint16_t* x, int64_t rows, int64_t heads, int64_t head_dim,
+                   int64_t row_stride, const float* cos, const float* sin, int f16) {
+    const int64_t half = head_dim / 2;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t h = 0; h < heads; ++h) {
+            uint16_t* v = x + r * row_stride + h * head_dim;
+            const float *c = cos + r * head_dim, *s = sin + r * head_dim;
+            for (int64_t i = 0; i < half; i += 8) {
+                const __m256 low = load8(v + i, f16), high = load8(v + half + i, f16);
+                const __m256 c_low = round16(_mm256_loadu_ps(c + i), f16);
+                const __m256 c_high = round16(_mm256_loadu_ps(c + half + i), f16);
+                const __m256 s_low = round16(_mm256_loadu_ps(s + i), f16);
+                const __m256 s_high = round16(_mm256_loadu_ps(s + half + i), f16);
+                const __m256 negated = _mm256_sub_ps(_mm256_setzero_ps(), high);
+                const __m256 new_low = _mm256_add_ps(round16(_mm256_mul_ps(low, c_low), f16),
+                                                     round16(_mm256_mul_ps(negated, s_low), f16));
+                const __m256 new_high = _mm256_add_ps(
+                    round16(_mm256_mul_ps(high, c_high), f16),
+                    round16(_mm256_mul_ps(low, s_high), f16));
+                store8(v + i, new_low, f16);
+                store8(v + half + i, new_high, f16);
+            }
+        }
+}
+
+/* SwiGLU: out = 16-bit(16-bit(silu(gate)) * up), silu(g) = g / (1 + e^-g) in float32;
+ * gate_up: [rows][2 * n] (gate | up), n a multiple of 8. */
+void molink_silu_mul(const uint16_t* gate_up, int64_t rows, int64_t n, int f16,
+                     uint16_t* out) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* gate = gate_up + r * 2 * n;
+        for (int64_t i = 0; i < n; i += 8) {
+            const __m256 g = load8(gate + i, f16);
+            const __m256 e = exp8_any(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            const __m256 silu = round16(_mm256_div_ps(g, _mm256_add_ps(one, e)), f16);
+            store8(out + r * n + i, _mm256_mul_ps(silu, load8(gate + n + i, f16)), f16);
+        }
+    }
 }
