@@ -15,10 +15,12 @@ runs in its own subprocess (a clean heap), side by side in one run:
   widened in registers by MoLink's compiled kernel up to 32 rows
   (``model/layers/fused16.py``), as above for more; with native bf16, weights packed once
   at load (``model/layers/packed_linear.py``) for MoLink's AMX kernel where the CPU has AMX
-  (``model/layers/int_amx.c``), else for oneDNN; decode steps attend over the KV cache in
-  place (``model/layers/gemm16.c``) where the fused kernels run;
+  (``model/layers/int_amx.c``), else for oneDNN; where the fused kernels run
+  (``model/layers/gemm16.c``), decode steps attend over the KV cache in place and norms,
+  RoPE and SwiGLU's gate take one call each;
 - ``bfloat16 (oneDNN, SDPA)``: with native bf16, the default before the AMX kernel and the
-  decode attention kernel: oneDNN's packed products, PyTorch's SDPA on gathered blocks;
+  decode step's kernels: oneDNN's packed products, PyTorch's SDPA on gathered blocks,
+  PyTorch's operators for norms, RoPE and SwiGLU;
 - ``transformers`` ``generate`` in float32 and bfloat16 on the same weights, as the reference;
 - not by default, weights quantized at load (``--quantization``) with bf16 activations:
   ``int8`` and ``int4`` (groups of 128) as MoLink multiplies them on this CPU (its AMX kernel,
@@ -83,6 +85,7 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
 
         packed_linear.amx_kernel = lambda: None
         loader.use_decode_kernel = lambda model, kernel: 0
+        loader.use_cpu_operators = lambda model, kernel: 0
     if mode in QUANTIZED_MODES:
         if mode.endswith("(PyTorch kernels)"):
             from molink.model.layers import int_amx
