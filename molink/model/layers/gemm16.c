@@ -210,9 +210,12 @@ static void score_chunk(const float* qf, const float* kf, int64_t n, int64_t D, 
 
 /* scores row -> probabilities: e^(s - max) / sum over the first count (the rest 0) */
 static void softmax(float* s, int64_t count, int64_t padded) {
-    float top = -INFINITY;
-    for (int64_t j = 0; j < count; ++j) top = s[j] > top ? s[j] : top;
     for (int64_t j = count; j < padded; ++j) s[j] = -INFINITY;
+    __m256 most = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < padded; j += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(s + j));
+    float lanes[8], top = -INFINITY;
+    _mm256_storeu_ps(lanes, most);
+    for (int i = 0; i < 8; ++i) top = lanes[i] > top ? lanes[i] : top;
     __m256 total = _mm256_setzero_ps();
     for (int64_t j = 0; j < padded; j += 8) {
         const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(top)));
@@ -382,9 +385,12 @@ static inline __m256 exp8_any(__m256 x) {
 }
 
 static inline __m256 round16(__m256 v, const int f16) { /* to the 16-bit dtype and back */
-    uint16_t lanes[8];
-    store8(lanes, v, f16);
-    return load8(lanes, f16);
+    if (f16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    const __m256i bits = _mm256_castps_si256(v); /* to nearest even, as store8 */
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)),
+                                             odd);
+    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32((int)0xFFFF0000)));
 }
 
 /* RMSNorm as Hugging Face: y = 16-bit(x * 1 / sqrt(mean(x^2) + eps)) in float32, then

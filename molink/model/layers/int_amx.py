@@ -121,7 +121,8 @@ class AmxKernel:
         ``bias``: float32, zero-padded to ``tiles``' outputs (``pad_scales``), or None. The
         products exact, the sums (and the bias) float32, one rounding to bf16."""
         out32, in32 = tiles.shape[0] * BLOCK_OUT, tiles.shape[1] * BLOCK_IN
-        x = _padded_input(x, in32)
+        if x.shape[-1] != in32 or x.dtype != torch.bfloat16 or not x.is_contiguous():
+            x = _padded_input(x, in32)  # checked and copied only where needed (per layer)
         rows = x.shape[0]
         out = torch.empty(rows, out32, dtype=torch.bfloat16)
         if rows:
