@@ -140,19 +140,21 @@ class RotaryAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.has_qk_norm:
             q, k = self._q_norm(q), self._k_norm(k)
-        if self.rotate is not None and self._rope_in_place(q, cos):
+        if self.rotate is not None and self._rope_in_place(q, k, cos):
             self.rope_kernel.rotary(q, cos, sin)  # in the qkv output: same roundings
             self.rope_kernel.rotary(k, cos, sin)
         elif self.rotate is not None:
             q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
         return self._out_proj(self.attn(q, k, v, meta, sinks=self.sinks))
 
-    def _rope_in_place(self, q: torch.Tensor, cos: torch.Tensor) -> bool:
-        """Whether fused16's rotary kernel (``use_cpu_operators``) computes this rotation."""
+    def _rope_in_place(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Whether fused16's rotary kernel (``use_cpu_operators``) computes this rotation:
+        16-bit q and k whose heads lie side by side in each row, full-width float32 tables."""
         return (self.rope_kernel is not None and self.rotate is apply_rotary
                 and not self.rope_in_fp32 and q.dtype in FUSED_DTYPES
                 and q.shape[-1] % 16 == 0 and cos.shape[-1] == q.shape[-1]
-                and cos.dtype == torch.float32 and cos.is_contiguous())
+                and cos.dtype == torch.float32 and cos.is_contiguous()
+                and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k)))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if not self.rope_in_fp32:

@@ -265,6 +265,46 @@ def _self_check(fused: Fused16) -> None:
             got = fused.matmul(x, pack(half), 11)
             if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
                 raise RuntimeError(f"self-check failed for {dtype} with {rows} rows")
+    _check_decode_step(fused, generator)
+
+
+def _check_decode_step(fused: Fused16, generator: torch.Generator) -> None:
+    """The decode step's kernels against PyTorch in float32 (attention: 2 sequences, GQA
+    2:1, scattered blocks, 1 and 19 keys; norm, RoPE, SwiGLU on two bf16 rows)."""
+    cache = torch.randn(2, 6, 4, 1, 16, generator=generator).bfloat16()  # [2, blocks, 4, 1, D]
+    q = torch.randn(2, 2, 16, generator=generator).bfloat16()
+    tables = torch.tensor([[5, 0, 0, 0, 0], [3, 1, 4, 2, 0]])
+    positions = torch.tensor([0, 18])
+    out = torch.empty(3, 2, 16, dtype=torch.bfloat16)
+    fused.decode_attention(q, cache[0], cache[1], torch.tensor([1, 0]), positions, tables,
+                           0.25, None, out)
+    for b, row in ((0, 1), (1, 0)):
+        slots = [int(tables[b, p // 4]) * 4 + p % 4 for p in range(int(positions[b]) + 1)]
+        keys, values = (cache[i].reshape(-1, 16)[slots].float() for i in (0, 1))
+        expected = ((q[row].float() @ keys.T) * 0.25).softmax(-1) @ values
+        if not torch.allclose(out[row].float(), expected, rtol=2 ** -7, atol=1e-3):
+            raise RuntimeError("self-check failed for decode attention")
+    x = torch.randn(2, 32, generator=generator).bfloat16()
+    weight = torch.randn(32, generator=generator).bfloat16()
+    x32 = x.float()
+    normed = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16()
+    angles = torch.randn(2, 1, 32, generator=generator)
+    rotated = x.view(2, 2, 16).clone()
+    fused.rotary(rotated, angles.cos()[..., :16].contiguous(), angles.sin()[..., :16].contiguous())
+    gate, up = x.chunk(2, dim=-1)
+    if not (torch.allclose(fused.rms_norm(x, weight, 1e-6).float(), normed.float(),
+                           rtol=2 ** -6, atol=1e-3)
+            and torch.allclose(fused.silu_mul(x).float(), (F.silu(gate) * up).float(),
+                               rtol=2 ** -6, atol=1e-3)
+            and torch.equal(rotated, _rotate_half(x.view(2, 2, 16), angles[..., :16]))):
+        raise RuntimeError("self-check failed for the decode step's operators")
+
+
+def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate-half RoPE in x's dtype (the reference of ``rotary``)."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def compiler() -> str | None:
