@@ -145,3 +145,25 @@ def test_the_loader_turns_it_on_for_16_bit_models_on_a_cpu(tiny_model_dir, dtype
                                  torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
     assert layers and all((m.decode_kernel is KERNELS) == expected for m in layers)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fault", ["block past the cache", "position past the table",
+                                   "negative block", "query row past q"])
+def test_indices_out_of_bounds_raise_instead_of_reading_past_the_cache(fault):
+    """A scheduler bug must surface as an error of that step, as PyTorch's indexing would
+    raise, never as a read outside the cache (a crashed stage)."""
+    q, cache, tables, positions = _case(torch.bfloat16, 4, 2, 64, 16, [20, 5])
+    rows = torch.tensor([0, 1])
+    if fault == "block past the cache":
+        tables[0, 1] = cache.shape[1]
+    elif fault == "position past the table":
+        positions[1] = tables.shape[1] * 16
+    elif fault == "negative block":
+        tables[1, 0] = -1
+    else:
+        rows[1] = 2
+    out = torch.empty(3, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match="outside"):
+        KERNELS.decode_attention(q, cache[0], cache[1], rows, positions, tables, 0.125, None,
+                                 out)

@@ -59,13 +59,9 @@ NO_COMPILER = "no C compiler (set CC, or install gcc or clang)"
 _ENTRY_POINTS = {torch.bfloat16: "molink_gemm_bf16", torch.float16: "molink_gemm_f16"}
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-_ATTENTION_ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                       ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                       ctypes.c_int]
-ATTENTION_DTYPES = (torch.bfloat16, torch.float16)
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_ATTENTION_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64,
+                       ctypes.c_float, _I64, _INT, _P, _INT]
 _OPERATOR_ARGTYPES = {  # a decoder layer's small operators (gemm16.c, the end)
     "molink_rms_norm": [_P, _I64, _I64, _I64, _P, ctypes.c_float, _INT, _P],
     "molink_rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _INT],
@@ -126,14 +122,20 @@ class Fused16:
         ``out[q_rows[b]]``. q, caches ([blocks, block_size, kv_heads, D]) and out: one 16-bit
         dtype, contiguous; the index tensors int64, contiguous."""
         heads, head_dim = q.shape[1], q.shape[2]
-        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+        num_blocks, block_size, kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
+        if out.shape[0] < q.shape[0] or out.shape[1:] != q.shape[1:]:
+            raise ValueError(f"out {tuple(out.shape)} cannot hold q {tuple(q.shape)}")
         status = self._attend(
-            q.data_ptr(), q_rows.data_ptr(), positions.data_ptr(), block_tables.data_ptr(),
-            block_tables.shape[1], q_rows.shape[0], k_cache.data_ptr(), v_cache.data_ptr(),
-            block_size, heads, kv_heads, head_dim, scale, window or 0,
-            int(q.dtype == torch.float16), out.data_ptr(), torch.get_num_threads())
+            q.data_ptr(), q.shape[0], q_rows.data_ptr(), positions.data_ptr(),
+            block_tables.data_ptr(), block_tables.shape[1], q_rows.shape[0], k_cache.data_ptr(),
+            v_cache.data_ptr(), num_blocks, block_size, heads, kv_heads, head_dim, scale,
+            window or 0, int(q.dtype == torch.float16), out.data_ptr(), torch.get_num_threads())
+        if status == -2:
+            raise IndexError("decode attention: a query row, position or block outside the "
+                             "step's tensors or the KV cache")
         if status != 0:
-            raise RuntimeError("decode attention could not allocate its buffers")
+            raise RuntimeError(f"decode attention refused {heads} heads over {kv_heads} of "
+                               f"{head_dim} dims, or could not allocate its buffers")
 
     def matmul(self, x: torch.Tensor, tiles: torch.Tensor, out_features: int) -> torch.Tensor:
         """``x`` float32 [rows, in], ``tiles`` from ``pack``: float32 [rows, out_features]."""

@@ -329,14 +329,35 @@ static void attend_f16(const paged_cache* c, const uint16_t* q, const int64_t* t
     attend(c, q, table, first, last, kv_head, out, buffer, 1);
 }
 
-/* Returns 0, or -1 when a buffer could not be allocated (nothing trustworthy written). */
-int molink_decode_attention(const uint16_t* q, const int64_t* q_rows, const int64_t* positions,
-                            const int64_t* tables, int64_t max_blocks, int64_t seqs,
-                            const uint16_t* k_cache, const uint16_t* v_cache,
-                            int64_t block_size, int64_t heads, int64_t kv_heads,
-                            int64_t head_dim, float scale, int64_t window, int f16,
-                            uint16_t* out, int threads) {
-    if (head_dim % 8 || kv_heads < 1 || heads % kv_heads) return -1;
+/* Whether every sequence's query row, position and the blocks it reads lie within q
+ * (q_count rows), its block table and the cache (num_blocks): a bad step is an error, not
+ * a read out of bounds. */
+static int in_bounds(const int64_t* q_rows, const int64_t* positions, const int64_t* tables,
+                     int64_t max_blocks, int64_t seqs, int64_t q_count, int64_t num_blocks,
+                     int64_t block_size) {
+    for (int64_t b = 0; b < seqs; ++b) {
+        if (q_rows[b] < 0 || q_rows[b] >= q_count || positions[b] < 0
+            || positions[b] / block_size >= max_blocks)
+            return 0;
+        for (int64_t i = 0; i <= positions[b] / block_size; ++i)
+            if (tables[b * max_blocks + i] < 0 || tables[b * max_blocks + i] >= num_blocks)
+                return 0;
+    }
+    return 1;
+}
+
+/* Returns 0; -1 for shapes it does not take or when a buffer could not be allocated, -2 for
+ * indices out of bounds (in either case nothing trustworthy written). */
+int molink_decode_attention(const uint16_t* q, int64_t q_count, const int64_t* q_rows,
+                            const int64_t* positions, const int64_t* tables, int64_t max_blocks,
+                            int64_t seqs, const uint16_t* k_cache, const uint16_t* v_cache,
+                            int64_t num_blocks, int64_t block_size, int64_t heads,
+                            int64_t kv_heads, int64_t head_dim, float scale, int64_t window,
+                            int f16, uint16_t* out, int threads) {
+    if (head_dim % 8 || kv_heads < 1 || heads % kv_heads || block_size < 1) return -1;
+    if (!in_bounds(q_rows, positions, tables, max_blocks, seqs, q_count, num_blocks,
+                   block_size))
+        return -2;
     const paged_cache cache = {k_cache, v_cache, block_size, kv_heads, head_dim,
                                heads / kv_heads, scale};
     int64_t longest = 1;
