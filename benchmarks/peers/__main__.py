@@ -104,9 +104,15 @@ def sixteen_bit_line() -> str:
                 "against float32 activations (molink/model/layers/fused16.py), as llama.cpp "
                 "does with f16; more rows widen the weight to float32 "
                 "(molink/model/layers/cpu_linear.py).")
+    from molink.model.layers import packed_linear
+
+    packing = ("in AMX tiles for its own AMX kernel (molink/model/layers/int_amx.c)"
+               if packed_linear.amx_kernel() is not None else "in oneDNN's layout")
     return ("On this CPU (native bfloat16: AVX512-BF16 or AMX) MoLink multiplies bf16 "
-            "weights packed once in oneDNN's layout (molink/model/layers/packed_linear.py); "
-            "llama.cpp multiplies f16 weights in its own CPU kernels.")
+            f"weights packed once at load (molink/model/layers/packed_linear.py) {packing}, "
+            "and a decode step attends over its KV cache in place "
+            "(molink/model/layers/gemm16.c); llama.cpp multiplies f16 weights in its own "
+            "CPU kernels.")
 
 
 def setup_lines(args, setup: Setup, ggufs: dict[str, Path]) -> list[str]:
