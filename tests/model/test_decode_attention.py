@@ -167,3 +167,23 @@ def test_indices_out_of_bounds_raise_instead_of_reading_past_the_cache(fault):
     with pytest.raises(IndexError, match="outside"):
         KERNELS.decode_attention(q, cache[0], cache[1], rows, positions, tables, 0.125, None,
                                  out)
+
+
+@needs_kernel
+def test_tasks_by_sequence_or_by_head_give_the_same_bits():
+    """One thread takes a sequence's heads in one task (6 sequences >= 2 threads' worth),
+    four take a head each: the same arithmetic per head either way."""
+    q, cache, tables, positions = _case(torch.bfloat16, 16, 4, 64, 16, [3, 40, 70, 9, 120, 33])
+    rows = torch.arange(6)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 4):
+            torch.set_num_threads(threads)
+            out = torch.empty(7, 16, 64, dtype=torch.bfloat16)
+            KERNELS.decode_attention(q, cache[0], cache[1], rows, positions, tables, 0.125, None,
+                                     out)
+            results.append(out[:6])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])

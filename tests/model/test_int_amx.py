@@ -138,12 +138,18 @@ def test_threads_split_the_outputs_not_the_sums():
     codes = _codes(200, 256, 8, gen)
     scales = int_amx.pad_scales(torch.rand(200, generator=gen).bfloat16())
     x = torch.randn(20, 256, generator=gen).bfloat16()
+    tiles = int_amx.pack(codes)
+    _same_with_1_2_3_threads(lambda: int_amx.kernels().matmul(x, tiles, 200, scales))
+
+
+def _same_with_1_2_3_threads(compute) -> None:
+    """``compute()`` gives bit-identical results with 1, 2 and 3 threads."""
     before = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(int_amx.kernels().matmul(x, int_amx.pack(codes), 200, scales))
+            results.append(compute())
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(results[0], other) for other in results[1:])
@@ -244,12 +250,4 @@ def test_bf16_threads_split_the_pairs_of_blocks_not_the_sums():
     weight = torch.randn(200, 256, generator=gen).bfloat16()
     tiles = int_amx.pack16(weight)
     x = torch.randn(40, 256, generator=gen).bfloat16()
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(int_amx.kernels().matmul16(x, tiles, 200))
-    finally:
-        torch.set_num_threads(before)
-    assert all(torch.equal(results[0], other) for other in results[1:])
+    _same_with_1_2_3_threads(lambda: int_amx.kernels().matmul16(x, tiles, 200))
