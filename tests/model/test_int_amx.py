@@ -251,3 +251,12 @@ def test_bf16_threads_split_the_pairs_of_blocks_not_the_sums():
     tiles = int_amx.pack16(weight)
     x = torch.randn(40, 256, generator=gen).bfloat16()
     _same_with_1_2_3_threads(lambda: int_amx.kernels().matmul16(x, tiles, 200))
+
+
+@needs_kernel
+def test_a_bias_not_padded_for_the_kernel_is_refused():
+    tiles = int_amx.pack16(torch.randn(40, 64).bfloat16())
+    x = torch.randn(2, 64).bfloat16()
+    for bias in (torch.zeros(40), torch.zeros(64).bfloat16()):  # unpadded; wrong dtype
+        with pytest.raises(ValueError, match="bias"):
+            int_amx.kernels().matmul16(x, tiles, 40, bias)

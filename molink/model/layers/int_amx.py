@@ -114,7 +114,6 @@ class AmxKernel:
                        out[start].data_ptr(), threads)
         return out if out16 == out_features else out[:, :out_features]
 
-
     def matmul16(self, x: torch.Tensor, tiles: torch.Tensor, out_features: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` bf16 [rows, in] -> bf16 [rows, out_features] for ``tiles = pack16(weight)``;
@@ -123,6 +122,10 @@ class AmxKernel:
         out32, in32 = tiles.shape[0] * BLOCK_OUT, tiles.shape[1] * BLOCK_IN
         if x.shape[-1] != in32 or x.dtype != torch.bfloat16 or not x.is_contiguous():
             x = _padded_input(x, in32)  # checked and copied only where needed (per layer)
+        if bias is not None and (bias.dtype != torch.float32 or bias.shape != (out32,)
+                                 or not bias.is_contiguous()):
+            raise ValueError(f"the bias must be float32 [{out32}] (pad_scales), not "
+                             f"{bias.dtype} {tuple(bias.shape)}")
         rows = x.shape[0]
         out = torch.empty(rows, out32, dtype=torch.bfloat16)
         if rows:
