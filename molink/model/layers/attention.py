@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molink.model.layers.cpu_linear import HALF_DTYPES
 from molink.model.layers.state import StateMetadata
-
-DECODE_KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # the caches use_decode_kernel reads
 
 
 @dataclass
@@ -122,7 +121,7 @@ class PagedAttention(nn.Module):
         flat_v.index_copy_(0, meta.slot_mapping, v.to(flat_v.dtype))
         out = q.new_empty(q.shape[0] + 1, self.num_heads, self.head_dim)  # last row: padding sink
         kernel = self.decode_kernel if (sinks is None and q.dtype == k_cache.dtype
-                                        and q.dtype in DECODE_KERNEL_DTYPES) else None
+                                        and q.dtype in HALF_DTYPES) else None
         for group in meta.groups:
             if kernel is not None and group.is_decode:
                 kernel.decode_attention(q.contiguous(), k_cache, v_cache, *group.decode_rows(),

@@ -29,8 +29,9 @@ from torch import nn
 from molink.model.arch_config import ArchConfig
 from molink.model.layers.alibi import alibi_slopes
 from molink.model.layers.attention import AttentionMetadata, PagedAttention
+from molink.model.layers.cpu_linear import HALF_DTYPES
 from molink.model.layers.mlp import GatedMLP
-from molink.model.layers.norm import FUSED_DTYPES, RMSNorm
+from molink.model.layers.norm import RMSNorm
 from molink.model.layers.rotary import (
     RotaryEmbedding,
     apply_interleaved_rotary,
@@ -151,7 +152,7 @@ class RotaryAttention(nn.Module):
         """Whether fused16's rotary kernel (``use_cpu_operators``) computes this rotation:
         16-bit q and k whose heads lie side by side in each row, full-width float32 tables."""
         return (self.rope_kernel is not None and self.rotate is apply_rotary
-                and not self.rope_in_fp32 and q.dtype in FUSED_DTYPES
+                and not self.rope_in_fp32 and q.dtype in HALF_DTYPES
                 and q.shape[-1] % 16 == 0 and cos.shape[-1] == q.shape[-1]
                 and cos.dtype == torch.float32 and cos.is_contiguous()
                 and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (q, k)))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from molink.model.layers.norm import FUSED_DTYPES
+from molink.model.layers.cpu_linear import HALF_DTYPES
 from molink.model.layers.stage_model import register_as
 
 _ACTIVATIONS = {
@@ -47,7 +47,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self._gate_up(x)  # x: [T, hidden] -> [T, 2 * inter]
         if (self.kernel is not None and self.act is F.silu and gate_up.dim() == 2
-                and gate_up.dtype in FUSED_DTYPES and gate_up.is_contiguous()
+                and gate_up.dtype in HALF_DTYPES and gate_up.is_contiguous()
                 and gate_up.shape[1] % 16 == 0):
             return self._down(self.kernel.silu_mul(gate_up))  # same roundings, one call
         gate, up = gate_up.chunk(2, dim=-1)  # 2 x [T, inter]

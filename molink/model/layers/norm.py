@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-FUSED_DTYPES = (torch.bfloat16, torch.float16)  # what fused16's operators take
+from molink.model.layers.cpu_linear import HALF_DTYPES
 
 
 class RMSNorm(nn.Module):
@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., hidden_size]; normalise in fp32, scale in the input dtype (HF order).
-        if (self.kernel is not None and x.dtype == self.weight.dtype and x.dtype in FUSED_DTYPES
+        if (self.kernel is not None and x.dtype == self.weight.dtype and x.dtype in HALF_DTYPES
                 and x.stride(-1) == 1 and x.shape[-1] % 8 == 0):
             return self.kernel.rms_norm(x, self.weight, self.eps)  # same order, one call
         input_dtype = x.dtype
