@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from molink import envs
 from molink.model.cpu_features import cpu_flags
+from molink.model.layers.rotary import apply_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -298,15 +299,9 @@ def _check_decode_step(fused: Fused16, generator: torch.Generator) -> None:
                            rtol=2 ** -6, atol=1e-3)
             and torch.allclose(fused.silu_mul(x).float(), (F.silu(gate) * up).float(),
                                rtol=2 ** -6, atol=1e-3)
-            and torch.equal(rotated, _rotate_half(x.view(2, 2, 16), angles[..., :16]))):
+            and torch.equal(rotated, apply_rotary(x.view(2, 2, 16), angles[..., :16].cos(),
+                                                  angles[..., :16].sin()))):
         raise RuntimeError("self-check failed for the decode step's operators")
-
-
-def _rotate_half(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's rotate-half RoPE in x's dtype (the reference of ``rotary``)."""
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def compiler() -> str | None:
