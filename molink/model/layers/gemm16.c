@@ -136,17 +136,22 @@ static inline __m256 load8(const uint16_t* p, const int f16) {
                : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 
+/* float32 bits rounded to nearest even at bf16's precision: the bf16 value in the high
+ * halves (the low halves hold the carry's leftovers) */
+static inline __m256i bf16_rounded(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), odd);
+}
+
 static inline void store8(uint16_t* p, __m256 v, const int f16) {
     if (f16) {
         _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
         return;
     }
-    __m256i bits = _mm256_castps_si256(v); /* round to nearest even, then the high halves */
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    bits = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)),
-                                              odd), 16);
-    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(bits),
-                                                   _mm256_extracti128_si256(bits, 1)));
+    const __m256i high = _mm256_srli_epi32(bf16_rounded(v), 16);
+    _mm_storeu_si128((__m128i*)p, _mm_packus_epi32(_mm256_castsi256_si128(high),
+                                                   _mm256_extracti128_si256(high, 1)));
 }
 
 /* e^x for x <= 0: 0 below -87 (and for -inf); else 2^n e^r, |r| <= ln 2 / 2, the series to
@@ -407,11 +412,8 @@ static inline __m256 exp8_any(__m256 x) {
 
 static inline __m256 round16(__m256 v, const int f16) { /* to the 16-bit dtype and back */
     if (f16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    const __m256i bits = _mm256_castps_si256(v); /* to nearest even, as store8 */
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)),
-                                             odd);
-    return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32((int)0xFFFF0000)));
+    return _mm256_castsi256_ps(_mm256_and_si256(bf16_rounded(v),
+                                                _mm256_set1_epi32((int)0xFFFF0000)));
 }
 
 /* RMSNorm as Hugging Face: y = 16-bit(x * 1 / sqrt(mean(x^2) + eps)) in float32, then
@@ -440,15 +442,15 @@ void molink_rotary(uint16_t* x, int64_t rows, int64_t heads, int64_t head_dim,
                    int64_t row_stride, const float* cos, const float* sin, int f16) {
     const int64_t half = head_dim / 2;
     for (int64_t r = 0; r < rows; ++r)
-        for (int64_t h = 0; h < heads; ++h) {
-            uint16_t* v = x + r * row_stride + h * head_dim;
+        for (int64_t i = 0; i < half; i += 8) { /* the tables rounded once for all heads */
             const float *c = cos + r * head_dim, *s = sin + r * head_dim;
-            for (int64_t i = 0; i < half; i += 8) {
+            const __m256 c_low = round16(_mm256_loadu_ps(c + i), f16);
+            const __m256 c_high = round16(_mm256_loadu_ps(c + half + i), f16);
+            const __m256 s_low = round16(_mm256_loadu_ps(s + i), f16);
+            const __m256 s_high = round16(_mm256_loadu_ps(s + half + i), f16);
+            for (int64_t h = 0; h < heads; ++h) {
+                uint16_t* v = x + r * row_stride + h * head_dim;
                 const __m256 low = load8(v + i, f16), high = load8(v + half + i, f16);
-                const __m256 c_low = round16(_mm256_loadu_ps(c + i), f16);
-                const __m256 c_high = round16(_mm256_loadu_ps(c + half + i), f16);
-                const __m256 s_low = round16(_mm256_loadu_ps(s + i), f16);
-                const __m256 s_high = round16(_mm256_loadu_ps(s + half + i), f16);
                 const __m256 negated = _mm256_sub_ps(_mm256_setzero_ps(), high);
                 const __m256 new_low = _mm256_add_ps(round16(_mm256_mul_ps(low, c_low), f16),
                                                      round16(_mm256_mul_ps(negated, s_low), f16));
