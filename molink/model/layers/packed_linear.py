@@ -65,13 +65,19 @@ class PackedLinear(RowMajorStateDict, nn.Linear):
         return self.packed.to_dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.packed.dtype:  # a caller computing in another dtype: slow, exact
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.weight.to(x.dtype), bias)
+        if x.dtype != self.packed.dtype:
+            return _product_in_dtype_of(self, x)
         return packed_product(x, self.packed, self.bias)
 
     def set_weight(self, weight: torch.Tensor) -> None:
         self.packed = nn.Parameter(pack(weight.to(self.packed.dtype)), requires_grad=False)
+
+
+def _product_in_dtype_of(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """For a caller computing in another dtype than the packed weight's: the row-major weight
+    read back and cast to x's dtype (slow, exact)."""
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, layer.weight.to(x.dtype), bias)
 
 
 class AmxLinear(RowMajorStateDict, nn.Linear):
@@ -85,9 +91,8 @@ class AmxLinear(RowMajorStateDict, nn.Linear):
         return int_amx.unpack16(self.tiles, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16:  # a caller computing in another dtype: slow, exact
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.weight.to(x.dtype), bias)
+        if x.dtype != torch.bfloat16:
+            return _product_in_dtype_of(self, x)
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         out = self.amx.matmul16(x.reshape(rows, x.shape[-1]), self.tiles, self.out_features,
                                 self._padded_bias())
