@@ -237,9 +237,10 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
             attend_in_float32(model)
     elif device.type == "cpu" and torch_dtype == torch.bfloat16:
         pack_linears(model)  # native bf16: AMX or oneDNN products, the weights packed once
-    if device.type == "cpu" and torch_dtype in HALF_DTYPES and fused16.kernels() is not None:
-        use_decode_kernel(model, fused16.kernels())  # decode attention over the cache in place
-        use_cpu_operators(model, fused16.kernels())  # norms, RoPE, SwiGLU: one call each
+    kernels = fused16.kernels() if device.type == "cpu" and torch_dtype in HALF_DTYPES else None
+    if kernels is not None:
+        use_decode_kernel(model, kernels)  # decode attention over the cache in place
+        use_cpu_operators(model, kernels)  # norms, RoPE, SwiGLU: one call each
     held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",
