@@ -17,7 +17,10 @@ runs in its own subprocess (a clean heap), side by side in one run:
   at load (``model/layers/packed_linear.py``) for MoLink's AMX kernel where the CPU has AMX
   (``model/layers/int_amx.c``), else for oneDNN; where the fused kernels run
   (``model/layers/gemm16.c``), decode steps attend over the KV cache in place and norms,
-  RoPE and SwiGLU's gate take one call each;
+  RoPE and SwiGLU's gate take one call each; with AMX, a decode step runs all layers in one
+  call to those kernels (``model/layers/decode_layers.c``);
+- ``bfloat16 (layer by layer)``: the same kernels called module by module from Python (the
+  default before ``decode_layers.c``);
 - ``bfloat16 (oneDNN, SDPA)``: with native bf16, the default before the AMX kernel and the
   decode step's kernels: oneDNN's packed products, PyTorch's SDPA on gathered blocks,
   PyTorch's operators for norms, RoPE and SwiGLU;
@@ -56,7 +59,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("float32", "float32 (plain linears)", "bfloat16 (plain)",
-         "bfloat16 (no fused kernels)", "bfloat16 (oneDNN, SDPA)", "bfloat16", "float16",
+         "bfloat16 (no fused kernels)", "bfloat16 (oneDNN, SDPA)", "bfloat16 (layer by layer)",
+         "bfloat16", "float16",
          "transformers float32", "transformers bfloat16")
 QUANTIZED_MODES = ("int8", "int8 (PyTorch kernels)", "int4", "int4 (PyTorch kernels)")
 PROMPT_TOKENS = 128
@@ -86,6 +90,8 @@ def measure(mode: str, directory: str, output_tokens: int) -> dict:
         packed_linear.amx_kernel = lambda: None
         loader.use_decode_kernel = lambda model, kernel: 0
         loader.use_cpu_operators = lambda model, kernel: 0
+    if mode == "bfloat16 (layer by layer)":
+        loader.use_decode_layers = lambda model, fused: 0
     if mode in QUANTIZED_MODES:
         if mode.endswith("(PyTorch kernels)"):
             from molink.model.layers import int_amx

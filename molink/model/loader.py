@@ -33,6 +33,7 @@ from molink.model.int_weights import fill_int_linears, swap_int_linears
 from molink.model.layers import fused16
 from molink.model.layers.attention import attend_in_float32, use_decode_kernel
 from molink.model.layers.cpu_linear import HALF_DTYPES, use_cpu_linears
+from molink.model.layers.decode_layers import use_decode_layers
 from molink.model.layers.decoder import use_cpu_operators
 from molink.model.layers.packed_linear import pack_linears
 from molink.model.registry import (
@@ -241,6 +242,7 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
     if kernels is not None:
         use_decode_kernel(model, kernels)  # decode attention over the cache in place
         use_cpu_operators(model, kernels)  # norms, RoPE, SwiGLU: one call each
+        use_decode_layers(model, kernels)  # where the layers qualify: a decode step's in one
     held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",

@@ -94,6 +94,19 @@ def test_swiglu_is_pytorch_s_within_one_unit(dtype, rows):
     assert mlp(x).shape == expected.shape
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual_add_is_pytorch_s_bit_for_bit(dtype):
+    """Sums that round up, down and to even, large and tiny magnitudes, infinities."""
+    torch.manual_seed(0)
+    h = (torch.randn(16, 1024) * torch.logspace(-6, 4, 1024)).to(dtype)
+    x = (torch.randn(16, 1024) * torch.logspace(4, -6, 1024)).to(dtype)
+    h[0, :8], x[0, :8] = float("inf"), 1.0
+    expected = h + x
+    assert torch.equal(KERNELS.add_(h, x), expected)
+    with pytest.raises(ValueError):
+        KERNELS.add_(h, x[:, :512])
+
+
 def test_only_the_modules_whose_arithmetic_the_kernels_repeat_take_them():
     plain, fp32_weight = RMSNorm(64), Fp32WeightRMSNorm(64)
     gelu = GatedMLP(64, 128, "gelu")

@@ -124,7 +124,7 @@ class PagedAttention(nn.Module):
                                         and q.dtype in HALF_DTYPES) else None
         for group in meta.groups:
             if kernel is not None and group.is_decode:
-                kernel.decode_attention(q.contiguous(), k_cache, v_cache, *group.decode_rows(),
+                kernel.decode_attention(q, k_cache, v_cache, *group.decode_rows(),
                                         self.scale, self.window, out)
                 continue
             # [B, Q, H, D]

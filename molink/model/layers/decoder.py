@@ -248,13 +248,22 @@ class DecoderBody(StageBody):
         self.rotaries = {key: rotaries[key] for key in set(rope_keys.values())}
         self.layer_keys = [rope_keys[i] for i in range(start_layer, end_layer)]
 
+    # decode_layers.DecodeLayers where a decode step runs the layers in one call
+    # (use_decode_layers; one rotary table)
+    decode_layers = None
+
     def forward(self, positions: torch.Tensor, meta: AttentionMetadata,
                 input_ids: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed(input_ids, positions) if self.is_first else hidden_states  # [T, hidden]
         tables = {key: self._tables(rotary, positions) for key, rotary in self.rotaries.items()}
-        for layer, key in zip(self.layer_list, self.layer_keys):
-            h = layer(h, *tables[key], meta)
+        at_once = None if self.decode_layers is None else self.decode_layers(
+            h, *tables[self.layer_keys[0]], meta)
+        if at_once is not None:
+            h = at_once
+        else:
+            for layer, key in zip(self.layer_list, self.layer_keys):
+                h = layer(h, *tables[key], meta)
         return self.final_norm(h) if self.is_last else h
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -61,12 +61,13 @@ _ENTRY_POINTS = {torch.bfloat16: "molink_gemm_bf16", torch.float16: "molink_gemm
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_ATTENTION_ARGTYPES = [_P, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64,
-                       ctypes.c_float, _I64, _INT, _P, _INT]
+_ATTENTION_ARGTYPES = [_P, _I64, _I64, _P, _P, _P, _I64, _I64, _P, _P, _I64, _I64, _I64, _I64,
+                       _I64, ctypes.c_float, _I64, _INT, _P, _INT]
 _OPERATOR_ARGTYPES = {  # a decoder layer's small operators (gemm16.c, the end)
     "molink_rms_norm": [_P, _I64, _I64, _I64, _P, ctypes.c_float, _INT, _P],
     "molink_rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "molink_silu_mul": [_P, _I64, _I64, _INT, _P],
+    "molink_add16": [_P, _P, _I64, _INT],
 }
 
 
@@ -87,6 +88,12 @@ class Fused16:
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, None
             setattr(self, "_" + name.removeprefix("molink_"), function)
+
+    def __deepcopy__(self, memo) -> Fused16:
+        return self  # one loaded library per process: a copied module shares it
+
+    def __reduce__(self):
+        return kernels, ()  # a pickled module finds the kernels of the process that loads it
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``RMSNorm``'s forward for 16-bit ``x`` [..., n] (rows at any stride, each row
@@ -113,6 +120,16 @@ class Fused16:
                        out.data_ptr())
         return out
 
+    def add_(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``h += x`` for contiguous 16-bit tensors of one dtype and shape (numel a multiple
+        of 8): PyTorch's 16-bit add (float32 sum, one rounding). Returns ``h``."""
+        if not (h.dtype == x.dtype and h.dtype in _ENTRY_POINTS and h.shape == x.shape
+                and h.is_contiguous() and x.is_contiguous() and h.numel() % 8 == 0):
+            raise ValueError(f"add_ takes two contiguous 16-bit tensors of one shape, "
+                             f"{h.numel()} values a multiple of 8")
+        self._add16(h.data_ptr(), x.data_ptr(), h.numel(), int(h.dtype == torch.float16))
+        return h
+
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          q_rows: torch.Tensor, positions: torch.Tensor,
                          block_tables: torch.Tensor, scale: float, window: int | None,
@@ -121,13 +138,16 @@ class Fused16:
         ``q[q_rows[b]]`` ([heads, D]) attends to keys 0..``positions[b]`` (the last
         ``window`` of them with a window) through ``block_tables[b]``; the result goes to
         ``out[q_rows[b]]``. q, caches ([blocks, block_size, kv_heads, D]) and out: one 16-bit
-        dtype, contiguous; the index tensors int64, contiguous."""
+        dtype; caches and out contiguous, q's rows at any stride (a view of the q|k|v
+        product); the index tensors int64, contiguous."""
         heads, head_dim = q.shape[1], q.shape[2]
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            q = q.contiguous()
         num_blocks, block_size, kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2]
         if out.shape[0] < q.shape[0] or out.shape[1:] != q.shape[1:]:
             raise ValueError(f"out {tuple(out.shape)} cannot hold q {tuple(q.shape)}")
         status = self._attend(
-            q.data_ptr(), q.shape[0], q_rows.data_ptr(), positions.data_ptr(),
+            q.data_ptr(), q.shape[0], q.stride(0), q_rows.data_ptr(), positions.data_ptr(),
             block_tables.data_ptr(), block_tables.shape[1], q_rows.shape[0], k_cache.data_ptr(),
             v_cache.data_ptr(), num_blocks, block_size, heads, kv_heads, head_dim, scale,
             window or 0, int(q.dtype == torch.float16), out.data_ptr(), torch.get_num_threads())
@@ -273,7 +293,8 @@ def _self_check(fused: Fused16) -> None:
 
 def _check_decode_step(fused: Fused16, generator: torch.Generator) -> None:
     """The decode step's kernels against PyTorch in float32 (attention: 2 sequences, GQA
-    2:1, scattered blocks, 1 and 19 keys; norm, RoPE, SwiGLU on two bf16 rows)."""
+    2:1, scattered blocks, 1 and 19 keys; norm, RoPE, SwiGLU, residual add on two bf16
+    rows)."""
     cache = torch.randn(2, 6, 4, 1, 16, generator=generator).bfloat16()  # [2, blocks, 4, 1, D]
     q = torch.randn(2, 2, 16, generator=generator).bfloat16()
     tables = torch.tensor([[5, 0, 0, 0, 0], [3, 1, 4, 2, 0]])
@@ -295,7 +316,8 @@ def _check_decode_step(fused: Fused16, generator: torch.Generator) -> None:
     rotated = x.view(2, 2, 16).clone()
     fused.rotary(rotated, angles.cos()[..., :16].contiguous(), angles.sin()[..., :16].contiguous())
     gate, up = x.chunk(2, dim=-1)
-    if not (torch.allclose(fused.rms_norm(x, weight, 1e-6).float(), normed.float(),
+    total = fused.add_(x.clone(), weight.expand(2, 32).contiguous())
+    if not (torch.equal(total, x + weight) and torch.allclose(fused.rms_norm(x, weight, 1e-6).float(), normed.float(),
                            rtol=2 ** -6, atol=1e-3)
             and torch.allclose(fused.silu_mul(x).float(), (F.silu(gate) * up).float(),
                                rtol=2 ** -6, atol=1e-3)

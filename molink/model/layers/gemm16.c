@@ -128,8 +128,8 @@ void molink_gemm_f16(const float* x, int64_t rows, const uint16_t* tiles, int64_
  * first = positions[b] - window + 1), read in place from the cache blocks of its block table
  * (no gathered copy). Scores scale * q.k, softmax and the weighted sum of values all in
  * float32 (16-bit values widen exactly), each output rounded once (to nearest even) to the
- * cache's dtype. q: [rows][heads][D] (row q_rows[b] for sequence b), out: the same rows;
- * cache: [blocks][block_size][kv_heads][D]; D a multiple of 8. */
+ * cache's dtype. q: rows of [heads][D] at q_stride elements (row q_rows[b] for sequence
+ * b), out: [rows][heads][D], the same rows; cache: [blocks][block_size][kv_heads][D]; D a multiple of 8. */
 static inline __m256 load8(const uint16_t* p, const int f16) {
     const __m128i v = _mm_loadu_si128((const __m128i*)p);
     return f16 ? _mm256_cvtph_ps(v)
@@ -353,7 +353,8 @@ static int in_bounds(const int64_t* q_rows, const int64_t* positions, const int6
 
 /* Returns 0; -1 for shapes it does not take or when a buffer could not be allocated, -2 for
  * indices out of bounds (in either case nothing trustworthy written). */
-int molink_decode_attention(const uint16_t* q, int64_t q_count, const int64_t* q_rows,
+int molink_decode_attention(const uint16_t* q, int64_t q_count, int64_t q_stride,
+                            const int64_t* q_rows,
                             const int64_t* positions, const int64_t* tables, int64_t max_blocks,
                             int64_t seqs, const uint16_t* k_cache, const uint16_t* v_cache,
                             int64_t num_blocks, int64_t block_size, int64_t heads,
@@ -391,9 +392,11 @@ int molink_decode_attention(const uint16_t* q, int64_t q_count, const int64_t* q
                 const int64_t at = task * per_task + part, b = at / kv_heads, h = at % kv_heads;
                 const int64_t last = positions[b];
                 const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
-                const int64_t offset = (q_rows[b] * heads + h * G) * head_dim;
-                (f16 ? attend_f16 : attend_bf16)(&cache, q + offset, tables + b * max_blocks,
-                                                 first, last, h, out + offset, buffer);
+                const int64_t head = h * G * head_dim;
+                (f16 ? attend_f16 : attend_bf16)(&cache, q + q_rows[b] * q_stride + head,
+                                                 tables + b * max_blocks, first, last, h,
+                                                 out + q_rows[b] * heads * head_dim + head,
+                                                 buffer);
             }
         }
         free(buffer);
@@ -477,4 +480,10 @@ void molink_silu_mul(const uint16_t* gate_up, int64_t rows, int64_t n, int f16,
             store8(out + r * n + i, _mm256_mul_ps(silu, load8(gate + n + i, f16)), f16);
         }
     }
+}
+
+/* Residual add: h = 16-bit(h + x), n values (a multiple of 8), as PyTorch's 16-bit add. */
+void molink_add16(uint16_t* h, const uint16_t* x, int64_t n, int f16) {
+    for (int64_t i = 0; i < n; i += 8)
+        store8(h + i, _mm256_add_ps(load8(h + i, f16), load8(x + i, f16)), f16);
 }

@@ -1,0 +1,244 @@
+"""A decode step's decoder layers in one C call (``decode_layers.c``).
+
+On a CPU, a 16-bit decode step of a Llama-shaped stage runs its work in MoLink's kernels
+(``AmxLinear`` products, ``fused16``'s attention, norms, RoPE and SwiGLU); what is left
+between them is Python: ~13 module calls a layer with their views, checks and allocations,
+~3 ms of a 12-layer step that computes in ~10 (a quarter of one stream's time per token).
+``DecodeLayers`` calls the same kernels, with the same arguments and in the same order,
+from one C loop over the stage's layers: a step's hidden states and KV cache come out bit
+for bit as the module path's, which stays the reference (and runs everything else: prefill
+chunks, steps mixing prefill and decode, models or layers it does not cover).
+
+It covers the plain pre-norm block (``DecoderLayer`` in the sequential layout) with
+``RMSNorm`` norms, optional per-head q/k ``RMSNorm`` (Qwen3), full-width rotate-half RoPE
+from one table, no soft-capping, ALiBi or sinks, a SwiGLU MLP, and all four products in
+AMX tiles (bf16 on a CPU with AMX); hidden size, ``heads * head_dim`` and the MLP width
+multiples of 32. ``use_decode_layers`` attaches it where every layer of a stage qualifies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from molink.model.layers import fused16
+from molink.model.layers.attention import AttentionMetadata
+from molink.model.layers.decoder import DecoderBody, DecoderLayer, RotaryAttention
+from molink.model.layers.mlp import GatedMLP
+from molink.model.layers.norm import RMSNorm
+from molink.model.layers.packed_linear import AmxLinear
+from molink.model.layers.rotary import apply_rotary
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_layers.c")
+_KERNELS = ("gemm", "attention", "rms_norm", "rotary", "silu_mul", "add")
+_WEIGHTS = ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "o", "gate_up", "down",
+            "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache")
+
+
+class _Kernels(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in _KERNELS]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "hidden", "heads", "kv_heads", "head_dim", "inter", "qkv_width", "block_size")]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_void_p) for name in _WEIGHTS]
+                + [("num_blocks", ctypes.c_int64), ("window", ctypes.c_int64)]
+                + [(name, ctypes.c_float) for name in (
+                    "input_eps", "post_eps", "q_eps", "k_eps", "scale")])
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """``decode_layers.c`` compiled (once per machine, as ``fused16``'s kernels) and loaded;
+    None where that fails (logged)."""
+    try:
+        lib = ctypes.CDLL(str(fused16.compiled(SOURCE)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning("decode steps call their layers one by one (%s)", error)
+        return None
+    lib.molink_decode_layers.restype = ctypes.c_int
+    return lib
+
+
+def _address(function) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _norm_reason(norm: nn.Module, size: int) -> str | None:
+    if type(norm) is not RMSNorm or norm.kernel is None:
+        return f"{type(norm).__name__} is not a plain RMSNorm on fused16's kernel"
+    if norm.weight.dtype != torch.bfloat16 or norm.weight.shape != (size,):
+        return f"a norm weight of {norm.weight.dtype} {tuple(norm.weight.shape)}"
+    return None
+
+
+def layer_reason(layer: nn.Module) -> str | None:
+    """Why ``molink_decode_layers`` cannot run ``layer``'s decode steps, or None."""
+    if not isinstance(layer, DecoderLayer) or type(layer).forward is not DecoderLayer.forward:
+        return f"{type(layer).__name__} is not the plain decoder layer"
+    if not layer.sequential:
+        return f"the {layer.layout} layout"
+    attn, mlp = layer.self_attn, layer.mlp
+    if type(attn).forward is not RotaryAttention.forward:
+        return f"{type(attn).__name__}'s own attention"
+    paged = attn.attn
+    if (attn.rotate is not apply_rotary or attn.rope_in_fp32 or attn.rope_kernel is None
+            or attn.sinks is not None):
+        return "its rotary embedding or attention sinks"
+    if paged.decode_kernel is None or paged.softcap is not None or paged.alibi_slopes is not None:
+        return "its attention (soft-capping, ALiBi, or no decode kernel)"
+    if type(mlp) is not GatedMLP or mlp.act is not F.silu or mlp.kernel is None:
+        return f"its MLP ({type(mlp).__name__})"
+    hidden, head_dim = layer.input_layernorm.weight.shape[0], attn.head_dim
+    q_size, kv_size, inter = attn.q_size, attn.kv_size, mlp._down.in_features
+    products = ((attn._qkv_proj, hidden, q_size + 2 * kv_size), (attn._out_proj, q_size, hidden),
+                (mlp._gate_up, hidden, 2 * inter), (mlp._down, inter, hidden))
+    for linear, in_features, out_features in products:
+        if type(linear) is not AmxLinear or (linear.in_features, linear.out_features) != (
+                in_features, out_features):
+            return f"a {type(linear).__name__} product, not bf16 weights in AMX tiles"
+    if hidden % 32 or q_size % 32 or inter % 32 or head_dim % 16:
+        return f"sizes not multiples of 32 (hidden {hidden}, q {q_size}, MLP {inter})"
+    norms = [(layer.input_layernorm, hidden), (layer.post_attention_layernorm, hidden)]
+    if attn.has_qk_norm:
+        norms += [(attn._q_norm, head_dim), (attn._k_norm, head_dim)]
+    return next(filter(None, (_norm_reason(norm, size) for norm, size in norms)), None)
+
+
+class DecodeLayers:
+    """Runs ``layers`` (each one ``layer_reason`` accepts, all of one shape) for a decode
+    step in one call to ``molink_decode_layers``."""
+
+    def __init__(self, layers: list[DecoderLayer], lib: ctypes.CDLL, fused, amx) -> None:
+        self.layers = layers
+        self._run = lib.molink_decode_layers
+        self._kernels = _Kernels(
+            gemm=_address(amx._gemm16), attention=_address(fused._attend),
+            rms_norm=_address(fused._rms_norm), rotary=_address(fused._rotary),
+            silu_mul=_address(fused._silu_mul), add=_address(fused._add16))
+        attn, mlp = layers[0].self_attn, layers[0].mlp
+        self.hidden, inter = layers[0].input_layernorm.weight.shape[0], mlp._down.in_features
+        self.head_dim = attn.head_dim
+        qkv_width = attn._qkv_proj.tiles.shape[0] * 16
+        self._dims = _Dims(hidden=self.hidden, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+                           head_dim=attn.head_dim, inter=inter, qkv_width=qkv_width)
+        # scratch per row: a product's input, the q|k|v product, o / down, gate|up
+        self._scratch_row = (max(self.hidden, attn.q_size, inter) + qkv_width + self.hidden
+                             + 2 * inter)
+        self._bound: list[torch.Tensor] | None = None  # what the descriptors point at
+        self._descriptors = None
+
+    def __deepcopy__(self, memo) -> None:
+        return None  # a copied model runs its layers one by one (pointers are per tensor)
+
+    def __reduce__(self):
+        return type(None), ()  # likewise for a pickled one
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor | None:
+        """``h`` [T, hidden] after the layers, or None where this is not a step of T decode
+        queries in bf16 with a bound bf16 KV cache (the caller runs the modules)."""
+        rows = h.shape[0]
+        if meta.state is not None or len(meta.groups) != 1 or h.dtype != torch.bfloat16:
+            return None
+        group = meta.groups[0]
+        if (not group.is_decode or group.token_index.shape[0] != rows
+                or cos.shape != (rows, 1, self.head_dim) or cos.dtype != torch.float32
+                or not (cos.is_contiguous() and sin.is_contiguous())
+                or h.shape[1] != self.hidden):
+            return None
+        descriptors = self._current_descriptors()
+        if descriptors is None:
+            return None
+        q_rows, positions, tables = group.decode_rows()
+        slots = meta.slot_mapping.to(torch.int64).contiguous()
+        out = h.clone(memory_format=torch.contiguous_format)
+        scratch = torch.empty(rows * self._scratch_row, dtype=torch.bfloat16)
+        status = self._run(
+            ctypes.byref(self._kernels), ctypes.byref(self._dims), descriptors,
+            ctypes.c_int64(len(self.layers)), ctypes.c_void_p(out.data_ptr()),
+            ctypes.c_int64(rows), ctypes.c_void_p(cos.data_ptr()),
+            ctypes.c_void_p(sin.data_ptr()), ctypes.c_void_p(slots.data_ptr()),
+            ctypes.c_void_p(q_rows.data_ptr()), ctypes.c_void_p(positions.data_ptr()),
+            ctypes.c_void_p(tables.data_ptr()), ctypes.c_int64(tables.shape[1]),
+            ctypes.c_int64(q_rows.shape[0]), ctypes.c_void_p(scratch.data_ptr()),
+            ctypes.c_int(torch.get_num_threads()))
+        if status == -2:
+            raise IndexError("decode step: a cache slot, query row, position or block outside "
+                             "the step's tensors or the KV cache")
+        if status != 0:
+            raise RuntimeError(f"decode_layers.c refused the step ({status})")
+        return out
+
+    def _current_descriptors(self):
+        """The layers' descriptors, rebuilt when a weight or KV cache tensor was replaced;
+        None while a cache is unbound or not bf16."""
+        bound = [tensor for layer in self.layers for tensor in _tensors(layer)]
+        if self._bound is not None and len(bound) == len(self._bound) and all(
+                a is b for a, b in zip(bound, self._bound)):
+            return self._descriptors
+        caches = [layer.self_attn.attn.kv_cache for layer in self.layers]
+        heads = (self._dims.kv_heads, self.head_dim)
+        if any(c is None or c.dtype != torch.bfloat16 or not c.is_contiguous()
+               or c.dim() != 5 or c.shape[3:] != heads or c.shape[2] != caches[0].shape[2]
+               for c in caches):
+            return None
+        self._dims.block_size = caches[0].shape[2]
+        self._descriptors = (_Layer * len(self.layers))(*map(_descriptor, self.layers))
+        self._bound = bound
+        return self._descriptors
+
+
+def _tensors(layer: DecoderLayer) -> list:
+    """What a layer's descriptor points into (None for what it lacks)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    products = (attn._qkv_proj, attn._out_proj, mlp._gate_up, mlp._down)
+    norms = (layer.input_layernorm, layer.post_attention_layernorm,
+             *((attn._q_norm, attn._k_norm) if attn.has_qk_norm else (None, None)))
+    return ([None if n is None else n.weight for n in norms] + [p.tiles for p in products]
+            + [p._padded_bias() for p in products] + [attn.attn.kv_cache])
+
+
+def _descriptor(layer: DecoderLayer) -> _Layer:
+    attn, paged = layer.self_attn, layer.self_attn.attn
+    *weights, cache = _tensors(layer)
+    pointers = [None if t is None else t.data_ptr() for t in weights]
+    k_cache, v_cache = cache[0], cache[1]
+    eps = [layer.input_layernorm.eps, layer.post_attention_layernorm.eps,
+           *((attn._q_norm.eps, attn._k_norm.eps) if attn.has_qk_norm else (0.0, 0.0))]
+    return _Layer(*pointers, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+                  paged.window or 0, *eps, paged.scale)
+
+
+def use_decode_layers(model: nn.Module, fused) -> int:
+    """Let ``model``'s decode steps run its layers in one call where every layer qualifies
+    (``layer_reason``) and the body rotates with one table; ``fused``: ``fused16.kernels()``.
+    How many layers (0: the modules run them, the reason logged)."""
+    body = getattr(model, "body", None)
+    if not isinstance(body, DecoderBody) or not body.layer_list:
+        return 0
+    reason = ("layers rotate with several tables" if len(body.rotaries) != 1 else
+              next(filter(None, map(layer_reason, body.layer_list)), None))
+    lib = library() if reason is None else None
+    if reason is not None or lib is None:
+        logger.info("decode steps call their layers one by one (%s)",
+                    reason or "decode_layers.c did not load")
+        return 0
+    amx = body.layer_list[0].self_attn._qkv_proj.amx
+    body.decode_layers = DecodeLayers(body.layer_list, lib, fused, amx)
+    logger.info("decode steps run %d layers in one call (decode_layers.c)",
+                len(body.layer_list))
+    return len(body.layer_list)

@@ -1,0 +1,196 @@
+"""A decode step's layers in one C call (``decode_layers``): the same hidden states and KV
+cache as the modules, bit for bit, for the models and stages it covers; the modules for
+every step or model it does not."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from molink.messages import BatchEntry
+from molink.model.layers import decode_layers, fused16, int_amx
+from molink.model.loader import load_model
+from molink.runtime.kv_cache import allocate_kv_cache
+from molink.runtime.step_inputs import build_step_inputs
+
+CPU = torch.device("cpu")
+BLOCK_SIZE = 4
+UNAVAILABLE = (fused16.unsupported_reason() or int_amx.unsupported_reason()
+               or (fused16.kernels() is None and "fused16 failed")
+               or (int_amx.kernels() is None and "the AMX kernel failed"))
+pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"no AMX and fused kernels: "
+                                                          f"{UNAVAILABLE}")
+
+
+def _stage(directory, start: int, end: int | None, at_once: bool):
+    model, _ = load_model(str(directory), start, end, "bfloat16", CPU)
+    assert model.body.decode_layers is not None
+    if not at_once:
+        model.body.decode_layers = None
+    allocate_kv_cache(model.attention_layers(), 64, BLOCK_SIZE, torch.bfloat16, CPU)
+    return model
+
+
+class _Requests:
+    """Prompts of different lengths over scattered blocks, prefilled, then decoded together."""
+
+    def __init__(self, lengths: list[int], vocab: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = {f"r{i}": torch.randint(3, vocab, (n,), generator=gen).tolist()
+                    for i, n in enumerate(lengths)}
+        order = torch.randperm(64, generator=gen).tolist()
+        self.blocks = {rid: order[i * 16:(i + 1) * 16] for i, rid in enumerate(self.ids)}
+
+    def step(self, entries, stage):
+        return build_step_inputs(entries, self.ids, self.blocks, BLOCK_SIZE, CPU,
+                                 with_input_ids=stage.is_first)
+
+    def prefill(self):
+        return [BatchEntry(rid, 0, len(ids), True) for rid, ids in self.ids.items()]
+
+    def decode(self):
+        return [BatchEntry(rid, len(ids) - 1, 1, True) for rid, ids in self.ids.items()]
+
+
+@torch.no_grad()
+def _run(stages, requests: _Requests, steps: int) -> list[torch.Tensor]:
+    """Prefill, then ``steps`` decode steps of every request (greedy): each step's last
+    hidden states."""
+    outputs = []
+    for number in range(steps + 1):
+        entries = requests.prefill() if number == 0 else requests.decode()
+        hidden = None
+        for stage in stages:
+            inputs = requests.step(entries, stage)
+            hidden = stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids,
+                           hidden_states=hidden)
+        outputs.append(hidden)
+        rows = torch.tensor([i for i, _ in enumerate(entries)]) if number else torch.tensor(
+            [sum(len(ids) for ids in list(requests.ids.values())[:i + 1]) - 1
+             for i in range(len(entries))])
+        tokens = stages[-1].compute_logits(hidden[rows]).argmax(-1).tolist()
+        for rid, token in zip(requests.ids, tokens):
+            requests.ids[rid].append(token)
+    return outputs
+
+
+def _count_calls(runner, calls: list) -> None:
+    original = runner._run
+    runner._run = lambda *args: calls.append(1) or original(*args)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral-window"])
+def test_a_decode_step_is_the_modules_bit_for_bit(tiny_model_dir, name):
+    """Llama; Qwen2 (biases); Qwen3 (per-head q/k norms); Mistral with a window shorter
+    than the contexts: hidden states of every step and the KV caches identical."""
+    directory = tiny_model_dir(name)
+    results, calls = {}, []
+    for at_once in (True, False):
+        stages = [_stage(directory, 0, None, at_once)]
+        if at_once:
+            _count_calls(stages[0].body.decode_layers, calls)
+        requests = _Requests([3, 17, 30, 9], vocab=400)
+        results[at_once] = (_run(stages, requests, steps=12), requests.ids,
+                            [a.kv_cache for a in stages[0].attention_layers()])
+    assert len(calls) == 12  # every decode step in one call
+    (ours, ours_ids, ours_caches), (theirs, their_ids, their_caches) = results.values()
+    assert ours_ids == their_ids
+    for got, expected in zip(ours, theirs):
+        assert torch.equal(got, expected)
+    for got, expected in zip(ours_caches, their_caches):
+        assert torch.equal(got, expected)
+
+
+def test_each_stage_of_a_pipeline_runs_its_own_layers(tiny_model_dir):
+    """First, middle and last stages (hidden states in, residual out): the modules' results,
+    and the input the previous stage handed over untouched."""
+    directory = tiny_model_dir("llama")
+    ranges = [(0, 1), (1, 3), (3, None)]
+    results = {}
+    for at_once in (True, False):
+        stages = [_stage(directory, start, end, at_once) for start, end in ranges]
+        results[at_once] = _run(stages, _Requests([5, 22], vocab=400, seed=1), steps=6)
+    for got, expected in zip(*results.values()):
+        assert torch.equal(got, expected)
+    stage = _stage(directory, 1, 3, True)
+    requests = _Requests([5], vocab=400)
+    inputs = requests.step(requests.prefill(), stage)
+    stage(inputs.positions, inputs.meta, hidden_states=torch.randn(5, 64).bfloat16())
+    requests.ids["r0"].append(7)
+    inputs = requests.step(requests.decode(), stage)
+    handed_over = torch.randn(1, 64).bfloat16()
+    before = handed_over.clone()
+    stage(inputs.positions, inputs.meta, hidden_states=handed_over)
+    assert torch.equal(handed_over, before)
+
+
+def test_steps_it_does_not_cover_run_the_modules(tiny_model_dir):
+    """Prefill and steps mixing prefill and decode go through the modules; a decode step
+    through one call."""
+    stage = _stage(tiny_model_dir("llama"), 0, None, True)
+    calls = []
+    _count_calls(stage.body.decode_layers, calls)
+    requests = _Requests([6, 11], vocab=400)
+    with torch.no_grad():
+        inputs = requests.step(requests.prefill(), stage)
+        stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids)
+        assert not calls
+        requests.ids["r0"].append(5)
+        requests.ids["r1"] += [5, 6, 7]  # r1: a 3-token chunk beside r0's decode token
+        entries = [BatchEntry("r0", 6, 1, True), BatchEntry("r1", 11, 3, True)]
+        inputs = requests.step(entries, stage)
+        stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids)
+        assert not calls
+        inputs = requests.step([BatchEntry("r0", 6, 1, True)], stage)
+        stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids)
+        assert calls == [1]
+
+
+def test_a_replaced_kv_cache_is_followed(tiny_model_dir):
+    """The descriptors point at the caches bound now, not those of the first step."""
+    directory = tiny_model_dir("llama")
+    results = []
+    for at_once in (True, False):
+        stage = _stage(directory, 0, None, at_once)
+        _run([stage], _Requests([4, 9], vocab=400), steps=2)
+        allocate_kv_cache(stage.attention_layers(), 64, BLOCK_SIZE, torch.bfloat16, CPU)
+        results.append(_run([stage], _Requests([7, 3], vocab=400, seed=2), steps=3))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
+def test_a_slot_outside_the_cache_raises_instead_of_writing_past_it(tiny_model_dir):
+    stage = _stage(tiny_model_dir("llama"), 0, None, True)
+    requests = _Requests([5], vocab=400)
+    with torch.no_grad():
+        inputs = requests.step(requests.prefill(), stage)
+        stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids)
+        requests.ids["r0"].append(3)
+        inputs = requests.step(requests.decode(), stage)
+        inputs.meta.slot_mapping[0] = 64 * BLOCK_SIZE
+        with pytest.raises(IndexError):
+            stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids)
+
+
+@pytest.mark.parametrize("name,dtype,reason", [
+    ("llama", "float32", ""),  # no 16-bit kernels at all
+    ("llama", "float16", "not bf16 weights in AMX tiles"),
+    ("gemma2", "bfloat16", "layout"),
+    ("glm", "bfloat16", "rotary"),
+])
+def test_models_it_does_not_cover_keep_the_modules(tiny_model_dir, caplog, name, dtype, reason):
+    with caplog.at_level("INFO", logger="molink.model.layers.decode_layers"):
+        model, _ = load_model(str(tiny_model_dir(name)), 0, None, dtype, CPU)
+    assert model.body.decode_layers is None
+    assert reason in caplog.text
+
+
+def test_a_copied_or_pickled_model_runs_the_modules(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir("llama")), 0, None, "bfloat16", CPU)
+    assert copy.deepcopy(model).body.decode_layers is None
+    assert pickle.loads(pickle.dumps(model)).body.decode_layers is None
+    assert model.body.decode_layers is not None
+    assert decode_layers.layer_reason(model.body.layer_list[0]) is None
