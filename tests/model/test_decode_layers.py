@@ -149,15 +149,31 @@ def test_steps_it_does_not_cover_run_the_modules(tiny_model_dir):
         assert calls == [1]
 
 
-def test_a_replaced_kv_cache_is_followed(tiny_model_dir):
-    """The descriptors point at the caches bound now, not those of the first step."""
-    directory = tiny_model_dir("llama")
+def _replace_cache(stage):
+    allocate_kv_cache(stage.attention_layers(), 64, BLOCK_SIZE, torch.bfloat16, CPU)
+
+
+def _replace_weight(stage):
+    linear = stage.body.layer_list[1].mlp._down
+    linear.set_weight(linear.weight * 2)
+
+
+def _shift_bias_in_place(stage):
+    stage.body.layer_list[0].self_attn._qkv_proj.bias.add_(0.5)
+
+
+@pytest.mark.parametrize("change", [_replace_cache, _replace_weight, _shift_bias_in_place])
+def test_what_the_layers_point_at_is_followed_when_it_changes(tiny_model_dir, change):
+    """The descriptors follow a newly bound KV cache, a replaced weight and a bias changed
+    in place (whose padded copy is rebuilt), as the modules do."""
+    directory = tiny_model_dir("qwen2")  # biases on q, k, v
     results = []
     for at_once in (True, False):
         stage = _stage(directory, 0, None, at_once)
-        _run([stage], _Requests([4, 9], vocab=400), steps=2)
-        allocate_kv_cache(stage.attention_layers(), 64, BLOCK_SIZE, torch.bfloat16, CPU)
-        results.append(_run([stage], _Requests([7, 3], vocab=400, seed=2), steps=3))
+        first = _run([stage], _Requests([4, 9], vocab=400), steps=2)
+        with torch.no_grad():
+            change(stage)
+        results.append(first + _run([stage], _Requests([7, 3], vocab=400, seed=2), steps=3))
     for got, expected in zip(*results):
         assert torch.equal(got, expected)
 

@@ -138,8 +138,9 @@ class DecodeLayers:
         # scratch per row: a product's input, the q|k|v product, o / down, gate|up
         self._scratch_row = (max(self.hidden, attn.q_size, inter) + qkv_width + self.hidden
                              + 2 * inter)
-        self._bound: list[torch.Tensor] | None = None  # what the descriptors point at
         self._descriptors = None
+        self._watched: list[tuple[dict, str, object]] = []  # what they point into
+        self._bias_versions: list[tuple[torch.Tensor, int]] = []
 
     def __deepcopy__(self, memo) -> None:
         return None  # a copied model runs its layers one by one (pointers are per tensor)
@@ -184,11 +185,12 @@ class DecodeLayers:
         return out
 
     def _current_descriptors(self):
-        """The layers' descriptors, rebuilt when a weight or KV cache tensor was replaced;
-        None while a cache is unbound or not bf16."""
-        bound = [tensor for layer in self.layers for tensor in _tensors(layer)]
-        if self._bound is not None and len(bound) == len(self._bound) and all(
-                a is b for a, b in zip(bound, self._bound)):
+        """The layers' descriptors, rebuilt when a weight, bias or KV cache was replaced (or
+        a bias changed in place: its padded copy is stale); None while a cache is unbound,
+        not bf16 or not of the layers' shape."""
+        if self._descriptors is not None and all(
+                owner.get(name) is held for owner, name, held in self._watched) and all(
+                bias._version == version for bias, version in self._bias_versions):
             return self._descriptors
         caches = [layer.self_attn.attn.kv_cache for layer in self.layers]
         heads = (self._dims.kv_heads, self.head_dim)
@@ -198,25 +200,37 @@ class DecodeLayers:
             return None
         self._dims.block_size = caches[0].shape[2]
         self._descriptors = (_Layer * len(self.layers))(*map(_descriptor, self.layers))
-        self._bound = bound
+        self._watched = [watched for layer in self.layers for watched in _watched(layer)]
+        self._bias_versions = [(held, held._version) for owner, name, held in self._watched
+                               if name == "bias" and held is not None]
         return self._descriptors
 
 
-def _tensors(layer: DecoderLayer) -> list:
-    """What a layer's descriptor points into (None for what it lacks)."""
+def _parts(layer: DecoderLayer):
+    """(norms, products) of a layer: None for the per-head norms it lacks."""
     attn, mlp = layer.self_attn, layer.mlp
-    products = (attn._qkv_proj, attn._out_proj, mlp._gate_up, mlp._down)
     norms = (layer.input_layernorm, layer.post_attention_layernorm,
              *((attn._q_norm, attn._k_norm) if attn.has_qk_norm else (None, None)))
-    return ([None if n is None else n.weight for n in norms] + [p.tiles for p in products]
-            + [p._padded_bias() for p in products] + [attn.attn.kv_cache])
+    return norms, (attn._qkv_proj, attn._out_proj, mlp._gate_up, mlp._down)
+
+
+def _watched(layer: DecoderLayer) -> list[tuple[dict, str, object]]:
+    """(where, name, what): each tensor a layer's descriptor was built from, as its module
+    holds it (a dict lookup to check per step, not a module attribute)."""
+    norms, products = _parts(layer)
+    return ([(n._parameters, "weight", n.weight) for n in norms if n is not None]
+            + [(p._parameters, name, p._parameters[name]) for p in products
+               for name in ("tiles", "bias")]
+            + [(layer.self_attn.attn.__dict__, "kv_cache", layer.self_attn.attn.kv_cache)])
 
 
 def _descriptor(layer: DecoderLayer) -> _Layer:
     attn, paged = layer.self_attn, layer.self_attn.attn
-    *weights, cache = _tensors(layer)
+    norms, products = _parts(layer)
+    weights = ([None if n is None else n.weight for n in norms] + [p.tiles for p in products]
+               + [p._padded_bias() for p in products])
     pointers = [None if t is None else t.data_ptr() for t in weights]
-    k_cache, v_cache = cache[0], cache[1]
+    k_cache, v_cache = paged.kv_cache[0], paged.kv_cache[1]
     eps = [layer.input_layernorm.eps, layer.post_attention_layernorm.eps,
            *((attn._q_norm.eps, attn._k_norm.eps) if attn.has_qk_norm else (0.0, 0.0))]
     return _Layer(*pointers, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
