@@ -6,43 +6,54 @@ from __future__ import annotations
 
 import copy
 import pickle
+from unittest.mock import patch
 
 import pytest
 import torch
 
 from molink.messages import BatchEntry
+from molink.model import loader
 from molink.model.layers import decode_layers, fused16, int_amx
-from molink.model.loader import load_model
 from molink.runtime.kv_cache import allocate_kv_cache
 from molink.runtime.step_inputs import build_step_inputs
 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
-UNAVAILABLE = (fused16.unsupported_reason() or int_amx.unsupported_reason()
-               or (fused16.kernels() is None and "fused16 failed")
-               or (int_amx.kernels() is None and "the AMX kernel failed"))
-pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=f"no AMX and fused kernels: "
-                                                          f"{UNAVAILABLE}")
+FUSED = fused16.kernels()
+AMX = int_amx.kernels()
+pytestmark = pytest.mark.skipif(FUSED is None, reason=f"no fused kernels: "
+                                                      f"{fused16.unsupported_reason()}")
+# the products' kind and the dtype: MoLink's AMX kernel (bf16, where the CPU has AMX), or
+# fused16's widened-weight product (what a CPU without native bf16 gets; forced here)
+FLAVORS = [pytest.param(("amx", torch.bfloat16), id="amx-bf16", marks=pytest.mark.skipif(
+               AMX is None, reason=f"no AMX kernel: {int_amx.unsupported_reason()}")),
+           pytest.param(("fused", torch.bfloat16), id="fused-bf16"),
+           pytest.param(("fused", torch.float16), id="fused-fp16")]
+DEFAULT = FLAVORS[0].values[0] if AMX is not None else ("fused", torch.bfloat16)
 
 
-def _stage(directory, start: int, end: int | None, at_once: bool):
-    model, _ = load_model(str(directory), start, end, "bfloat16", CPU)
+def _stage(directory, start: int, end: int | None, at_once: bool, flavor=DEFAULT):
+    kind, dtype = flavor
+    with patch.object(loader, "cpu_lacks_native_bf16", lambda: kind == "fused"):
+        model, _ = loader.load_model(str(directory), start, end, str(dtype).split(".")[1], CPU)
     assert model.body.decode_layers is not None
+    assert model.body.decode_layers.amx == (kind == "amx")
     if not at_once:
         model.body.decode_layers = None
-    allocate_kv_cache(model.attention_layers(), 64, BLOCK_SIZE, torch.bfloat16, CPU)
+    allocate_kv_cache(model.attention_layers(), 64, BLOCK_SIZE, dtype, CPU)
     return model
 
 
 class _Requests:
     """Prompts of different lengths over scattered blocks, prefilled, then decoded together."""
 
-    def __init__(self, lengths: list[int], vocab: int, seed: int = 0):
+    def __init__(self, lengths: list[int], vocab: int, seed: int = 0, blocks_each: int = 16):
         gen = torch.Generator().manual_seed(seed)
         self.ids = {f"r{i}": torch.randint(3, vocab, (n,), generator=gen).tolist()
                     for i, n in enumerate(lengths)}
         order = torch.randperm(64, generator=gen).tolist()
-        self.blocks = {rid: order[i * 16:(i + 1) * 16] for i, rid in enumerate(self.ids)}
+        self.blocks = {rid: order[i * blocks_each:(i + 1) * blocks_each]
+                       for i, rid in enumerate(self.ids)}
 
     def step(self, entries, stage):
         return build_step_inputs(entries, self.ids, self.blocks, BLOCK_SIZE, CPU,
@@ -77,19 +88,30 @@ def _run(stages, requests: _Requests, steps: int) -> list[torch.Tensor]:
     return outputs
 
 
+@torch.no_grad()
+def _random_biases(stage) -> None:
+    gen = torch.Generator().manual_seed(5)
+    for module in stage.modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.5)
+
+
 def _count_calls(runner, calls: list) -> None:
     original = runner._run
     runner._run = lambda *args: calls.append(1) or original(*args)
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mistral-window"])
-def test_a_decode_step_is_the_modules_bit_for_bit(tiny_model_dir, name):
+def test_a_decode_step_is_the_modules_bit_for_bit(tiny_model_dir, name, flavor):
     """Llama; Qwen2 (biases); Qwen3 (per-head q/k norms); Mistral with a window shorter
-    than the contexts: hidden states of every step and the KV caches identical."""
+    than the contexts; each with either kind of product: hidden states of every step and
+    the KV caches identical."""
     directory = tiny_model_dir(name)
     results, calls = {}, []
     for at_once in (True, False):
-        stages = [_stage(directory, 0, None, at_once)]
+        stages = [_stage(directory, 0, None, at_once, flavor)]
+        _random_biases(stages[0])  # the checkpoint's are zeros
         if at_once:
             _count_calls(stages[0].body.decode_layers, calls)
         requests = _Requests([3, 17, 30, 9], vocab=400)
@@ -104,18 +126,19 @@ def test_a_decode_step_is_the_modules_bit_for_bit(tiny_model_dir, name):
         assert torch.equal(got, expected)
 
 
-def test_each_stage_of_a_pipeline_runs_its_own_layers(tiny_model_dir):
+@pytest.mark.parametrize("flavor", FLAVORS[:2])
+def test_each_stage_of_a_pipeline_runs_its_own_layers(tiny_model_dir, flavor):
     """First, middle and last stages (hidden states in, residual out): the modules' results,
     and the input the previous stage handed over untouched."""
     directory = tiny_model_dir("llama")
     ranges = [(0, 1), (1, 3), (3, None)]
     results = {}
     for at_once in (True, False):
-        stages = [_stage(directory, start, end, at_once) for start, end in ranges]
+        stages = [_stage(directory, start, end, at_once, flavor) for start, end in ranges]
         results[at_once] = _run(stages, _Requests([5, 22], vocab=400, seed=1), steps=6)
     for got, expected in zip(*results.values()):
         assert torch.equal(got, expected)
-    stage = _stage(directory, 1, 3, True)
+    stage = _stage(directory, 1, 3, True, flavor)
     requests = _Requests([5], vocab=400)
     inputs = requests.step(requests.prefill(), stage)
     stage(inputs.positions, inputs.meta, hidden_states=torch.randn(5, 64).bfloat16())
@@ -149,6 +172,23 @@ def test_steps_it_does_not_cover_run_the_modules(tiny_model_dir):
         assert calls == [1]
 
 
+@pytest.mark.parametrize("sequences", [fused16.MAX_ROWS, fused16.MAX_ROWS + 1])
+def test_fused16_products_take_steps_up_to_their_row_limit(tiny_model_dir, sequences):
+    """Beyond ``fused16.MAX_ROWS`` rows TiledCpuLinear multiplies otherwise (a widened
+    float32 GEMM): such steps run the modules, with the same results."""
+    directory = tiny_model_dir("llama")
+    results, calls = [], []
+    for at_once in (True, False):
+        stage = _stage(directory, 0, None, at_once, ("fused", torch.bfloat16))
+        if at_once:
+            _count_calls(stage.body.decode_layers, calls)
+        requests = _Requests([2] * sequences, vocab=400, seed=3, blocks_each=1)
+        results.append(_run([stage], requests, steps=1))
+    assert len(calls) == (1 if sequences <= fused16.MAX_ROWS else 0)
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
 def _replace_cache(stage):
     allocate_kv_cache(stage.attention_layers(), 64, BLOCK_SIZE, torch.bfloat16, CPU)
 
@@ -162,14 +202,15 @@ def _shift_bias_in_place(stage):
     stage.body.layer_list[0].self_attn._qkv_proj.bias.add_(0.5)
 
 
+@pytest.mark.parametrize("flavor", FLAVORS[:2])
 @pytest.mark.parametrize("change", [_replace_cache, _replace_weight, _shift_bias_in_place])
-def test_what_the_layers_point_at_is_followed_when_it_changes(tiny_model_dir, change):
+def test_what_the_layers_point_at_is_followed_when_it_changes(tiny_model_dir, change, flavor):
     """The descriptors follow a newly bound KV cache, a replaced weight and a bias changed
-    in place (whose padded copy is rebuilt), as the modules do."""
+    in place (whose float32 copy is rebuilt), as the modules do."""
     directory = tiny_model_dir("qwen2")  # biases on q, k, v
     results = []
     for at_once in (True, False):
-        stage = _stage(directory, 0, None, at_once)
+        stage = _stage(directory, 0, None, at_once, flavor)
         first = _run([stage], _Requests([4, 9], vocab=400), steps=2)
         with torch.no_grad():
             change(stage)
@@ -193,19 +234,20 @@ def test_a_slot_outside_the_cache_raises_instead_of_writing_past_it(tiny_model_d
 
 @pytest.mark.parametrize("name,dtype,reason", [
     ("llama", "float32", ""),  # no 16-bit kernels at all
-    ("llama", "float16", "not bf16 weights in AMX tiles"),
+    ("llama", "float16", "a Linear product"),  # native bf16: float16 stays nn.Linear
     ("gemma2", "bfloat16", "layout"),
     ("glm", "bfloat16", "rotary"),
 ])
 def test_models_it_does_not_cover_keep_the_modules(tiny_model_dir, caplog, name, dtype, reason):
-    with caplog.at_level("INFO", logger="molink.model.layers.decode_layers"):
-        model, _ = load_model(str(tiny_model_dir(name)), 0, None, dtype, CPU)
+    with caplog.at_level("INFO", logger="molink.model.layers.decode_layers"), patch.object(
+            loader, "cpu_lacks_native_bf16", lambda: AMX is None):
+        model, _ = loader.load_model(str(tiny_model_dir(name)), 0, None, dtype, CPU)
     assert model.body.decode_layers is None
     assert reason in caplog.text
 
 
 def test_a_copied_or_pickled_model_runs_the_modules(tiny_model_dir):
-    model, _ = load_model(str(tiny_model_dir("llama")), 0, None, "bfloat16", CPU)
+    model = _stage(tiny_model_dir("llama"), 0, None, True)
     assert copy.deepcopy(model).body.decode_layers is None
     assert pickle.loads(pickle.dumps(model)).body.decode_layers is None
     assert model.body.decode_layers is not None

@@ -1,20 +1,23 @@
 /* A decode step's decoder layers in one call: the Llama-shaped layer (RMSNorm, q|k|v
  * product, optional per-head q/k RMSNorm, rotate-half RoPE, KV written to the paged cache,
  * attention, output product, residual add; RMSNorm, gate|up product, SwiGLU, down product,
- * residual add) for every layer of a stage, with bf16 weights in AMX tiles. Compiled on first
- * use by molink/model/layers/decode_layers.py.
+ * residual add) for every layer of a stage, 16-bit activations. Compiled on first use by
+ * molink/model/layers/decode_layers.py.
  *
  * Nothing here computes: every operation is one of the kernels the module path calls one by
- * one from Python (int_amx.c's bf16 product, gemm16.c's attention, norm, RoPE, SwiGLU and
- * add), handed over as function pointers and called with the same arguments, in the same
- * order, so a step's result is the module path's bit for bit. What goes is the Python
- * between them (~13 module calls, views, checks and allocations a layer: ~3 ms of a
- * 12-layer step). */
+ * one from Python (the products: int_amx.c's bf16 AMX product, or gemm16.c's widened-weight
+ * product for CPUs without AMX; gemm16.c's attention, norm, RoPE, SwiGLU and add), handed
+ * over as function pointers and called with the same arguments, in the same order, so a
+ * step's result is the module path's bit for bit. What goes is the Python between them
+ * (~13 module calls, views, checks and allocations a layer: ~3 ms of a 12-layer step). */
 #include <stdint.h>
 #include <string.h>
 
-typedef void (*gemm_fn)(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t k32,
-                        int64_t n32, const float* bias, uint16_t* y, int threads);
+typedef void (*amx_fn)(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t k32,
+                       int64_t n32, const float* bias, uint16_t* y, int threads);
+typedef void (*linear_fn)(const uint16_t* x, int64_t rows, const uint16_t* tiles, int64_t in16,
+                          int64_t out8, const float* bias, uint16_t* y, float* scratch,
+                          int threads, int f16);
 typedef int (*attention_fn)(const uint16_t* q, int64_t q_count, int64_t q_stride,
                             const int64_t* q_rows, const int64_t* positions,
                             const int64_t* tables, int64_t max_blocks, int64_t seqs,
@@ -31,7 +34,8 @@ typedef void (*silu_mul_fn)(const uint16_t* gate_up, int64_t rows, int64_t n, in
 typedef void (*add_fn)(uint16_t* h, const uint16_t* x, int64_t n, int f16);
 
 typedef struct {
-    gemm_fn gemm;
+    amx_fn amx;       /* the products: one of these two, the other NULL */
+    linear_fn linear;
     attention_fn attention;
     rms_norm_fn rms_norm;
     rotary_fn rotary;
@@ -43,12 +47,13 @@ typedef struct {
  * input blocks: the products' inputs need no padding), head_dim of 16 (RoPE). */
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter;
-    int64_t qkv_width; /* the q|k|v product's outputs, padded to 32 */
+    int64_t qkv_width; /* the q|k|v product's outputs, padded to its tiles */
     int64_t block_size;
+    int64_t f16; /* activations, weights and cache: float16 (1) or bfloat16 (0) */
 } dims;
 
-/* One layer: RMSNorm weights (bf16; q_norm and k_norm NULL without per-head norms),
- * products' tiles (int_amx.pack16) and their float32 biases padded to the tiles (or NULL),
+/* One layer: RMSNorm weights (q_norm and k_norm NULL without per-head norms), products'
+ * tiles (int_amx.pack16 or fused16.pack) and their float32 biases padded to them (or NULL),
  * the layer's KV cache ([num_blocks][block_size][kv_heads][head_dim], k and v) */
 typedef struct {
     const uint16_t *input_norm, *post_norm, *q_norm, *k_norm;
@@ -59,20 +64,30 @@ typedef struct {
     float input_eps, post_eps, q_eps, k_eps, scale;
 } layer;
 
-/* The step: h [rows][hidden] bf16, updated in place through every layer; token t's key and
+static void product(const kernels* k, const uint16_t* x, int64_t rows, const uint16_t* w,
+                    int64_t in, int64_t out, const float* bias, uint16_t* y, float* scratch,
+                    int threads, int f16) {
+    if (k->amx) k->amx(x, rows, w, in, out, bias, y, threads);
+    else k->linear(x, rows, w, in, out, bias, y, scratch, threads, f16);
+}
+
+/* The step: h [rows][hidden], updated in place through every layer; token t's key and
  * value go to cache slot slots[t]; sequence b's query is row q_rows[b] at positions[b],
  * its blocks tables[b][0 .. max_blocks); cos, sin [rows][head_dim] float32. scratch:
- * rows * (max(hidden, heads * head_dim, inter) + qkv_width + hidden + 2 * inter) bf16.
+ * rows * (max(hidden, heads * head_dim, inter) + qkv_width + hidden + 2 * inter) 16-bit
+ * values; scratch32: the products' float32 scratch (rows * (2 * max(hidden, heads *
+ * head_dim, inter) + max(qkv_width, 2 * inter)) floats; unused by the AMX products).
  * Returns 0; -2 for a slot, query row, position or block outside the tensors or the cache
  * (checked before each layer's writes); -1 for shapes the kernels do not take. */
 int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, int64_t count,
                          uint16_t* h, int64_t rows, const float* cos, const float* sin,
                          const int64_t* slots, const int64_t* q_rows, const int64_t* positions,
                          const int64_t* tables, int64_t max_blocks, int64_t seqs,
-                         uint16_t* scratch, int threads) {
+                         uint16_t* scratch, float* scratch32, int threads) {
     const int64_t hidden = d->hidden, D = d->head_dim, inter = d->inter;
     const int64_t q_size = d->heads * D, kv_size = d->kv_heads * D, width = d->qkv_width;
-    if (hidden % 32 || q_size % 32 || inter % 32 || D % 16 || width < q_size + 2 * kv_size)
+    if (hidden % 32 || q_size % 32 || inter % 32 || D % 16 || width < q_size + 2 * kv_size
+        || !(k->amx || k->linear))
         return -1;
     int64_t widest = hidden > q_size ? hidden : q_size;
     widest = widest > inter ? widest : inter;
@@ -80,19 +95,20 @@ int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, i
     uint16_t* qkv = x + rows * widest; /* [rows][width] */
     uint16_t* y = qkv + rows * width;  /* [rows][hidden]: o and down products */
     uint16_t* gate_up = y + rows * hidden;
+    const int f16 = (int)d->f16;
     for (int64_t i = 0; i < count; ++i) {
         const layer* l = layers + i;
         for (int64_t t = 0; t < rows; ++t)
             if (slots[t] < 0 || slots[t] >= l->num_blocks * d->block_size) return -2;
-        k->rms_norm(h, rows, hidden, hidden, l->input_norm, l->input_eps, 0, x);
-        k->gemm(x, rows, l->qkv, hidden, width, l->qkv_bias, qkv, threads);
+        k->rms_norm(h, rows, hidden, hidden, l->input_norm, l->input_eps, f16, x);
+        product(k, x, rows, l->qkv, hidden, width, l->qkv_bias, qkv, scratch32, threads, f16);
         for (int64_t t = 0; t < rows && l->q_norm; ++t) { /* in place: each row read first */
             uint16_t* row = qkv + t * width;
-            k->rms_norm(row, d->heads, D, D, l->q_norm, l->q_eps, 0, row);
-            k->rms_norm(row + q_size, d->kv_heads, D, D, l->k_norm, l->k_eps, 0, row + q_size);
+            k->rms_norm(row, d->heads, D, D, l->q_norm, l->q_eps, f16, row);
+            k->rms_norm(row + q_size, d->kv_heads, D, D, l->k_norm, l->k_eps, f16, row + q_size);
         }
-        k->rotary(qkv, rows, d->heads, D, width, cos, sin, 0);
-        k->rotary(qkv + q_size, rows, d->kv_heads, D, width, cos, sin, 0);
+        k->rotary(qkv, rows, d->heads, D, width, cos, sin, f16);
+        k->rotary(qkv + q_size, rows, d->kv_heads, D, width, cos, sin, f16);
         for (int64_t t = 0; t < rows; ++t) {
             const uint16_t* row = qkv + t * width + q_size;
             memcpy(l->k_cache + slots[t] * kv_size, row, (size_t)kv_size * 2);
@@ -101,15 +117,16 @@ int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, i
         const int status = k->attention(qkv, rows, width, q_rows, positions, tables, max_blocks,
                                         seqs, l->k_cache, l->v_cache, l->num_blocks,
                                         d->block_size, d->heads, d->kv_heads, D, l->scale,
-                                        l->window, 0, x, threads);
+                                        l->window, f16, x, threads);
         if (status) return status;
-        k->gemm(x, rows, l->o, q_size, hidden, l->o_bias, y, threads);
-        k->add(h, y, rows * hidden, 0);
-        k->rms_norm(h, rows, hidden, hidden, l->post_norm, l->post_eps, 0, x);
-        k->gemm(x, rows, l->gate_up, hidden, 2 * inter, l->gate_up_bias, gate_up, threads);
-        k->silu_mul(gate_up, rows, inter, 0, x);
-        k->gemm(x, rows, l->down, inter, hidden, l->down_bias, y, threads);
-        k->add(h, y, rows * hidden, 0);
+        product(k, x, rows, l->o, q_size, hidden, l->o_bias, y, scratch32, threads, f16);
+        k->add(h, y, rows * hidden, f16);
+        k->rms_norm(h, rows, hidden, hidden, l->post_norm, l->post_eps, f16, x);
+        product(k, x, rows, l->gate_up, hidden, 2 * inter, l->gate_up_bias, gate_up, scratch32,
+                threads, f16);
+        k->silu_mul(gate_up, rows, inter, f16, x);
+        product(k, x, rows, l->down, inter, hidden, l->down_bias, y, scratch32, threads, f16);
+        k->add(h, y, rows * hidden, f16);
     }
     return 0;
 }

@@ -11,9 +11,11 @@ chunks, steps mixing prefill and decode, models or layers it does not cover).
 
 It covers the plain pre-norm block (``DecoderLayer`` in the sequential layout) with
 ``RMSNorm`` norms, optional per-head q/k ``RMSNorm`` (Qwen3), full-width rotate-half RoPE
-from one table, no soft-capping, ALiBi or sinks, a SwiGLU MLP, and all four products in
-AMX tiles (bf16 on a CPU with AMX); hidden size, ``heads * head_dim`` and the MLP width
-multiples of 32. ``use_decode_layers`` attaches it where every layer of a stage qualifies.
+from one table, no soft-capping, ALiBi or sinks, a SwiGLU MLP, and all four products of one
+kind: ``AmxLinear`` (bf16 on a CPU with AMX) or ``TiledCpuLinear`` (bf16 or float16 on a CPU
+without native bf16, steps of up to ``fused16.MAX_ROWS`` rows); hidden size, ``heads *
+head_dim`` and the MLP width multiples of 32. ``use_decode_layers`` attaches it where every
+layer of a stage qualifies.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 
 from molink.model.layers import fused16
 from molink.model.layers.attention import AttentionMetadata
+from molink.model.layers.cpu_linear import HALF_DTYPES, TiledCpuLinear
 from molink.model.layers.decoder import DecoderBody, DecoderLayer, RotaryAttention
 from molink.model.layers.mlp import GatedMLP
 from molink.model.layers.norm import RMSNorm
@@ -39,7 +42,8 @@ from molink.model.layers.rotary import apply_rotary
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_layers.c")
-_KERNELS = ("gemm", "attention", "rms_norm", "rotary", "silu_mul", "add")
+_KERNELS = ("amx", "linear", "attention", "rms_norm", "rotary", "silu_mul", "add")
+_PRODUCTS = (AmxLinear, TiledCpuLinear)
 _WEIGHTS = ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "o", "gate_up", "down",
             "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache")
 
@@ -50,7 +54,7 @@ class _Kernels(ctypes.Structure):
 
 class _Dims(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
-        "hidden", "heads", "kv_heads", "head_dim", "inter", "qkv_width", "block_size")]
+        "hidden", "heads", "kv_heads", "head_dim", "inter", "qkv_width", "block_size", "f16")]
 
 
 class _Layer(ctypes.Structure):
@@ -77,10 +81,10 @@ def _address(function) -> int:
     return ctypes.cast(function, ctypes.c_void_p).value
 
 
-def _norm_reason(norm: nn.Module, size: int) -> str | None:
+def _norm_reason(norm: nn.Module, size: int, dtype: torch.dtype) -> str | None:
     if type(norm) is not RMSNorm or norm.kernel is None:
         return f"{type(norm).__name__} is not a plain RMSNorm on fused16's kernel"
-    if norm.weight.dtype != torch.bfloat16 or norm.weight.shape != (size,):
+    if norm.weight.dtype != dtype or norm.weight.shape != (size,):
         return f"a norm weight of {norm.weight.dtype} {tuple(norm.weight.shape)}"
     return None
 
@@ -106,41 +110,56 @@ def layer_reason(layer: nn.Module) -> str | None:
     q_size, kv_size, inter = attn.q_size, attn.kv_size, mlp._down.in_features
     products = ((attn._qkv_proj, hidden, q_size + 2 * kv_size), (attn._out_proj, q_size, hidden),
                 (mlp._gate_up, hidden, 2 * inter), (mlp._down, inter, hidden))
+    kind = type(attn._qkv_proj)
     for linear, in_features, out_features in products:
-        if type(linear) is not AmxLinear or (linear.in_features, linear.out_features) != (
-                in_features, out_features):
-            return f"a {type(linear).__name__} product, not bf16 weights in AMX tiles"
+        if kind not in _PRODUCTS or type(linear) is not kind or (
+                linear.in_features, linear.out_features) != (in_features, out_features):
+            return (f"a {type(linear).__name__} product, not weights in AMX tiles or fused16's "
+                    f"(all four alike)")
+    dtype = attn._qkv_proj.tiles.dtype
+    if dtype not in HALF_DTYPES or any(p.tiles.dtype != dtype for p, _, _ in products):
+        return f"{dtype} weights"
     if hidden % 32 or q_size % 32 or inter % 32 or head_dim % 16:
         return f"sizes not multiples of 32 (hidden {hidden}, q {q_size}, MLP {inter})"
     norms = [(layer.input_layernorm, hidden), (layer.post_attention_layernorm, hidden)]
     if attn.has_qk_norm:
         norms += [(attn._q_norm, head_dim), (attn._k_norm, head_dim)]
-    return next(filter(None, (_norm_reason(norm, size) for norm, size in norms)), None)
+    return next(filter(None, (_norm_reason(norm, size, dtype) for norm, size in norms)), None)
 
 
 class DecodeLayers:
     """Runs ``layers`` (each one ``layer_reason`` accepts, all of one shape) for a decode
     step in one call to ``molink_decode_layers``."""
 
-    def __init__(self, layers: list[DecoderLayer], lib: ctypes.CDLL, fused, amx) -> None:
+    def __init__(self, layers: list[DecoderLayer], lib: ctypes.CDLL, fused) -> None:
         self.layers = layers
         self._run = lib.molink_decode_layers
-        self._kernels = _Kernels(
-            gemm=_address(amx._gemm16), attention=_address(fused._attend),
-            rms_norm=_address(fused._rms_norm), rotary=_address(fused._rotary),
-            silu_mul=_address(fused._silu_mul), add=_address(fused._add16))
         attn, mlp = layers[0].self_attn, layers[0].mlp
+        qkv = attn._qkv_proj
+        self.amx = type(qkv) is AmxLinear
+        self.dtype = qkv.tiles.dtype
+        self._kernels = _Kernels(
+            amx=_address(qkv.amx._gemm16) if self.amx else None,
+            linear=None if self.amx else _address(fused._linear16),
+            attention=_address(fused._attend), rms_norm=_address(fused._rms_norm),
+            rotary=_address(fused._rotary), silu_mul=_address(fused._silu_mul),
+            add=_address(fused._add16))
         self.hidden, inter = layers[0].input_layernorm.weight.shape[0], mlp._down.in_features
         self.head_dim = attn.head_dim
-        qkv_width = attn._qkv_proj.tiles.shape[0] * 16
+        # the q|k|v product's padded outputs: pairs of AMX blocks, or fused16's tiles of 8
+        qkv_width = qkv.tiles.shape[0] * (16 if self.amx else fused16.TILE_ROWS)
         self._dims = _Dims(hidden=self.hidden, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
-                           head_dim=attn.head_dim, inter=inter, qkv_width=qkv_width)
-        # scratch per row: a product's input, the q|k|v product, o / down, gate|up
-        self._scratch_row = (max(self.hidden, attn.q_size, inter) + qkv_width + self.hidden
-                             + 2 * inter)
+                           head_dim=attn.head_dim, inter=inter, qkv_width=qkv_width,
+                           f16=int(self.dtype == torch.float16))
+        widest = max(self.hidden, attn.q_size, inter)
+        # scratch per row: a product's input, the q|k|v product, o / down, gate|up; and
+        # fused16's products' float32 input (twice: widened, split) and output
+        self._scratch_row = widest + qkv_width + self.hidden + 2 * inter
+        self._scratch32_row = 0 if self.amx else 2 * widest + max(qkv_width, 2 * inter)
         self._descriptors = None
         self._watched: list[tuple[dict, str, object]] = []  # what they point into
         self._bias_versions: list[tuple[torch.Tensor, int]] = []
+        self._biases: list[torch.Tensor] = []  # float32 copies the descriptors point at
 
     def __deepcopy__(self, memo) -> None:
         return None  # a copied model runs its layers one by one (pointers are per tensor)
@@ -151,9 +170,11 @@ class DecodeLayers:
     def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor | None:
         """``h`` [T, hidden] after the layers, or None where this is not a step of T decode
-        queries in bf16 with a bound bf16 KV cache (the caller runs the modules)."""
+        queries in the weights' dtype with a bound KV cache of it (and, for fused16's
+        products, at most ``fused16.MAX_ROWS`` of them): the caller runs the modules."""
         rows = h.shape[0]
-        if meta.state is not None or len(meta.groups) != 1 or h.dtype != torch.bfloat16:
+        if (meta.state is not None or len(meta.groups) != 1 or h.dtype != self.dtype
+                or (not self.amx and rows > fused16.MAX_ROWS)):
             return None
         group = meta.groups[0]
         if (not group.is_decode or group.token_index.shape[0] != rows
@@ -167,7 +188,8 @@ class DecodeLayers:
         q_rows, positions, tables = group.decode_rows()
         slots = meta.slot_mapping.to(torch.int64).contiguous()
         out = h.clone(memory_format=torch.contiguous_format)
-        scratch = torch.empty(rows * self._scratch_row, dtype=torch.bfloat16)
+        scratch = torch.empty(rows * self._scratch_row, dtype=self.dtype)
+        scratch32 = torch.empty(rows * self._scratch32_row)
         status = self._run(
             ctypes.byref(self._kernels), ctypes.byref(self._dims), descriptors,
             ctypes.c_int64(len(self.layers)), ctypes.c_void_p(out.data_ptr()),
@@ -176,7 +198,7 @@ class DecodeLayers:
             ctypes.c_void_p(q_rows.data_ptr()), ctypes.c_void_p(positions.data_ptr()),
             ctypes.c_void_p(tables.data_ptr()), ctypes.c_int64(tables.shape[1]),
             ctypes.c_int64(q_rows.shape[0]), ctypes.c_void_p(scratch.data_ptr()),
-            ctypes.c_int(torch.get_num_threads()))
+            ctypes.c_void_p(scratch32.data_ptr()), ctypes.c_int(torch.get_num_threads()))
         if status == -2:
             raise IndexError("decode step: a cache slot, query row, position or block outside "
                              "the step's tensors or the KV cache")
@@ -186,24 +208,48 @@ class DecodeLayers:
 
     def _current_descriptors(self):
         """The layers' descriptors, rebuilt when a weight, bias or KV cache was replaced (or
-        a bias changed in place: its padded copy is stale); None while a cache is unbound,
-        not bf16 or not of the layers' shape."""
+        a bias changed in place: its float32 copy is stale); None while a cache is unbound,
+        not of the weights' dtype or not of the layers' shape."""
         if self._descriptors is not None and all(
                 owner.get(name) is held for owner, name, held in self._watched) and all(
                 bias._version == version for bias, version in self._bias_versions):
             return self._descriptors
         caches = [layer.self_attn.attn.kv_cache for layer in self.layers]
         heads = (self._dims.kv_heads, self.head_dim)
-        if any(c is None or c.dtype != torch.bfloat16 or not c.is_contiguous()
+        if any(c is None or c.dtype != self.dtype or not c.is_contiguous()
                or c.dim() != 5 or c.shape[3:] != heads or c.shape[2] != caches[0].shape[2]
                for c in caches):
             return None
         self._dims.block_size = caches[0].shape[2]
-        self._descriptors = (_Layer * len(self.layers))(*map(_descriptor, self.layers))
+        self._biases = []
+        self._descriptors = (_Layer * len(self.layers))(*map(self._descriptor, self.layers))
         self._watched = [watched for layer in self.layers for watched in _watched(layer)]
         self._bias_versions = [(held, held._version) for owner, name, held in self._watched
                                if name == "bias" and held is not None]
         return self._descriptors
+
+    def _descriptor(self, layer: DecoderLayer) -> _Layer:
+        attn, paged = layer.self_attn, layer.self_attn.attn
+        norms, products = _parts(layer)
+        biases = [_bias32(p) for p in products]
+        self._biases += [b for b in biases if b is not None]
+        weights = [None if n is None else n.weight for n in norms] + [p.tiles for p in products]
+        pointers = [None if t is None else t.data_ptr() for t in weights + biases]
+        k_cache, v_cache = paged.kv_cache[0], paged.kv_cache[1]
+        eps = [layer.input_layernorm.eps, layer.post_attention_layernorm.eps,
+               *((attn._q_norm.eps, attn._k_norm.eps) if attn.has_qk_norm else (0.0, 0.0))]
+        return _Layer(*pointers, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+                      paged.window or 0, *eps, paged.scale)
+
+
+def _bias32(linear: nn.Linear) -> torch.Tensor | None:
+    """The bias as the product adds it: float32, zero-padded to the tiles' outputs."""
+    if type(linear) is AmxLinear:
+        return linear._padded_bias()
+    if linear.bias is None:
+        return None
+    padded = linear.tiles.shape[0] * fused16.TILE_ROWS - linear.out_features
+    return F.pad(linear.bias.detach().float(), (0, padded))
 
 
 def _parts(layer: DecoderLayer):
@@ -224,19 +270,6 @@ def _watched(layer: DecoderLayer) -> list[tuple[dict, str, object]]:
             + [(layer.self_attn.attn.__dict__, "kv_cache", layer.self_attn.attn.kv_cache)])
 
 
-def _descriptor(layer: DecoderLayer) -> _Layer:
-    attn, paged = layer.self_attn, layer.self_attn.attn
-    norms, products = _parts(layer)
-    weights = ([None if n is None else n.weight for n in norms] + [p.tiles for p in products]
-               + [p._padded_bias() for p in products])
-    pointers = [None if t is None else t.data_ptr() for t in weights]
-    k_cache, v_cache = paged.kv_cache[0], paged.kv_cache[1]
-    eps = [layer.input_layernorm.eps, layer.post_attention_layernorm.eps,
-           *((attn._q_norm.eps, attn._k_norm.eps) if attn.has_qk_norm else (0.0, 0.0))]
-    return _Layer(*pointers, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
-                  paged.window or 0, *eps, paged.scale)
-
-
 def use_decode_layers(model: nn.Module, fused) -> int:
     """Let ``model``'s decode steps run its layers in one call where every layer qualifies
     (``layer_reason``) and the body rotates with one table; ``fused``: ``fused16.kernels()``.
@@ -251,8 +284,7 @@ def use_decode_layers(model: nn.Module, fused) -> int:
         logger.info("decode steps call their layers one by one (%s)",
                     reason or "decode_layers.c did not load")
         return 0
-    amx = body.layer_list[0].self_attn._qkv_proj.amx
-    body.decode_layers = DecodeLayers(body.layer_list, lib, fused, amx)
-    logger.info("decode steps run %d layers in one call (decode_layers.c)",
-                len(body.layer_list))
+    body.decode_layers = DecodeLayers(body.layer_list, lib, fused)
+    logger.info("decode steps run %d layers in one call (decode_layers.c, %s products)",
+                len(body.layer_list), "AMX" if body.decode_layers.amx else "fused16")
     return len(body.layer_list)

@@ -68,6 +68,7 @@ _OPERATOR_ARGTYPES = {  # a decoder layer's small operators (gemm16.c, the end)
     "molink_rotary": [_P, _I64, _I64, _I64, _I64, _P, _P, _INT],
     "molink_silu_mul": [_P, _I64, _I64, _INT, _P],
     "molink_add16": [_P, _P, _I64, _INT],
+    "molink_linear16": [_P, _I64, _P, _I64, _I64, _P, _P, _P, _INT, _INT],  # decode_layers
 }
 
 

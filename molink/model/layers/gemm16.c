@@ -487,3 +487,24 @@ void molink_add16(uint16_t* h, const uint16_t* x, int64_t n, int f16) {
     for (int64_t i = 0; i < n; i += 8)
         store8(h + i, _mm256_add_ps(load8(h + i, f16), load8(x + i, f16)), f16);
 }
+
+/* TiledCpuLinear's product for 16-bit activations (rows <= fused16.MAX_ROWS), as
+ * fused16.matmul and CpuLinear._finish compute it from PyTorch: x widened to float32, the
+ * float32 product, + bias (float32, [out8] or NULL), rounded once to x's dtype. x:
+ * [rows][in16], y: [rows][out8] (padding outputs included); scratch: rows * (2 * in16 +
+ * out8) floats. */
+void molink_linear16(const uint16_t* x, int64_t rows, const uint16_t* tiles, int64_t in16,
+                     int64_t out8, const float* bias, uint16_t* y, float* scratch, int threads,
+                     int f16) {
+    float* wide = scratch;
+    float* split = wide + rows * in16;
+    float* product = split + rows * in16;
+    for (int64_t i = 0; i < rows * in16; i += 8) _mm256_storeu_ps(wide + i, load8(x + i, f16));
+    gemm16(wide, rows, tiles, in16, out8, product, split, threads, f16);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < out8; j += 8) {
+            __m256 v = _mm256_loadu_ps(product + r * out8 + j);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+            store8(y + r * out8 + j, v, f16);
+        }
+}
