@@ -14,33 +14,40 @@ import torch
 from molink.messages import BatchEntry
 from molink.model import loader
 from molink.model.layers import decode_layers, fused16, int_amx
+from molink.model.layers.int_linear import IntLinear
+from molink.model.weight_quant import quantize_int8
 from molink.runtime.kv_cache import allocate_kv_cache
 from molink.runtime.step_inputs import build_step_inputs
 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
+NUM_BLOCKS = 128
 FUSED = fused16.kernels()
 AMX = int_amx.kernels()
 pytestmark = pytest.mark.skipif(FUSED is None, reason=f"no fused kernels: "
                                                       f"{fused16.unsupported_reason()}")
-# the products' kind and the dtype: MoLink's AMX kernel (bf16, where the CPU has AMX), or
-# fused16's widened-weight product (what a CPU without native bf16 gets; forced here)
-FLAVORS = [pytest.param(("amx", torch.bfloat16), id="amx-bf16", marks=pytest.mark.skipif(
-               AMX is None, reason=f"no AMX kernel: {int_amx.unsupported_reason()}")),
-           pytest.param(("fused", torch.bfloat16), id="fused-bf16"),
-           pytest.param(("fused", torch.float16), id="fused-fp16")]
-DEFAULT = FLAVORS[0].values[0] if AMX is not None else ("fused", torch.bfloat16)
+# the products' kind and the dtype: MoLink's AMX kernel for bf16 weights or int8 codes
+# (where the CPU has AMX), or fused16's widened-weight product (what a CPU without native
+# bf16 gets; forced here)
+AMX16, AMX8, FUSED16 = decode_layers.AMX16, decode_layers.AMX8, decode_layers.FUSED16
+NEEDS_AMX = pytest.mark.skipif(AMX is None, reason=f"no AMX kernel: {int_amx.unsupported_reason()}")
+FLAVORS = [pytest.param((AMX16, torch.bfloat16), id="amx-bf16", marks=NEEDS_AMX),
+           pytest.param((FUSED16, torch.bfloat16), id="fused-bf16"),
+           pytest.param((FUSED16, torch.float16), id="fused-fp16"),
+           pytest.param((AMX8, torch.bfloat16), id="amx-int8", marks=NEEDS_AMX)]
+DEFAULT = (AMX16 if AMX is not None else FUSED16, torch.bfloat16)
 
 
 def _stage(directory, start: int, end: int | None, at_once: bool, flavor=DEFAULT):
     kind, dtype = flavor
-    with patch.object(loader, "cpu_lacks_native_bf16", lambda: kind == "fused"):
-        model, _ = loader.load_model(str(directory), start, end, str(dtype).split(".")[1], CPU)
+    with patch.object(loader, "cpu_lacks_native_bf16", lambda: kind == FUSED16):
+        model, _ = loader.load_model(str(directory), start, end, str(dtype).split(".")[1], CPU,
+                                     quantization="int8" if kind == AMX8 else None)
     assert model.body.decode_layers is not None
-    assert model.body.decode_layers.amx == (kind == "amx")
+    assert model.body.decode_layers.kind == kind
     if not at_once:
         model.body.decode_layers = None
-    allocate_kv_cache(model.attention_layers(), 64, BLOCK_SIZE, dtype, CPU)
+    allocate_kv_cache(model.attention_layers(), NUM_BLOCKS, BLOCK_SIZE, dtype, CPU)
     return model
 
 
@@ -51,7 +58,7 @@ class _Requests:
         gen = torch.Generator().manual_seed(seed)
         self.ids = {f"r{i}": torch.randint(3, vocab, (n,), generator=gen).tolist()
                     for i, n in enumerate(lengths)}
-        order = torch.randperm(64, generator=gen).tolist()
+        order = torch.randperm(NUM_BLOCKS, generator=gen).tolist()
         self.blocks = {rid: order[i * blocks_each:(i + 1) * blocks_each]
                        for i, rid in enumerate(self.ids)}
 
@@ -92,7 +99,7 @@ def _run(stages, requests: _Requests, steps: int) -> list[torch.Tensor]:
 def _random_biases(stage) -> None:
     gen = torch.Generator().manual_seed(5)
     for module in stage.modules():
-        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+        if isinstance(module, (torch.nn.Linear, IntLinear)) and module.bias is not None:
             module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.5)
 
 
@@ -126,7 +133,7 @@ def test_a_decode_step_is_the_modules_bit_for_bit(tiny_model_dir, name, flavor):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("flavor", FLAVORS[:2])
+@pytest.mark.parametrize("flavor", FLAVORS[::3] + FLAVORS[1:2])
 def test_each_stage_of_a_pipeline_runs_its_own_layers(tiny_model_dir, flavor):
     """First, middle and last stages (hidden states in, residual out): the modules' results,
     and the input the previous stage handed over untouched."""
@@ -179,7 +186,7 @@ def test_fused16_products_take_steps_up_to_their_row_limit(tiny_model_dir, seque
     directory = tiny_model_dir("llama")
     results, calls = [], []
     for at_once in (True, False):
-        stage = _stage(directory, 0, None, at_once, ("fused", torch.bfloat16))
+        stage = _stage(directory, 0, None, at_once, (FUSED16, torch.bfloat16))
         if at_once:
             _count_calls(stage.body.decode_layers, calls)
         requests = _Requests([2] * sequences, vocab=400, seed=3, blocks_each=1)
@@ -189,20 +196,37 @@ def test_fused16_products_take_steps_up_to_their_row_limit(tiny_model_dir, seque
         assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("flavor", FLAVORS[::3])
+def test_steps_of_more_rows_than_one_amx_call_takes(tiny_model_dir, flavor):
+    """70 sequences at once: int8 codes multiply in calls of 64 rows and 6."""
+    directory = tiny_model_dir("qwen2")
+    results = []
+    for at_once in (True, False):
+        stage = _stage(directory, 0, None, at_once, flavor)
+        _random_biases(stage)
+        results.append(_run([stage], _Requests([2] * 70, vocab=400, seed=4, blocks_each=1),
+                            steps=2))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+
+
 def _replace_cache(stage):
-    allocate_kv_cache(stage.attention_layers(), 64, BLOCK_SIZE, torch.bfloat16, CPU)
+    allocate_kv_cache(stage.attention_layers(), NUM_BLOCKS, BLOCK_SIZE, torch.bfloat16, CPU)
 
 
 def _replace_weight(stage):
     linear = stage.body.layer_list[1].mlp._down
-    linear.set_weight(linear.weight * 2)
+    if isinstance(linear, IntLinear):  # new codes and scales
+        linear.set_weight([quantize_int8(linear.weight * 2, torch.bfloat16)], torch.bfloat16, CPU)
+    else:
+        linear.set_weight(linear.weight * 2)
 
 
 def _shift_bias_in_place(stage):
     stage.body.layer_list[0].self_attn._qkv_proj.bias.add_(0.5)
 
 
-@pytest.mark.parametrize("flavor", FLAVORS[:2])
+@pytest.mark.parametrize("flavor", FLAVORS[::3] + FLAVORS[1:2])
 @pytest.mark.parametrize("change", [_replace_cache, _replace_weight, _shift_bias_in_place])
 def test_what_the_layers_point_at_is_followed_when_it_changes(tiny_model_dir, change, flavor):
     """The descriptors follow a newly bound KV cache, a replaced weight and a bias changed
@@ -227,7 +251,7 @@ def test_a_slot_outside_the_cache_raises_instead_of_writing_past_it(tiny_model_d
         stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids)
         requests.ids["r0"].append(3)
         inputs = requests.step(requests.decode(), stage)
-        inputs.meta.slot_mapping[0] = 64 * BLOCK_SIZE
+        inputs.meta.slot_mapping[0] = NUM_BLOCKS * BLOCK_SIZE
         with pytest.raises(IndexError):
             stage(inputs.positions, inputs.meta, input_ids=inputs.input_ids)
 

@@ -5,8 +5,8 @@
  * molink/model/layers/decode_layers.py.
  *
  * Nothing here computes: every operation is one of the kernels the module path calls one by
- * one from Python (the products: int_amx.c's bf16 AMX product, or gemm16.c's widened-weight
- * product for CPUs without AMX; gemm16.c's attention, norm, RoPE, SwiGLU and add), handed
+ * one from Python (the products: int_amx.c's AMX products of bf16 weights or int8 codes, or
+ * gemm16.c's widened-weight product for CPUs without AMX; gemm16.c's attention, norm, RoPE, SwiGLU and add), handed
  * over as function pointers and called with the same arguments, in the same order, so a
  * step's result is the module path's bit for bit. What goes is the Python between them
  * (~13 module calls, views, checks and allocations a layer: ~3 ms of a 12-layer step). */
@@ -15,6 +15,9 @@
 
 typedef void (*amx_fn)(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t k32,
                        int64_t n32, const float* bias, uint16_t* y, int threads);
+typedef void (*amx8_fn)(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
+                        int64_t n16, int bits, int64_t group_size, const float* scales,
+                        const float* zeros, const float* xsums, uint16_t* y, int threads);
 typedef void (*linear_fn)(const uint16_t* x, int64_t rows, const uint16_t* tiles, int64_t in16,
                           int64_t out8, const float* bias, uint16_t* y, float* scratch,
                           int threads, int f16);
@@ -34,7 +37,8 @@ typedef void (*silu_mul_fn)(const uint16_t* gate_up, int64_t rows, int64_t n, in
 typedef void (*add_fn)(uint16_t* h, const uint16_t* x, int64_t n, int f16);
 
 typedef struct {
-    amx_fn amx;       /* the products: one of these two, the other NULL */
+    amx_fn amx; /* the products: one of these three, the others NULL */
+    amx8_fn amx8;
     linear_fn linear;
     attention_fn attention;
     rms_norm_fn rms_norm;
@@ -52,23 +56,44 @@ typedef struct {
     int64_t f16; /* activations, weights and cache: float16 (1) or bfloat16 (0) */
 } dims;
 
-/* One layer: RMSNorm weights (q_norm and k_norm NULL without per-head norms), products'
- * tiles (int_amx.pack16 or fused16.pack) and their float32 biases padded to them (or NULL),
- * the layer's KV cache ([num_blocks][block_size][kv_heads][head_dim], k and v) */
+/* A product's weights: bf16 tiles (int_amx.pack16), int8 codes (int_amx.pack, one scale
+ * per output: int_amx.pad_scales) or 16-bit tiles (fused16.pack); the bias: for the first
+ * and last, float32 padded to the tiles' outputs and added before the rounding; for int8
+ * codes, in the activations' dtype and added after it (IntLinear's order); or NULL. */
+typedef struct {
+    const void* weights;
+    const float* scales;
+    const void* bias;
+} weights;
+
+/* One layer: RMSNorm weights (q_norm and k_norm NULL without per-head norms), the four
+ * products, the layer's KV cache ([num_blocks][block_size][kv_heads][head_dim], k and v) */
 typedef struct {
     const uint16_t *input_norm, *post_norm, *q_norm, *k_norm;
-    const uint16_t *qkv, *o, *gate_up, *down;
-    const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;
+    weights qkv, o, gate_up, down;
     uint16_t *k_cache, *v_cache;
     int64_t num_blocks, window;
     float input_eps, post_eps, q_eps, k_eps, scale;
 } layer;
 
-static void product(const kernels* k, const uint16_t* x, int64_t rows, const uint16_t* w,
-                    int64_t in, int64_t out, const float* bias, uint16_t* y, float* scratch,
+#define AMX8_ROWS 64 /* rows per int8 AMX call (int_amx.MAX_ROWS) */
+
+/* y[rows][width] = x[rows][in] @ W.T (+ bias); width: the outputs padded to the weights'
+ * blocks, outputs: the layer's */
+static void product(const kernels* k, const uint16_t* x, int64_t rows, const weights* p,
+                    int64_t in, int64_t width, int64_t outputs, uint16_t* y, float* scratch,
                     int threads, int f16) {
-    if (k->amx) k->amx(x, rows, w, in, out, bias, y, threads);
-    else k->linear(x, rows, w, in, out, bias, y, scratch, threads, f16);
+    if (k->amx) {
+        k->amx(x, rows, p->weights, in, width, p->bias, y, threads);
+    } else if (k->linear) {
+        k->linear(x, rows, p->weights, in, width, p->bias, y, scratch, threads, f16);
+    } else {
+        for (int64_t r = 0; r < rows; r += AMX8_ROWS)
+            k->amx8(x + r * in, rows - r < AMX8_ROWS ? rows - r : AMX8_ROWS, p->weights, in,
+                    width, 8, 0, p->scales, NULL, NULL, y + r * width, threads);
+        for (int64_t r = 0; r < rows && p->bias; ++r)
+            k->add(y + r * width, p->bias, outputs, f16);
+    }
 }
 
 /* The step: h [rows][hidden], updated in place through every layer; token t's key and
@@ -87,7 +112,7 @@ int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, i
     const int64_t hidden = d->hidden, D = d->head_dim, inter = d->inter;
     const int64_t q_size = d->heads * D, kv_size = d->kv_heads * D, width = d->qkv_width;
     if (hidden % 32 || q_size % 32 || inter % 32 || D % 16 || width < q_size + 2 * kv_size
-        || !(k->amx || k->linear))
+        || !(k->amx || k->amx8 || k->linear))
         return -1;
     int64_t widest = hidden > q_size ? hidden : q_size;
     widest = widest > inter ? widest : inter;
@@ -101,7 +126,8 @@ int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, i
         for (int64_t t = 0; t < rows; ++t)
             if (slots[t] < 0 || slots[t] >= l->num_blocks * d->block_size) return -2;
         k->rms_norm(h, rows, hidden, hidden, l->input_norm, l->input_eps, f16, x);
-        product(k, x, rows, l->qkv, hidden, width, l->qkv_bias, qkv, scratch32, threads, f16);
+        product(k, x, rows, &l->qkv, hidden, width, q_size + 2 * kv_size, qkv, scratch32,
+                threads, f16);
         for (int64_t t = 0; t < rows && l->q_norm; ++t) { /* in place: each row read first */
             uint16_t* row = qkv + t * width;
             k->rms_norm(row, d->heads, D, D, l->q_norm, l->q_eps, f16, row);
@@ -119,13 +145,13 @@ int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, i
                                         d->block_size, d->heads, d->kv_heads, D, l->scale,
                                         l->window, f16, x, threads);
         if (status) return status;
-        product(k, x, rows, l->o, q_size, hidden, l->o_bias, y, scratch32, threads, f16);
+        product(k, x, rows, &l->o, q_size, hidden, hidden, y, scratch32, threads, f16);
         k->add(h, y, rows * hidden, f16);
         k->rms_norm(h, rows, hidden, hidden, l->post_norm, l->post_eps, f16, x);
-        product(k, x, rows, l->gate_up, hidden, 2 * inter, l->gate_up_bias, gate_up, scratch32,
+        product(k, x, rows, &l->gate_up, hidden, 2 * inter, 2 * inter, gate_up, scratch32,
                 threads, f16);
         k->silu_mul(gate_up, rows, inter, f16, x);
-        product(k, x, rows, l->down, inter, hidden, l->down_bias, y, scratch32, threads, f16);
+        product(k, x, rows, &l->down, inter, hidden, hidden, y, scratch32, threads, f16);
         k->add(h, y, rows * hidden, f16);
     }
     return 0;

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from molink.model.layers import fused16
+from molink.model.layers import fused16, int_amx
 from molink.model.layers.attention import AttentionMetadata
 from molink.model.layers.cpu_linear import HALF_DTYPES, TiledCpuLinear
 from molink.model.layers.decoder import DecoderBody, DecoderLayer, RotaryAttention
+from molink.model.layers.int_linear import IntLinear
 from molink.model.layers.mlp import GatedMLP
 from molink.model.layers.norm import RMSNorm
 from molink.model.layers.packed_linear import AmxLinear
@@ -42,10 +43,11 @@ from molink.model.layers.rotary import apply_rotary
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_layers.c")
-_KERNELS = ("amx", "linear", "attention", "rms_norm", "rotary", "silu_mul", "add")
-_PRODUCTS = (AmxLinear, TiledCpuLinear)
-_WEIGHTS = ("input_norm", "post_norm", "q_norm", "k_norm", "qkv", "o", "gate_up", "down",
-            "qkv_bias", "o_bias", "gate_up_bias", "down_bias", "k_cache", "v_cache")
+_KERNELS = ("amx", "amx8", "linear", "attention", "rms_norm", "rotary", "silu_mul", "add")
+_NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
+_PRODUCTS = ("qkv", "o", "gate_up", "down")
+# the products' kinds: bf16 weights in AMX tiles, int8 codes in AMX tiles, fused16's tiles
+AMX16, AMX8, FUSED16 = "amx", "amx8", "linear"
 
 
 class _Kernels(ctypes.Structure):
@@ -57,8 +59,14 @@ class _Dims(ctypes.Structure):
         "hidden", "heads", "kv_heads", "head_dim", "inter", "qkv_width", "block_size", "f16")]
 
 
+class _Product(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "scales", "bias")]
+
+
 class _Layer(ctypes.Structure):
-    _fields_ = ([(name, ctypes.c_void_p) for name in _WEIGHTS]
+    _fields_ = ([(name, ctypes.c_void_p) for name in _NORMS]
+                + [(name, _Product) for name in _PRODUCTS]
+                + [(name, ctypes.c_void_p) for name in ("k_cache", "v_cache")]
                 + [("num_blocks", ctypes.c_int64), ("window", ctypes.c_int64)]
                 + [(name, ctypes.c_float) for name in (
                     "input_eps", "post_eps", "q_eps", "k_eps", "scale")])
@@ -89,6 +97,23 @@ def _norm_reason(norm: nn.Module, size: int, dtype: torch.dtype) -> str | None:
     return None
 
 
+def product_kind(linear: nn.Module) -> str | None:
+    """``AMX16``, ``AMX8`` or ``FUSED16``: how ``molink_decode_layers`` multiplies by
+    ``linear``'s weights as its module does; None where it does not."""
+    if type(linear) is AmxLinear:
+        return AMX16
+    if type(linear) is TiledCpuLinear:
+        return FUSED16
+    if (type(linear) is IntLinear and linear.amx is not None and len(linear.blocks) == 1
+            and linear.blocks[0].kind == "int8amx" and not linear.blocks[0].permuted):
+        return AMX8
+    return None
+
+
+def _dtype_of(linear: nn.Module) -> torch.dtype:
+    return linear.weight_dtype if type(linear) is IntLinear else linear.tiles.dtype
+
+
 def layer_reason(layer: nn.Module) -> str | None:
     """Why ``molink_decode_layers`` cannot run ``layer``'s decode steps, or None."""
     if not isinstance(layer, DecoderLayer) or type(layer).forward is not DecoderLayer.forward:
@@ -110,14 +135,15 @@ def layer_reason(layer: nn.Module) -> str | None:
     q_size, kv_size, inter = attn.q_size, attn.kv_size, mlp._down.in_features
     products = ((attn._qkv_proj, hidden, q_size + 2 * kv_size), (attn._out_proj, q_size, hidden),
                 (mlp._gate_up, hidden, 2 * inter), (mlp._down, inter, hidden))
-    kind = type(attn._qkv_proj)
+    kind = product_kind(attn._qkv_proj)
     for linear, in_features, out_features in products:
-        if kind not in _PRODUCTS or type(linear) is not kind or (
+        if kind is None or product_kind(linear) != kind or (
                 linear.in_features, linear.out_features) != (in_features, out_features):
             return (f"a {type(linear).__name__} product, not weights in AMX tiles or fused16's "
                     f"(all four alike)")
-    dtype = attn._qkv_proj.tiles.dtype
-    if dtype not in HALF_DTYPES or any(p.tiles.dtype != dtype for p, _, _ in products):
+    dtype = _dtype_of(attn._qkv_proj)
+    if dtype not in HALF_DTYPES or any(_dtype_of(p) != dtype for p, _, _ in products) or any(
+            p.bias is not None and p.bias.dtype != dtype for p, _, _ in products):
         return f"{dtype} weights"
     if hidden % 32 or q_size % 32 or inter % 32 or head_dim % 16:
         return f"sizes not multiples of 32 (hidden {hidden}, q {q_size}, MLP {inter})"
@@ -136,18 +162,21 @@ class DecodeLayers:
         self._run = lib.molink_decode_layers
         attn, mlp = layers[0].self_attn, layers[0].mlp
         qkv = attn._qkv_proj
-        self.amx = type(qkv) is AmxLinear
-        self.dtype = qkv.tiles.dtype
+        self.kind = product_kind(qkv)
+        self.dtype = _dtype_of(qkv)
+        products = {AMX16: None, AMX8: None, FUSED16: None}
+        products[self.kind] = _address(
+            fused._linear16 if self.kind == FUSED16 else
+            qkv.amx._gemm16 if self.kind == AMX16 else qkv.amx._gemm)
         self._kernels = _Kernels(
-            amx=_address(qkv.amx._gemm16) if self.amx else None,
-            linear=None if self.amx else _address(fused._linear16),
-            attention=_address(fused._attend), rms_norm=_address(fused._rms_norm),
+            **products, attention=_address(fused._attend), rms_norm=_address(fused._rms_norm),
             rotary=_address(fused._rotary), silu_mul=_address(fused._silu_mul),
             add=_address(fused._add16))
         self.hidden, inter = layers[0].input_layernorm.weight.shape[0], mlp._down.in_features
         self.head_dim = attn.head_dim
-        # the q|k|v product's padded outputs: pairs of AMX blocks, or fused16's tiles of 8
-        qkv_width = qkv.tiles.shape[0] * (16 if self.amx else fused16.TILE_ROWS)
+        # the q|k|v product's outputs padded to its weights' blocks
+        qkv_width = _held(qkv)[0][2].shape[0] * (
+            fused16.TILE_ROWS if self.kind == FUSED16 else int_amx.BLOCK_OUT)
         self._dims = _Dims(hidden=self.hidden, heads=attn.num_heads, kv_heads=attn.num_kv_heads,
                            head_dim=attn.head_dim, inter=inter, qkv_width=qkv_width,
                            f16=int(self.dtype == torch.float16))
@@ -155,7 +184,7 @@ class DecodeLayers:
         # scratch per row: a product's input, the q|k|v product, o / down, gate|up; and
         # fused16's products' float32 input (twice: widened, split) and output
         self._scratch_row = widest + qkv_width + self.hidden + 2 * inter
-        self._scratch32_row = 0 if self.amx else 2 * widest + max(qkv_width, 2 * inter)
+        self._scratch32_row = 2 * widest + max(qkv_width, 2 * inter) if self.kind == FUSED16 else 0
         self._descriptors = None
         self._watched: list[tuple[dict, str, object]] = []  # what they point into
         self._bias_versions: list[tuple[torch.Tensor, int]] = []
@@ -174,7 +203,7 @@ class DecodeLayers:
         products, at most ``fused16.MAX_ROWS`` of them): the caller runs the modules."""
         rows = h.shape[0]
         if (meta.state is not None or len(meta.groups) != 1 or h.dtype != self.dtype
-                or (not self.amx and rows > fused16.MAX_ROWS)):
+                or (self.kind == FUSED16 and rows > fused16.MAX_ROWS)):
             return None
         group = meta.groups[0]
         if (not group.is_decode or group.token_index.shape[0] != rows
@@ -231,25 +260,40 @@ class DecodeLayers:
     def _descriptor(self, layer: DecoderLayer) -> _Layer:
         attn, paged = layer.self_attn, layer.self_attn.attn
         norms, products = _parts(layer)
-        biases = [_bias32(p) for p in products]
-        self._biases += [b for b in biases if b is not None]
-        weights = [None if n is None else n.weight for n in norms] + [p.tiles for p in products]
-        pointers = [None if t is None else t.data_ptr() for t in weights + biases]
+        fields = [_product_fields(p, self.kind) for p in products]
+        self._biases += [bias for _, _, bias in fields if bias is not None]
         k_cache, v_cache = paged.kv_cache[0], paged.kv_cache[1]
         eps = [layer.input_layernorm.eps, layer.post_attention_layernorm.eps,
                *((attn._q_norm.eps, attn._k_norm.eps) if attn.has_qk_norm else (0.0, 0.0))]
-        return _Layer(*pointers, k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
-                      paged.window or 0, *eps, paged.scale)
+        return _Layer(*(_pointer(None if n is None else n.weight) for n in norms),
+                      *(_Product(*map(_pointer, f)) for f in fields), k_cache.data_ptr(),
+                      v_cache.data_ptr(), k_cache.shape[0], paged.window or 0, *eps, paged.scale)
 
 
-def _bias32(linear: nn.Linear) -> torch.Tensor | None:
-    """The bias as the product adds it: float32, zero-padded to the tiles' outputs."""
-    if type(linear) is AmxLinear:
-        return linear._padded_bias()
-    if linear.bias is None:
-        return None
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _product_fields(linear: nn.Module, kind: str):
+    """(weights, scales, bias) as ``molink_decode_layers`` reads them: the bias float32 and
+    zero-padded to the tiles' outputs for the products that add it before rounding, the
+    module's own for int8 codes (added after, as ``IntLinear``)."""
+    held = [tensor for _, _, tensor in _held(linear)]
+    if kind == AMX8:
+        return held[0], held[1], None if linear.bias is None else linear.bias.detach()
+    if kind == AMX16:
+        return held[0], None, linear._padded_bias()
     padded = linear.tiles.shape[0] * fused16.TILE_ROWS - linear.out_features
-    return F.pad(linear.bias.detach().float(), (0, padded))
+    return held[0], None, None if linear.bias is None else F.pad(
+        linear.bias.detach().float(), (0, padded))
+
+
+def _held(linear: nn.Module) -> list[tuple[dict, str, object]]:
+    """(where, name, tensor) of a product's weights (then scales), then its bias."""
+    names = (("_buffers", "qweight0"), ("_buffers", "scales0")) if type(
+        linear) is IntLinear else (("_parameters", "tiles"),)
+    return [(getattr(linear, where), name, getattr(linear, where).get(name))
+            for where, name in (*names, ("_parameters", "bias"))]
 
 
 def _parts(layer: DecoderLayer):
@@ -265,8 +309,7 @@ def _watched(layer: DecoderLayer) -> list[tuple[dict, str, object]]:
     holds it (a dict lookup to check per step, not a module attribute)."""
     norms, products = _parts(layer)
     return ([(n._parameters, "weight", n.weight) for n in norms if n is not None]
-            + [(p._parameters, name, p._parameters[name]) for p in products
-               for name in ("tiles", "bias")]
+            + [held for p in products for held in _held(p)]
             + [(layer.self_attn.attn.__dict__, "kv_cache", layer.self_attn.attn.kv_cache)])
 
 
@@ -286,5 +329,5 @@ def use_decode_layers(model: nn.Module, fused) -> int:
         return 0
     body.decode_layers = DecodeLayers(body.layer_list, lib, fused)
     logger.info("decode steps run %d layers in one call (decode_layers.c, %s products)",
-                len(body.layer_list), "AMX" if body.decode_layers.amx else "fused16")
+                len(body.layer_list), body.decode_layers.kind)
     return len(body.layer_list)
