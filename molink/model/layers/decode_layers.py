@@ -1,7 +1,7 @@
 """A decode step's decoder layers in one C call (``decode_layers.c``).
 
 On a CPU, a 16-bit decode step of a Llama-shaped stage runs its work in MoLink's kernels
-(``AmxLinear`` products, ``fused16``'s attention, norms, RoPE and SwiGLU); what is left
+(AMX or fused16 products, ``fused16``'s attention, norms, RoPE and SwiGLU); what is left
 between them is Python: ~13 module calls a layer with their views, checks and allocations,
 ~3 ms of a 12-layer step that computes in ~10 (a quarter of one stream's time per token).
 ``DecodeLayers`` calls the same kernels, with the same arguments and in the same order,
@@ -12,8 +12,9 @@ chunks, steps mixing prefill and decode, models or layers it does not cover).
 It covers the plain pre-norm block (``DecoderLayer`` in the sequential layout) with
 ``RMSNorm`` norms, optional per-head q/k ``RMSNorm`` (Qwen3), full-width rotate-half RoPE
 from one table, no soft-capping, ALiBi or sinks, a SwiGLU MLP, and all four products of one
-kind: ``AmxLinear`` (bf16 on a CPU with AMX) or ``TiledCpuLinear`` (bf16 or float16 on a CPU
-without native bf16, steps of up to ``fused16.MAX_ROWS`` rows); hidden size, ``heads *
+kind (``product_kind``): ``AmxLinear`` (bf16 on a CPU with AMX), ``IntLinear`` of int8 codes
+in AMX tiles (``--quantization int8`` there), or ``TiledCpuLinear`` (bf16 or float16 on a
+CPU without native bf16, steps of up to ``fused16.MAX_ROWS`` rows); hidden size, ``heads *
 head_dim`` and the MLP width multiples of 32. ``use_decode_layers`` attaches it where every
 layer of a stage qualifies.
 """
@@ -188,7 +189,7 @@ class DecodeLayers:
         self._descriptors = None
         self._watched: list[tuple[dict, str, object]] = []  # what they point into
         self._bias_versions: list[tuple[torch.Tensor, int]] = []
-        self._biases: list[torch.Tensor] = []  # float32 copies the descriptors point at
+        self._biases: list[torch.Tensor] = []  # biases the descriptors point at (copies kept)
 
     def __deepcopy__(self, memo) -> None:
         return None  # a copied model runs its layers one by one (pointers are per tensor)
