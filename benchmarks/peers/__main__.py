@@ -102,7 +102,8 @@ def sixteen_bit_line() -> str:
         return ("On this CPU (no native bfloat16) MoLink keeps 16-bit weights and multiplies "
                 "up to 32 rows in its own fused kernel, the weights widened in registers "
                 "against float32 activations (molink/model/layers/fused16.py), as llama.cpp "
-                "does with f16; more rows widen the weight to float32 "
+                "does with f16, a decode step's layers in one call to its kernels "
+                "(molink/model/layers/decode_layers.c); more rows widen the weight to float32 "
                 "(molink/model/layers/cpu_linear.py).")
     from molink.model.layers import packed_linear
 
@@ -111,8 +112,9 @@ def sixteen_bit_line() -> str:
     return ("On this CPU (native bfloat16: AVX512-BF16 or AMX) MoLink multiplies bf16 "
             f"weights packed once at load (molink/model/layers/packed_linear.py) {packing}, "
             "and a decode step attends over its KV cache in place "
-            "(molink/model/layers/gemm16.c); llama.cpp multiplies f16 weights in its own "
-            "CPU kernels.")
+            "(molink/model/layers/gemm16.c), all of a stage's layers in one call to those "
+            "kernels (molink/model/layers/decode_layers.c); llama.cpp multiplies f16 weights "
+            "in its own CPU kernels.")
 
 
 def setup_lines(args, setup: Setup, ggufs: dict[str, Path]) -> list[str]:
