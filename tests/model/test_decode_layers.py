@@ -11,6 +11,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
+from molink import LLM, SamplingParams
 from molink.messages import BatchEntry
 from molink.model import loader
 from molink.model.layers import decode_layers, fused16, int_amx
@@ -18,6 +19,7 @@ from molink.model.layers.int_linear import IntLinear
 from molink.model.weight_quant import quantize_int8
 from molink.runtime.kv_cache import allocate_kv_cache
 from molink.runtime.step_inputs import build_step_inputs
+from tests.model.arch_checks import NUM_NEW_TOKENS, SCENARIOS, make_prompts
 
 CPU = torch.device("cpu")
 BLOCK_SIZE = 4
@@ -276,3 +278,30 @@ def test_a_copied_or_pickled_model_runs_the_modules(tiny_model_dir):
     assert pickle.loads(pickle.dumps(model)).body.decode_layers is None
     assert model.body.decode_layers is not None
     assert decode_layers.layer_reason(model.body.layer_list[0]) is None
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_the_engine_s_answers_are_the_modules_in_every_scheduling_scenario(
+        tiny_model_dir, scenario):
+    """Continuous batching through the engine (block sizes that do and do not divide the
+    prompts, chunked prefill beside decodes, preemption and recompute), bf16: the same
+    greedy tokens and logprobs with the layers in one call as with the modules."""
+    prompts = make_prompts(400)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW_TOKENS, ignore_eos=True,
+                            logprobs=2)
+    answers, calls = {}, []
+    for at_once in (True, False):
+        with patch.object(loader, "use_decode_layers", decode_layers.use_decode_layers
+                          if at_once else lambda model, fused: 0):
+            llm = LLM(model=str(tiny_model_dir("qwen3")), dtype="bfloat16", device="cpu",
+                      **SCENARIOS[scenario])
+        if at_once:
+            (executor,) = llm.llm_engine.executors
+            _count_calls(executor.model.body.decode_layers, calls)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        if scenario.endswith("preempt"):
+            assert llm.llm_engine.scheduler.num_preemptions > 0
+        answers[at_once] = [(o.outputs[0].token_ids, [sorted(d.items()) for d in
+                                                      o.outputs[0].logprobs]) for o in outputs]
+    assert calls  # the decode steps went through the one call
+    assert answers[True] == answers[False]
