@@ -127,5 +127,5 @@ def test_the_loader_turns_them_on_for_16_bit_models_on_a_cpu(tiny_model_dir, dty
     modules = [m for m in model.modules() if isinstance(m, (RMSNorm, GatedMLP))]
     attentions = [m for m in model.modules() if isinstance(m, RotaryAttention)]
     assert modules and attentions
-    assert all((m.kernel is KERNELS) == expected for m in modules)
-    assert all((m.rope_kernel is KERNELS) == expected for m in attentions)
+    assert all((m.kernel is fused16.kernels()) == expected for m in modules)
+    assert all((m.rope_kernel is fused16.kernels()) == expected for m in attentions)

@@ -21,6 +21,18 @@ needs_kernel = pytest.mark.skipif(KERNELS is None,
                                   reason=f"no fused kernels: {fused16.unsupported_reason()}")
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def loops(request):
+    """The kernel's AVX2 loops, then its AVX-512 ones (where the CPU has AVX-512: head sizes
+    of 16 take them by default); the default restored after."""
+    wide = request.param == "avx512"
+    if KERNELS.attention_avx512(wide) != wide:
+        KERNELS.attention_avx512(True)
+        pytest.skip("no AVX-512 on this CPU")
+    yield request.param
+    KERNELS.attention_avx512(True)
+
+
 def _reference(q, cache, tables, positions, scale, window):
     """float64 attention of each sequence's one query over its keys, [B, H, D]."""
     num_heads, (block_size, kv_heads, head_dim) = q.shape[1], cache.shape[2:]
@@ -64,9 +76,10 @@ def _case(dtype, heads, kv_heads, head_dim, block_size, lengths, seed=0):
                                                      (12, 3, 72), (32, 4, 64), (4, 1, 256)])
 @pytest.mark.parametrize("window", [None, 7])
 def test_decode_attention_is_float64_attention_rounded_once(dtype, heads, kv_heads, head_dim,
-                                                            window):
+                                                            window, loops):
     """GQA groups of 1 to 8 (whole and partial fours), head sizes with and without a 16-wide
-    tail, one key to several chunks of 64, a sliding window, scattered blocks."""
+    tail (and, for the AVX-512 loops, a 64-wide one; 72 takes the AVX2 loops), one key to
+    several chunks of 64, a sliding window, scattered blocks."""
     lengths = [1, 9, 64, 65, 200, 17]
     q, cache, tables, positions = _case(dtype, heads, kv_heads, head_dim, 16, lengths)
     rows = torch.tensor([3, 0, 5, 1, 2, 4])  # each sequence's query somewhere in the step
@@ -144,7 +157,7 @@ def test_the_loader_turns_it_on_for_16_bit_models_on_a_cpu(tiny_model_dir, dtype
     model, _ = loader.load_model(str(tiny_model_dir("llama")), 0, 2, str(dtype).split(".")[1],
                                  torch.device("cpu"))
     layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
-    assert layers and all((m.decode_kernel is KERNELS) == expected for m in layers)
+    assert layers and all((m.decode_kernel is fused16.kernels()) == expected for m in layers)
 
 
 @needs_kernel
@@ -170,7 +183,7 @@ def test_indices_out_of_bounds_raise_instead_of_reading_past_the_cache(fault):
 
 
 @needs_kernel
-def test_tasks_by_sequence_or_by_head_give_the_same_bits():
+def test_tasks_by_sequence_or_by_head_give_the_same_bits(loops):
     """One thread takes a sequence's heads in one task (6 sequences >= 2 threads' worth),
     four take a head each: the same arithmetic per head either way."""
     q, cache, tables, positions = _case(torch.bfloat16, 16, 4, 64, 16, [3, 40, 70, 9, 120, 33])

@@ -17,7 +17,8 @@
  *
  * The same library (one compile, one load) holds the rest of a 16-bit decode step that
  * PyTorch spends many small operators on: attention over the paged KV cache in place
- * (molink_decode_attention: one query per sequence, float32 arithmetic), and RMSNorm,
+ * (molink_decode_attention: one query per sequence, float32 arithmetic; its two inner loops
+ * also in AVX-512, taken at run time where the CPU has it), and RMSNorm,
  * rotate-half RoPE and SwiGLU's gate (molink_rms_norm, molink_rotary, molink_silu_mul: one
  * call each, PyTorch's operation order and roundings). */
 #include <immintrin.h>
@@ -274,11 +275,101 @@ INLINE void weigh_values(const uint16_t* values, const int64_t* offsets, int64_t
     }
 }
 
+/* The same two loops in AVX-512 (16 lanes), chosen at run time where the CPU has it
+ * (molink_attention_avx512); the rest of the kernel is shared. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")))
+
+/* score_chunk for D a multiple of 16: each key's 16-lane sums halved to 8, then sums8 */
+AVX512 static void score_chunk512(const float* qf, const float* kf, int64_t n, int64_t D,
+                                  int64_t G, float* scores, int64_t padded, int64_t start) {
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < n; i += 8) {
+            const float* k = kf + i * D;
+            __m512 a[8];
+            for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) {
+                const __m512 q = _mm512_loadu_ps(qf + g * D + d);
+                for (int j = 0; j < 8; ++j)
+                    a[j] = _mm512_fmadd_ps(_mm512_loadu_ps(k + j * D + d), q, a[j]);
+            }
+            __m256 h[8];
+            for (int j = 0; j < 8; ++j)
+                h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm512_extractf32x8_ps(a[j], 1));
+            _mm256_storeu_ps(scores + g * padded + start + i,
+                             sums8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
+        }
+}
+
+AVX512 static inline __m512 load16(const uint16_t* p, const int f16) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    return f16 ? _mm512_cvtph_ps(v)
+               : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+AVX512 static inline void store16(uint16_t* p, __m512 v, const int f16) {
+    if (f16) {
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        return;
+    }
+    const __m512i bits = _mm512_castps_si512(v); /* to nearest even, as bf16_rounded */
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)),
+                                             odd);
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+}
+
+/* weigh_values for D a multiple of 16: up to 4 heads x 64 dims in registers per pass over
+ * the keys (the AVX2 loop takes 16 dims a pass); each lane sums its keys in the same order */
+AVX512 static void weigh_values512(const uint16_t* values, const int64_t* offsets,
+                                   int64_t count, const float* p, int64_t padded,
+                                   uint16_t* out, int64_t D, int64_t heads, const int f16) {
+    for (int64_t d = 0; d < D; d += 64) {
+        const int64_t chunks = (D - d < 64 ? D - d : 64) / 16;
+        __m512 acc[4][4];
+        for (int h = 0; h < 4; ++h)
+            for (int c = 0; c < 4; ++c) acc[h][c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < count; ++j) {
+            const uint16_t* v = values + offsets[j] + d;
+            if (d == 0 && j + PREFETCH_KEYS < count)
+                for (int64_t byte = 0; byte < D * 2; byte += 64)
+                    _mm_prefetch((const char*)(values + offsets[j + PREFETCH_KEYS]) + byte,
+                                 _MM_HINT_T0);
+            __m512 w[4];
+            for (int h = 0; h < 4; ++h) w[h] = _mm512_set1_ps(p[h * padded + j]);
+            for (int c = 0; c < chunks; ++c) {
+                const __m512 x = load16(v + c * 16, f16);
+                for (int h = 0; h < 4; ++h) acc[h][c] = _mm512_fmadd_ps(w[h], x, acc[h][c]);
+            }
+        }
+        for (int64_t h = 0; h < heads; ++h)
+            for (int c = 0; c < chunks; ++c) store16(out + h * D + d + c * 16, acc[h][c], f16);
+    }
+}
+
+static int avx512_state = -1; /* -1: not yet asked */
+
+static int avx512_supported(void) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
+/* Whether decode attention takes its AVX-512 loops (head sizes of 16): `wanted` 1 where the
+ * CPU has AVX-512 (the default), 0 for the AVX2 ones, -1 to ask only. Returns the state. */
+int molink_attention_avx512(int wanted) {
+    if (wanted >= 0 || avx512_state < 0) avx512_state = wanted != 0 && avx512_supported();
+    return avx512_state;
+}
+
 /* one sequence, one KV head: q and out point at its first query head; keys first..last.
  * buffer: qf [G][D], kf [KEY_CHUNK][D], offsets [count], scores [round4(G)][round8(count)] */
 INLINE void attend(const paged_cache* c, const uint16_t* q, const int64_t* table,
                    int64_t first, int64_t last, int64_t kv_head, uint16_t* out, float* buffer,
-                   const int f16) {
+                   const int f16, const int wide) {
     const int64_t D = c->head_dim, G = c->group, count = last - first + 1;
     const int64_t padded = (count + 7) / 8 * 8, rows = (G + 3) / 4 * 4;
     float* qf = buffer;
@@ -304,7 +395,7 @@ INLINE void attend(const paged_cache* c, const uint16_t* q, const int64_t* table
                 _mm256_storeu_ps(kf + i * D + d, load8(k + d, f16));
         }
         memset(kf + n * D, 0, (size_t)((n + 7) / 8 * 8 - n) * D * sizeof(float));
-        score_chunk(qf, kf, n, D, G, scores, padded, start);
+        (wide ? score_chunk512 : score_chunk)(qf, kf, n, D, G, scores, padded, start);
     }
     for (int64_t g = 0; g < rows; ++g) {
         if (g < G) softmax(scores + g * padded, count, padded);
@@ -312,6 +403,11 @@ INLINE void attend(const paged_cache* c, const uint16_t* q, const int64_t* table
     }
     for (int64_t g = 0; g < rows; g += 4) { /* four heads' sums in registers */
         const int64_t heads = G - g < 4 ? G - g : 4;
+        if (wide) {
+            weigh_values512(c->v_cache, offsets, count, scores + g * padded, padded, out + g * D,
+                            D, heads, f16);
+            continue;
+        }
         int64_t d = 0;
         for (; d + 16 <= D; d += 16)
             weigh_values(c->v_cache, offsets, count, scores + g * padded, padded, d, 16,
@@ -322,17 +418,18 @@ INLINE void attend(const paged_cache* c, const uint16_t* q, const int64_t* table
     }
 }
 
-static void attend_bf16(const paged_cache* c, const uint16_t* q, const int64_t* table,
-                        int64_t first, int64_t last, int64_t kv_head, uint16_t* out,
-                        float* buffer) {
-    attend(c, q, table, first, last, kv_head, out, buffer, 0);
-}
-
-static void attend_f16(const paged_cache* c, const uint16_t* q, const int64_t* table,
-                       int64_t first, int64_t last, int64_t kv_head, uint16_t* out,
-                       float* buffer) {
-    attend(c, q, table, first, last, kv_head, out, buffer, 1);
-}
+typedef void (*attend_fn)(const paged_cache*, const uint16_t*, const int64_t*, int64_t,
+                          int64_t, int64_t, uint16_t*, float*);
+#define ATTEND(name, f16, wide)                                                              \
+    static void name(const paged_cache* c, const uint16_t* q, const int64_t* table,           \
+                     int64_t first, int64_t last, int64_t kv_head, uint16_t* out,            \
+                     float* buffer) {                                                        \
+        attend(c, q, table, first, last, kv_head, out, buffer, f16, wide);                   \
+    }
+ATTEND(attend_bf16, 0, 0)
+ATTEND(attend_f16, 1, 0)
+ATTEND(attend_bf16_512, 0, 1)
+ATTEND(attend_f16_512, 1, 1)
 
 /* Whether every sequence's query row, position and the blocks it reads lie within q
  * (q_count rows), its block table and the cache (num_blocks): a bad step is an error, not
@@ -376,6 +473,9 @@ int molink_decode_attention(const uint16_t* q, int64_t q_count, int64_t q_stride
     const int64_t padded = (longest + 7) / 8 * 8;
     const size_t floats = (size_t)(G * head_dim + KEY_CHUNK * head_dim + 2 * padded
                                    + (G + 3) / 4 * 4 * padded);
+    const int wide = head_dim % 16 == 0 && molink_attention_avx512(-1);
+    const attend_fn inner = f16 ? (wide ? attend_f16_512 : attend_f16)
+                                : (wide ? attend_bf16_512 : attend_bf16);
     int failed = 0;
 #ifdef _OPENMP
     #pragma omp parallel num_threads(threads) reduction(|: failed)
@@ -393,10 +493,8 @@ int molink_decode_attention(const uint16_t* q, int64_t q_count, int64_t q_stride
                 const int64_t last = positions[b];
                 const int64_t first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
                 const int64_t head = h * G * head_dim;
-                (f16 ? attend_f16 : attend_bf16)(&cache, q + q_rows[b] * q_stride + head,
-                                                 tables + b * max_blocks, first, last, h,
-                                                 out + q_rows[b] * heads * head_dim + head,
-                                                 buffer);
+                inner(&cache, q + q_rows[b] * q_stride + head, tables + b * max_blocks, first,
+                      last, h, out + q_rows[b] * heads * head_dim + head, buffer);
             }
         }
         free(buffer);
