@@ -4,12 +4,13 @@
  * residual add) for every layer of a stage, 16-bit activations. Compiled on first use by
  * molink/model/layers/decode_layers.py.
  *
- * Nothing here computes: every operation is one of the kernels the module path calls one by
- * one from Python (the products: int_amx.c's AMX products of bf16 weights or int8 codes, or
- * gemm16.c's widened-weight product for CPUs without AMX; gemm16.c's attention, norm, RoPE, SwiGLU and add), handed
- * over as function pointers and called with the same arguments, in the same order, so a
- * step's result is the module path's bit for bit. What goes is the Python between them
- * (~13 module calls, views, checks and allocations a layer: ~3 ms of a 12-layer step). */
+ * Nothing here computes but KV copies into the cache: every operation is one of the kernels
+ * the module path calls one by one from Python (the products: int_amx.c's AMX products of
+ * bf16 weights or int8 codes, or gemm16.c's widened-weight product for CPUs without AMX;
+ * gemm16.c's attention, norm, RoPE, SwiGLU and add), handed over as function pointers and
+ * called with the same arguments, in the same order, so a step's result is the module
+ * path's bit for bit. What goes is the Python between them (~13 module calls, views,
+ * checks and allocations a layer: ~3 ms of a 12-layer step). */
 #include <stdint.h>
 #include <string.h>
 

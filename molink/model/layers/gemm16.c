@@ -130,7 +130,8 @@ void molink_gemm_f16(const float* x, int64_t rows, const uint16_t* tiles, int64_
  * (no gathered copy). Scores scale * q.k, softmax and the weighted sum of values all in
  * float32 (16-bit values widen exactly), each output rounded once (to nearest even) to the
  * cache's dtype. q: rows of [heads][D] at q_stride elements (row q_rows[b] for sequence
- * b), out: [rows][heads][D], the same rows; cache: [blocks][block_size][kv_heads][D]; D a multiple of 8. */
+ * b), out: [rows][heads][D], the same rows; cache: [blocks][block_size][kv_heads][D]; D a
+ * multiple of 8. */
 static inline __m256 load8(const uint16_t* p, const int f16) {
     const __m128i v = _mm_loadu_si128((const __m128i*)p);
     return f16 ? _mm256_cvtph_ps(v)
@@ -294,7 +295,8 @@ AVX512 static void score_chunk512(const float* qf, const float* kf, int64_t n, i
             }
             __m256 h[8];
             for (int j = 0; j < 8; ++j)
-                h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm512_extractf32x8_ps(a[j], 1));
+                h[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]),
+                                     _mm512_extractf32x8_ps(a[j], 1));
             _mm256_storeu_ps(scores + g * padded + start + i,
                              sums8(h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]));
         }
@@ -331,9 +333,7 @@ AVX512 static void weigh_values512(const uint16_t* values, const int64_t* offset
         for (int64_t j = 0; j < count; ++j) {
             const uint16_t* v = values + offsets[j] + d;
             if (d == 0 && j + PREFETCH_KEYS < count)
-                for (int64_t byte = 0; byte < D * 2; byte += 64)
-                    _mm_prefetch((const char*)(values + offsets[j + PREFETCH_KEYS]) + byte,
-                                 _MM_HINT_T0);
+                prefetch_row(values + offsets[j + PREFETCH_KEYS], D);
             __m512 w[4];
             for (int h = 0; h < 4; ++h) w[h] = _mm512_set1_ps(p[h * padded + j]);
             for (int c = 0; c < chunks; ++c) {
