@@ -284,9 +284,8 @@ def _product_fields(linear: nn.Module, kind: str):
         return held[0], held[1], None if linear.bias is None else linear.bias.detach()
     if kind == AMX16:
         return held[0], None, linear._padded_bias()
-    padded = linear.tiles.shape[0] * fused16.TILE_ROWS - linear.out_features
-    return held[0], None, None if linear.bias is None else F.pad(
-        linear.bias.detach().float(), (0, padded))
+    return held[0], None, None if linear.bias is None else int_amx.pad_scales(
+        linear.bias.detach(), fused16.TILE_ROWS)  # fused16's tiles: outputs padded to 8
 
 
 def _held(linear: nn.Module) -> list[tuple[dict, str, object]]:
