@@ -12,15 +12,21 @@ back-pressured as TCP would be by a real link.
 The relay is an asyncio task: on a loaded machine it can wake up late, and then its wire
 stands idle while bytes wait, so it carries them slower than ``bandwidth``. It counts that
 time; ``achieved_bps`` is the rate it really delivered at while it had bytes to carry.
-Used by tests and benchmarks; torch-free.
+Bytes are delivered when their latency is up to within ~0.1 ms (an idle machine): asyncio's
+own timers wake up to a millisecond late (epoll counts whole milliseconds), which would add
+a millisecond to every hop, so delivery times are kept by a thread of the relay's
+(``_Alarm``). Used by tests and benchmarks; torch-free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -28,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 16 * 1024
 _READ_AHEAD_S = 0.005
+# The alarm waits out the last stretch before a delivery by polling the clock: a timed wait
+# wakes up 0.1-0.4 ms late on a virtual machine.
+_SPIN_S = 0.0005
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
@@ -86,6 +95,76 @@ class _Direction:
         return self.wire_free_at + self.spec.latency_s + jitter
 
 
+class _Alarm:
+    """Wakes asyncio tasks at a given ``time.monotonic()`` to within ~0.1 ms, from a thread
+    (started on first use); asyncio's timers wake up to a millisecond late."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._order = itertools.count()  # ties in time wake in the order they were asked
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    async def sleep_until(self, when: float) -> None:
+        if when <= time.monotonic():
+            return
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="link-emulator-alarm",
+                                                daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (when, next(self._order), loop, future))
+            self._cond.notify()
+        await future
+
+    def close(self) -> None:
+        """Ends the thread (its sleepers are cancelled tasks by now); a later sleep starts
+        another."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        with self._cond:
+            self._heap.clear()
+            self._closed = False
+
+    def _run(self) -> None:
+        while (due := self._wait_for_due()) is not None:
+            for _, _, loop, future in due:
+                try:
+                    loop.call_soon_threadsafe(_wake, future)
+                except RuntimeError:  # that loop has closed: nobody is waiting any more
+                    pass
+
+    def _wait_for_due(self) -> list | None:
+        """Blocks until some wake-ups are due -> them; None once closed."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return None
+                now = time.monotonic()
+                due = []
+                while self._heap and self._heap[0][0] <= now:
+                    due.append(heapq.heappop(self._heap))
+                if due:
+                    return due
+                wait = self._heap[0][0] - now - _SPIN_S if self._heap else None
+                if wait is None or wait > 0:
+                    self._cond.wait(wait)
+                    continue
+            time.sleep(0)  # within _SPIN_S of the next one: poll (without the lock or the GIL)
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():  # a cancelled sleeper
+        future.set_result(None)
+
+
 class LinkEmulator:
     def __init__(self, spec: LinkSpec, target_host: str, target_port: int,
                  listen_host: str = "127.0.0.1", listen_port: int = 0) -> None:
@@ -95,6 +174,7 @@ class LinkEmulator:
         self._up, self._down = _Direction(spec), _Direction(spec)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._alarm = _Alarm()
         self.port = 0
 
     @property
@@ -121,6 +201,7 @@ class LinkEmulator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._alarm.close()
 
     async def _on_connection(self, client_reader, client_writer) -> None:
         try:
@@ -165,16 +246,13 @@ class LinkEmulator:
         finally:
             deliver.cancel()
 
-    @staticmethod
-    async def _deliver(queue: asyncio.Queue, writer) -> None:
+    async def _deliver(self, queue: asyncio.Queue, writer) -> None:
         try:
             while True:
                 deliver_at, chunk = await queue.get()
                 if not chunk:
                     break
-                delay = deliver_at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await self._alarm.sleep_until(deliver_at)
                 writer.write(chunk)
                 await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
