@@ -102,8 +102,8 @@ class HeadLoop:
         self._reset_pending = False
         self.replays = Replays(self.stats)
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, "molink-head-compute")
-        # Serialization on its own thread (one core: runtime/intra_op.py), so the next step's
-        # compute need not wait for it.
+        # Large outputs are serialized on a thread of their own (one core: runtime/intra_op.py)
+        # so the next step's compute need not wait for them; small ones by the compute thread.
         self._serialize_pool = concurrent.futures.ThreadPoolExecutor(
             1, "molink-head-serialize", initializer=serial_here)
         self._ids = itertools.count()
@@ -299,12 +299,12 @@ class HeadLoop:
         """The head's own layers (if any: ``computing``), then the step leaves on the first
         hop. A step whose route changed meanwhile is void (the close already failed its
         requests)."""
-        activations, timings, waits, computed_at = None, (), (), 0.0
+        activations, timings, waits, computed_at, encoded = None, (), (), 0.0, None
         loop = asyncio.get_running_loop()
         if computing is not None:
             dispatched_at = self._dispatched_at.get(plan.step_id, time.monotonic())
             try:
-                out, seconds, began, computed_at = await computing
+                out, seconds, began, computed_at, encoded = await computing
             except Exception as exc:  # the head's own layers failed this step
                 logger.exception("head layers failed step %d", plan.step_id)
                 self.on_result(StepOutput(plan.step_id), f"head failed step {plan.step_id}: {exc}",
@@ -317,10 +317,9 @@ class HeadLoop:
         if epoch != self.epoch or self.first_hop is None:
             return
         if self.executor is not None:
-            activations = await loop.run_in_executor(self._serialize_pool, self.compute.encode,
-                                                     out, self.first_hop)
-            self.stats.activation_bytes_sent += (len(activations.data)
-                                                 + len(activations.row_scales))
+            activations = encoded or await loop.run_in_executor(
+                self._serialize_pool, self.compute.encode, out, self.first_hop)
+            self.stats.activation_bytes_sent += len(activations.data) + len(activations.row_scales)
             self.stats.activation_tokens_sent += plan.num_tokens
         if epoch != self.epoch or self.first_hop is None:
             return
@@ -329,10 +328,11 @@ class HeadLoop:
                                            stage_wait_s=waits, computed_at=computed_at))
 
     def _compute_own(self, plan: StepPlan):
-        """On the compute thread: (output, seconds, when the compute began and ended)."""
+        """On the compute thread: (output, seconds, began, ended, a small output encoded)."""
         began = time.monotonic()
         output, seconds = self.compute.run(plan)
-        return output, seconds, began, time.monotonic()
+        return (output, seconds, began, time.monotonic(),
+                self.compute.encode_small(output, self.first_hop))
 
     def on_result(self, output: StepOutput, error: str, timings: tuple[float, ...] = (),
                   hops: tuple[LinkReport, ...] = (), *, epoch: int,

@@ -6,6 +6,7 @@ serialization::
     Forward stream (asyncio) -> inbox -> compute thread -> wire -> serializer -> HopSender
       parse, validate, ack,     queue    executor.execute  queue   thread: bytes   (asyncio)
       bytes -> tensor                                              (+compress)    next hop
+      (a small output, a decode step's, skips the serializer when nothing waits there)
 
 A message may hold a chunk of a step (a prefill cut along the token dimension by the
 previous hop's link scheduler): each chunk is computed as it arrives, so transfer and
@@ -41,7 +42,7 @@ import grpc
 from molink.runtime.intra_op import serial_here
 from molink.runtime.stage_executor import StageExecutor
 from molink.runtime.wire_tensor import from_raw
-from molink.stage.compute import StageCompute
+from molink.stage.compute import StageCompute, small
 from molink.stage.gathering import Gatherer, Timings
 from molink.stage.head_client import HeadUnreachable, StageRefused, call_join
 from molink.stage.inbox import ChunkSizer, StageInbox
@@ -89,6 +90,8 @@ class StageWorker(pb_grpc.StageServicer):
         self._gathering = Gatherer()  # last stage: steps whose chunks are not all in
         self._server: grpc.aio.Server | None = None
         self._wire: queue.Queue = queue.Queue()  # computed steps waiting to be serialized
+        self._wire_lock = threading.Lock()
+        self._wire_pending = 0  # put on the wire and not passed on yet (under the lock)
         self._received = DuplicateFilter()
         self.epoch = 0
         self.stage_id = ""
@@ -323,16 +326,27 @@ class StageWorker(pb_grpc.StageServicer):
                 continue  # stopping: what is queued is not computed
             if item is _RESET:
                 self.executor.reset()
-                self._wire.put(_RESET)
+                self._to_wire(_RESET)
                 continue
             step, hidden, arrived_at = item
             waited = time.monotonic() - arrived_at
             output, error, seconds = self._compute(step, hidden)
             self._inbox.sizer.record(step.plan, seconds)
-            self._wire.put((step, output, error, Timings((*step.stage_compute_s, seconds),
-                                                          (*step.stage_wait_s, waited),
-                                                          time.monotonic())))
+            self._to_wire((step, output, error, Timings((*step.stage_compute_s, seconds),
+                                                         (*step.stage_wait_s, waited),
+                                                         time.monotonic())))
         self._wire.put(_STOP)
+
+    def _to_wire(self, item) -> None:
+        """A computed step (or ``_RESET``) to the serializer thread; a small one is passed
+        on here instead when nothing waits there (so the order stays that of the compute)."""
+        with self._wire_lock:
+            here = not self._wire_pending and item is not _RESET and small(item[1])
+            self._wire_pending += not here
+        if here:
+            self._pass_on(item)
+        else:
+            self._wire.put(item)
 
     def _compute(self, step, hidden):
         """-> (output or None, error text, seconds): hidden states / sampled tokens."""
@@ -355,25 +369,31 @@ class StageWorker(pb_grpc.StageServicer):
         while (item := self._wire.get()) is not _STOP:
             if item is _RESET:
                 self._gathering.clear()
-                continue
-            step, output, error, times = item
-            sender = self._sender
-            if sender is None or step.epoch < self.epoch:
-                if step.epoch >= self.epoch and not self._stopping:
-                    logger.error("%s: step %d computed before a route was configured; "
-                                 "dropped", self.label, step.plan.step_id)
-                continue  # else: planned for a route that is gone
-            if self.executor.is_last:
-                if step.reset:
-                    self._gathering.clear()
-                message = self._gathering.add(step, output, error, times)
-                if message is not None:
-                    self._loop.call_soon_threadsafe(sender.submit_result, message,
-                                                    times.computed_at)
-                continue
-            activations = None if error else self.compute.encode(output, sender)
-            outgoing = OutgoingStep(step.plan, activations, step.step_num_tokens, reset=step.reset,
-                                    error=error, stage_compute_s=times.compute_s, hops=step.hops,
-                                    part=step.part, epoch=step.epoch, stage_wait_s=times.wait_s,
-                                    computed_at=times.computed_at)
-            self._loop.call_soon_threadsafe(sender.submit, outgoing)
+            else:
+                self._pass_on(item)
+            with self._wire_lock:
+                self._wire_pending -= 1
+
+    def _pass_on(self, item) -> None:
+        """A computed step to the next hop: its activations encoded for it (the last stage:
+        its result, once every chunk of the step is in)."""
+        step, output, error, times = item
+        sender = self._sender
+        if sender is None or step.epoch < self.epoch:
+            if step.epoch >= self.epoch and not self._stopping:
+                logger.error("%s: step %d computed before a route was configured; "
+                             "dropped", self.label, step.plan.step_id)
+            return  # else: planned for a route that is gone
+        if self.executor.is_last:
+            if step.reset:
+                self._gathering.clear()
+            message = self._gathering.add(step, output, error, times)
+            if message is not None:
+                self._loop.call_soon_threadsafe(sender.submit_result, message, times.computed_at)
+            return
+        activations = None if error else self.compute.encode(output, sender)
+        outgoing = OutgoingStep(step.plan, activations, step.step_num_tokens, reset=step.reset,
+                                error=error, stage_compute_s=times.compute_s, hops=step.hops,
+                                part=step.part, epoch=step.epoch, stage_wait_s=times.wait_s,
+                                computed_at=times.computed_at)
+        self._loop.call_soon_threadsafe(sender.submit, outgoing)
