@@ -11,6 +11,7 @@ bound it is measured against: the single-process row of the same run.
 
     python -m benchmarks.token_trip            # writes benchmarks/results/token_trip.md
     python -m benchmarks.token_trip --quick    # 32 tokens, prints only
+    python -m benchmarks.token_trip --repeat 3 # three runs, each side by side; verdict on medians
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -59,6 +61,10 @@ def parse_args(argv=None):
                         help="the pipeline head's micro-batches in flight (default: auto)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="output tokens (default: 128; --quick 32)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs (one process, then each link), one after another; the "
+                             "verdict is on the medians of their side-by-side figures "
+                             "(default: 1)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results page (default: benchmarks/results/token_trip.md; "
                              "--quick: none)")
@@ -88,6 +94,12 @@ async def run(args) -> tuple[Row, list[Row]]:
     return alone, rows
 
 
+def met(link: str, per_hop_ms: float, ratio: float) -> bool:
+    """Within the per-hop budget, and (zero-latency links) at the concurrent floor."""
+    latency = LinkSpec.parse(link).latency_s
+    return per_hop_ms <= PER_HOP_BUDGET_MS and (latency > 0 or ratio >= CONCURRENT_FLOOR)
+
+
 def verdicts(alone: Row, rows: list[Row], concurrency: int) -> list[str]:
     """The acceptance table: each pipeline row against the single process."""
     base_tpot = 1e3 * alone.single.p50("tpot_s")
@@ -103,12 +115,39 @@ def verdicts(alone: Row, rows: list[Row], concurrency: int) -> list[str]:
         latency_ms = 1e3 * LinkSpec.parse(row.link).latency_s
         tpot = 1e3 * row.single.p50("tpot_s")
         allowed = base_tpot + HOPS * (latency_ms + PER_HOP_BUDGET_MS)
-        per_hop = (tpot - base_tpot - HOPS * latency_ms) / HOPS
-        ratio = row.concurrent.tokens_per_s / base_rate if row.concurrent else float("nan")
-        met = tpot <= allowed and (latency_ms > 0 or ratio >= CONCURRENT_FLOOR)
+        per_hop, ratio = side_by_side(alone, row)
         lines.append(f"| {row.link} | {tpot:.1f} | {allowed:.1f} | {per_hop:.1f} | "
                      f"{row.concurrent.tokens_per_s:.1f} | {ratio:.2f} | "
-                     f"{'yes' if met else '**no**'} |")
+                     f"{'yes' if met(row.link, per_hop, ratio) else '**no**'} |")
+    return lines
+
+
+def side_by_side(alone: Row, row: Row) -> tuple[float, float]:
+    """A pipeline row against the one process of its run: (single-stream ms a hop beyond
+    the link's latency, concurrent tokens/s as a fraction of one process's)."""
+    latency_ms = 1e3 * LinkSpec.parse(row.link).latency_s
+    tpot, base_tpot = (1e3 * r.single.p50("tpot_s") for r in (row, alone))
+    ratio = (row.concurrent.tokens_per_s / alone.concurrent.tokens_per_s if row.concurrent
+             else float("nan"))
+    return (tpot - base_tpot - HOPS * latency_ms) / HOPS, ratio
+
+
+def median_verdicts(runs: list[tuple[Row, list[Row]]], concurrency: int) -> list[str]:
+    """Each link's side-by-side figures run by run, and the verdict on their medians."""
+    lines = [(f"| links | extra per hop (ms), run by run | median | {concurrency} at once x one "
+              "process, run by run | median | met (medians) |"),
+             "|---|---|---|---|---|---|"]
+    for i, link in enumerate(row.link for row in runs[0][1]):
+        pairs = [side_by_side(alone, rows[i]) for alone, rows in runs
+                 if not rows[i].error and rows[i].single is not None]
+        if not pairs:
+            lines.append(f"| {link} | failed | | | | no |")
+            continue
+        hops, ratios = zip(*pairs, strict=True)
+        per_hop, ratio = statistics.median(hops), statistics.median(ratios)
+        lines.append(f"| {link} | {' / '.join(f'{h:.1f}' for h in hops)} | {per_hop:.1f} | "
+                     f"{' / '.join(f'{r:.2f}' for r in ratios)} | {ratio:.2f} | "
+                     f"{'yes' if met(link, per_hop, ratio) else '**no**'} |")
     return lines
 
 
@@ -121,7 +160,7 @@ def cpus_note(args) -> str:
             f"{each}; memory bandwidth and caches shared), the client and relays on the rest")
 
 
-def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str:
+def page(command: str, args, runs: list[tuple[Row, list[Row]]], seconds: float) -> str:
     options = " ".join(PRECISIONS[args.precision].molink_options)
     lines = ["# A token's trip: 3 stages against one process", "",
              (f"Command: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
@@ -141,11 +180,12 @@ def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str
              (f"Bound: the one-process row. Allowed single-stream TPOT = one process + {HOPS} x "
              f"(link latency + {PER_HOP_BUDGET_MS:.0f} ms); with zero-latency links "
              f"{args.concurrency} at once must reach {CONCURRENT_FLOOR}x one process."), "",
-             *verdicts(alone, rows, args.concurrency), ""]
-    for row in rows:
+             *tables(runs, args.concurrency)]
+    last = f" (run {len(runs)} of {len(runs)})" if len(runs) > 1 else ""
+    for row in runs[-1][1]:
         if row.error:
             continue
-        lines += [f"## Where the time goes: {row.link}", "", "Single stream:", "",
+        lines += [f"## Where the time goes: {row.link}{last}", "", "Single stream:", "",
                   *breakdown.stage_table(row.metrics_single), "",
                   *breakdown.hop_table(row.metrics_single), "",
                   f"{args.concurrency} at once:", "",
@@ -155,16 +195,32 @@ def page(command: str, args, alone: Row, rows: list[Row], seconds: float) -> str
     return "\n".join(lines)
 
 
+def tables(runs: list[tuple[Row, list[Row]]], concurrency: int) -> list[str]:
+    """One run: its acceptance table. Several: each run's, then the medians'."""
+    if len(runs) == 1:
+        return [*verdicts(*runs[0], concurrency), ""]
+    lines = []
+    for i, (alone, rows) in enumerate(runs, 1):
+        lines += [f"Run {i} of {len(runs)}:", "", *verdicts(alone, rows, concurrency), ""]
+    return [*lines, f"Medians of the {len(runs)} runs (the verdict):", "",
+            *median_verdicts(runs, concurrency), ""]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     command = "python -m benchmarks.token_trip " + " ".join(sys.argv[1:] if argv is None
                                                              else argv)
     started = time.perf_counter()
-    alone, rows = asyncio.run(run(args))
-    if alone.error:
-        print(f"the one-process run failed: {alone.error}", file=sys.stderr)
-        return 1
-    text = page(command.strip(), args, alone, rows, time.perf_counter() - started)
+    runs = []
+    for i in range(max(1, args.repeat)):
+        if args.repeat > 1:
+            print(f"run {i + 1} of {args.repeat}", flush=True)
+        alone, rows = asyncio.run(run(args))
+        if alone.error:
+            print(f"the one-process run failed: {alone.error}", file=sys.stderr)
+            return 1
+        runs.append((alone, rows))
+    text = page(command.strip(), args, runs, time.perf_counter() - started)
     print(text)
     if args.out is not None:
         args.out.write_text(text)
