@@ -17,6 +17,7 @@ token's trip through 3 stages on 2 cores), once per hop of every token.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -24,6 +25,8 @@ import torch
 from molink.messages import RawTensor, StepOutput, StepPlan
 from molink.runtime.wire_tensor import to_raw
 from molink.transport.hop_sender import HopSender
+
+logger = logging.getLogger(__name__)
 
 SMALL_BYTES = 64 * 1024  # activations this size are encoded on the compute thread
 
@@ -63,6 +66,19 @@ class StageCompute:
         """``activations`` [T, hidden] in the wire format the next hop asks for now."""
         compression = sender.wire_compression(str(activations.dtype).removeprefix("torch."))
         return to_raw(activations, compression)
+
+    def encode_or_error(self, output: torch.Tensor | None, error: str, sender: HopSender,
+                        what: str) -> tuple[RawTensor | None, str]:
+        """(``output`` encoded for ``sender``, ``error``); (None, why) when the step failed
+        earlier or its encoding fails here: it goes on with the reason, as a failed compute
+        does, and the thread encoding it (the compute thread, for a small one) lives on."""
+        if error:
+            return None, error
+        try:
+            return self.encode(output, sender), ""
+        except Exception as exc:  # any failure: the step carries it on
+            logger.exception("%s: its output could not be encoded", what)
+            return None, f"{what}: its output could not be encoded: {type(exc).__name__}: {exc}"
 
     def encode_small(self, output: torch.Tensor | StepOutput,
                      sender: HopSender | None) -> RawTensor | None:

@@ -391,7 +391,8 @@ class StageWorker(pb_grpc.StageServicer):
             if message is not None:
                 self._loop.call_soon_threadsafe(sender.submit_result, message, times.computed_at)
             return
-        activations = None if error else self.compute.encode(output, sender)
+        activations, error = self.compute.encode_or_error(
+            output, error, sender, f"stage {self.label}, step {step.plan.step_id}")
         outgoing = OutgoingStep(step.plan, activations, step.step_num_tokens, reset=step.reset,
                                 error=error, stage_compute_s=times.compute_s, hops=step.hops,
                                 part=step.part, epoch=step.epoch, stage_wait_s=times.wait_s,

@@ -93,3 +93,27 @@ def test_what_counts_as_small():
     assert compute.encode_small(rows, None) is None
     assert compute.encode_small(torch.zeros(SMALL_BYTES // 4 + 1), sender) is None
     assert compute.encode_small(StepOutput(1), sender) is None
+
+
+def test_a_step_whose_output_cannot_be_encoded_goes_on_with_the_reason(monkeypatch):
+    """On the compute thread too: the step is passed on with an error (the head fails its
+    requests with it) and the thread lives on to pass the next one."""
+    sender = _Sender()
+    sent = []
+    sender.submit = lambda outgoing: sent.append((outgoing.plan.step_id, outgoing.error,
+                                                  outgoing.activations))
+    worker = _worker(sender)
+    encode = StageCompute.encode
+
+    def failing_encode(self, activations, hop):
+        if activations.shape[0] == 2:
+            raise ValueError("no room on the wire")
+        return encode(self, activations, hop)
+
+    monkeypatch.setattr(StageCompute, "encode", failing_encode)
+    worker._to_wire(_item(1, 2))
+    worker._to_wire(_item(2, 1))
+    assert sent[0][0] == 1 and sent[0][2] is None
+    assert sent[0][1] == ("stage layers 2:4, step 1: its output could not be encoded: "
+                          "ValueError: no room on the wire")
+    assert sent[1][0] == 2 and sent[1][1] == "" and sent[1][2] is not None
