@@ -90,8 +90,6 @@ class StageWorker(pb_grpc.StageServicer):
         self._gathering = Gatherer()  # last stage: steps whose chunks are not all in
         self._server: grpc.aio.Server | None = None
         self._wire: queue.Queue = queue.Queue()  # computed steps waiting to be serialized
-        self._wire_lock = threading.Lock()
-        self._wire_pending = 0  # put on the wire and not passed on yet (under the lock)
         self._received = DuplicateFilter()
         self.epoch = 0
         self.stage_id = ""
@@ -339,11 +337,9 @@ class StageWorker(pb_grpc.StageServicer):
 
     def _to_wire(self, item) -> None:
         """A computed step (or ``_RESET``) to the serializer thread; a small one is passed
-        on here instead when nothing waits there (so the order stays that of the compute)."""
-        with self._wire_lock:
-            here = not self._wire_pending and item is not _RESET and small(item[1])
-            self._wire_pending += not here
-        if here:
+        on here instead when nothing waits there, so the order stays that of the compute
+        (the queue's unfinished count: only this thread adds to it, so 0 stays 0 meanwhile)."""
+        if item is not _RESET and small(item[1]) and not self._wire.unfinished_tasks:
             self._pass_on(item)
         else:
             self._wire.put(item)
@@ -371,8 +367,7 @@ class StageWorker(pb_grpc.StageServicer):
                 self._gathering.clear()
             else:
                 self._pass_on(item)
-            with self._wire_lock:
-                self._wire_pending -= 1
+            self._wire.task_done()  # after it went on: the compute thread may pass on again
 
     def _pass_on(self, item) -> None:
         """A computed step to the next hop: its activations encoded for it (the last stage:
