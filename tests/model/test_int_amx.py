@@ -46,14 +46,13 @@ def test_pack_puts_each_pair_of_inputs_of_an_output_side_by_side(out_features, i
     assert torch.equal(int_amx.unpack(tiles, out_features, in_features, bits), codes)
 
 
-def test_group_scales_are_paired_per_output_for_8_bit_padded_for_4_bit():
-    values = torch.arange(2 * 20, dtype=torch.float32).view(2, 20)
-    paired, padded = int_amx.group_values(values, 8), int_amx.group_values(values, 4)
-    assert paired.shape == (2, 64) and padded.shape == (2, 32)
-    assert paired[1, :4].tolist() == [20.0, 20.0, 21.0, 21.0]
-    assert padded[1, :2].tolist() == [20.0, 21.0] and padded[:, 20:].eq(0).all()
-    for bits, stored in ((8, paired), (4, padded)):
-        assert torch.equal(int_amx.ungroup_values(stored, 20, bits), values)
+def test_group_scales_are_kept_in_bf16_padded_to_whole_blocks():
+    """2 bytes a group and output, for 4- and 8-bit codes alike (the kernel pairs them)."""
+    values = (torch.arange(2 * 20, dtype=torch.float32).view(2, 20) - 7) / 64
+    stored = int_amx.group_values(values)
+    assert stored.dtype == torch.bfloat16 and stored.shape == (2, 32)
+    assert stored[1, :2].float().tolist() == [13 / 64, 14 / 64] and stored[:, 20:].eq(0).all()
+    assert torch.equal(int_amx.ungroup_values(stored, 20), values)
 
 
 def test_supported_formats():
@@ -124,8 +123,8 @@ def test_grouped_codes_multiply_as_their_dequantized_bf16_weight(bits, group_siz
              + (zeros.t()[..., None].abs() if asymmetric else 0)).view(out_features, in_features)
     x = torch.randn(rows, in_features, generator=gen).bfloat16()
     got = int_amx.kernels().matmul(
-        x, int_amx.pack(codes, bits), out_features, int_amx.group_values(scales, bits), bits,
-        group_size, int_amx.group_values(zeros, bits) if asymmetric else None)
+        x, int_amx.pack(codes, bits), out_features, int_amx.group_values(scales), bits,
+        group_size, int_amx.group_values(zeros) if asymmetric else None)
     if bits == 8:
         assert _within_bound(got, x, exact.bfloat16().float())
     else:

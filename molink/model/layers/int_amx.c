@@ -15,8 +15,9 @@
  *
  * Scales (weight_format): int8 with one scale per output widens codes exactly and scales
  * the float32 sums (PyTorch's int8 kernel's arithmetic up to summation order); grouped
- * codes widen to code * scale + zero in float32 (exact products for scales in bf16, one
- * rounding) and then bf16: the weight int_linear dequantizes to. Products of bf16 values
+ * codes keep their scales and zeros in bf16 (2 bytes a group and output, as int_linear
+ * keeps them) and widen to code * scale + zero in float32 (exact products, one rounding)
+ * and then bf16: the weight int_linear dequantizes to. Products of bf16 values
  * are exact in AMX, sums float32, one rounding of y to bf16.
  *
  * bf16 weights (molink_gemm_amx16) are stored in the same tile layout and loaded straight
@@ -78,13 +79,18 @@ typedef struct {
     int bits;             /* 8: one code a byte; 4: two a byte (see int_amx.pack) */
     int64_t group_blocks; /* 32-input blocks per scale group; 0: one scale per output,
                              applied to the sums */
-    const float* scales;  /* group_blocks 0: [n16]; 8-bit groups: [groups][2 * n16], each
-                             output's scale twice in a row (the B tile's pair order);
-                             4-bit: [groups][n16] */
-    const float* zeros;   /* NULL (symmetric) or like grouped scales */
+    const float* scales;  /* group_blocks 0: [n16] float32 */
+    const uint16_t* group_scales; /* group_blocks > 0: bf16 [groups][n16] */
+    const uint16_t* group_zeros;  /* NULL (symmetric) or like group_scales */
     const float* xsums;   /* 4-bit with zeros: [rows][groups], each row's sum over a group */
     int64_t groups;
 } weight_format;
+
+/* 16 bf16 values -> float32 (exact: bf16 is float32's upper half) */
+AMX static inline __m512 bf16x16(const uint16_t* values) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)values)), 16));
+}
 
 AMX static inline void zero_tile(int t) { /* tile numbers must be literals */
     switch (t) {
@@ -127,13 +133,17 @@ AMX static inline void widen(const weight_format* format, const int8_t* codes, i
     }
     __m512 scale_low = _mm512_set1_ps(1.0f), scale_high = scale_low;
     __m512 zero_low = _mm512_setzero_ps(), zero_high = zero_low;
-    if (format->group_blocks) {
-        const int64_t at = k / format->group_blocks * 2 * n16 + n * 32;
-        scale_low = _mm512_loadu_ps(format->scales + at);
-        scale_high = _mm512_loadu_ps(format->scales + at + 16);
-        if (format->zeros) {
-            zero_low = _mm512_loadu_ps(format->zeros + at);
-            zero_high = _mm512_loadu_ps(format->zeros + at + 16);
+    if (format->group_blocks) { /* each output's value twice: the B tile's pair order */
+        const __m512i pairs_low = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+        const __m512i pairs_high = _mm512_add_epi32(pairs_low, _mm512_set1_epi32(8));
+        const int64_t at = k / format->group_blocks * n16 + n * 16;
+        const __m512 scale = bf16x16(format->group_scales + at);
+        scale_low = _mm512_permutexvar_ps(pairs_low, scale);
+        scale_high = _mm512_permutexvar_ps(pairs_high, scale);
+        if (format->group_zeros) {
+            const __m512 zero = bf16x16(format->group_zeros + at);
+            zero_low = _mm512_permutexvar_ps(pairs_low, zero);
+            zero_high = _mm512_permutexvar_ps(pairs_high, zero);
         }
     }
     for (int r = 0; r < 16; ++r) {
@@ -152,9 +162,9 @@ AMX static inline void widen(const weight_format* format, const int8_t* codes, i
 AMX static void flush_group(const weight_format* format, int64_t g, int64_t rows, int64_t n,
                             int64_t n16, int blocks, float* acc) {
     float sums[16 * 16];
-    const __m512 scale = _mm512_loadu_ps(format->scales + g * n16 + n * 16);
-    const __m512 zero = format->zeros ? _mm512_loadu_ps(format->zeros + g * n16 + n * 16)
-                                      : _mm512_setzero_ps();
+    const __m512 scale = bf16x16(format->group_scales + g * n16 + n * 16);
+    const __m512 zero = format->group_zeros ? bf16x16(format->group_zeros + g * n16 + n * 16)
+                                            : _mm512_setzero_ps();
     for (int t = 0; t < blocks; ++t) {
         store_tile(t, sums);
         zero_tile(t);
@@ -163,7 +173,7 @@ AMX static void flush_group(const weight_format* format, int64_t g, int64_t rows
             float* row = acc + (first + r) * 16;
             __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(sums + r * 16), scale,
                                        _mm512_loadu_ps(row));
-            if (format->zeros)
+            if (format->group_zeros)
                 v = _mm512_fmadd_ps(
                     _mm512_set1_ps(format->xsums[(first + r) * format->groups + g]), zero, v);
             _mm512_storeu_ps(row, v);
@@ -239,15 +249,18 @@ AMX static void gemm(const uint16_t* x, int64_t rows, const int8_t* codes, int64
 
 /* y[rows, n16] = x[rows, k32] @ W.T for W packed by int_amx.pack; 1 <= rows <= 64.
  * bits: 8 or 4; group_size: inputs per scale group (a multiple of 32), 0 for int8 with one
- * scale per output applied to the sums; scales, zeros (NULL: symmetric) and xsums (4-bit
- * with zeros) as in weight_format. Call molink_amx_init first (once per process). */
+ * scale per output applied to the sums; scales (float32 [n16] for group_size 0, else bf16
+ * [groups][n16]), zeros (NULL: symmetric; bf16 like grouped scales) and xsums (4-bit with
+ * zeros) as in weight_format. Call molink_amx_init first (once per process). */
 void molink_gemm_amx(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
-                     int64_t n16, int bits, int64_t group_size, const float* scales,
-                     const float* zeros, const float* xsums, uint16_t* y, int threads) {
+                     int64_t n16, int bits, int64_t group_size, const void* scales,
+                     const uint16_t* zeros, const float* xsums, uint16_t* y, int threads) {
     if (rows < 1 || rows > MAX_ROWS || (bits != 8 && bits != 4) || group_size % 32
         || (group_size == 0 && bits != 8))
         return;
-    const weight_format format = {bits, group_size / 32, scales, zeros, xsums,
+    const weight_format format = {bits, group_size / 32,
+                                  group_size ? NULL : (const float*)scales,
+                                  group_size ? (const uint16_t*)scales : NULL, zeros, xsums,
                                   group_size ? k32 / group_size : 1};
 #ifdef _OPENMP
     #pragma omp parallel num_threads(threads)

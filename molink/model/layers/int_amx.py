@@ -97,6 +97,10 @@ class AmxKernel:
         in32, out16 = blocks_in * BLOCK_IN, blocks_out * BLOCK_OUT
         if not supports(bits, group_size):
             raise ValueError(f"no AMX kernel for {bits}-bit codes in groups of {group_size}")
+        wanted = torch.bfloat16 if group_size else torch.float32  # group_values / pad_scales
+        if any(v is not None and v.dtype != wanted for v in (scales, zeros)):
+            raise ValueError(f"{'grouped' if group_size else 'per-output'} scales and zeros "
+                             f"are {wanted} here, not {scales.dtype}")
         x = _padded_input(x, in32)
         rows = x.shape[0]
         out = torch.empty(rows, out16, dtype=torch.bfloat16)
@@ -200,17 +204,17 @@ def pad_scales(scales: torch.Tensor, block: int = BLOCK_OUT) -> torch.Tensor:
     return F.pad(scales.float(), (0, -scales.shape[0] % block)).contiguous()
 
 
-def group_values(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """[groups, out] group scales or zeros as the kernel reads them: float32, zero-padded to
-    whole 16-output blocks; 8-bit: [groups, 2 * out16], each output's value twice in a row
-    (a B tile row's pair order, applied while widening); 4-bit: [groups, out16]."""
-    padded = F.pad(values.float(), (0, -values.shape[1] % BLOCK_OUT))
-    return (padded.repeat_interleave(2, dim=1) if bits == 8 else padded).contiguous()
+def group_values(values: torch.Tensor) -> torch.Tensor:
+    """[groups, out] group scales or zeros as the kernel reads them: bf16 [groups, out16],
+    zero-padded to whole 16-output blocks (4- and 8-bit alike; the 8-bit path pairs them
+    while widening). Values already in bf16 (``IntLinear`` keeps them in the model dtype)
+    are kept exactly."""
+    return F.pad(values.to(torch.bfloat16), (0, -values.shape[1] % BLOCK_OUT)).contiguous()
 
 
-def ungroup_values(stored: torch.Tensor, out_features: int, bits: int) -> torch.Tensor:
+def ungroup_values(stored: torch.Tensor, out_features: int) -> torch.Tensor:
     """``group_values``' inverse: [groups, out_features] float32."""
-    return (stored[:, 0::2] if bits == 8 else stored)[:, :out_features]
+    return stored[:, :out_features].float()
 
 
 def unsupported_reason() -> str | None:
@@ -240,7 +244,8 @@ def kernels() -> AmxKernel | None:
                 reason = "Linux refused AMX state (arch_prctl)"
             else:
                 kernel = AmxKernel(library, path)
-                reason = _self_check(kernel)
+                with torch.device("cpu"):  # first asked while a model is built on "meta"
+                    reason = _self_check(kernel)
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             reason = f"the AMX kernel failed ({error})"
     if reason is not None:
@@ -267,7 +272,7 @@ def _self_check(kernel: AmxKernel) -> str | None:
             weight = (grouped + zeros.t()[..., None]).view(37, 128)
             if bits == 8:  # widened to bf16; 4-bit codes multiply exactly, scaled after
                 weight = weight.bfloat16().float()
-            args = (group_values(scales, bits), bits, group_size, group_values(zeros, bits))
+            args = (group_values(scales), bits, group_size, group_values(zeros))
         else:
             weight = codes.float() * scales[0][:, None]
             args = (pad_scales(scales[0]), bits, 0, None)
