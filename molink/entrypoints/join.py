@@ -252,7 +252,7 @@ def _weight_bytes(args, start: int, end: int, device) -> int:
     loaded = load_config(args.model)
     dtype = resolve_dtype(args.dtype, loaded.arch, device, holds_int4(loaded, args.quantization))
     sizes = measure_model(args.model, str(dtype).removeprefix("torch."), None, 0,
-                          args.quantization)
+                          args.quantization, device)
     return sizes.footprint.weight_bytes(start, end)
 
 

@@ -26,3 +26,8 @@ def has_native_bf16() -> bool:
     """True only when the CPU's flags are known and show bf16 instructions."""
     flags = cpu_flags()
     return flags is not None and bool(flags & BF16_FLAGS)
+
+
+def cpu_lacks_native_bf16() -> bool:
+    """True only when the CPU's flags are known and show no bf16 instructions."""
+    return cpu_flags() is not None and not has_native_bf16()

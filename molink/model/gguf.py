@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from molink.model.gguf_file import ArrayLength, GGUFFile
-from molink.model.gguf_quants import QUANTIZED_TYPES, dequantize, row_bytes
+from molink.model.gguf_quants import FOUR_BIT_TYPES, QUANTIZED_TYPES, dequantize, row_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")  # the q/k permutation and names checked
 _PERMUTED_ARCHS = ("llama",)  # GGUF architectures whose q/k rows llama.cpp permutes
@@ -101,6 +101,11 @@ class GGUFCheckpoint:
         if name is None or name not in self.tensors:
             raise ValueError(f"GGUF model {str(self.files[0])!r} has no tensor for {hf_name}")
         return name
+
+    def four_bit_layers(self) -> bool:
+        """Whether the decoder layers' weights include 4-bit ones (Q4_0, Q4_1, Q4_K)."""
+        return any(name.startswith("blk.") and entry.ggml_type in FOUR_BIT_TYPES
+                   for name, entry in self.tensors.items())
 
     def info(self, hf_name: str) -> TensorInfo:
         entry = self.tensors[self.gguf_name(hf_name)]

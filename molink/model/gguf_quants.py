@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from molink.model.layers.int_linear import IntWeight
+
 F32, F16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, BF16 = 0, 1, 2, 3, 8, 12, 14, 30
 
 
@@ -40,6 +42,8 @@ FORMATS = {
 }
 PLAIN_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 QUANTIZED_TYPES = frozenset(FORMATS) - frozenset(PLAIN_TYPES)
+FOUR_BIT_TYPES = frozenset({Q4_0, Q4_1, Q4_K})
+ASYMMETRIC_TYPES = frozenset({Q4_1, Q4_K})  # a min per group
 
 
 def format_of(ggml_type: int) -> Format:
@@ -62,10 +66,46 @@ def dequantize(raw: torch.Tensor, ggml_type: int, cols: int,
     """[rows, row_bytes] uint8 -> [rows, cols] ``dtype`` (computed in float32)."""
     if ggml_type in PLAIN_TYPES:
         return raw.contiguous().view(PLAIN_TYPES[ggml_type]).reshape(-1, cols).to(dtype)
+    groups = _groups(raw, ggml_type)
+    values = groups.codes.float() * groups.scales.unsqueeze(-1)
+    if groups.zeros is not None:
+        values = values + groups.zeros.unsqueeze(-1)
+    return values.reshape(-1, cols).to(dtype)
+
+
+def int_weight(raw: torch.Tensor, ggml_type: int, cols: int) -> IntWeight:
+    """A quantized [rows, row_bytes] tensor as ``IntWeight`` row groups (signed codes, a
+    float32 scale and zero per group of ``GROUP_SIZES[ggml_type]`` inputs), for the integer
+    kernels: the same weight as ``dequantize`` up to float32 rounding of the zeros (Q4_1,
+    Q4_K: unsigned nibbles ``u`` become ``u - 8`` and the zero takes ``8 * scale``)."""
+    groups = _groups(raw, ggml_type)
+    rows = raw.shape[0]
+    codes, scales, zeros = groups.codes, groups.scales, groups.zeros
+    if groups.offset:
+        codes = codes - groups.offset
+        shift = groups.offset * scales
+        zeros = shift if zeros is None else zeros + shift
+    return IntWeight(
+        codes=codes.to(torch.int8).reshape(rows, cols),
+        scales=scales.reshape(rows, -1).t().contiguous(),
+        zeros=None if zeros is None else zeros.reshape(rows, -1).t().contiguous(),
+        group_size=GROUP_SIZES[ggml_type], bits=BITS[ggml_type])
+
+
+class _Groups(NamedTuple):
+    """Blocks as ``codes * scale + zero`` per group: codes [N, G, g] (integers), scales and
+    zeros [N, G] float32 (zeros None: none); ``offset``: what makes the codes signed."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    offset: int = 0
+
+
+def _groups(raw: torch.Tensor, ggml_type: int) -> _Groups:
     fmt = format_of(ggml_type)
     blocks = raw.reshape(-1, fmt.block_bytes)  # [rows * blocks_per_row, block_bytes]
-    values = _DEQUANTIZERS[ggml_type](blocks)  # [rows * blocks_per_row, block_elems] f32
-    return values.reshape(-1, cols).to(dtype)
+    return _DECODERS[ggml_type](blocks)
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -74,20 +114,21 @@ def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """[N, 16] bytes -> [N, 32]: low nibbles first, then high nibbles."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()
+    """[N, 16] bytes -> [N, 1, 32] (0..15): low nibbles first, then high nibbles."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).unsqueeze(1)
 
 
-def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
-    return _f16(blocks, 0) * blocks[:, 2:].contiguous().view(torch.int8).float()
+def _q8_0(blocks: torch.Tensor) -> _Groups:
+    return _Groups(blocks[:, 2:].contiguous().view(torch.int8).unsqueeze(1), _f16(blocks, 0),
+                   None)
 
 
-def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
-    return _f16(blocks, 0) * (_nibbles(blocks[:, 2:]) - 8.0)
+def _q4_0(blocks: torch.Tensor) -> _Groups:
+    return _Groups(_nibbles(blocks[:, 2:]).to(torch.int8) - 8, _f16(blocks, 0), None)
 
 
-def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    return _f16(blocks, 0) * _nibbles(blocks[:, 4:]) + _f16(blocks, 2)
+def _q4_1(blocks: torch.Tensor) -> _Groups:
+    return _Groups(_nibbles(blocks[:, 4:]), _f16(blocks, 0), _f16(blocks, 2), offset=8)
 
 
 def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,27 +145,27 @@ def _k_scales_mins(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scales.float(), mins.float()
 
 
-def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q4_k(blocks: torch.Tensor) -> _Groups:
     num_blocks = blocks.shape[0]
     scales, mins = _k_scales_mins(blocks[:, 4:16])  # [N, 8] each
     qs = blocks[:, 16:].reshape(num_blocks, 4, 32)
-    q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(num_blocks, 8, 32).float()
-    d, dmin = _f16(blocks, 0).unsqueeze(-1), _f16(blocks, 2).unsqueeze(-1)  # [N, 1, 1]
-    values = d * scales.unsqueeze(-1) * q - dmin * mins.unsqueeze(-1)  # [N, 8, 32]
-    return values.reshape(num_blocks, 256)
+    q = torch.stack([qs & 0x0F, qs >> 4], dim=2).reshape(num_blocks, 8, 32)
+    d, dmin = _f16(blocks, 0), _f16(blocks, 2)  # [N, 1]
+    return _Groups(q, d * scales, -(dmin * mins), offset=8)  # d*sc*q - dmin*mn
 
 
-def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+def _q6_k(blocks: torch.Tensor) -> _Groups:
     num_blocks = blocks.shape[0]
     ql = blocks[:, :128].reshape(num_blocks, 2, 64).int()  # per half
     qh = blocks[:, 128:192].reshape(num_blocks, 2, 32).int()
     scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # [N, 16]
     low = torch.cat([ql & 0x0F, ql >> 4], dim=-1)  # [N, 2, 128]
     high = torch.cat([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-1)  # [N, 2, 128]
-    q = (low | (high << 4)).float() - 32.0
-    q = q.reshape(num_blocks, 16, 16)  # 16 sub-blocks of 16 weights, in order
-    values = _f16(blocks, 208).unsqueeze(-1) * scales.unsqueeze(-1) * q
-    return values.reshape(num_blocks, 256)
+    q = (low | (high << 4)) - 32
+    # 16 sub-blocks of 16 weights, in order
+    return _Groups(q.reshape(num_blocks, 16, 16), _f16(blocks, 208) * scales, None)
 
 
-_DEQUANTIZERS = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_1: _q4_1, Q4_K: _q4_k, Q6_K: _q6_k}
+_DECODERS = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_1: _q4_1, Q4_K: _q4_k, Q6_K: _q6_k}
+GROUP_SIZES = {Q8_0: 32, Q4_0: 32, Q4_1: 32, Q4_K: 32, Q6_K: 16}
+BITS = {Q8_0: 8, Q4_0: 4, Q4_1: 4, Q4_K: 4, Q6_K: 8}  # Q6_K's 6-bit codes fit int8

@@ -3,12 +3,20 @@
 Two steps around the loader's ``to_empty``:
 
 1. ``swap_quantized_modules`` (on the meta device): every ``nn.Linear`` whose checkpoint
-   tensors include a quantized one becomes a ``QuantLinear`` (one part per tensor: a fused
-   q|k|v may mix Q4_K and Q6_K), every quantized ``nn.Embedding`` a ``QuantEmbedding``.
+   tensors include a quantized one becomes an ``IntLinear`` where an integer kernel takes
+   every part (``kernel_parts``: on a CPU, Q4_0/Q4_1/Q4_K/Q8_0 in bf16 with AMX, 4-bit
+   ones in bf16 elsewhere), else a ``QuantLinear`` (one part per tensor: a fused q|k|v may
+   mix Q4_K and Q6_K); every quantized ``nn.Embedding`` becomes a ``QuantEmbedding``.
    Linears stored as F32/F16/BF16 stay ``nn.Linear`` and are filled like any parameter.
-2. ``fill_from_gguf``: the quantized modules get the stored bytes (a tied LM head shares the
-   embedding's bytes when the stage holds both); every parameter gets its tensor(s),
-   dequantized to the model dtype. Only the stage's own tensors are read.
+2. ``fill_from_gguf``: ``QuantLinear`` and ``QuantEmbedding`` get the stored bytes (a tied
+   LM head shares the embedding's bytes when the stage holds both); an ``IntLinear`` gets
+   the blocks' codes, scales and mins as integer groups (``gguf_quants.int_weight``: the
+   same weight, scales in the model dtype), in the kernel's layout; every parameter gets
+   its tensor(s), dequantized to the model dtype. Only the stage's own tensors are read.
+
+Why both: ``QuantLinear`` dequantizes its whole weight in every forward (no kernel reads
+GGUF blocks), which on a CPU costs more than the product itself: SmolLM2-135M's Q4_1 layers
+took ~10 ms a layer per decode step. The integer kernels read the codes in place.
 """
 
 from __future__ import annotations
@@ -17,12 +25,45 @@ import torch
 from torch import nn
 
 from molink.model.gguf import GGUFCheckpoint
+from molink.model.gguf_quants import ASYMMETRIC_TYPES, BITS, GROUP_SIZES, int_weight
+from molink.model.layers.int_linear import KERNEL_KINDS, IntLinear, kind_for, stored_bytes
 from molink.model.layers.quant_linear import QuantEmbedding, QuantLinear, QuantPart
 
 
+def kernel_parts(infos, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether an integer kernel takes every one of a linear's GGUF parts on ``device`` in
+    ``dtype`` (``TensorInfo``s, row order)."""
+    return all(info.ggml_type in GROUP_SIZES and kind_for(
+        info.rows, info.cols, BITS[info.ggml_type], GROUP_SIZES[info.ggml_type],
+        info.ggml_type not in ASYMMETRIC_TYPES, dtype, device) in KERNEL_KINDS for info in infos)
+
+
+def int_linear_bytes(infos, dtype: torch.dtype, device: torch.device) -> int:
+    """Bytes an ``IntLinear`` filled from these parts keeps: consecutive parts of one layout
+    are one block (``merge_parts``), each stored as its kind lays it out."""
+    blocks: list[list] = []  # [rows, cols, bits, group_size, symmetric]
+    for info in infos:
+        layout = [info.cols, BITS[info.ggml_type], GROUP_SIZES[info.ggml_type],
+                  info.ggml_type not in ASYMMETRIC_TYPES]
+        if blocks and blocks[-1][1:] == layout:
+            blocks[-1][0] += info.rows
+        else:
+            blocks.append([info.rows, *layout])
+    return sum(stored_bytes(kind_for(*block, dtype, device), *block, dtype) for block in blocks)
+
+
+def gguf_held(model: nn.Module) -> str:
+    """How a GGUF stage holds its quantized linears, for the load log."""
+    kernels = sum(isinstance(m, IntLinear) for m in model.modules())
+    blocks = sum(isinstance(m, QuantLinear) for m in model.modules())
+    held = f"GGUF weights: {kernels} linears on integer kernels"
+    return f"{held}, {blocks} dequantized in each step" if blocks else held
+
+
 def swap_quantized_modules(model: nn.Module, checkpoint: GGUFCheckpoint,
-                           dtype: torch.dtype) -> None:
-    """Replace quantized linears and embeddings in place (call on the meta device)."""
+                           dtype: torch.dtype, device: torch.device) -> None:
+    """Replace quantized linears and embeddings in place (call on the meta device);
+    ``device``: where the model will compute."""
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, nn.Embedding)):
             continue
@@ -33,6 +74,9 @@ def swap_quantized_modules(model: nn.Module, checkpoint: GGUFCheckpoint,
             (info,) = infos
             new = QuantEmbedding(module.num_embeddings, module.embedding_dim, info.ggml_type,
                                  dtype)
+        elif all(info.quantized for info in infos) and kernel_parts(infos, dtype, device):
+            new = IntLinear(module.in_features, module.out_features,
+                            bias=module.bias is not None)
         else:
             parts = [QuantPart(info.ggml_type, info.rows) for info in infos]
             new = QuantLinear(module.in_features, parts, bias=module.bias is not None)
@@ -52,11 +96,18 @@ def replace_module(root: nn.Module, path: str, old: nn.Module, new: nn.Module) -
             object.__setattr__(parent, attr, new)
 
 
-def fill_from_gguf(model: nn.Module, checkpoint: GGUFCheckpoint, device: torch.device) -> None:
-    """Copy the stage's tensors into ``model`` (already materialised on ``device``)."""
+def fill_from_gguf(model: nn.Module, checkpoint: GGUFCheckpoint, dtype: torch.dtype,
+                   device: torch.device) -> None:
+    """Copy the stage's tensors into ``model`` (already materialised on ``device`` in
+    ``dtype``)."""
     raw_cache: dict[str, torch.Tensor] = {}  # shared by a tied LM head and the embedding
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, QuantEmbedding)):
+        if isinstance(module, IntLinear):
+            parts = [int_weight(checkpoint.read_raw(source).to(device),
+                                checkpoint.info(source).ggml_type, module.in_features)
+                     for source in model.checkpoint_names(f"{name}.weight")]
+            module.set_weight(parts, dtype, device)
+        elif isinstance(module, (QuantLinear, QuantEmbedding)):
             sources = model.checkpoint_names(f"{name}.weight")
             for i, source in enumerate(sources):
                 if source not in raw_cache:

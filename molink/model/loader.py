@@ -26,9 +26,9 @@ from torch import nn
 
 from molink.model.arch_config import ArchConfig
 from molink.model.awq_gptq import PackedScheme, packed_scheme
-from molink.model.cpu_features import cpu_flags, has_native_bf16
+from molink.model.cpu_features import cpu_lacks_native_bf16
 from molink.model.gguf import GGUFCheckpoint, gguf_files
-from molink.model.gguf_weights import fill_from_gguf, swap_quantized_modules
+from molink.model.gguf_weights import fill_from_gguf, gguf_held, swap_quantized_modules
 from molink.model.int_weights import fill_int_linears, swap_int_linears
 from molink.model.layers import fused16
 from molink.model.layers.attention import attend_in_float32, use_decode_kernel
@@ -133,13 +133,10 @@ def resolve_dtype(dtype: str, arch: ArchConfig, device: torch.device,
 
 
 def holds_int4(loaded: LoadedConfig, quantization: str | None) -> bool:
-    """Whether the layers' linears will be int4 (an AWQ/GPTQ 4-bit checkpoint, or int4 at load)."""
-    return quantization == "int4" or (loaded.packed is not None and loaded.packed.bits == 4)
-
-
-def cpu_lacks_native_bf16() -> bool:
-    """True only when the CPU's flags are known and show no bf16 instructions."""
-    return cpu_flags() is not None and not has_native_bf16()
+    """Whether the layers' linears will be int4 (an AWQ/GPTQ 4-bit checkpoint, a GGUF file
+    with 4-bit layers, or int4 at load)."""
+    return (quantization == "int4" or (loaded.packed is not None and loaded.packed.bits == 4)
+            or (loaded.gguf is not None and loaded.gguf.four_bit_layers()))
 
 
 def stored_name(name: str, stored_names) -> str | None:
@@ -220,12 +217,12 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
     with torch.device("meta"):
         model = loaded.model_class(arch, start_layer, end_layer)
         if checkpoint is not None:
-            swap_quantized_modules(model, checkpoint, torch_dtype)
+            swap_quantized_modules(model, checkpoint, torch_dtype, device)
         elif int_scheme is not None:
             swap_int_linears(model, int_scheme, files)
     model = model.to(dtype=torch_dtype).to_empty(device=device)
     if checkpoint is not None:
-        fill_from_gguf(model, checkpoint, device)
+        fill_from_gguf(model, checkpoint, torch_dtype, device)
     else:
         _fill_parameters(model, files, device)
         if int_scheme is not None:
@@ -243,10 +240,10 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
         use_decode_kernel(model, kernels)  # decode attention over the cache in place
         use_cpu_operators(model, kernels)  # norms, RoPE, SwiGLU: one call each
         use_decode_layers(model, kernels)  # where the layers qualify: a decode step's in one
-    held = ("GGUF blocks" if checkpoint is not None else getattr(int_scheme, "label", int_scheme))
+    label = getattr(int_scheme, "label", int_scheme)
+    held = gguf_held(model) if checkpoint is not None else label and f"{label} weights"
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
-                str(torch_dtype).removeprefix("torch."), f", {held} weights" if held else "",
-                device)
+                str(torch_dtype).removeprefix("torch."), f", {held}" if held else "", device)
     return model, loaded
 
 

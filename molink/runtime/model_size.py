@@ -19,6 +19,7 @@ from torch import nn
 
 from molink.model.arch_config import ArchConfig
 from molink.model.gguf_quants import row_bytes
+from molink.model.gguf_weights import int_linear_bytes, kernel_parts
 from molink.model.layers.attention import PagedAttention
 from molink.model.loader import load_config, resolve_dtype
 from molink.runtime.device_profile import GPUS, DeviceProfile, GpuSpec, roofline
@@ -44,17 +45,22 @@ QUANTIZATION_BITS = {"int8": 8, "int4": 4}
 
 
 def measure_model(path: str, dtype: str, bits: int | None, kv_tokens: int,
-                  quantization: str | None = None) -> ModelSize:
+                  quantization: str | None = None,
+                  device: torch.device | None = None) -> ModelSize:
     """Sizes for weights in ``dtype`` and a KV cache of ``kv_tokens`` tokens (context x
     batch) in ``dtype``. Layer matrices take ``bits`` when given, else as the model will be
     held: an AWQ/GPTQ checkpoint's bits, ``quantization``'s (int8 / int4 at load), a GGUF
-    file's tensors the bytes the file stores them in."""
+    file's tensors the bytes the file stores them in, or, on a CPU ``device`` where integer
+    kernels take them, the bytes their ``IntLinear`` keeps (``gguf_weights``; None: the
+    file's bytes, as on a GPU)."""
     loaded = load_config(path)
     arch, n = loaded.arch, loaded.arch.num_layers
     if bits is None:
         bits = QUANTIZATION_BITS.get(quantization or "") or (loaded.packed and loaded.packed.bits)
-    dtype_bytes = resolve_dtype(dtype, arch, torch.device("meta")).itemsize
-    stored = _gguf_bytes(loaded.gguf) if loaded.gguf is not None and bits is None else None
+    torch_dtype = resolve_dtype(dtype, arch, torch.device("meta"))
+    dtype_bytes = torch_dtype.itemsize
+    stored = (_gguf_bytes(loaded.gguf, torch_dtype, device)
+              if loaded.gguf is not None and bits is None else None)
     sizer = _ParamBytes(dtype_bytes, bits, stored)
     full = _build(loaded.model_class, arch, 0, n)
     layers = _layers(full)
@@ -74,13 +80,18 @@ def measure_model(path: str, dtype: str, bits: int | None, kv_tokens: int,
                      sum(layer_weights) / layer_params if layer_params else dtype_bytes)
 
 
-def _gguf_bytes(checkpoint):
-    """``stored(model, name)``: the bytes a GGUF file keeps a parameter's tensors in, or
-    None for tensors stored unquantized (they load in the model dtype)."""
+def _gguf_bytes(checkpoint, dtype: torch.dtype, device: torch.device | None):
+    """``stored(model, name)``: the bytes a stage keeps a GGUF parameter's tensors in (the
+    file's, or its ``IntLinear``'s on ``device``), or None for tensors stored unquantized
+    (they load in the model dtype)."""
     def stored(model: nn.Module, name: str) -> int | None:
         infos = [checkpoint.info(source) for source in model.checkpoint_names(name)]
         if not any(info.quantized for info in infos):
             return None
+        if (device is not None and isinstance(model.get_submodule(name.rpartition(".")[0]),
+                                              nn.Linear)
+                and all(info.quantized for info in infos) and kernel_parts(infos, dtype, device)):
+            return int_linear_bytes(infos, dtype, device)
         return sum(info.rows * row_bytes(info.ggml_type, info.cols) for info in infos)
     return stored
 

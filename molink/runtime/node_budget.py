@@ -111,7 +111,8 @@ def measure_offer(model: str, dtype: str, device: torch.device, max_memory: int 
 
     arch = load_config(model).arch
     torch_dtype = resolve_dtype(dtype, arch, device)
-    sizes = measure_model(model, str(torch_dtype).removeprefix("torch."), None, 0)
+    sizes = measure_model(model, str(torch_dtype).removeprefix("torch."), None, 0,
+                          device=device)
     layer_bytes = max(sizes.footprint.layer_weight_bytes)
     seconds = measure_layer_seconds(layer_bytes // torch_dtype.itemsize, arch.hidden_size,
                                     torch_dtype, device)

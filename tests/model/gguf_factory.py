@@ -19,7 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
+
+from molink.model.gguf_quants import FORMATS, Q4_0, Q4_1, Q4_K, Q6_K, Q8_0
+from tests.model import hf_configs
+from tests.model_factory import build_model_from_config
 
 GGUF_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -30,6 +35,32 @@ GGUF_NAMES = {
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
              "lm_head": "output"}
 Q4_K_M = "Q4_K_M"
+
+
+def _wide():
+    """Rows of 256 values (K-quant blocks): hidden 256, 4 heads of 64, intermediate 512."""
+    return hf_configs.llama_config(hidden_size=256, intermediate_size=512)
+
+
+# name -> (config, GGUF architecture, weight type): the models of the ``gguf_model`` fixture
+MODELS = {
+    "llama-q4_0": (hf_configs.llama_config, "llama", Q.Q4_0),
+    "llama-q4_1": (hf_configs.llama_config, "llama", Q.Q4_1),
+    "llama-q8_0": (hf_configs.llama_config, "llama", Q.Q8_0),
+    "qwen2-q8_0": (hf_configs.qwen2_config, "qwen2", Q.Q8_0),  # no permute, biases, tied
+    "mistral-q8_0": (hf_configs.mistral_config, "llama", Q.Q8_0),  # head_dim 32, 4 heads
+    "llama256-q4_k": (_wide, "llama", Q.Q4_K),
+    "llama256-q6_k": (_wide, "llama", Q.Q6_K),
+    "llama256-q4_k_m": (_wide, "llama", Q4_K_M),
+}
+
+
+def make_model(name: str, root: Path) -> Path:
+    """``MODELS[name]`` built under ``root`` (its Hugging Face directory in ``root / "hf"``)
+    and written as GGUF; the file's path."""
+    config, arch, weight_type = MODELS[name]
+    hf_dir = build_model_from_config(config(), root / "hf")
+    return write_gguf(hf_dir, root / f"{name}.gguf", weight_type, arch=arch)
 
 
 def gguf_name(hf_name: str) -> str:
@@ -156,3 +187,19 @@ def resident_weight_bytes(module: torch.nn.Module) -> int:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+_SCALE_OFFSETS = {Q4_0: [0], Q4_1: [0, 2], Q8_0: [0], Q4_K: [0, 2], Q6_K: [208]}
+
+
+def random_blocks(ggml_type: int, rows: int, cols: int, rng) -> np.ndarray:
+    """[rows, row_bytes] random bytes of a GGUF type, its f16 scales finite (random bits may
+    be NaN) and within +-0.05."""
+    fmt = FORMATS[ggml_type]
+    raw = rng.integers(0, 256, size=(rows, cols // fmt.block_elems * fmt.block_bytes),
+                       dtype=np.uint8)
+    blocks = raw.reshape(-1, fmt.block_bytes)
+    for offset in _SCALE_OFFSETS.get(ggml_type, []):
+        halfs = rng.uniform(-0.05, 0.05, (blocks.shape[0], 1)).astype(np.float16)
+        blocks[:, offset:offset + 2] = halfs.view(np.uint8)
+    return raw

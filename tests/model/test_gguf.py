@@ -22,48 +22,15 @@ from gguf import GGMLQuantizationType as Q
 
 from molink.coordinator.tokenizer import load_tokenizer
 from molink.model import gguf as gguf_module
-from molink.model.gguf_quants import FORMATS, dequantize
+from molink.model.gguf_quants import dequantize
 from molink.model.layers.quant_linear import QuantEmbedding, QuantLinear
 from molink.model.loader import config_fingerprint, load_config
 from molink.runtime.model_size import measure_model
-from tests.model import hf_configs
 from tests.model.arch_checks import LOGIT_TOL, greedy_tokens, make_prompts
-from tests.model.gguf_factory import Q4_K_M, resident_weight_bytes, write_gguf
+from tests.model.gguf_factory import MODELS, random_blocks, resident_weight_bytes, write_gguf
 from tests.model.helpers import load_stages, prompt_logits
-from tests.model_factory import build_model_from_config
 
-# name -> (config, GGUF architecture, weight type)
-MODELS = {
-    "llama-q4_0": (hf_configs.llama_config, "llama", Q.Q4_0),
-    "llama-q4_1": (hf_configs.llama_config, "llama", Q.Q4_1),
-    "llama-q8_0": (hf_configs.llama_config, "llama", Q.Q8_0),
-    "qwen2-q8_0": (hf_configs.qwen2_config, "qwen2", Q.Q8_0),  # no permute, biases, tied
-    "mistral-q8_0": (hf_configs.mistral_config, "llama", Q.Q8_0),  # head_dim 32, 4 heads
-    "llama256-q4_k": (lambda: _wide(), "llama", Q.Q4_K),
-    "llama256-q6_k": (lambda: _wide(), "llama", Q.Q6_K),
-    "llama256-q4_k_m": (lambda: _wide(), "llama", Q4_K_M),
-}
 THREE_STAGES = [(0, 1), (1, 3), (3, None)]
-
-
-def _wide():
-    """Rows of 256 values (K-quant blocks): hidden 256, 4 heads of 64, intermediate 512."""
-    return hf_configs.llama_config(hidden_size=256, intermediate_size=512)
-
-
-@pytest.fixture(scope="module")
-def gguf_model(tmp_path_factory):
-    made = {}
-
-    def get(name: str):
-        if name not in made:
-            config, arch, weight_type = MODELS[name]
-            root = tmp_path_factory.mktemp(name)
-            hf_dir = build_model_from_config(config(), root / "hf")
-            made[name] = write_gguf(hf_dir, root / f"{name}.gguf", weight_type, arch=arch)
-        return made[name]
-
-    return get
 
 
 def transformers_logits(path, prompts: list[list[int]]) -> list[torch.Tensor]:
@@ -95,16 +62,9 @@ def test_dequantize_equals_gguf_package(ggml_type):
     """Random blocks (random scales included) dequantize bit-identically to ``gguf``'s."""
     from gguf.quants import dequantize as reference
 
-    fmt = FORMATS[int(ggml_type)]
     rows, cols = 6, 512
     rng = np.random.default_rng(int(ggml_type))
-    raw = rng.integers(0, 256, size=(rows, cols // fmt.block_elems * fmt.block_bytes),
-                       dtype=np.uint8)
-    scales = {Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q8_0: [0], Q.Q4_K: [0, 2], Q.Q6_K: [208]}
-    blocks = raw.reshape(-1, fmt.block_bytes)
-    for offset in scales.get(ggml_type, []):  # finite f16 scales (random bits may be NaN)
-        halfs = rng.uniform(-0.05, 0.05, (blocks.shape[0], 1)).astype(np.float16)
-        blocks[:, offset:offset + 2] = halfs.view(np.uint8)
+    raw = random_blocks(int(ggml_type), rows, cols, rng)
     if ggml_type == Q.F16:
         raw = rng.normal(size=(rows, cols)).astype(np.float16).view(np.uint8)
     expected = torch.from_numpy(reference(raw, ggml_type).astype(np.float32))

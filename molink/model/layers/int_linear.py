@@ -145,9 +145,9 @@ class IntLinear(nn.Module):
             self.register_buffer(f"scales{i}", int_amx.pad_scales(scales[0]))  # [rows16] fp32
         elif kind == "groupamx":
             self.register_buffer(f"qweight{i}", int_amx.pack(codes, part.bits))
-            self.register_buffer(f"scales{i}", int_amx.group_values(scales, part.bits))
+            self.register_buffer(f"scales{i}", int_amx.group_values(scales))
             if zeros is not None:
-                self.register_buffer(f"zeros{i}", int_amx.group_values(zeros, part.bits))
+                self.register_buffer(f"zeros{i}", int_amx.group_values(zeros))
         else:
             if kind == "int4pack" and group_size not in INT4_KERNEL_GROUPS:
                 group_size = kernel_group(group_size)  # a whole row: repeat its scale
@@ -205,8 +205,8 @@ class IntLinear(nn.Module):
             codes = int_amx.unpack(qweight, block.rows, self.in_features, block.bits)
             zeros = getattr(self, f"zeros{i}", None)
             return dequantize_groups(
-                codes, int_amx.ungroup_values(scales, block.rows, block.bits),
-                None if zeros is None else int_amx.ungroup_values(zeros, block.rows, block.bits),
+                codes, int_amx.ungroup_values(scales, block.rows),
+                None if zeros is None else int_amx.ungroup_values(zeros, block.rows),
                 block.group_size).to(dtype)
         if block.kind == "int8amx":  # codes back in rows; scales as kept, in the model dtype
             qweight = int_amx.unpack(qweight, block.rows, self.in_features)
@@ -262,21 +262,53 @@ def kernel_group(group_size: int) -> int | None:
 def choose_kind(part: IntWeight, dtype: torch.dtype, device: torch.device,
                 use_kernels: bool) -> str:
     rows, cols = part.codes.shape
-    on_cpu = use_kernels and device.type == "cpu"
-    per_row_int8 = part.bits == 8 and part.zeros is None and part.group_size == cols
+    return kind_for(rows, cols, part.bits, part.group_size, part.zeros is None, dtype,
+                    device if use_kernels else torch.device("meta"))
+
+
+def kind_for(rows: int, cols: int, bits: int, group_size: int, symmetric: bool,
+             dtype: torch.dtype, device: torch.device) -> str:
+    """How a block of this shape and format is stored and multiplied (the module doc's
+    table); ``device`` other than the CPU: the plain fallbacks."""
+    on_cpu = device.type == "cpu"
+    per_row_int8 = bits == 8 and symmetric and group_size == cols
     if on_cpu and dtype == torch.bfloat16 and int_amx.kernels() is not None:
         if per_row_int8:
             return "int8amx"
-        if int_amx.supports(part.bits, part.group_size):
+        if int_amx.supports(bits, group_size):
             return "groupamx"
-    if part.bits == 4:
-        fits = rows % 16 == 0 and kernel_group(part.group_size) is not None
+    if bits == 4:
+        fits = rows % 16 == 0 and kernel_group(group_size) is not None
         if on_cpu and dtype in INT4_KERNEL_DTYPES and fits:
             return "int4pack"
         return "nibbles" if cols % 2 == 0 else "bytes"
     if on_cpu and dtype in INT8_KERNEL_DTYPES and per_row_int8:
         return "int8pack"
     return "bytes"
+
+
+KERNEL_KINDS = frozenset({"int8amx", "groupamx", "int4pack", "int8pack"})
+
+
+def stored_bytes(kind: str, rows: int, cols: int, bits: int, group_size: int,
+                 symmetric: bool, dtype: torch.dtype) -> int:
+    """Bytes ``IntLinear`` keeps for a block of ``kind`` (codes, scales, zeros), as ``_store``
+    lays them out."""
+    groups = cols // group_size
+    scale_bytes = dtype.itemsize
+    if kind in ("int8amx", "groupamx"):
+        out16, in32 = -(-rows // 16) * 16, -(-cols // 32) * 32
+        codes = out16 * in32 * bits // 8
+        if kind == "int8amx":
+            return codes + out16 * 4  # float32 scales (pad_scales)
+        return codes + groups * out16 * 2 * (1 if symmetric else 2)  # bf16 (group_values)
+    if kind == "int8pack":
+        return rows * cols + rows * scale_bytes
+    if kind == "int4pack":
+        groups = cols // kernel_group(group_size)
+        return rows * cols // 2 + groups * rows * 2 * scale_bytes  # scale and zero each
+    codes = rows * cols // 2 if kind == "nibbles" else rows * cols
+    return codes + groups * rows * 2 * scale_bytes
 
 
 def pack_codes(codes: torch.Tensor, kind: str) -> torch.Tensor:

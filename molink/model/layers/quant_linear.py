@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from molink.model.cpu_features import cpu_lacks_native_bf16
 from molink.model.gguf_quants import dequantize, row_bytes
+from molink.model.layers.cpu_linear import HALF_DTYPES
 
 
 class QuantPart(NamedTuple):
@@ -50,8 +52,12 @@ class QuantLinear(nn.Module):
                  for raw, ggml_type in zip(self.raw_parts(), self.part_types)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_as(x.dtype), self.bias)  # [T, in] -> [T, out]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if x.dtype in HALF_DTYPES and x.device.type == "cpu" and cpu_lacks_native_bf16():
+            # 16-bit products crawl on such CPUs; the dequantized weight is float32 anyway
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight_as(torch.float32), bias).to(x.dtype)
+        return F.linear(x, self.weight_as(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

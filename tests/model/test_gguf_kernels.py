@@ -1,0 +1,153 @@
+"""GGUF layers on the integer kernels: a CPU stage in bf16 keeps Q4_0 / Q4_1 / Q4_K / Q8_0
+linears as ``IntLinear`` codes and multiplies them with its kernels (MoLink's AMX kernel, or
+PyTorch's int4 kernel), instead of dequantizing every weight in every forward
+(``QuantLinear``, which stays for what no kernel takes: Q6_K, float32 compute, GPUs).
+
+What is checked: the integer groups a GGUF tensor becomes are the weight ``dequantize``
+gives; a bf16 stage's linears are on kernels where one takes them, each multiplies as its
+own dequantized weight within the bf16 bound of ``test_quantize`` (one bf16 step of
+``sum_k |x_k w_k|``), and a pipeline of three stages generates the tokens one process does;
+the planner's bytes for a CPU stage are the bytes it holds, at most 0.35 of bf16 weights; a
+4-bit file computes in bf16 on a CPU by default; ``QuantLinear`` multiplies 16-bit
+activations in float32 where the CPU has no native bf16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("gguf")
+
+from molink import LLM
+from molink.model import gguf_quants, loader
+from molink.model.gguf_quants import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, dequantize, int_weight
+from molink.model.layers import int_amx, quant_linear
+from molink.model.layers.int_linear import KERNEL_KINDS, IntLinear
+from molink.model.layers.quant_linear import QuantLinear, QuantPart
+from molink.model.loader import holds_int4, load_config, load_model
+from molink.runtime.model_size import measure_model
+from tests.model.arch_checks import greedy_tokens, make_prompts
+from tests.model.gguf_factory import random_blocks, resident_weight_bytes
+
+CPU = torch.device("cpu")
+KERNEL_MODELS = ["llama-q4_0", "llama-q4_1", "llama-q8_0", "llama256-q4_k_m"]
+
+
+@pytest.mark.parametrize("ggml_type", [Q4_0, Q4_1, Q8_0, Q4_K, Q6_K])
+def test_integer_groups_hold_the_dequantized_weight(ggml_type):
+    rows, cols = 6, 512
+    raw = torch.from_numpy(random_blocks(ggml_type, rows, cols, np.random.default_rng(0)))
+    part = int_weight(raw, ggml_type, cols)
+    low, high = {4: (-8, 7), 8: (-128, 127)}[part.bits]
+    assert part.codes.shape == (rows, cols) and part.codes.dtype == torch.int8
+    assert low <= part.codes.min().item() and part.codes.max().item() <= high
+    assert part.scales.shape == (cols // part.group_size, rows)
+    want = dequantize(raw, ggml_type, cols)
+    got = part.dequantize()
+    if ggml_type in gguf_quants.ASYMMETRIC_TYPES:  # u * d + m as (u - 8) * d + (m + 8d)
+        scale = part.scales.t().repeat_interleave(part.group_size, 1)
+        assert ((got - want).abs() <= 2.0 ** -21 * (16 * scale.abs() + want.abs())).all()
+    else:
+        assert part.zeros is None and torch.equal(got, want)
+
+
+def _linears(model):
+    return ([m for m in model.modules() if isinstance(m, IntLinear)],
+            [m for m in model.modules() if isinstance(m, QuantLinear)])
+
+
+@pytest.mark.parametrize("name", KERNEL_MODELS)
+def test_a_bf16_cpu_stage_multiplies_gguf_layers_on_integer_kernels(name, gguf_model):
+    path = gguf_model(name)
+    model, _ = load_model(str(path), 0, None, "bfloat16", CPU)
+    ints, quants = _linears(model)
+    amx = int_amx.kernels() is not None
+    if name.endswith("q8_0") and not amx:  # Q8_0's groups of 32: only the AMX kernel
+        assert not ints and len(quants) == 4 * 4 + 1
+        return
+    assert len(ints) + len(quants) == 4 * 4 + 1  # qkv, o, gate_up, down per layer; LM head
+    assert all({b.kind for b in m.blocks} <= KERNEL_KINDS for m in ints)
+    if name.endswith("q4_k_m"):  # what holds a Q6_K part (v, down, the LM head) stays
+        assert quants and all(Q6_K in m.part_types for m in quants)
+    else:
+        assert len(ints) >= 4 * 4 and all(q is model.lm_head for q in quants)
+    gen = torch.Generator().manual_seed(0)
+    for layer in ints:
+        weight = layer.weight_as(torch.bfloat16).float()  # what the kernels multiply by
+        for rows in (1, 16, 70):
+            x = torch.randn(rows, layer.in_features, generator=gen).bfloat16()
+            reference = x.float() @ weight.t()
+            bound = 2.0 ** -8 * (x.float().abs() @ weight.abs().t())
+            assert ((layer(x).float() - reference).abs() <= bound).all(), (rows, layer)
+
+
+@pytest.mark.parametrize("name", ["llama-q4_1", "llama256-q4_k_m"])
+def test_the_kernels_weight_is_the_files_with_scales_and_weights_in_bf16(name, gguf_model):
+    path = gguf_model(name)
+    checkpoint = load_config(str(path)).gguf
+    model, _ = load_model(str(path), 0, None, "bfloat16", CPU)
+    for module_name, module in model.named_modules():
+        if not isinstance(module, IntLinear):
+            continue
+        parts = [int_weight(checkpoint.read_raw(source), checkpoint.info(source).ggml_type,
+                            module.in_features)
+                 for source in model.checkpoint_names(f"{module_name}.weight")]
+        expected = torch.cat([p._replace(
+            scales=p.scales.bfloat16().float(),
+            zeros=None if p.zeros is None else p.zeros.bfloat16().float()).dequantize()
+            for p in parts])
+        assert torch.equal(module.weight_as(torch.bfloat16), expected.bfloat16()), module_name
+
+
+def test_three_bf16_stages_generate_the_tokens_of_one_process(gguf_model):
+    path = gguf_model("llama-q4_1")
+    prompts = make_prompts(512, (9, 17, 30))
+    runs = [greedy_tokens(LLM(model=str(path), dtype="bfloat16", device="cpu", block_size=4,
+                              stage_layers=stage_layers), prompts)
+            for stage_layers in (None, [(0, 1), (1, 3), (3, 4)])]
+    assert runs[0] == runs[1] and all(runs[0])
+
+
+@pytest.mark.parametrize("name", KERNEL_MODELS)
+def test_planned_bytes_of_a_bf16_cpu_stage_are_the_bytes_it_holds(name, gguf_model):
+    path = gguf_model(name)
+    footprint = measure_model(str(path), "bfloat16", None, 0, device=CPU).footprint
+    n = footprint.num_layers
+    for start, end in [(0, 1), (1, n - 1), (n - 1, n), (0, n)]:
+        model, _ = load_model(str(path), start, end, "bfloat16", CPU)
+        assert footprint.weight_bytes(start, end) == resident_weight_bytes(model), (start, end)
+
+
+def test_a_four_bit_bf16_cpu_stage_holds_at_most_035_of_its_bf16_size(gguf_model):
+    path = gguf_model("llama256-q4_k_m")
+    dense = measure_model(str(path.parent / "hf"), "bfloat16", None, 0).footprint
+    four_bit = measure_model(str(path), "bfloat16", None, 0, device=CPU).footprint
+    for layer in range(dense.num_layers):
+        assert four_bit.layer_weight_bytes[layer] <= 0.35 * dense.layer_weight_bytes[layer]
+
+
+@pytest.mark.parametrize("name,four_bit", [("llama-q4_0", True), ("llama256-q4_k_m", True),
+                                           ("llama-q8_0", False)])
+def test_a_four_bit_file_computes_in_bf16_on_a_cpu_by_default(name, four_bit, gguf_model):
+    loaded = load_config(str(gguf_model(name)))
+    assert holds_int4(loaded, None) is four_bit
+    chosen = loader.resolve_dtype("auto", loaded.arch, CPU, holds_int4(loaded, None))
+    assert chosen == (torch.bfloat16 if four_bit else torch.float32)
+    assert loader.resolve_dtype("auto", loaded.arch, torch.device("cuda"),
+                                holds_int4(loaded, None)) == torch.float32
+
+
+@pytest.mark.parametrize("lacks_bf16", [True, False])
+def test_quant_linear_multiplies_in_float32_where_the_cpu_lacks_bf16(lacks_bf16, monkeypatch):
+    monkeypatch.setattr(quant_linear, "cpu_lacks_native_bf16", lambda: lacks_bf16)
+    rng = np.random.default_rng(1)
+    layer = QuantLinear(256, [QuantPart(Q6_K, 48)], bias=False)
+    layer.part0.copy_(torch.from_numpy(random_blocks(Q6_K, 48, 256, rng)))
+    x = torch.randn(5, 256).bfloat16()
+    weight = dequantize(layer.part0, Q6_K, 256)
+    expected = (F.linear(x.float(), weight).bfloat16() if lacks_bf16
+                else F.linear(x, weight.bfloat16()))
+    assert torch.equal(layer(x), expected)
