@@ -23,7 +23,8 @@ How a block is stored and multiplied is chosen once, when it is filled:
 Where AMX is there (``int_amx.kernels()``), bf16 blocks of 4- or 8-bit codes whose groups
 span whole 32-input blocks take MoLink's AMX kernel, which reads the weight once for up to 64
 rows (PyTorch's int8 and int4 kernels: once per row); their codes are stored in that kernel's
-block layout, their scales (and zeros) as float32 in its order.
+block layout, group scales (and zeros) in bf16 and int8's per-output scales in float32, in
+its order.
 
 Why bf16 only for int4: PyTorch vectorises that kernel for bf16 alone; its fp32 / fp16 path is
 a scalar loop, measured 8x slower than dequantize-then-matmul at 16 tokens (1024x4096).

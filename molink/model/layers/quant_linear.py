@@ -2,8 +2,11 @@
 
 The weight is one or more row parts (a fused projection: q | k | v, gate | up), each a
 ``[rows, row_bytes]`` uint8 buffer in its own GGUF type, since a Q4_K_M file stores v_proj
-and down_proj as Q6_K next to Q4_K q/k. There is no quantized matmul kernel: forward
-dequantizes the parts into the activation dtype and runs ``x @ W.T`` (the plain fallback).
+and down_proj as Q6_K next to Q4_K q/k. No kernel reads GGUF blocks: forward dequantizes
+the parts and runs ``x @ W.T`` (16-bit activations on a CPU without native bf16: in float32),
+which costs more than the product itself. So this is the fallback, for what no integer
+kernel takes: on a CPU, linears whose parts an ``IntLinear`` kernel can multiply are loaded
+as ``IntLinear`` instead (``gguf_weights``); Q6_K parts, float32 compute and GPUs stay here.
 Buffers, not parameters, so ``next(model.parameters()).dtype`` stays the model's dtype.
 
 ``QuantEmbedding`` keeps a GGUF embedding table quantized too and dequantizes only the rows
