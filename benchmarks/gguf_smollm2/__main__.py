@@ -4,12 +4,16 @@ One run, side by side:
 
 1. chat over 3 stages: a LocalPipeline (head + 2 ``molink join`` processes) serving the GGUF
    file behind the real HTTP API (``create_app`` + uvicorn), 5 chat prompts through the
-   ``openai`` client, greedy, max_tokens 64;
+   ``openai`` client, greedy, max_tokens 64, in float32 and in bfloat16;
 2. greedy agreement against ``transformers`` loading the same GGUF: leading tokens that agree
    (MoLink single process, MoLink over the same 3 stages) and the max logit difference on the
    prompt;
-3. decode tokens/s and weight memory in MoLink: the 4-bit GGUF (QuantLinear) against the same
-   weights dequantized into a bf16 safetensors directory, each in a fresh child process.
+   (float32: the same arithmetic; bfloat16 as well, to show how far it agrees);
+3. decode tokens/s and weight memory in MoLink: the 4-bit GGUF against the same weights
+   dequantized into a bf16 safetensors directory, each in a fresh child process, in
+   bfloat16 (the 4-bit linears on integer kernels, what ``--dtype auto`` picks for a 4-bit
+   file on a CPU) and in float32 (``QuantLinear``: every weight dequantized in every step),
+   two rounds in alternation.
 
     python -m benchmarks.gguf_smollm2 [--gguf PATH]   # writes benchmarks/results/gguf_smollm2.md
 """
@@ -65,27 +69,33 @@ def main_run(args) -> None:
                        zip(molink_prompt_logits(path, [(0, None)], prompts), hf_logits)]
         diff_staged = [(a - b).abs().max().item() for a, b in
                        zip(molink_prompt_logits(path, ranges, prompts), hf_logits)]
-        ranges, answers, staged = asyncio.run(pipeline_phase(path, prompts))
+        chats = {dtype: asyncio.run(pipeline_phase(path, prompts, dtype))
+                 for dtype in ("float32", "bfloat16")}
+        ranges = chats["float32"][0]
         single = molink_single(path, prompts)
-        speed = (run_child(path, "float32", args.batch, args.max_tokens),
-                 run_child(dense_dir, "float32", args.batch, args.max_tokens),
-                 run_child(path, "float32", args.batch, args.max_tokens),
-                 run_child(dense_dir, "float32", args.batch, args.max_tokens),
-                 run_child(path, "bfloat16", args.batch, 0),
-                 run_child(dense_dir, "bfloat16", args.batch, 0))
-    body = tables(answers, hf, single, staged, diff_single, diff_staged, speed)
+        speed = [run_child(model, dtype, args.batch, args.max_tokens)
+                 for _ in range(2) for dtype in ("bfloat16", "float32")
+                 for model in (path, dense_dir)]
+    body = tables(chats, hf, single, diff_single, diff_staged, speed)
     print("\n" + body, flush=True)
     if args.no_write:
         return
     write_results(args, path, ranges, load_start, body)
 
 
-DTYPE_NOTE = ("dtype: every generation computes in **float32** (the 4-bit blocks are dequantized "
-              "to float32 in forward; the bf16 directory is upcast on load). This CPU (AMD EPYC, "
-              "AVX2, no native bf16) runs bf16 matmuls very slowly, so a bf16-compute speed "
-              "comparison would measure the emulation, not the formats. bf16 enters only where "
-              "memory is the point: the bfloat16 rows of table 3 load each model with dtype "
-              "bfloat16 and measure memory only.")
+def dtype_note() -> str:
+    from molink.model.cpu_features import has_native_bf16
+    from molink.model.layers import int_amx
+
+    kernel = ("MoLink's AMX kernel" if int_amx.kernels() is not None
+              else "PyTorch's int4 kernel (no AMX here)")
+    return ("dtype: table 2 computes in float32 (the arithmetic transformers does; bfloat16 "
+            "columns for comparison). In bfloat16, what `--dtype auto` picks for a 4-bit GGUF "
+            f"on a CPU, the 4-bit linears multiply on integer kernels ({kernel}); in float32 "
+            "no integer kernel applies and every quantized weight is dequantized in every step "
+            "(`QuantLinear`), the path every GGUF took before. This CPU has "
+            f"{'native bf16 arithmetic' if has_native_bf16() else 'no native bf16 arithmetic'}"
+            " (lscpu below).")
 
 
 def write_results(args, path: Path, ranges, load_start: list[str], body: str) -> None:
@@ -99,7 +109,7 @@ def write_results(args, path: Path, ranges, load_start: list[str], body: str) ->
                 "repository's test suite shared the 2 cores during the run, so absolute speeds "
                 "are noisy; ratios come from adjacent runs.")
     header = ["# SmolLM2-135M-Instruct Q4_1 GGUF in MoLink", "", "Command (repository root):",
-              "", f"    {command.strip()}", "", run_line, "", DTYPE_NOTE, "", ""]
+              "", f"    {command.strip()}", "", run_line, "", dtype_note(), "", ""]
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "gguf_smollm2.md"
     out.write_text("\n".join(header) + body + "\n\n## Reading\n\nREADING\n\n## lscpu\n\n```\n"

@@ -16,7 +16,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def pipeline_phase(path: Path, prompts: list[list[int]]):
+async def pipeline_phase(path: Path, prompts: list[list[int]], dtype: str):
     import uvicorn
     from openai import OpenAI
 
@@ -31,12 +31,13 @@ async def pipeline_phase(path: Path, prompts: list[list[int]]):
     from molink.transport.peers import PeerSecurity
 
     ranges = split_layers(load_config(str(path)).arch.num_layers, NUM_STAGES)
-    log(f"3-stage pipeline: layers {ranges} (head + 2 `molink join` processes), loading")
-    head = PipelineHead(ModelConfig(model=str(path), dtype="float32", device="cpu"),
+    log(f"3-stage pipeline: layers {ranges} (head + 2 `molink join` processes), {dtype}, "
+        "loading")
+    head = PipelineHead(ModelConfig(model=str(path), dtype=dtype, device="cpu"),
                         CacheConfig(), SchedulerConfig(), HeadConfig(head_layers=ranges[0]),
                         security=PeerSecurity.create(TOKEN))
     async with LocalPipeline(head, TOKEN, path, ranges[1:],
-                             join_options=["--dtype", "float32", "--device", "cpu"]) as pipe:
+                             join_options=["--dtype", dtype, "--device", "cpu"]) as pipe:
         log(f"pipeline ready: {head.describe()} (stage pids {pipe.pids})")
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(create_app(head, "smollm2", log_requests=False),
