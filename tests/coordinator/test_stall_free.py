@@ -20,36 +20,56 @@ LONG_PROMPT = 200
 MAX_BATCHED_TOKENS = SchedulerConfig().max_num_batched_tokens  # the harness's default
 
 
+class _DuringPrefill:
+    """A head listener: tokens each short stream got from steps that computed part of the
+    long prompt before its first token, and the prefill budget /metrics showed for each,
+    counted as the head produces them (a consumer on a loaded machine may read them later,
+    after the long prompt's first token)."""
+
+    def __init__(self, head, num_shorts: int) -> None:
+        self.head = head
+        self.metrics = HeadMetrics(head)
+        self.during = [0] * num_shorts
+        self.budgets: list[float] = []
+        self.long_first = False
+
+    def on_output(self, output) -> None:
+        long = self.head.loop.scheduler.get_request("long")
+        if output.request_id == "long":
+            self.long_first = True
+        elif long is not None and long.num_computed_tokens and not self.long_first:
+            self.during[int(output.request_id.removeprefix("short-"))] += 1
+            if not output.finished:  # (its last token's step may have had nothing decoding)
+                self.budgets.append(
+                    metric_samples(self.metrics)["molink_prefill_budget_tokens"])
+
+    def on_request_added(self, request_id: str) -> None:
+        pass
+
+    on_request_aborted = on_request_failed = on_request_added
+
+
 async def _run(head, shorts, long_prompt):
     """-> (every output's tokens, tokens each short stream got while the long prompt was
-    prefilled: from its submission to its first token, the prefill budget /metrics showed
-    then, while streams still decoded)."""
-    metrics = HeadMetrics(head)
-    budgets: list[float] = []
+    prefilled, the prefill budget /metrics showed then, while streams still decoded)."""
+    recorder = _DuringPrefill(head, len(shorts))
+    head.loop.listeners.append(recorder)
     outputs: dict[int, list[int]] = {}
-    during: list[int] = [0] * len(shorts)
-    state = {"long_started": False, "long_first": False}
     decoding = asyncio.Event()
 
     async def short(i, prompt):
-        async for out in head.generate(prompt, SHORT):
+        async for out in head.generate(prompt, SHORT, request_id=f"short-{i}"):
             if out.outputs[0].token_ids:
                 decoding.set()
-            if state["long_started"] and not state["long_first"]:
-                during[i] += 1
-                if not out.finished:  # (its last token's step may have had nothing decoding)
-                    budgets.append(metric_samples(metrics)["molink_prefill_budget_tokens"])
             outputs[i] = list(out.outputs[0].token_ids)
 
     async def long():
         await decoding.wait()
-        state["long_started"] = True
-        async for out in head.generate(long_prompt, LONG):
-            state["long_first"] = True
+        async for out in head.generate(long_prompt, LONG, request_id="long"):
             outputs[len(shorts)] = list(out.outputs[0].token_ids)
 
     await asyncio.gather(*(short(i, p) for i, p in enumerate(shorts)), long())
-    return [outputs[i] for i in range(len(shorts) + 1)], during, budgets
+    return [outputs[i] for i in range(len(shorts) + 1)], recorder.during, recorder.budgets
 
 
 @pytest.mark.parametrize("factor", [0.005, 0.0])
