@@ -28,23 +28,25 @@ FUSED = fused16.kernels()
 AMX = int_amx.kernels()
 pytestmark = pytest.mark.skipif(FUSED is None, reason=f"no fused kernels: "
                                                       f"{fused16.unsupported_reason()}")
-# the products' kind and the dtype: MoLink's AMX kernel for bf16 weights or int8 codes
-# (where the CPU has AMX), or fused16's widened-weight product (what a CPU without native
-# bf16 gets; forced here)
-AMX16, AMX8, FUSED16 = decode_layers.AMX16, decode_layers.AMX8, decode_layers.FUSED16
+# the products' kind, the dtype and the weights' quantization: MoLink's AMX kernel for bf16
+# weights or int8 / int4 codes (where the CPU has AMX; int4: groups with zeros), or
+# fused16's widened-weight product (what a CPU without native bf16 gets; forced here)
+AMX16, AMX_INT, FUSED16 = decode_layers.AMX16, decode_layers.AMX_INT, decode_layers.FUSED16
 NEEDS_AMX = pytest.mark.skipif(AMX is None, reason=f"no AMX kernel: {int_amx.unsupported_reason()}")
-FLAVORS = [pytest.param((AMX16, torch.bfloat16), id="amx-bf16", marks=NEEDS_AMX),
-           pytest.param((FUSED16, torch.bfloat16), id="fused-bf16"),
-           pytest.param((FUSED16, torch.float16), id="fused-fp16"),
-           pytest.param((AMX8, torch.bfloat16), id="amx-int8", marks=NEEDS_AMX)]
-DEFAULT = (AMX16 if AMX is not None else FUSED16, torch.bfloat16)
+AMX_FLAVORS = [pytest.param((AMX16, torch.bfloat16, None), id="amx-bf16", marks=NEEDS_AMX),
+               pytest.param((AMX_INT, torch.bfloat16, "int8"), id="amx-int8", marks=NEEDS_AMX),
+               pytest.param((AMX_INT, torch.bfloat16, "int4"), id="amx-int4", marks=NEEDS_AMX)]
+FUSED_BF16 = pytest.param((FUSED16, torch.bfloat16, None), id="fused-bf16")
+FLAVORS = [*AMX_FLAVORS, FUSED_BF16,
+           pytest.param((FUSED16, torch.float16, None), id="fused-fp16")]
+DEFAULT = (AMX16 if AMX is not None else FUSED16, torch.bfloat16, None)
 
 
 def _stage(directory, start: int, end: int | None, at_once: bool, flavor=DEFAULT):
-    kind, dtype = flavor
+    kind, dtype, quantization = flavor
     with patch.object(loader, "cpu_lacks_native_bf16", lambda: kind == FUSED16):
         model, _ = loader.load_model(str(directory), start, end, str(dtype).split(".")[1], CPU,
-                                     quantization="int8" if kind == AMX8 else None)
+                                     quantization=quantization)
     assert model.body.decode_layers is not None
     assert model.body.decode_layers.kind == kind
     if not at_once:
@@ -135,7 +137,7 @@ def test_a_decode_step_is_the_modules_bit_for_bit(tiny_model_dir, name, flavor):
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("flavor", FLAVORS[::3] + FLAVORS[1:2])
+@pytest.mark.parametrize("flavor", [*AMX_FLAVORS, FUSED_BF16])
 def test_each_stage_of_a_pipeline_runs_its_own_layers(tiny_model_dir, flavor):
     """First, middle and last stages (hidden states in, residual out): the modules' results,
     and the input the previous stage handed over untouched."""
@@ -188,7 +190,7 @@ def test_fused16_products_take_steps_up_to_their_row_limit(tiny_model_dir, seque
     directory = tiny_model_dir("llama")
     results, calls = [], []
     for at_once in (True, False):
-        stage = _stage(directory, 0, None, at_once, (FUSED16, torch.bfloat16))
+        stage = _stage(directory, 0, None, at_once, (FUSED16, torch.bfloat16, None))
         if at_once:
             _count_calls(stage.body.decode_layers, calls)
         requests = _Requests([2] * sequences, vocab=400, seed=3, blocks_each=1)
@@ -198,9 +200,10 @@ def test_fused16_products_take_steps_up_to_their_row_limit(tiny_model_dir, seque
         assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("flavor", FLAVORS[::3])
+@pytest.mark.parametrize("flavor", AMX_FLAVORS)
 def test_steps_of_more_rows_than_one_amx_call_takes(tiny_model_dir, flavor):
-    """70 sequences at once: int8 codes multiply in calls of 64 rows and 6."""
+    """70 sequences at once: codes multiply in calls of 64 rows and 6 (int4: each call with
+    its rows' group sums)."""
     directory = tiny_model_dir("qwen2")
     results = []
     for at_once in (True, False):
@@ -218,7 +221,7 @@ def _replace_cache(stage):
 
 def _replace_weight(stage):
     linear = stage.body.layer_list[1].mlp._down
-    if isinstance(linear, IntLinear):  # new codes and scales
+    if isinstance(linear, IntLinear):  # new codes and scales (int4: now int8 codes)
         linear.set_weight([quantize_int8(linear.weight * 2, torch.bfloat16)], torch.bfloat16, CPU)
     else:
         linear.set_weight(linear.weight * 2)
@@ -228,7 +231,7 @@ def _shift_bias_in_place(stage):
     stage.body.layer_list[0].self_attn._qkv_proj.bias.add_(0.5)
 
 
-@pytest.mark.parametrize("flavor", FLAVORS[::3] + FLAVORS[1:2])
+@pytest.mark.parametrize("flavor", [*AMX_FLAVORS, FUSED_BF16])
 @pytest.mark.parametrize("change", [_replace_cache, _replace_weight, _shift_bias_in_place])
 def test_what_the_layers_point_at_is_followed_when_it_changes(tiny_model_dir, change, flavor):
     """The descriptors follow a newly bound KV cache, a replaced weight and a bias changed

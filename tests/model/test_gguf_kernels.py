@@ -7,6 +7,7 @@ What is checked: the integer groups a GGUF tensor becomes are the weight ``dequa
 gives; a bf16 stage's linears are on kernels where one takes them, each multiplies as its
 own dequantized weight within the bf16 bound of ``test_quantize`` (one bf16 step of
 ``sum_k |x_k w_k|``), and a pipeline of three stages generates the tokens one process does;
+a decode step's layers in one call (``decode_layers``) multiply the codes as the modules do;
 the planner's bytes for a CPU stage are the bytes it holds, at most 0.35 of bf16 weights; a
 4-bit file computes in bf16 on a CPU by default; ``QuantLinear`` multiplies 16-bit
 activations in float32 where the CPU has no native bf16.
@@ -24,13 +25,15 @@ pytest.importorskip("gguf")
 from molink import LLM
 from molink.model import gguf_quants, loader
 from molink.model.gguf_quants import Q4_0, Q4_1, Q4_K, Q6_K, Q8_0, dequantize, int_weight
-from molink.model.layers import int_amx, quant_linear
+from molink.model.layers import decode_layers, int_amx, quant_linear
 from molink.model.layers.int_linear import KERNEL_KINDS, IntLinear
 from molink.model.layers.quant_linear import QuantLinear, QuantPart
 from molink.model.loader import holds_int4, load_config, load_model
+from molink.runtime.kv_cache import allocate_kv_cache
 from molink.runtime.model_size import measure_model
 from tests.model.arch_checks import greedy_tokens, make_prompts
 from tests.model.gguf_factory import random_blocks, resident_weight_bytes
+from tests.model.test_decode_layers import BLOCK_SIZE, NUM_BLOCKS, _Requests, _run
 
 CPU = torch.device("cpu")
 KERNEL_MODELS = ["llama-q4_0", "llama-q4_1", "llama-q8_0", "llama256-q4_k_m"]
@@ -151,3 +154,21 @@ def test_quant_linear_multiplies_in_float32_where_the_cpu_lacks_bf16(lacks_bf16,
     expected = (F.linear(x.float(), weight).bfloat16() if lacks_bf16
                 else F.linear(x, weight.bfloat16()))
     assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.skipif(int_amx.kernels() is None, reason="no AMX kernel on this CPU")
+@pytest.mark.parametrize("name", ["llama-q4_0", "llama-q4_1", "llama-q8_0"])
+def test_a_decode_step_of_gguf_codes_runs_in_one_call_as_the_modules(name, gguf_model):
+    """4-bit codes without and with zeros and 8-bit codes in groups of 32 (Q4_0, Q4_1,
+    Q8_0): ``decode_layers`` multiplies them as ``IntLinear`` does, bit for bit."""
+    results = []
+    for at_once in (True, False):
+        model, _ = load_model(str(gguf_model(name)), 0, None, "bfloat16", CPU)
+        assert model.body.decode_layers is not None
+        assert model.body.decode_layers.kind == decode_layers.AMX_INT
+        if not at_once:
+            model.body.decode_layers = None
+        allocate_kv_cache(model.attention_layers(), NUM_BLOCKS, BLOCK_SIZE, torch.bfloat16, CPU)
+        results.append(_run([model], _Requests([3, 11, 6], vocab=400), steps=3))
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)

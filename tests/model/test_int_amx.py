@@ -259,3 +259,17 @@ def test_a_bias_not_padded_for_the_kernel_is_refused():
     for bias in (torch.zeros(40), torch.zeros(64).bfloat16()):  # unpadded; wrong dtype
         with pytest.raises(ValueError, match="bias"):
             int_amx.kernels().matmul16(x, tiles, 40, bias)
+
+
+@needs_kernel
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_group_sums_are_each_rows_sums_over_each_group(group_size):
+    """The zeros' share of 4-bit codes (both the module path and ``decode_layers`` take the
+    sums from this one function): within float32 summation's bound of the exact sums."""
+    gen = torch.Generator().manual_seed(group_size)
+    x = torch.randn(5, 256, generator=gen).bfloat16()
+    got = int_amx.kernels().group_sums(x, group_size)
+    grouped = x.double().view(5, 256 // group_size, group_size)
+    assert got.dtype == torch.float32 and got.shape == grouped.shape[:2]
+    bound = group_size * 2.0 ** -24 * grouped.abs().sum(-1)
+    assert ((got.double() - grouped.sum(-1)).abs() <= bound).all()

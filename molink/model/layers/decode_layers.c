@@ -6,7 +6,8 @@
  *
  * Nothing here computes but KV copies into the cache: every operation is one of the kernels
  * the module path calls one by one from Python (the products: int_amx.c's AMX products of
- * bf16 weights or int8 codes, or gemm16.c's widened-weight product for CPUs without AMX;
+ * bf16 weights or of 8- or 4-bit codes, or gemm16.c's widened-weight product for CPUs
+ * without AMX;
  * gemm16.c's attention, norm, RoPE, SwiGLU and add), handed over as function pointers and
  * called with the same arguments, in the same order, so a step's result is the module
  * path's bit for bit. What goes is the Python between them (~13 module calls, views,
@@ -16,9 +17,11 @@
 
 typedef void (*amx_fn)(const uint16_t* x, int64_t rows, const uint16_t* w, int64_t k32,
                        int64_t n32, const float* bias, uint16_t* y, int threads);
-typedef void (*amx8_fn)(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
-                        int64_t n16, int bits, int64_t group_size, const float* scales,
-                        const float* zeros, const float* xsums, uint16_t* y, int threads);
+typedef void (*amx_int_fn)(const uint16_t* x, int64_t rows, const int8_t* codes, int64_t k32,
+                           int64_t n16, int bits, int64_t group_size, const void* scales,
+                           const uint16_t* zeros, const float* xsums, uint16_t* y, int threads);
+typedef void (*group_sums_fn)(const uint16_t* x, int64_t rows, int64_t k32, int64_t group_size,
+                              float* out);
 typedef void (*linear_fn)(const uint16_t* x, int64_t rows, const uint16_t* tiles, int64_t in16,
                           int64_t out8, const float* bias, uint16_t* y, float* scratch,
                           int threads, int f16);
@@ -39,13 +42,14 @@ typedef void (*add_fn)(uint16_t* h, const uint16_t* x, int64_t n, int f16);
 
 typedef struct {
     amx_fn amx; /* the products: one of these three, the others NULL */
-    amx8_fn amx8;
+    amx_int_fn amx_int;
     linear_fn linear;
     attention_fn attention;
     rms_norm_fn rms_norm;
     rotary_fn rotary;
     silu_mul_fn silu_mul;
     add_fn add;
+    group_sums_fn group_sums; /* with amx_int: 4-bit codes with zeros need each row's sums */
 } kernels;
 
 /* Sizes shared by the layers; hidden, heads * head_dim and inter multiples of 32 (whole AMX
@@ -57,14 +61,18 @@ typedef struct {
     int64_t f16; /* activations, weights and cache: float16 (1) or bfloat16 (0) */
 } dims;
 
-/* A product's weights: bf16 tiles (int_amx.pack16), int8 codes (int_amx.pack, one scale
- * per output: int_amx.pad_scales) or 16-bit tiles (fused16.pack); the bias: for the first
- * and last, float32 padded to the tiles' outputs and added before the rounding; for int8
- * codes, in the activations' dtype and added after it (IntLinear's order); or NULL. */
+/* A product's weights: bf16 tiles (int_amx.pack16), integer codes (int_amx.pack: 8-bit
+ * with one float32 scale per output, int_amx.pad_scales, group_size 0; or 8- or 4-bit
+ * codes with bf16 scales and zeros per group, int_amx.group_values) or 16-bit tiles
+ * (fused16.pack); the bias: for bf16 and 16-bit tiles, float32 padded to the tiles' outputs
+ * and added before the rounding; for codes, in the activations' dtype and added after it
+ * (IntLinear's order); or NULL. */
 typedef struct {
     const void* weights;
-    const float* scales;
+    const void* scales;
     const void* bias;
+    const uint16_t* zeros; /* codes in groups: NULL (symmetric) or the groups' zeros */
+    int64_t bits, group_size; /* codes: 8 or 4, and 0 or inputs per group */
 } weights;
 
 /* One layer: RMSNorm weights (q_norm and k_norm NULL without per-head norms), the four
@@ -77,10 +85,11 @@ typedef struct {
     float input_eps, post_eps, q_eps, k_eps, scale;
 } layer;
 
-#define AMX8_ROWS 64 /* rows per int8 AMX call (int_amx.MAX_ROWS) */
+#define AMX_INT_ROWS 64 /* rows per AMX call on codes (int_amx.MAX_ROWS) */
 
 /* y[rows][width] = x[rows][in] @ W.T (+ bias); width: the outputs padded to the weights'
- * blocks, outputs: the layer's */
+ * blocks, outputs: the layer's; scratch: fused16's float32 scratch, or the group sums of
+ * 4-bit codes with zeros (AMX_INT_ROWS * in / group_size floats) */
 static void product(const kernels* k, const uint16_t* x, int64_t rows, const weights* p,
                     int64_t in, int64_t width, int64_t outputs, uint16_t* y, float* scratch,
                     int threads, int f16) {
@@ -89,9 +98,13 @@ static void product(const kernels* k, const uint16_t* x, int64_t rows, const wei
     } else if (k->linear) {
         k->linear(x, rows, p->weights, in, width, p->bias, y, scratch, threads, f16);
     } else {
-        for (int64_t r = 0; r < rows; r += AMX8_ROWS)
-            k->amx8(x + r * in, rows - r < AMX8_ROWS ? rows - r : AMX8_ROWS, p->weights, in,
-                    width, 8, 0, p->scales, NULL, NULL, y + r * width, threads);
+        const int sums = p->bits == 4 && p->zeros != NULL;
+        for (int64_t r = 0; r < rows; r += AMX_INT_ROWS) {
+            const int64_t n = rows - r < AMX_INT_ROWS ? rows - r : AMX_INT_ROWS;
+            if (sums) k->group_sums(x + r * in, n, in, p->group_size, scratch);
+            k->amx_int(x + r * in, n, p->weights, in, width, (int)p->bits, p->group_size,
+                       p->scales, p->zeros, sums ? scratch : NULL, y + r * width, threads);
+        }
         for (int64_t r = 0; r < rows && p->bias; ++r)
             k->add(y + r * width, p->bias, outputs, f16);
     }
@@ -101,8 +114,9 @@ static void product(const kernels* k, const uint16_t* x, int64_t rows, const wei
  * value go to cache slot slots[t]; sequence b's query is row q_rows[b] at positions[b],
  * its blocks tables[b][0 .. max_blocks); cos, sin [rows][head_dim] float32. scratch:
  * rows * (max(hidden, heads * head_dim, inter) + qkv_width + hidden + 2 * inter) 16-bit
- * values; scratch32: the products' float32 scratch (rows * (2 * max(hidden, heads *
- * head_dim, inter) + max(qkv_width, 2 * inter)) floats; unused by the AMX products).
+ * values; scratch32: the products' float32 scratch (fused16's: rows * (2 * max(hidden,
+ * heads * head_dim, inter) + max(qkv_width, 2 * inter)) floats; codes in groups:
+ * min(rows, 64) * max(hidden, heads * head_dim, inter) / 32; unused by bf16 tiles).
  * Returns 0; -2 for a slot, query row, position or block outside the tensors or the cache
  * (checked before each layer's writes); -1 for shapes the kernels do not take. */
 int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, int64_t count,
@@ -113,7 +127,7 @@ int molink_decode_layers(const kernels* k, const dims* d, const layer* layers, i
     const int64_t hidden = d->hidden, D = d->head_dim, inter = d->inter;
     const int64_t q_size = d->heads * D, kv_size = d->kv_heads * D, width = d->qkv_width;
     if (hidden % 32 || q_size % 32 || inter % 32 || D % 16 || width < q_size + 2 * kv_size
-        || !(k->amx || k->amx8 || k->linear))
+        || !(k->amx || k->amx_int || k->linear))
         return -1;
     int64_t widest = hidden > q_size ? hidden : q_size;
     widest = widest > inter ? widest : inter;

@@ -12,9 +12,10 @@ chunks, steps mixing prefill and decode, models or layers it does not cover).
 It covers the plain pre-norm block (``DecoderLayer`` in the sequential layout) with
 ``RMSNorm`` norms, optional per-head q/k ``RMSNorm`` (Qwen3), full-width rotate-half RoPE
 from one table, no soft-capping, ALiBi or sinks, a SwiGLU MLP, and all four products of one
-kind (``product_kind``): ``AmxLinear`` (bf16 on a CPU with AMX), ``IntLinear`` of int8 codes
-in AMX tiles (``--quantization int8`` there), or ``TiledCpuLinear`` (bf16 or float16 on a
-CPU without native bf16, steps of up to ``fused16.MAX_ROWS`` rows); hidden size, ``heads *
+kind (``product_kind``): ``AmxLinear`` (bf16 on a CPU with AMX), ``IntLinear`` of 8- or 4-bit
+codes in AMX tiles (``--quantization int8`` / ``int4``, AWQ/GPTQ or GGUF Q4/Q8 there), or
+``TiledCpuLinear`` (bf16 or float16 on a CPU without native bf16, steps of up to
+``fused16.MAX_ROWS`` rows); hidden size, ``heads *
 head_dim`` and the MLP width multiples of 32. ``use_decode_layers`` attaches it where every
 layer of a stage qualifies.
 """
@@ -44,11 +45,13 @@ from molink.model.layers.rotary import apply_rotary
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_layers.c")
-_KERNELS = ("amx", "amx8", "linear", "attention", "rms_norm", "rotary", "silu_mul", "add")
+_KERNELS = ("amx", "amx_int", "linear", "attention", "rms_norm", "rotary", "silu_mul", "add",
+            "group_sums")
 _NORMS = ("input_norm", "post_norm", "q_norm", "k_norm")
 _PRODUCTS = ("qkv", "o", "gate_up", "down")
-# the products' kinds: bf16 weights in AMX tiles, int8 codes in AMX tiles, fused16's tiles
-AMX16, AMX8, FUSED16 = "amx", "amx8", "linear"
+# the products' kinds: bf16 weights in AMX tiles, 8- or 4-bit codes in AMX tiles, fused16's
+AMX16, AMX_INT, FUSED16 = "amx", "amx-int", "linear"
+_CODES_IN_TILES = ("int8amx", "groupamx")  # IntLinear's kinds on int_amx.c
 
 
 class _Kernels(ctypes.Structure):
@@ -61,7 +64,8 @@ class _Dims(ctypes.Structure):
 
 
 class _Product(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_void_p) for name in ("weights", "scales", "bias")]
+    _fields_ = ([(name, ctypes.c_void_p) for name in ("weights", "scales", "bias", "zeros")]
+                + [("bits", ctypes.c_int64), ("group_size", ctypes.c_int64)])
 
 
 class _Layer(ctypes.Structure):
@@ -99,15 +103,15 @@ def _norm_reason(norm: nn.Module, size: int, dtype: torch.dtype) -> str | None:
 
 
 def product_kind(linear: nn.Module) -> str | None:
-    """``AMX16``, ``AMX8`` or ``FUSED16``: how ``molink_decode_layers`` multiplies by
+    """``AMX16``, ``AMX_INT`` or ``FUSED16``: how ``molink_decode_layers`` multiplies by
     ``linear``'s weights as its module does; None where it does not."""
     if type(linear) is AmxLinear:
         return AMX16
     if type(linear) is TiledCpuLinear:
         return FUSED16
     if (type(linear) is IntLinear and linear.amx is not None and len(linear.blocks) == 1
-            and linear.blocks[0].kind == "int8amx" and not linear.blocks[0].permuted):
-        return AMX8
+            and linear.blocks[0].kind in _CODES_IN_TILES and not linear.blocks[0].permuted):
+        return AMX_INT
     return None
 
 
@@ -165,10 +169,14 @@ class DecodeLayers:
         qkv = attn._qkv_proj
         self.kind = product_kind(qkv)
         self.dtype = _dtype_of(qkv)
-        products = {AMX16: None, AMX8: None, FUSED16: None}
-        products[self.kind] = _address(
-            fused._linear16 if self.kind == FUSED16 else
-            qkv.amx._gemm16 if self.kind == AMX16 else qkv.amx._gemm)
+        products = {"amx": None, "amx_int": None, "linear": None, "group_sums": None}
+        if self.kind == FUSED16:
+            products["linear"] = _address(fused._linear16)
+        elif self.kind == AMX16:
+            products["amx"] = _address(qkv.amx._gemm16)
+        else:
+            products["amx_int"] = _address(qkv.amx._gemm)
+            products["group_sums"] = _address(qkv.amx._group_sums)
         self._kernels = _Kernels(
             **products, attention=_address(fused._attend), rms_norm=_address(fused._rms_norm),
             rotary=_address(fused._rotary), silu_mul=_address(fused._silu_mul),
@@ -183,9 +191,11 @@ class DecodeLayers:
                            f16=int(self.dtype == torch.float16))
         widest = max(self.hidden, attn.q_size, inter)
         # scratch per row: a product's input, the q|k|v product, o / down, gate|up; and
-        # fused16's products' float32 input (twice: widened, split) and output
+        # fused16's products' float32 input (twice: widened, split) and output, or the
+        # group sums of codes with zeros (groups of 32 inputs or more)
         self._scratch_row = widest + qkv_width + self.hidden + 2 * inter
-        self._scratch32_row = 2 * widest + max(qkv_width, 2 * inter) if self.kind == FUSED16 else 0
+        self._scratch32_row = (2 * widest + max(qkv_width, 2 * inter) if self.kind == FUSED16
+                               else widest // int_amx.BLOCK_IN if self.kind == AMX_INT else 0)
         self._descriptors = None
         self._watched: list[tuple[dict, str, object]] = []  # what they point into
         self._bias_versions: list[tuple[torch.Tensor, int]] = []
@@ -262,12 +272,13 @@ class DecodeLayers:
         attn, paged = layer.self_attn, layer.self_attn.attn
         norms, products = _parts(layer)
         fields = [_product_fields(p, self.kind) for p in products]
-        self._biases += [bias for _, _, bias in fields if bias is not None]
+        self._biases += [f[2] for f in fields if f[2] is not None]
         k_cache, v_cache = paged.kv_cache[0], paged.kv_cache[1]
         eps = [layer.input_layernorm.eps, layer.post_attention_layernorm.eps,
                *((attn._q_norm.eps, attn._k_norm.eps) if attn.has_qk_norm else (0.0, 0.0))]
         return _Layer(*(_pointer(None if n is None else n.weight) for n in norms),
-                      *(_Product(*map(_pointer, f)) for f in fields), k_cache.data_ptr(),
+                      *(_Product(*map(_pointer, f[:4]), *f[4:]) for f in fields),
+                      k_cache.data_ptr(),
                       v_cache.data_ptr(), k_cache.shape[0], paged.window or 0, *eps, paged.scale)
 
 
@@ -276,21 +287,24 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
 
 
 def _product_fields(linear: nn.Module, kind: str):
-    """(weights, scales, bias) as ``molink_decode_layers`` reads them: the bias float32 and
-    zero-padded to the tiles' outputs for the products that add it before rounding, the
-    module's own for int8 codes (added after, as ``IntLinear``)."""
+    """(weights, scales, bias, zeros, bits, group_size) as ``molink_decode_layers`` reads
+    them: the bias float32 and zero-padded to the tiles' outputs for the products that add it
+    before rounding, the module's own for codes (added after, as ``IntLinear``)."""
     held = [tensor for _, _, tensor in _held(linear)]
-    if kind == AMX8:
-        return held[0], held[1], None if linear.bias is None else linear.bias.detach()
+    if kind == AMX_INT:
+        block = linear.blocks[0]
+        return (held[0], held[1], None if linear.bias is None else linear.bias.detach(),
+                held[2], block.bits, block.group_size if block.kind == "groupamx" else 0)
     if kind == AMX16:
-        return held[0], None, linear._padded_bias()
-    return held[0], None, None if linear.bias is None else int_amx.pad_scales(
+        return held[0], None, linear._padded_bias(), None, 0, 0
+    bias = None if linear.bias is None else int_amx.pad_scales(
         linear.bias.detach(), fused16.TILE_ROWS)  # fused16's tiles: outputs padded to 8
+    return held[0], None, bias, None, 0, 0
 
 
 def _held(linear: nn.Module) -> list[tuple[dict, str, object]]:
-    """(where, name, tensor) of a product's weights (then scales), then its bias."""
-    names = (("_buffers", "qweight0"), ("_buffers", "scales0")) if type(
+    """(where, name, tensor) of a product's weights (then scales and zeros), then its bias."""
+    names = (("_buffers", "qweight0"), ("_buffers", "scales0"), ("_buffers", "zeros0")) if type(
         linear) is IntLinear else (("_parameters", "tiles"),)
     return [(getattr(linear, where), name, getattr(linear, where).get(name))
             for where, name in (*names, ("_parameters", "bias"))]

@@ -275,6 +275,26 @@ void molink_gemm_amx(const uint16_t* x, int64_t rows, const int8_t* codes, int64
 #endif
 }
 
+/* out[rows][k32 / group_size] = each row's sum over each group of x[rows][k32] (bf16), in
+ * float32: 16-wide partial sums in input order, then added lane by lane from 0 to 15 (the
+ * xsums of 4-bit codes with zeros; int_amx.py and decode_layers.c both take them from
+ * here, so their products agree bit for bit). group_size: a multiple of 32. */
+AMX void molink_group_sums(const uint16_t* x, int64_t rows, int64_t k32, int64_t group_size,
+                           float* out) {
+    const int64_t groups = k32 / group_size;
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+            const uint16_t* at = x + r * k32 + g * group_size;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < group_size; i += 16)
+                acc = _mm512_add_ps(acc, bf16x16(at + i));
+            float lanes[16], sum = 0.0f;
+            _mm512_storeu_ps(lanes, acc);
+            for (int j = 0; j < 16; ++j) sum += lanes[j];
+            out[r * groups + g] = sum;
+        }
+}
+
 /* ---- bf16 weights: C tiles 0 (rows 0-15, block 0), 1 (rows 0-15, block 1), 2 and 3 (rows
  * 16-31); A tiles 4 (rows 0-15) and 5 (rows 16-31); B tiles 6 (block 0) and 7 (block 1) */
 

@@ -80,6 +80,10 @@ class AmxKernel:
         self._gemm.argtypes, self._gemm.restype = _ARGTYPES, None
         self._gemm16 = library.molink_gemm_amx16
         self._gemm16.argtypes, self._gemm16.restype = _ARGTYPES_16, None
+        self._group_sums = library.molink_group_sums
+        self._group_sums.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_void_p]
+        self._group_sums.restype = None
 
     def __deepcopy__(self, memo) -> AmxKernel:
         return self  # one loaded library per process: a copied layer shares it
@@ -109,7 +113,7 @@ class AmxKernel:
         if zeros is not None:
             zeros_pointer = zeros.data_ptr()
             if bits == 4:  # each row's sum over each group, for the zeros' share
-                xsums = x.float().view(rows, in32 // group_size, group_size).sum(-1)
+                xsums = self.group_sums(x, group_size)
         for start in range(0, rows, MAX_ROWS):
             count = min(MAX_ROWS, rows - start)
             self._gemm(x[start].data_ptr(), count, tiles.data_ptr(), in32, out16, bits,
@@ -117,6 +121,16 @@ class AmxKernel:
                        None if xsums is None else xsums[start].data_ptr(),
                        out[start].data_ptr(), threads)
         return out if out16 == out_features else out[:, :out_features]
+
+    def group_sums(self, x: torch.Tensor, group_size: int) -> torch.Tensor:
+        """float32 [rows, in / group_size]: each row of ``x`` (bf16 [rows, in], contiguous,
+        ``in`` a multiple of ``group_size``, itself of 32) summed over each group, as the
+        decode-layers loop sums them."""
+        rows, columns = x.shape
+        out = torch.empty(rows, columns // group_size)
+        if rows:
+            self._group_sums(x.data_ptr(), rows, columns, group_size, out.data_ptr())
+        return out
 
     def matmul16(self, x: torch.Tensor, tiles: torch.Tensor, out_features: int,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
