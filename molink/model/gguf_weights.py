@@ -52,12 +52,21 @@ def int_linear_bytes(infos, dtype: torch.dtype, device: torch.device) -> int:
     return sum(stored_bytes(kind_for(*block, dtype, device), *block, dtype) for block in blocks)
 
 
-def gguf_held(model: nn.Module) -> str:
-    """How a GGUF stage holds its quantized linears, for the load log."""
+def gguf_held(model: nn.Module, checkpoint: GGUFCheckpoint, dtype: torch.dtype,
+              device: torch.device) -> str:
+    """How a GGUF stage holds its quantized linears, for the load log; where bfloat16 would
+    put the ones dequantized in each step on integer kernels, it says so."""
     kernels = sum(isinstance(m, IntLinear) for m in model.modules())
-    blocks = sum(isinstance(m, QuantLinear) for m in model.modules())
+    blocks = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     held = f"GGUF weights: {kernels} linears on integer kernels"
-    return f"{held}, {blocks} dequantized in each step" if blocks else held
+    if not blocks:
+        return held
+    held = f"{held}, {len(blocks)} dequantized in each step"
+    if dtype != torch.bfloat16 and any(kernel_parts(
+            [checkpoint.info(s) for s in model.checkpoint_names(f"{name}.weight")],
+            torch.bfloat16, device) for name in blocks):
+        held += " (--dtype bfloat16 would put them on integer kernels)"
+    return held
 
 
 def swap_quantized_modules(model: nn.Module, checkpoint: GGUFCheckpoint,

@@ -241,7 +241,8 @@ def load_model(path: str, start_layer: int, end_layer: int | None, dtype: str,
         use_cpu_operators(model, kernels)  # norms, RoPE, SwiGLU: one call each
         use_decode_layers(model, kernels)  # where the layers qualify: a decode step's in one
     label = getattr(int_scheme, "label", int_scheme)
-    held = gguf_held(model) if checkpoint is not None else label and f"{label} weights"
+    held = (gguf_held(model, checkpoint, torch_dtype, device) if checkpoint is not None
+            else label and f"{label} weights")
     logger.info("loaded %s layers %d:%d (%s%s) on %s", arch.architecture, start_layer, end_layer,
                 str(torch_dtype).removeprefix("torch."), f", {held}" if held else "", device)
     return model, loaded

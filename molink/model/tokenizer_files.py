@@ -20,5 +20,7 @@ def load_tokenizer(path: str):
             return AutoTokenizer.from_pretrained(str(files[0].parent), gguf_file=files[0].name,
                                                  trust_remote_code=False)
         return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 (what a third-party file makes the builders raise:
+        # OSError, ValueError, KeyError, and the tokenizers library's bare Exception, e.g. a
+        # GGUF vocabulary without the byte-level alphabet) -> one clear error, no traceback
         raise ValueError(f"could not load a tokenizer from {path!r}: {exc}") from None

@@ -172,3 +172,33 @@ def test_a_decode_step_of_gguf_codes_runs_in_one_call_as_the_modules(name, gguf_
         results.append(_run([model], _Requests([3, 11, 6], vocab=400), steps=3))
     for got, expected in zip(*results):
         assert torch.equal(got, expected)
+
+
+def test_a_tokenizer_the_builders_reject_is_a_value_error(gguf_model, monkeypatch):
+    """The tokenizers library raises a bare ``Exception`` for some vocabularies (a GGUF
+    without the byte-level alphabet: "Error while initializing BPE"): the CLI's one clear
+    line, not a traceback."""
+    from transformers import AutoTokenizer
+
+    from molink.model.tokenizer_files import load_tokenizer
+
+    def reject(*args, **kwargs):
+        raise Exception("Error while initializing BPE: Token `ð` out of vocabulary")  # noqa: TRY002
+
+    path = str(gguf_model("llama-q4_0"))  # (built with the real tokenizer)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", reject)
+    with pytest.raises(ValueError, match="could not load a tokenizer from .*out of vocabulary"):
+        load_tokenizer(path)
+
+
+def test_the_load_log_says_how_gguf_linears_are_held(gguf_model, caplog):
+    """float32 keeps 4-bit linears on the dequantize-each-step path: the log says bfloat16
+    would put them on integer kernels (where it already does, it says nothing more)."""
+    path = str(gguf_model("llama-q4_0"))
+    with caplog.at_level("INFO", logger="molink.model.loader"):
+        load_model(path, 0, None, "float32", CPU)
+        load_model(path, 0, None, "bfloat16", CPU)
+    float32, bfloat16 = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()]
+    assert "0 linears on integer kernels, 17 dequantized in each step (--dtype bfloat16 " \
+           "would put them on integer kernels)" in float32
+    assert "(bfloat16, GGUF weights: 17 linears on integer kernels)" in bfloat16
