@@ -80,6 +80,8 @@ class PipelineHead(pb_grpc.HeadServicer):
         loaded = load_config(model_config.model)
         self.arch = loaded.arch
         self.cache_config = cache_config
+        # the tokenizer first: a file it cannot be built from fails before the weights load
+        self.frontend = Frontend(model_config, self.arch)
         executor = None
         if config.head_layers is not None:
             start, end = config.head_layers
@@ -90,7 +92,6 @@ class PipelineHead(pb_grpc.HeadServicer):
         self.membership = Membership(
             ModelIdentity(config_fingerprint(model_config.model), str(dtype).removeprefix("torch."),
                           cache_config.block_size, self.arch.num_layers), config.head_layers)
-        self.frontend = Frontend(model_config, self.arch)
         self._own = OwnLayers(model_config, cache_config, scheduler_config.max_num_seqs, config)
         self.loop = HeadLoop(frontend=self.frontend, executor=executor,
                              scheduler_config=scheduler_config,

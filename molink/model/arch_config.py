@@ -120,7 +120,9 @@ def _layer_types(hf, num_layers: int) -> tuple[str, ...]:
 
 
 def dtype_name(hf) -> str | None:
-    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+    # ``torch_dtype``: older configs' name, read as stored (transformers 5's property of that
+    # name only repeats ``dtype``, with a deprecation warning on every GGUF load)
+    dtype = getattr(hf, "dtype", None) or vars(hf).get("torch_dtype")
     if dtype is None:
         return None
     return str(dtype).removeprefix("torch.")
