@@ -5,8 +5,10 @@ Two steps around the loader's ``to_empty``:
 1. ``swap_quantized_modules`` (on the meta device): every ``nn.Linear`` whose checkpoint
    tensors include a quantized one becomes an ``IntLinear`` where an integer kernel takes
    every part (``kernel_parts``: on a CPU, Q4_0/Q4_1/Q4_K/Q8_0 in bf16 with AMX, 4-bit
-   ones in bf16 elsewhere), else a ``QuantLinear`` (one part per tensor: a fused q|k|v may
-   mix Q4_K and Q6_K); every quantized ``nn.Embedding`` becomes a ``QuantEmbedding``.
+   ones in bf16 elsewhere); else the LM head, on a CPU in 16 bits, stays an ``nn.Linear``
+   (dequantized once, ``held_as``); else a ``QuantLinear`` (one part per tensor: a fused
+   q|k|v may mix Q4_K and Q6_K); every quantized ``nn.Embedding`` becomes a
+   ``QuantEmbedding``.
    Linears stored as F32/F16/BF16 stay ``nn.Linear`` and are filled like any parameter.
 2. ``fill_from_gguf``: ``QuantLinear`` and ``QuantEmbedding`` get the stored bytes (a tied
    LM head shares the embedding's bytes when the stage holds both); an ``IntLinear`` gets
@@ -26,6 +28,7 @@ from torch import nn
 
 from molink.model.gguf import GGUFCheckpoint
 from molink.model.gguf_quants import ASYMMETRIC_TYPES, BITS, GROUP_SIZES, int_weight
+from molink.model.layers.cpu_linear import HALF_DTYPES
 from molink.model.layers.int_linear import KERNEL_KINDS, IntLinear, kind_for, stored_bytes
 from molink.model.layers.quant_linear import QuantEmbedding, QuantLinear, QuantPart
 
@@ -59,6 +62,10 @@ def gguf_held(model: nn.Module, checkpoint: GGUFCheckpoint, dtype: torch.dtype,
     kernels = sum(isinstance(m, IntLinear) for m in model.modules())
     blocks = [name for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     held = f"GGUF weights: {kernels} linears on integer kernels"
+    head = ([checkpoint.info(s) for s in model.checkpoint_names("lm_head.weight")]
+            if hasattr(model, "lm_head") else [])
+    if head and held_as("lm_head", head, dtype, device) == "dense":
+        held += f", the LM head dequantized once to {str(dtype).removeprefix('torch.')}"
     if not blocks:
         return held
     held = f"{held}, {len(blocks)} dequantized in each step"
@@ -67,6 +74,25 @@ def gguf_held(model: nn.Module, checkpoint: GGUFCheckpoint, dtype: torch.dtype,
             torch.bfloat16, device) for name in blocks):
         held += " (--dtype bfloat16 would put them on integer kernels)"
     return held
+
+
+def held_as(name: str, infos, dtype: torch.dtype, device: torch.device) -> str:
+    """How a stage holds the linear ``name`` read from these GGUF parts: "plain" (none is
+    quantized: an ``nn.Linear`` in the model dtype), "int" (``IntLinear``: a kernel takes
+    every part), "dense" (the LM head on a CPU in 16 bits: dequantized once, at load, into
+    an ``nn.Linear`` of the model dtype) or "blocks" (``QuantLinear``).
+
+    Why the LM head: it is the largest matrix and read whole in every step; dequantized in
+    each step it costs more than the rest of a small model's step (SmolLM2's Q8_0 head,
+    49152 x 576, on a CPU without AMX), and a 16-bit copy costs its size once (2 bytes a
+    weight, not ~1), where a layer's share of memory stays the file's."""
+    if not any(info.quantized for info in infos):
+        return "plain"
+    if all(info.quantized for info in infos) and kernel_parts(infos, dtype, device):
+        return "int"
+    if name == "lm_head" and device.type == "cpu" and dtype in HALF_DTYPES:
+        return "dense"
+    return "blocks"
 
 
 def swap_quantized_modules(model: nn.Module, checkpoint: GGUFCheckpoint,
@@ -83,7 +109,9 @@ def swap_quantized_modules(model: nn.Module, checkpoint: GGUFCheckpoint,
             (info,) = infos
             new = QuantEmbedding(module.num_embeddings, module.embedding_dim, info.ggml_type,
                                  dtype)
-        elif all(info.quantized for info in infos) and kernel_parts(infos, dtype, device):
+        elif (held := held_as(name, infos, dtype, device)) == "dense":
+            continue  # stays nn.Linear, filled dequantized like any parameter
+        elif held == "int":
             new = IntLinear(module.in_features, module.out_features,
                             bias=module.bias is not None)
         else:

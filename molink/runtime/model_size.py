@@ -19,7 +19,7 @@ from torch import nn
 
 from molink.model.arch_config import ArchConfig
 from molink.model.gguf_quants import row_bytes
-from molink.model.gguf_weights import int_linear_bytes, kernel_parts
+from molink.model.gguf_weights import held_as, int_linear_bytes
 from molink.model.layers.attention import PagedAttention
 from molink.model.loader import load_config, resolve_dtype
 from molink.runtime.device_profile import GPUS, DeviceProfile, GpuSpec, roofline
@@ -86,11 +86,13 @@ def _gguf_bytes(checkpoint, dtype: torch.dtype, device: torch.device | None):
     (they load in the model dtype)."""
     def stored(model: nn.Module, name: str) -> int | None:
         infos = [checkpoint.info(source) for source in model.checkpoint_names(name)]
-        if not any(info.quantized for info in infos):
-            return None
-        if (device is not None and isinstance(model.get_submodule(name.rpartition(".")[0]),
-                                              nn.Linear)
-                and all(info.quantized for info in infos) and kernel_parts(infos, dtype, device)):
+        module = name.rpartition(".")[0]
+        held = ("plain" if not any(info.quantized for info in infos) else "blocks"
+                if device is None or not isinstance(model.get_submodule(module), nn.Linear)
+                else held_as(module, infos, dtype, device))
+        if held in ("plain", "dense"):
+            return None  # in the model dtype
+        if held == "int":
             return int_linear_bytes(infos, dtype, device)
         return sum(info.rows * row_bytes(info.ggml_type, info.cols) for info in infos)
     return stored

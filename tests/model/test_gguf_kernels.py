@@ -64,19 +64,28 @@ def _linears(model):
 
 @pytest.mark.parametrize("name", KERNEL_MODELS)
 def test_a_bf16_cpu_stage_multiplies_gguf_layers_on_integer_kernels(name, gguf_model):
+    """Layer linears on a kernel where one takes every part, else dequantized in each step
+    (``QuantLinear``); the LM head on a kernel, else dequantized once into a dense bf16
+    linear (Q8_0 without AMX, Q6_K)."""
     path = gguf_model(name)
     model, _ = load_model(str(path), 0, None, "bfloat16", CPU)
     ints, quants = _linears(model)
     amx = int_amx.kernels() is not None
+    head_on_kernel = not name.endswith("q4_k_m") and (amx or not name.endswith("q8_0"))
+    assert isinstance(model.lm_head, IntLinear) is head_on_kernel
+    if not head_on_kernel:  # a 16-bit linear: the file's weight, dequantized, in bf16
+        assert isinstance(model.lm_head, torch.nn.Linear)
+        assert model.lm_head.weight.dtype == torch.bfloat16
+    layers = [m for m in (*ints, *quants) if m is not model.lm_head]
+    assert len(layers) == 4 * 4  # qkv, o, gate_up, down per layer
     if name.endswith("q8_0") and not amx:  # Q8_0's groups of 32: only the AMX kernel
-        assert not ints and len(quants) == 4 * 4 + 1
+        assert not ints and len(quants) == 4 * 4
         return
-    assert len(ints) + len(quants) == 4 * 4 + 1  # qkv, o, gate_up, down per layer; LM head
     assert all({b.kind for b in m.blocks} <= KERNEL_KINDS for m in ints)
-    if name.endswith("q4_k_m"):  # what holds a Q6_K part (v, down, the LM head) stays
+    if name.endswith("q4_k_m"):  # a layer linear with a Q6_K part (v, down) stays
         assert quants and all(Q6_K in m.part_types for m in quants)
     else:
-        assert len(ints) >= 4 * 4 and all(q is model.lm_head for q in quants)
+        assert not quants
     gen = torch.Generator().manual_seed(0)
     for layer in ints:
         weight = layer.weight_as(torch.bfloat16).float()  # what the kernels multiply by
@@ -85,6 +94,22 @@ def test_a_bf16_cpu_stage_multiplies_gguf_layers_on_integer_kernels(name, gguf_m
             reference = x.float() @ weight.t()
             bound = 2.0 ** -8 * (x.float().abs() @ weight.abs().t())
             assert ((layer(x).float() - reference).abs() <= bound).all(), (rows, layer)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_dense_lm_head_is_the_files_weight_in_the_model_dtype(dtype, gguf_model):
+    """Q6_K's LM head (Q4_K_M) on a CPU: in bf16 dequantized once at load, in float32 (no
+    16-bit copy there: it would take 4 bytes a weight) kept in blocks."""
+    path = gguf_model("llama256-q4_k_m")
+    checkpoint = load_config(str(path)).gguf
+    stage, _ = load_model(str(path), 3, 4, dtype, CPU)
+    expected = checkpoint.read_dense("lm_head.weight", torch.float32)
+    if dtype == "float32":
+        assert type(stage.lm_head) is QuantLinear
+        assert torch.equal(stage.lm_head.weight_as(torch.float32), expected)
+    else:
+        assert isinstance(stage.lm_head, torch.nn.Linear)  # (packed for this CPU's kernels)
+        assert torch.equal(stage.lm_head.weight.float(), expected.bfloat16().float())
 
 
 @pytest.mark.parametrize("name", ["llama-q4_1", "llama256-q4_k_m"])
