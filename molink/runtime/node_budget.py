@@ -106,11 +106,12 @@ def _synchronize(device: torch.device) -> None:
 def measure_offer(model: str, dtype: str, device: torch.device, max_memory: int | None,
                   gpu_memory_utilization: float | None) -> NodeOffer:
     """This node's offer for ``model`` (a local directory or GGUF file) in ``dtype``."""
-    from molink.model.loader import load_config, resolve_dtype
+    from molink.model.loader import holds_int4, load_config, resolve_dtype
     from molink.runtime.model_size import measure_model
 
-    arch = load_config(model).arch
-    torch_dtype = resolve_dtype(dtype, arch, device)
+    loaded = load_config(model)
+    arch = loaded.arch
+    torch_dtype = resolve_dtype(dtype, arch, device, holds_int4(loaded, None))  # as loaded
     sizes = measure_model(model, str(torch_dtype).removeprefix("torch."), None, 0,
                           device=device)
     layer_bytes = max(sizes.footprint.layer_weight_bytes)

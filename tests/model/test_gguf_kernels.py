@@ -227,3 +227,14 @@ def test_the_load_log_says_how_gguf_linears_are_held(gguf_model, caplog):
     assert "0 linears on integer kernels, 17 dequantized in each step (--dtype bfloat16 " \
            "would put them on integer kernels)" in float32
     assert "(bfloat16, GGUF weights: 17 linears on integer kernels)" in bfloat16
+
+
+def test_a_node_offers_a_four_bit_gguf_in_the_dtype_it_loads_it_in(gguf_model, monkeypatch):
+    """Automatic placement: the offer's layer timing and sizes in bf16, as the load."""
+    from molink.runtime import node_budget
+
+    timed = []
+    monkeypatch.setattr(node_budget, "measure_layer_seconds",
+                        lambda params, hidden, dtype, device: timed.append(dtype) or 0.001)
+    node_budget.measure_offer(str(gguf_model("llama-q4_0")), "auto", CPU, 2**30, None)
+    assert timed == [torch.bfloat16]
