@@ -80,8 +80,7 @@ class PipelineHead(pb_grpc.HeadServicer):
         loaded = load_config(model_config.model)
         self.arch = loaded.arch
         self.cache_config = cache_config
-        # the tokenizer first: a file it cannot be built from fails before the weights load
-        self.frontend = Frontend(model_config, self.arch)
+        self.frontend = Frontend(model_config, self.arch)  # a bad tokenizer fails before loading
         executor = None
         if config.head_layers is not None:
             start, end = config.head_layers

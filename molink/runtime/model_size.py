@@ -86,12 +86,13 @@ def _gguf_bytes(checkpoint, dtype: torch.dtype, device: torch.device | None):
     (they load in the model dtype)."""
     def stored(model: nn.Module, name: str) -> int | None:
         infos = [checkpoint.info(source) for source in model.checkpoint_names(name)]
-        module = name.rpartition(".")[0]
-        held = ("plain" if not any(info.quantized for info in infos) else "blocks"
-                if device is None or not isinstance(model.get_submodule(module), nn.Linear)
-                else held_as(module, infos, dtype, device))
-        if held in ("plain", "dense"):
-            return None  # in the model dtype
+        if not any(info.quantized for info in infos):
+            return None
+        module, held = name.rpartition(".")[0], "blocks"  # embeddings; any linear on a GPU
+        if device is not None and isinstance(model.get_submodule(module), nn.Linear):
+            held = held_as(module, infos, dtype, device)
+        if held == "dense":
+            return None  # dequantized into the model dtype
         if held == "int":
             return int_linear_bytes(infos, dtype, device)
         return sum(info.rows * row_bytes(info.ggml_type, info.cols) for info in infos)

@@ -15,9 +15,8 @@ from one table, no soft-capping, ALiBi or sinks, a SwiGLU MLP, and all four prod
 kind (``product_kind``): ``AmxLinear`` (bf16 on a CPU with AMX), ``IntLinear`` of 8- or 4-bit
 codes in AMX tiles (``--quantization int8`` / ``int4``, AWQ/GPTQ or GGUF Q4/Q8 there), or
 ``TiledCpuLinear`` (bf16 or float16 on a CPU without native bf16, steps of up to
-``fused16.MAX_ROWS`` rows); hidden size, ``heads *
-head_dim`` and the MLP width multiples of 32. ``use_decode_layers`` attaches it where every
-layer of a stage qualifies.
+``fused16.MAX_ROWS`` rows); hidden size, ``heads * head_dim`` and the MLP width multiples of
+32. ``use_decode_layers`` attaches it where every layer of a stage qualifies.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import functools
 import logging
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,17 @@ class _Dims(ctypes.Structure):
 class _Product(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_void_p) for name in ("weights", "scales", "bias", "zeros")]
                 + [("bits", ctypes.c_int64), ("group_size", ctypes.c_int64)])
+
+
+class _Fields(NamedTuple):
+    """A product as ``_Product`` carries it (tensors, then the codes' format)."""
+
+    weights: torch.Tensor
+    scales: torch.Tensor | None
+    bias: torch.Tensor | None
+    zeros: torch.Tensor | None = None
+    bits: int = 0
+    group_size: int = 0
 
 
 class _Layer(ctypes.Structure):
@@ -272,12 +283,12 @@ class DecodeLayers:
         attn, paged = layer.self_attn, layer.self_attn.attn
         norms, products = _parts(layer)
         fields = [_product_fields(p, self.kind) for p in products]
-        self._biases += [f[2] for f in fields if f[2] is not None]
+        self._biases += [f.bias for f in fields if f.bias is not None]
         k_cache, v_cache = paged.kv_cache[0], paged.kv_cache[1]
         eps = [layer.input_layernorm.eps, layer.post_attention_layernorm.eps,
                *((attn._q_norm.eps, attn._k_norm.eps) if attn.has_qk_norm else (0.0, 0.0))]
         return _Layer(*(_pointer(None if n is None else n.weight) for n in norms),
-                      *(_Product(*map(_pointer, f[:4]), *f[4:]) for f in fields),
+                      *(_Product(*map(_pointer, f[:4]), f.bits, f.group_size) for f in fields),
                       k_cache.data_ptr(),
                       v_cache.data_ptr(), k_cache.shape[0], paged.window or 0, *eps, paged.scale)
 
@@ -286,20 +297,20 @@ def _pointer(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _product_fields(linear: nn.Module, kind: str):
-    """(weights, scales, bias, zeros, bits, group_size) as ``molink_decode_layers`` reads
-    them: the bias float32 and zero-padded to the tiles' outputs for the products that add it
-    before rounding, the module's own for codes (added after, as ``IntLinear``)."""
+def _product_fields(linear: nn.Module, kind: str) -> _Fields:
+    """A product as ``molink_decode_layers`` reads it: the bias float32 and zero-padded to
+    the tiles' outputs for the products that add it before rounding, the module's own for
+    codes (added after, as ``IntLinear``); codes: their bits and group size (0: int8 with a
+    scale per output)."""
     held = [tensor for _, _, tensor in _held(linear)]
     if kind == AMX_INT:
         block = linear.blocks[0]
-        return (held[0], held[1], None if linear.bias is None else linear.bias.detach(),
-                held[2], block.bits, block.group_size if block.kind == "groupamx" else 0)
+        return _Fields(held[0], held[1], None if linear.bias is None else linear.bias.detach(),
+                       held[2], block.bits, block.group_size if block.kind == "groupamx" else 0)
     if kind == AMX16:
-        return held[0], None, linear._padded_bias(), None, 0, 0
-    bias = None if linear.bias is None else int_amx.pad_scales(
-        linear.bias.detach(), fused16.TILE_ROWS)  # fused16's tiles: outputs padded to 8
-    return held[0], None, bias, None, 0, 0
+        return _Fields(held[0], None, linear._padded_bias())
+    return _Fields(held[0], None, None if linear.bias is None else int_amx.pad_scales(
+        linear.bias.detach(), fused16.TILE_ROWS))  # fused16's tiles: outputs padded to 8
 
 
 def _held(linear: nn.Module) -> list[tuple[dict, str, object]]:
