@@ -161,7 +161,8 @@ def device_profile(kind: str, model: ModelSize) -> DeviceProfile:
 
 def describe(model: ModelSize, args) -> str:
     footprint = model.footprint
-    weights = args.bits if args.bits else 8 * model.dtype_bytes
+    # --bits as given, else as held: a quantized checkpoint's (GGUF Q4_1: 5), or the dtype's
+    weights = args.bits if args.bits else f"{8 * model.layer_bytes_per_param:.3g}"
     return (f"{model.name}: {footprint.num_layers} layers, {_gb(sum(footprint.layer_weight_bytes))}"
             f" of layer weights at {weights} bits, {_gb(footprint.first_stage_bytes)} embeddings"
             f", {_gb(footprint.last_stage_bytes)} LM head; KV cache {_gb(sum(footprint.layer_kv_bytes))}"

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from molink.entrypoints.cli import build_parser, main
-from molink.runtime.model_size import measure_model
 from molink.entrypoints.plan import NodeSpec, node_budget, predict
 from molink.model.loader import load_model
+from molink.runtime.model_size import measure_model
 from molink.scheduler.placement import GB, NodeBudget, Placement, StagePlan, plan_placement
 from molink.transport.link_emulator import LinkSpec
 
@@ -163,3 +163,12 @@ def test_the_faster_gpu_gets_more_layers(llama_70b, capsys):
     times = [stage.seconds for stage in placement.stages]
     assert times == pytest.approx([float(row[5]) / 1e3 for row in rows], abs=0.06e-3)
     assert abs(times[0] - times[1]) <= nodes[0].seconds_per_layer
+
+
+@pytest.mark.parametrize("name,bits", [("llama-q4_1", "5"), ("llama-q8_0", "8.5")])
+def test_a_gguf_plan_names_the_bits_its_layers_are_stored_in(gguf_model, capsys, name, bits):
+    """Q4_1: 20 bytes a block of 32 (5 bits), Q8_0: 34 (8.5), not the activations' 32."""
+    assert main(["plan", str(gguf_model(name)), "--node", "cpu:1GB"]) == 0
+    out = capsys.readouterr().out
+    stated = float(out.split(" of layer weights at ")[1].split(" bits")[0])
+    assert float(bits) <= stated < float(bits) + 0.1  # (+ the layers' float32 norms)
