@@ -42,8 +42,6 @@ FORMATS = {
 }
 PLAIN_TYPES = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
 QUANTIZED_TYPES = frozenset(FORMATS) - frozenset(PLAIN_TYPES)
-FOUR_BIT_TYPES = frozenset({Q4_0, Q4_1, Q4_K})
-ASYMMETRIC_TYPES = frozenset({Q4_1, Q4_K})  # a min per group
 
 
 def format_of(ggml_type: int) -> Format:
@@ -75,10 +73,10 @@ def dequantize(raw: torch.Tensor, ggml_type: int, cols: int,
 
 def int_weight(raw: torch.Tensor, ggml_type: int, cols: int) -> IntWeight:
     """A quantized [rows, row_bytes] tensor as ``IntWeight`` row groups (signed codes, a
-    float32 scale and zero per group of ``GROUP_SIZES[ggml_type]`` inputs), for the integer
-    kernels: the same weight as ``dequantize`` up to float32 rounding of the zeros (Q4_1,
-    Q4_K: unsigned nibbles ``u`` become ``u - 8`` and the zero takes ``8 * scale``)."""
-    groups = _groups(raw, ggml_type)
+    float32 scale and zero per group, as ``INT_FORMATS`` says), for the integer kernels: the
+    same weight as ``dequantize`` up to float32 rounding of the zeros (Q4_1, Q4_K: unsigned
+    nibbles ``u`` become ``u - 8`` and the zero takes ``8 * scale``)."""
+    groups, fmt = _groups(raw, ggml_type), INT_FORMATS[ggml_type]
     rows = raw.shape[0]
     codes, scales, zeros = groups.codes, groups.scales, groups.zeros
     if groups.offset:  # unsigned nibbles (0..15) fit int8: shift them there, no wrap
@@ -89,7 +87,7 @@ def int_weight(raw: torch.Tensor, ggml_type: int, cols: int) -> IntWeight:
         codes=codes.to(torch.int8).reshape(rows, cols),
         scales=scales.reshape(rows, -1).t().contiguous(),
         zeros=None if zeros is None else zeros.reshape(rows, -1).t().contiguous(),
-        group_size=GROUP_SIZES[ggml_type], bits=BITS[ggml_type])
+        group_size=fmt.group_size, bits=fmt.bits)
 
 
 class _Groups(NamedTuple):
@@ -167,5 +165,17 @@ def _q6_k(blocks: torch.Tensor) -> _Groups:
 
 
 _DECODERS = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_1: _q4_1, Q4_K: _q4_k, Q6_K: _q6_k}
-GROUP_SIZES = {Q8_0: 32, Q4_0: 32, Q4_1: 32, Q4_K: 32, Q6_K: 16}
-BITS = {Q8_0: 8, Q4_0: 4, Q4_1: 4, Q4_K: 4, Q6_K: 8}  # Q6_K's 6-bit codes fit int8
+
+
+class IntFormat(NamedTuple):
+    """A quantized type as ``int_weight`` gives it to the integer kernels."""
+
+    bits: int  # of the codes as held (Q6_K's 6-bit codes fit 8)
+    group_size: int
+    symmetric: bool  # no zero (GGUF's min) per group
+
+
+INT_FORMATS = {Q8_0: IntFormat(8, 32, True), Q4_0: IntFormat(4, 32, True),
+               Q4_1: IntFormat(4, 32, False), Q4_K: IntFormat(4, 32, False),
+               Q6_K: IntFormat(8, 16, True)}
+FOUR_BIT_TYPES = frozenset(t for t, f in INT_FORMATS.items() if f.bits == 4)

@@ -27,31 +27,33 @@ import torch
 from torch import nn
 
 from molink.model.gguf import GGUFCheckpoint
-from molink.model.gguf_quants import ASYMMETRIC_TYPES, BITS, GROUP_SIZES, int_weight
+from molink.model.gguf_quants import INT_FORMATS, int_weight
 from molink.model.layers.cpu_linear import HALF_DTYPES
 from molink.model.layers.int_linear import KERNEL_KINDS, IntLinear, kind_for, stored_bytes
 from molink.model.layers.quant_linear import QuantEmbedding, QuantLinear, QuantPart
 
 
+def _block(info) -> list:
+    """A GGUF part as an ``IntLinear`` block: [rows, cols, bits, group_size, symmetric]."""
+    return [info.rows, info.cols, *INT_FORMATS[info.ggml_type]]
+
+
 def kernel_parts(infos, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether an integer kernel takes every one of a linear's GGUF parts on ``device`` in
     ``dtype`` (``TensorInfo``s, row order)."""
-    return all(info.ggml_type in GROUP_SIZES and kind_for(
-        info.rows, info.cols, BITS[info.ggml_type], GROUP_SIZES[info.ggml_type],
-        info.ggml_type not in ASYMMETRIC_TYPES, dtype, device) in KERNEL_KINDS for info in infos)
+    return all(info.ggml_type in INT_FORMATS
+               and kind_for(*_block(info), dtype, device) in KERNEL_KINDS for info in infos)
 
 
 def int_linear_bytes(infos, dtype: torch.dtype, device: torch.device) -> int:
     """Bytes an ``IntLinear`` filled from these parts keeps: consecutive parts of one layout
     are one block (``merge_parts``), each stored as its kind lays it out."""
-    blocks: list[list] = []  # [rows, cols, bits, group_size, symmetric]
-    for info in infos:
-        layout = [info.cols, BITS[info.ggml_type], GROUP_SIZES[info.ggml_type],
-                  info.ggml_type not in ASYMMETRIC_TYPES]
-        if blocks and blocks[-1][1:] == layout:
-            blocks[-1][0] += info.rows
+    blocks: list[list] = []
+    for block in map(_block, infos):
+        if blocks and blocks[-1][1:] == block[1:]:
+            blocks[-1][0] += block[0]
         else:
-            blocks.append([info.rows, *layout])
+            blocks.append(block)
     return sum(stored_bytes(kind_for(*block, dtype, device), *block, dtype) for block in blocks)
 
 

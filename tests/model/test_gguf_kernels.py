@@ -50,7 +50,7 @@ def test_integer_groups_hold_the_dequantized_weight(ggml_type):
     assert part.scales.shape == (cols // part.group_size, rows)
     want = dequantize(raw, ggml_type, cols)
     got = part.dequantize()
-    if ggml_type in gguf_quants.ASYMMETRIC_TYPES:  # u * d + m as (u - 8) * d + (m + 8d)
+    if not gguf_quants.INT_FORMATS[ggml_type].symmetric:  # u*d + m as (u-8)*d + (m+8d)
         scale = part.scales.t().repeat_interleave(part.group_size, 1)
         assert ((got - want).abs() <= 2.0 ** -21 * (16 * scale.abs() + want.abs())).all()
     else:
