@@ -44,12 +44,25 @@ class StageTiming:
 
 class StageFit:
     """A stage's step time as ``fixed + per_token * tokens``, fitted online (least squares
-    over recent steps)."""
+    over recent steps).
+
+    The first step a fit sees is left out: it pays one-time costs (allocations, kernels
+    chosen on first use, cold caches) and made a stage's second, larger step look cheaper
+    than its first (a negative slope: no stall bound for the prompt that came next). Steps
+    of one size cannot tell the fixed cost from the per-token cost (e.g. a window of decode
+    steps at a steady batch): the last per-token cost the window did show is kept, and
+    before any, the whole step is counted per token, the cautious reading for the stall
+    bound (small chunks, until a step of another size tells more)."""
 
     def __init__(self, window: int = 64) -> None:
         self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=window)
+        self._warmed_up = False
+        self._known_slope: float | None = None  # the last per-token cost the window showed
 
     def add(self, tokens: int, seconds: float) -> None:
+        if not self._warmed_up:
+            self._warmed_up = True
+            return
         self.samples.append((tokens, seconds))
 
     def timing(self) -> StageTiming:
@@ -57,9 +70,14 @@ class StageFit:
         mean_x = sum(x for x, _ in self.samples) / n
         mean_y = sum(y for _, y in self.samples) / n
         var = sum((x - mean_x) ** 2 for x, _ in self.samples)
-        slope = 0.0
         if var > 0:
             slope = max(0.0, sum((x - mean_x) * (y - mean_y) for x, y in self.samples) / var)
+            if slope > 0:
+                self._known_slope = slope
+        elif self._known_slope is not None:
+            slope = self._known_slope
+        else:
+            return StageTiming(0.0, mean_y / mean_x) if mean_x > 0 else StageTiming(mean_y, 0.0)
         fixed = max(0.0, mean_y - slope * mean_x)
         if fixed == 0.0 and mean_x > 0:  # a negative intercept: fit through the origin
             slope = (sum(x * y for x, y in self.samples)

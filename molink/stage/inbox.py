@@ -4,8 +4,8 @@ A long prompt reaches a stage as prefill fragments (``PART_PREFILL``: token rang
 the previous hop's link scheduler); computed first come first served, a queue of them
 stalls every decode that arrives behind it. So, while decodes run here::
 
-    put:  decodes, control (reset, error, whole steps)  -> urgent queue (arrival order)
-          prefill fragments                              -> prefill queue (arrival order)
+    put:  decodes, whole steps, control (reset, error)  -> urgent queue (arrival order)
+          prefill fragments (with their step's decodes)  -> prefill queue (arrival order)
     get:  urgent first; else the oldest fragment, cut to what ``ChunkSizer`` allows
           (the rest stays at the front of the prefill queue)
 
@@ -41,7 +41,7 @@ from molink.messages import BatchEntry, StepPlan
 from molink.scheduler.microbatch_chooser import StageFit
 from molink.scheduler.stall_bound import is_decode, prefill_chunk_tokens
 from molink.stage.gathering import add_into
-from molink.transport.chunks import Part, cut_chunk
+from molink.transport.chunks import Part, cut_chunk, num_decodes
 from molink.transport.codec import PART_PREFILL
 
 DECODES_IDLE_S = 0.5  # no decode for this long (and 4 decode intervals): prefill goes whole
@@ -78,12 +78,16 @@ class ChunkSizer:
         now = time.monotonic() if now is None else now
         return now - self._last_decode < max(DECODES_IDLE_S, 4 * self._interval_s)
 
-    def __call__(self, fragment_tokens: int) -> int:
-        """Tokens of a prefill fragment to compute next (all of them: no bound now)."""
+    def __call__(self, fragment_tokens: int, riding: int = 0) -> int:
+        """Tokens of a prefill fragment to compute next (all of them: no bound now).
+        ``riding``: decodes in the fragment (a step's decodes travel with its prompt
+        tokens): the head planned the prompt tokens beside them, so they count as the
+        bound's decodes, and on top of its allowance."""
         if self.factor <= 0 or not self.fit.samples or not self.decodes_running():
             return fragment_tokens
-        return prefill_chunk_tokens([self.fit.timing()], self._decode_tokens, self.factor,
-                                    fragment_tokens)
+        decodes = max(self._decode_tokens, riding)
+        return min(fragment_tokens, riding + prefill_chunk_tokens(
+            [self.fit.timing()], decodes, self.factor, fragment_tokens))
 
 
 class StageInbox:
@@ -127,7 +131,7 @@ class StageInbox:
                 return self._join_run(item, self._urgent) if isinstance(item, tuple) else item
             step, hidden, arrived_at = self._join_run(self._prefill.popleft(), self._prefill)
             total = step.plan.num_tokens
-            take = self.sizer(total)
+            take = self.sizer(total, num_decodes(step.plan))
             if take >= total:
                 return step, hidden, arrived_at
             first, rest = split_fragment(step, hidden, take)

@@ -1,14 +1,21 @@
 """Cutting a step's activations along the token dimension (pure; no torch, no I/O).
 
 A computed step leaves a stage as the activations of every token in its batch, rows in
-batch order. For the link it is split into *parts*: the decode part (one token per
-request, latency-critical) and the prefill part (prompt tokens, large). The link scheduler
-then sends a part whole or as consecutive token ranges; each range travels as a
-self-contained chunk message the next stage can compute on arrival::
+batch order. For the link it is one *part*: a decode part (running requests' single
+tokens only: small, latency-critical) or a prefill part (a step with prompt tokens, with
+whatever decodes ride in it). The link scheduler sends a part whole or as consecutive token
+ranges; each range travels as a self-contained chunk message the next stage can compute on
+arrival::
 
-    batch  [ a: 3 prompt tokens | b: decode | c: 4 prompt tokens ]
-    parts  decode: [ b ]                 prefill: [ a0 a1 a2 c0 c1 c2 c3 ]
-    range  prefill[2:5] -> entries a(start+2, 1 token, samples), c(start, 2 tokens, no sample)
+    batch  [ b: decode | a: 3 prompt tokens | c: 4 prompt tokens ]     a prefill part
+    range  [2:5] -> entries a(start+1, 2 tokens, samples), c(start, 1 token, no sample)
+
+A step's decodes are not sent ahead of its prompt tokens: its result goes back to the head
+only when every token of it is computed (``stage/gathering.py``), so its decodes would
+arrive no earlier, and every next stage would compute the step in two passes, each
+re-reading the stage's weights (measured: a receiving stage's prefill steps took 1.4x the
+head's for the same tokens, 3 CPU stages of the 151M benchmark model). Decode-only steps,
+other micro-batches', still overtake a prefill part on the link.
 
 Per-request metadata (a new request's prompt and blocks, a running request's new blocks)
 goes with the first chunk that holds the request; freed requests go with the first
@@ -44,27 +51,22 @@ class Part:
         return 64 if rows is None else max(1, rows.row_bytes + 4 * bool(rows.row_scales))
 
 
-def split_parts(plan: StepPlan, activations: RawTensor | None, *, separate_prefill: bool,
-                is_prefill: bool | None = None) -> list[Part]:
-    """The decode part (running requests' single tokens), then the prefill part (the rest);
-    empty parts are left out. Without ``separate_prefill`` the step is one part. A chunk
-    that already is one part (``is_prefill`` known) stays one part of that kind, so a
-    request's pieces never change queues (and never overtake each other) on later hops."""
-    if is_prefill is not None:
-        return [Part(plan, list(plan.batch), activations, is_prefill=is_prefill)]
+def step_part(plan: StepPlan, activations: RawTensor | None,
+              is_prefill: bool | None = None) -> Part:
+    """The step as one part: a decode part when every entry is a running request's single
+    token, else a prefill part. A chunk that already is a part (``is_prefill`` known)
+    stays a part of that kind, so a request's pieces never change queues (and never
+    overtake each other) on later hops."""
+    if is_prefill is None:
+        is_prefill = num_decodes(plan) < len(plan.batch)
+    return Part(plan, list(plan.batch), activations, is_prefill=is_prefill)
+
+
+def num_decodes(plan: StepPlan) -> int:
+    """Entries of ``plan`` that are running requests' single tokens (decodes; a prompt
+    piece of one token of a request already running counts too, as it costs the same)."""
     new_ids = {r.request_id for r in plan.new_requests}
-    is_decode = [e.num_tokens == 1 and e.request_id not in new_ids for e in plan.batch]
-    if not separate_prefill or all(is_decode) or not any(is_decode):
-        return [Part(plan, list(plan.batch), activations, is_prefill=not all(is_decode))]
-    offsets = _offsets(plan.batch)
-    parts = []
-    for want_decode in (True, False):
-        picked = [i for i, d in enumerate(is_decode) if d == want_decode]
-        entries = [plan.batch[i] for i in picked]
-        ranges = [(offsets[i], offsets[i] + plan.batch[i].num_tokens) for i in picked]
-        picked_rows = None if activations is None else take_rows(activations, ranges)
-        parts.append(Part(plan, entries, picked_rows, is_prefill=not want_decode))
-    return parts
+    return sum(e.num_tokens == 1 and e.request_id not in new_ids for e in plan.batch)
 
 
 def cut_chunk(part: Part, start: int, end: int) -> tuple[StepPlan, RawTensor | None]:
@@ -82,7 +84,7 @@ def cut_chunk(part: Part, start: int, end: int) -> tuple[StepPlan, RawTensor | N
     part.sent_any = True
     if part.activations is None:
         return plan, None
-    return plan, take_rows(part.activations, [(start, end)])
+    return plan, take_rows(part.activations, start, end)
 
 
 def slice_entries(entries: list[BatchEntry], start: int, end: int) -> list[BatchEntry]:
@@ -99,20 +101,11 @@ def slice_entries(entries: list[BatchEntry], start: int, end: int) -> list[Batch
     return out
 
 
-def take_rows(raw: RawTensor, ranges: list[tuple[int, int]]) -> RawTensor:
-    """Rows ``ranges`` (half-open, in order) of a row-major tensor, concatenated."""
-    if ranges == [(0, raw.shape[0])]:
+def take_rows(raw: RawTensor, start: int, end: int) -> RawTensor:
+    """Rows ``[start, end)`` of a row-major tensor (the tensor itself when that is all)."""
+    if (start, end) == (0, raw.shape[0]):
         return raw
     width = raw.row_bytes
-    data = b"".join(raw.data[a * width:b * width] for a, b in ranges)
-    scales = b"".join(raw.row_scales[a * 4:b * 4] for a, b in ranges) if raw.row_scales else b""
-    rows = sum(b - a for a, b in ranges)
-    return RawTensor(data=data, dtype=raw.dtype, shape=(rows, *raw.shape[1:]), row_scales=scales)
-
-
-def _offsets(entries: list[BatchEntry]) -> list[int]:
-    offsets, total = [], 0
-    for entry in entries:
-        offsets.append(total)
-        total += entry.num_tokens
-    return offsets
+    scales = raw.row_scales[start * 4:end * 4] if raw.row_scales else b""
+    return RawTensor(data=raw.data[start * width:end * width], dtype=raw.dtype,
+                     shape=(end - start, *raw.shape[1:]), row_scales=scales)

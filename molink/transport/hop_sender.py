@@ -6,7 +6,7 @@ the route is set, then kept current from real traffic) and paces itself to it, s
 here, where the link scheduler can reorder it, instead of in socket buffers, where it is
 first-in first-out::
 
-    submit(step) -> split into decode / prefill parts -> LinkScheduler -> pace -> stream.write
+    submit(step) -> a decode or prefill part -> LinkScheduler -> pace -> stream.write
                                                                  acks -> bandwidth, latency
 
 Delivery is reliable across broken connections: every message carries the sender's id and
@@ -36,7 +36,7 @@ import grpc
 from molink.messages import WIRE_COMPRESSIONS, LinkReport
 from molink.transport import molink_pb2 as pb
 from molink.transport import molink_pb2_grpc as pb_grpc
-from molink.transport.chunks import Part, cut_chunk, split_parts
+from molink.transport.chunks import Part, cut_chunk, step_part
 from molink.transport.codec import PART_DECODE, PART_PREFILL, PART_WHOLE, encode_link, encode_step
 from molink.transport.link_meter import INITIAL_BANDWIDTH_BPS, LinkMeter, SendState
 from molink.transport.link_scheduler import LinkScheduler, Payload
@@ -67,11 +67,11 @@ class _Unacked:
 
 
 class _Item:
-    """One submitted step split into parts; the compute times go with its first send."""
+    """One submitted step as one part; the compute times go with its first send."""
 
-    def __init__(self, step: OutgoingStep, parts: list[Part]) -> None:
+    def __init__(self, step: OutgoingStep, part: Part) -> None:
         self.step = step
-        self.parts = parts
+        self.part = part
         self.timings_sent = False
 
 
@@ -104,7 +104,7 @@ class HopSender:
             min_chunk_tokens=_MIN_CHUNK_TOKENS if schedule == "molink" else 1 << 30,
             max_chunk_tokens=max_chunk_tokens if schedule == "molink" else None,
             min_chunk_s=_MIN_CHUNK_S if schedule == "molink" else 0.0)
-        self._payloads: dict[int, tuple[_Item, Part]] = {}
+        self._payloads: dict[int, _Item] = {}
         self._next_payload = 0
         self._wakeup = asyncio.Event()
         self._unacked: collections.deque[_Unacked] = collections.deque()
@@ -235,24 +235,21 @@ class HopSender:
 
     def submit(self, step: OutgoingStep) -> None:
         """Queue a step (event-loop thread only)."""
-        separate = self.schedule != "fifo" and not step.reset and not step.error
         known = None if step.part == PART_WHOLE else step.part == PART_PREFILL
-        parts = split_parts(step.plan, step.activations, separate_prefill=separate,
-                            is_prefill=known)
+        part = step_part(step.plan, step.activations, known)
         if step.reset or step.error:  # control traffic keeps its order among decodes
-            parts[0].is_prefill = False
-        item = _Item(step, parts)
+            part.is_prefill = False
+        item = _Item(step, part)
         if self.schedule == "fifo":
             self._fifo.append(item)
         else:
-            for part in parts:
-                payload_id = self._next_payload
-                self._next_payload += 1
-                self._payloads[payload_id] = (item, part)
-                if not part.is_prefill:
-                    self.meter.note_decode(time.monotonic())
-                self._scheduler.enqueue(Payload(payload_id, part.is_prefill,
-                                                max(1, part.num_tokens), part.bytes_per_token))
+            payload_id = self._next_payload
+            self._next_payload += 1
+            self._payloads[payload_id] = item
+            if not part.is_prefill:
+                self.meter.note_decode(time.monotonic())
+            self._scheduler.enqueue(Payload(payload_id, part.is_prefill,
+                                            max(1, part.num_tokens), part.bytes_per_token))
         self._wakeup.set()
 
     def submit_result(self, message: pb.StepResult, computed_at: float = 0.0) -> None:
@@ -283,8 +280,7 @@ class HopSender:
         if self._fifo:
             entry = self._fifo.popleft()
             if isinstance(entry, _Item):
-                return self._message(entry, entry.parts[0], 0, entry.parts[0].num_tokens,
-                                     entry.step.part)
+                return self._message(entry, 0, entry.part.num_tokens, entry.step.part)
             message, computed_at = entry  # a result: it carries every hop's report
             self.link.messages_sent += 1
             message.hops.append(encode_link(self._report_for(computed_at)))
@@ -300,16 +296,15 @@ class HopSender:
                 asyncio.get_running_loop().call_later(wait, self._wakeup.set)
             return None, 0
         send = self._scheduler.next_send(self.meter.seconds_until_next_decode(time.monotonic()))
-        item, part = self._payloads[send.payload_id]
+        item = self._payloads[send.payload_id]
         if send.last:
             del self._payloads[send.payload_id]
-        kind = PART_PREFILL if part.is_prefill else PART_DECODE
-        return self._message(item, part, send.start_token, send.start_token + send.num_tokens,
-                             kind)
+        kind = PART_PREFILL if item.part.is_prefill else PART_DECODE
+        return self._message(item, send.start_token, send.start_token + send.num_tokens, kind)
 
-    def _message(self, item: _Item, part: Part, start: int, end: int, kind: int):
+    def _message(self, item: _Item, start: int, end: int, kind: int):
         step = item.step
-        plan, activations = cut_chunk(part, start, end)
+        plan, activations = cut_chunk(item.part, start, end)
         timings, waits = step.stage_compute_s, step.stage_wait_s
         if item.timings_sent:  # the later chunks of a step add no compute time of their own
             timings, waits = (0.0,) * len(timings), (0.0,) * len(waits)

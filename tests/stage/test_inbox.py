@@ -27,7 +27,7 @@ class FixedSizer(ChunkSizer):
         super().__init__()
         self.factor, self.limit = factor, limit
 
-    def __call__(self, fragment_tokens: int) -> int:
+    def __call__(self, fragment_tokens: int, riding: int = 0) -> int:
         return fragment_tokens if self.limit is None else min(self.limit, fragment_tokens)
 
 
@@ -232,7 +232,30 @@ def test_the_sizer_cuts_to_the_stages_own_bound_while_decodes_run():
     assert not sizer.decodes_running(now=now + 60.0)  # decodes stopped: prefill goes whole
     sizer._last_decode = time.monotonic()  # a decode just now (the sizer reads the clock)
     assert sizer(500) == 16
+    # a fragment carrying its step's 4 decodes: they ride on top of the allowance
+    assert sizer(500, riding=4) == 16 + 4
+    # 12 riding (more than the decode steps measured here): the head planned the prompt
+    # beside 12 decodes, 1 * (8 + 12) = 20 prompt tokens, and the 12 decodes
+    assert 20 + 12 - 1 <= sizer(500, riding=12) <= 20 + 12  # (the fit's float rounding)
+    assert sizer(20, riding=4) == 20
     sizer._last_decode = time.monotonic() - 60.0
     assert sizer(500) == 500
     sizer.factor = 0.0
     assert sizer(500) == 500
+
+
+def test_a_fragment_tells_the_sizer_the_decodes_riding_in_it():
+    """A step's decodes travel in its prefill fragments: the sizer hears how many."""
+    asked = []
+
+    class Recording(FixedSizer):
+        def __call__(self, fragment_tokens: int, riding: int = 0) -> int:
+            asked.append((fragment_tokens, riding))
+            return fragment_tokens
+
+    inbox = StageInbox(Recording(limit=None))
+    entries = [BatchEntry("d", 40, 1, True), BatchEntry("e", 41, 1, True),
+               BatchEntry("p", 0, 10, True)]
+    inbox.put(prefill(1, "p", 0, 0, new=True, entries=entries))
+    step, _, _ = inbox.get()
+    assert asked == [(12, 2)] and step.plan.batch == entries

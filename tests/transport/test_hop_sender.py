@@ -144,3 +144,39 @@ def test_decode_overtakes_a_prefill_being_sent(schedule):
         assert decode_at < prefill_done - 0.3
     else:
         assert len(pieces) == 1 and decode_at > prefill_done
+
+
+def _mixed_step(step_id: int, prompt_tokens: int) -> OutgoingStep:
+    """A running request's decode ("d") and a new request's prompt ("p"), rows in that order."""
+    params = SamplingParams(max_tokens=None)
+    tokens = 1 + prompt_tokens
+    plan = StepPlan(step_id, [BatchEntry("d", 40, 1, True), BatchEntry("p", 0, prompt_tokens, True)],
+                    new_requests=[NewRequest("p", [1] * prompt_tokens, prompt_tokens, params, [0])],
+                    cached_requests=[CachedRequest("d", [5], [])])
+    rows = RawTensor(data=bytes(4 * HIDDEN * tokens), dtype="float32", shape=(tokens, HIDDEN))
+    return OutgoingStep(plan, rows, tokens)
+
+
+@pytest.mark.parametrize(("link", "prompt_tokens"), [("1gbit:1ms", 64), ("20mbit:5ms", 512)])
+def test_a_step_mixing_decodes_and_a_prompt_travels_as_one_part(link, prompt_tokens):
+    """The decode of a step that carries a prompt is not sent ahead of it (the step's result
+    waits for every token anyway, and the next stage would compute the step twice): one
+    prefill part, whole when it is small on the link (1 Gbit: 130 KiB), else cut in order,
+    the decode in the first chunk (20 Mbit: 1 MiB, ~0.4 s)."""
+    async def scenario():
+        async with _sender_on_link(link) as (sink, sender, _):
+            sender.submit(_mixed_step(1, prompt_tokens))
+            await _wait(lambda: sum(s.plan.num_tokens for _, s in sink.arrivals)
+                        == 1 + prompt_tokens, 20)
+            return [s for _, s in sink.arrivals]
+
+    pieces = asyncio.run(scenario())
+    assert all(s.part == PART_PREFILL for s in pieces)
+    entries = [e for s in pieces for e in s.plan.batch]
+    assert entries[0] == BatchEntry("d", 40, 1, True)
+    assert [(e.request_id, e.start) for e in entries[1:]] == [
+        ("p", sum(e.num_tokens for e in entries[1:i])) for i in range(1, len(entries))]
+    if link == "1gbit:1ms":
+        assert len(pieces) == 1
+    else:
+        assert len(pieces) > 1
