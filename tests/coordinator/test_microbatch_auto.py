@@ -11,6 +11,7 @@ import pytest
 from molink.coordinator.hop_stats import HopStats
 from molink.coordinator.microbatch_tuner import DECIDE_EVERY, MicrobatchTuner
 from molink.scheduler.microbatch_chooser import StageFit
+from molink.scheduler.stall_bound import prefill_chunk_tokens
 
 
 def test_fit_recovers_fixed_and_per_token_cost_from_noisy_steps():
@@ -29,6 +30,35 @@ def test_fit_of_equal_sized_steps_predicts_their_time():
     for _ in range(10):
         fit.add(64, 0.02)
     assert fit.timing().step_s(64) == pytest.approx(0.02)
+
+
+def test_fit_leaves_out_the_first_step():
+    """A stage's first step pays one-time costs: left out, it cannot turn the slope negative
+    (the second, larger step looked cheaper, and a prompt went unbounded)."""
+    fit = StageFit()
+    fit.add(5, 0.0021)  # the first step: warm-up
+    fit.add(23, 0.0016)
+    assert list(fit.samples) == [(23, 0.0016)]
+    timing = fit.timing()  # one step size only: all of it counted per token (cautious)
+    assert timing.fixed_s == 0.0 and timing.per_token_s == pytest.approx(0.0016 / 23)
+    assert prefill_chunk_tokens([timing], 3, 2.0, 2048) < 64
+
+
+def test_a_window_of_one_step_size_keeps_the_per_token_cost_it_showed_before():
+    """Steady decode steps (one size) fill the window: the per-token cost measured while
+    prompts went through is kept, so the next long prompt is still bounded."""
+    fit = StageFit(window=16)
+    fit.add(1, 1.0)  # warm-up
+    for tokens in (16, 80, 16, 144, 16, 48):
+        fit.add(tokens, 0.01 + 0.0002 * tokens)
+    assert fit.timing().per_token_s == pytest.approx(0.0002)
+    for _ in range(16):
+        fit.add(16, 0.01 + 0.0002 * 16)
+    timing = fit.timing()
+    assert timing.per_token_s == pytest.approx(0.0002)
+    assert timing.fixed_s == pytest.approx(0.01)
+    # 2 * (0.01 / 0.0002 + 16) = 132 prompt tokens (less one for the fit's float rounding)
+    assert 131 <= prefill_chunk_tokens([timing], 16, 2.0, 2048) <= 132
 
 
 def test_fit_keeps_only_recent_steps():
