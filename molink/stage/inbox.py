@@ -41,7 +41,7 @@ from molink.messages import BatchEntry, StepPlan
 from molink.scheduler.microbatch_chooser import StageFit
 from molink.scheduler.stall_bound import is_decode, prefill_chunk_tokens
 from molink.stage.gathering import add_into
-from molink.transport.chunks import Part, cut_chunk, num_decodes
+from molink.transport.chunks import Part, cut_chunk, decoding_ids
 from molink.transport.codec import PART_PREFILL
 
 DECODES_IDLE_S = 0.5  # no decode for this long (and 4 decode intervals): prefill goes whole
@@ -59,12 +59,15 @@ class ChunkSizer:
         self._interval_s = DECODES_IDLE_S  # between the decodes computed here (EWMA)
         self._prefill_since_decode = False  # (an interval with prefill in it is no cadence)
         self._decode_tokens = 1  # of the latest decode step
+        self._decoding: set[str] = set()  # requests seen decoding here, until freed
 
     def record(self, plan, seconds: float, now: float | None = None) -> None:
         """A computed step (or piece of one)."""
         if not plan.batch:
             return
         self.fit.add(plan.num_tokens, seconds)
+        self.forget(plan.freed_request_ids)
+        self._decoding.update(decoding_ids(plan))
         if not is_decode(plan):
             self._prefill_since_decode = True
             return
@@ -74,9 +77,22 @@ class ChunkSizer:
         self._last_decode, self._prefill_since_decode = now, False
         self._decode_tokens = plan.num_tokens
 
+    def forget(self, freed_request_ids) -> None:
+        """These requests finished (or left): their decodes are over."""
+        self._decoding.difference_update(freed_request_ids)
+
+    def forget_all(self) -> None:
+        """The worker dropped every request's state."""
+        self._decoding.clear()
+
     def decodes_running(self, now: float | None = None) -> bool:
+        """Whether decodes run through this stage now: a request seen decoding here is not
+        freed yet, and decode steps kept their cadence (the last one within 4 intervals,
+        or ``DECODES_IDLE_S``). A prompt arriving after the last stream ended (its free
+        rides in the prompt's first fragment) is not cut for decodes that will not come."""
         now = time.monotonic() if now is None else now
-        return now - self._last_decode < max(DECODES_IDLE_S, 4 * self._interval_s)
+        return bool(self._decoding) and (
+            now - self._last_decode < max(DECODES_IDLE_S, 4 * self._interval_s))
 
     def __call__(self, fragment_tokens: int, riding: int = 0) -> int:
         """Tokens of a prefill fragment to compute next (all of them: no bound now).
@@ -130,8 +146,9 @@ class StageInbox:
                 item = self._urgent.popleft()
                 return self._join_run(item, self._urgent) if isinstance(item, tuple) else item
             step, hidden, arrived_at = self._join_run(self._prefill.popleft(), self._prefill)
+            self.sizer.forget(step.plan.freed_request_ids)
             total = step.plan.num_tokens
-            take = self.sizer(total, num_decodes(step.plan))
+            take = self.sizer(total, len(decoding_ids(step.plan)))
             if take >= total:
                 return step, hidden, arrived_at
             first, rest = split_fragment(step, hidden, take)

@@ -324,6 +324,7 @@ class StageWorker(pb_grpc.StageServicer):
                 continue  # stopping: what is queued is not computed
             if item is _RESET:
                 self.executor.reset()
+                self._inbox.sizer.forget_all()
                 self._to_wire(_RESET)
                 continue
             step, hidden, arrived_at = item

@@ -58,15 +58,16 @@ def step_part(plan: StepPlan, activations: RawTensor | None,
     stays a part of that kind, so a request's pieces never change queues (and never
     overtake each other) on later hops."""
     if is_prefill is None:
-        is_prefill = num_decodes(plan) < len(plan.batch)
+        is_prefill = len(decoding_ids(plan)) < len(plan.batch)
     return Part(plan, list(plan.batch), activations, is_prefill=is_prefill)
 
 
-def num_decodes(plan: StepPlan) -> int:
-    """Entries of ``plan`` that are running requests' single tokens (decodes; a prompt
-    piece of one token of a request already running counts too, as it costs the same)."""
+def decoding_ids(plan: StepPlan) -> list[str]:
+    """The requests of ``plan`` whose entry is a running request's single token (a decode;
+    a prompt piece of one token of a request already running counts too: it costs the
+    same)."""
     new_ids = {r.request_id for r in plan.new_requests}
-    return sum(e.num_tokens == 1 and e.request_id not in new_ids for e in plan.batch)
+    return [e.request_id for e in plan.batch if e.num_tokens == 1 and e.request_id not in new_ids]
 
 
 def cut_chunk(part: Part, start: int, end: int) -> tuple[StepPlan, RawTensor | None]:

@@ -240,6 +240,9 @@ def test_the_sizer_cuts_to_the_stages_own_bound_while_decodes_run():
     assert sizer(20, riding=4) == 20
     sizer._last_decode = time.monotonic() - 60.0
     assert sizer(500) == 500
+    sizer._last_decode = time.monotonic()
+    sizer.forget([f"d{j}" for j in range(8)])  # the streams ended (freed) just now
+    assert not sizer.decodes_running() and sizer(500) == 500
     sizer.factor = 0.0
     assert sizer(500) == 500
 
@@ -259,3 +262,26 @@ def test_a_fragment_tells_the_sizer_the_decodes_riding_in_it():
     inbox.put(prefill(1, "p", 0, 0, new=True, entries=entries))
     step, _, _ = inbox.get()
     assert asked == [(12, 2)] and step.plan.batch == entries
+
+
+def test_a_prompt_after_the_last_stream_ended_is_not_cut():
+    """One stream decoded here and ended; the next request's prompt carries its free in its
+    first fragment: no decode will come, so the prompt is computed whole (it was cut for
+    half a second after the last decode, a second pass over the weights for nothing)."""
+    sizer = ChunkSizer()
+    sizer.factor = 2.0
+    for i in range(12):
+        sizer.record(decode(i, ["a"])[0].plan, 0.002 + 0.00025)
+        sizer.record(prefill(100 + i, "p", 64 * i, 64)[0].plan, 0.002 + 64 * 0.00025)
+    inbox = StageInbox(sizer)
+    step, hidden, _ = prefill(200, "b", 0, 300, new=True)
+    step.plan.freed_request_ids[:] = ["a"]
+    inbox.put((step, hidden, 0.0))
+    whole, _, _ = inbox.get()
+    assert whole.plan.num_tokens == 300 and inbox.num_pieces == 0
+    inbox.put(decode(300, ["b"]))  # b decodes now: a later prompt is cut again
+    inbox.get()
+    sizer.record(decode(300, ["b"])[0].plan, 0.002 + 0.00025)
+    inbox.put(prefill(301, "c", 0, 300, new=True))
+    first, _, _ = inbox.get()
+    assert first.plan.num_tokens < 300 and inbox.num_pieces == 1
