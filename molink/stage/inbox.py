@@ -177,7 +177,7 @@ def split_fragment(step, hidden, num_tokens: int):
     """-> ((first step, its hidden rows), (the rest, its rows)): tokens ``[0, num_tokens)``
     and the others of a fragment, each a self-contained chunk (request metadata and freed
     ids go with the first piece; earlier stages' timings are counted once, with it)."""
-    part = Part(step.plan, list(step.plan.batch), None, is_prefill=True)
+    part = Part(step.plan, None, is_prefill=True)
     total = step.plan.num_tokens
     plan_a, _ = cut_chunk(part, 0, num_tokens)
     plan_b, _ = cut_chunk(part, num_tokens, total)

@@ -33,16 +33,15 @@ from molink.messages import BatchEntry, RawTensor, StepPlan
 class Part:
     """The tokens of one step that travel together as one link payload."""
 
-    plan: StepPlan  # the step (its batch is not this part's; see ``entries``)
-    entries: list[BatchEntry]  # this part's entries, in row order
-    activations: RawTensor | None  # of exactly these entries' tokens, rows in order; or None
+    plan: StepPlan  # the step: every entry of its batch, rows in batch order
+    activations: RawTensor | None  # of the batch's tokens, rows in order; or None
     is_prefill: bool
     sent_metadata: set[str] = field(default_factory=set)  # requests whose metadata went
     sent_any: bool = False
 
     @property
     def num_tokens(self) -> int:
-        return sum(e.num_tokens for e in self.entries)
+        return self.plan.num_tokens
 
     @property
     def bytes_per_token(self) -> int:
@@ -59,7 +58,7 @@ def step_part(plan: StepPlan, activations: RawTensor | None,
     overtake each other) on later hops."""
     if is_prefill is None:
         is_prefill = len(decoding_ids(plan)) < len(plan.batch)
-    return Part(plan, list(plan.batch), activations, is_prefill=is_prefill)
+    return Part(plan, activations, is_prefill=is_prefill)
 
 
 def decoding_ids(plan: StepPlan) -> list[str]:
@@ -73,7 +72,7 @@ def decoding_ids(plan: StepPlan) -> list[str]:
 def cut_chunk(part: Part, start: int, end: int) -> tuple[StepPlan, RawTensor | None]:
     """Tokens ``[start, end)`` of ``part`` as a plan (with the metadata not yet sent) and
     their activation rows."""
-    entries = slice_entries(part.entries, start, end)
+    entries = slice_entries(part.plan.batch, start, end)
     ids = {e.request_id for e in entries}
     fresh = ids - part.sent_metadata
     part.sent_metadata |= fresh

@@ -40,7 +40,8 @@ def _row_values(raw: RawTensor) -> list[float]:
 def test_a_step_is_one_part_whose_kind_its_tokens_decide():
     plan = _plan()  # a, c: prompt tokens; b, d: running requests' single tokens
     mixed = step_part(plan, _rows([0, 1, 2, 3, 4, 5, 6, 7, 8]))
-    assert mixed.is_prefill and mixed.entries == plan.batch  # decodes ride with the prompts
+    assert mixed.is_prefill and mixed.plan is plan  # decodes ride with the prompts
+    assert mixed.num_tokens == 9
     assert _row_values(mixed.activations) == list(range(9))  # rows in batch order
     decodes = StepPlan(step_id=8, microbatch_id=0, batch=[plan.batch[1], plan.batch[3]],
                        cached_requests=plan.cached_requests)
